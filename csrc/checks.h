@@ -1,0 +1,60 @@
+// Argument checks shared by the CPU and CUDA kernels. The Python wrappers validate
+// first with friendlier messages; these guard direct calls of torch.ops.shortcut_kernels_ext.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace shortcut_kernels {
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "shortcut_kernels: `", name, "` is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "shortcut_kernels: `", name,
+              "` must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  check_float_tensor(t, name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), "shortcut_kernels: `", name, "` has shape ",
+              t.sizes(), " but `", ref_name, "` has shape ", ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "shortcut_kernels: `", name,
+              "` has dtype ", t.scalar_type(), " but `", ref_name, "` has dtype ",
+              ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "shortcut_kernels: `", name, "` is on ",
+              t.device(), " but `", ref_name, "` is on ", ref.device());
+  TORCH_CHECK(t.strides() == ref.strides(), "shortcut_kernels: `", name,
+              "` must have the same strides as `", ref_name,
+              "` (the Python wrapper makes them match)");
+}
+
+// The kernels walk tensors as flat arrays: they must be dense with the batch dim
+// outermost (contiguous or channels_last).
+inline void check_dense(const at::Tensor& t, const char* name) {
+  bool dense = t.is_contiguous() ||
+               (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+               (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  TORCH_CHECK(dense, "shortcut_kernels: `", name,
+              "` must be contiguous or channels_last (the Python wrapper copies others)");
+}
+
+// A per-sample coefficient: 0-d (one value) or [B]; returns the number of samples.
+inline int64_t check_per_sample(const at::Tensor& coef, const char* name,
+                                const at::Tensor& ref, at::ScalarType acc_type) {
+  TORCH_CHECK(coef.scalar_type() == acc_type, "shortcut_kernels: `", name,
+              "` must be ", acc_type, " (the accumulation type), got ", coef.scalar_type());
+  TORCH_CHECK(coef.device() == ref.device(), "shortcut_kernels: `", name, "` is on ",
+              coef.device(), " but the data is on ", ref.device());
+  TORCH_CHECK(coef.is_contiguous(), "shortcut_kernels: `", name, "` must be contiguous");
+  if (coef.dim() == 0) return 1;
+  TORCH_CHECK(coef.dim() == 1 && ref.dim() >= 1 && coef.size(0) == ref.size(0),
+              "shortcut_kernels: `", name, "` must be 0-d or have shape [B]=[",
+              ref.dim() >= 1 ? ref.size(0) : 0, "], got ", coef.sizes());
+  return coef.size(0);
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace shortcut_kernels

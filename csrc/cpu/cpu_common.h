@@ -1,0 +1,135 @@
+// Helpers shared by the CPU kernels: storage <-> accumulation conversion, per-ISA
+// function clones, argument checks and deterministic chunking.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../shortcut_math.h"
+
+// Hot loops are compiled once per x86 ISA level and picked at load time (GCC ifunc),
+// so one wheel runs everywhere and still uses AVX-512/AVX2 where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SK_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SK_CPU_CLONES
+#endif
+#define SK_INLINE inline __attribute__((always_inline))
+
+namespace shortcut_kernels {
+namespace cpu {
+
+// Io<scalar_t>: load one stored element as acc_t, store acc_t rounded to storage.
+// Written with plain integer ops so the compiler vectorises whole loops around them.
+template <typename scalar_t>
+struct Io;
+
+template <>
+struct Io<float> {
+  using acc_t = float;
+  static SK_INLINE float load(const float* p) { return *p; }
+  static SK_INLINE void store(float* p, float v) { *p = v; }
+};
+
+template <>
+struct Io<double> {
+  using acc_t = double;
+  static SK_INLINE double load(const double* p) { return *p; }
+  static SK_INLINE void store(double* p, double v) { *p = v; }
+};
+
+template <>
+struct Io<c10::BFloat16> {
+  using acc_t = float;
+  static SK_INLINE float load(const c10::BFloat16* p) {
+    uint32_t bits = static_cast<uint32_t>(p->x) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+  // Round to nearest even, NaN stays a quiet NaN (same as c10::BFloat16).
+  static SK_INLINE void store(c10::BFloat16* p, float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    p->x = static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
+  }
+};
+
+template <>
+struct Io<c10::Half> {
+  using acc_t = float;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  // GCC's _Float16 becomes vcvtph2ps/vcvtps2ph in the AVX2/AVX-512 clones.
+  static SK_INLINE float load(const c10::Half* p) {
+    _Float16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return static_cast<float>(h);
+  }
+  static SK_INLINE void store(c10::Half* p, float v) {
+    _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(p, &h, sizeof(h));
+  }
+#else
+  static SK_INLINE float load(const c10::Half* p) { return static_cast<float>(*p); }
+  static SK_INLINE void store(c10::Half* p, float v) { *p = c10::Half(v); }
+#endif
+};
+
+// Elements per parallel task: big enough to amortise scheduling, small enough to
+// split a 2-4 MB tensor over a handful of threads.
+constexpr int64_t kGrain = 32768;
+// Fixed chunk of a per-sample reduction: partial sums depend on this constant only,
+// never on the thread count, so gradients are bitwise reproducible.
+constexpr int64_t kReduceChunk = 16384;
+// Independent accumulators in reduction loops (vectorised across them).
+constexpr int kLanes = 16;
+
+// Runs fn(sample, begin, end) over [0, numel) in parallel; every [begin, end) lies
+// inside one sample of `per_sample` elements.
+template <typename Fn>
+void for_each_sample_segment(int64_t numel, int64_t per_sample, const Fn& fn) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      int64_t sample = i / per_sample;
+      int64_t seg_end = std::min(end, (sample + 1) * per_sample);
+      fn(sample, i, seg_end);
+      i = seg_end;
+    }
+  });
+}
+
+// Runs fn(sample, begin, end) -> partial sum over fixed chunks of every sample and
+// returns the per-sample sums, added in a fixed order (deterministic).
+template <typename acc_t, typename Fn>
+std::vector<double> per_sample_chunked_sum(int64_t num_samples, int64_t per_sample,
+                                           const Fn& fn) {
+  const int64_t chunks = std::max<int64_t>(1, (per_sample + kReduceChunk - 1) / kReduceChunk);
+  std::vector<acc_t> partial(num_samples * chunks, acc_t(0));
+  at::parallel_for(0, num_samples * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t sample = task / chunks, chunk = task % chunks;
+      int64_t lo = sample * per_sample + chunk * kReduceChunk;
+      int64_t hi = std::min(lo + kReduceChunk, (sample + 1) * per_sample);
+      partial[task] = lo < hi ? fn(sample, lo, hi) : acc_t(0);
+    }
+  });
+  std::vector<double> sums(num_samples, 0.0);
+  for (int64_t s = 0; s < num_samples; ++s)
+    for (int64_t c = 0; c < chunks; ++c) sums[s] += static_cast<double>(partial[s * chunks + c]);
+  return sums;
+}
+
+}  // namespace cpu
+}  // namespace shortcut_kernels

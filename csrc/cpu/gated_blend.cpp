@@ -1,0 +1,166 @@
+// gated_blend on the CPU: out = residual + gate*fresh + (1-gate)*cache, gate per sample.
+// Schemas of the extension's ops live with their CPU kernels (always compiled).
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace shortcut_kernels {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, bool kResidual>
+SK_CPU_CLONES void blend_segment(const scalar_t* __restrict__ fresh,
+                                 const scalar_t* __restrict__ cache,
+                                 const scalar_t* __restrict__ residual,
+                                 scalar_t* __restrict__ out,
+                                 typename Io<scalar_t>::acc_t gate, int64_t n) {
+  using IO = Io<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    auto value = shortcut_math::gated_blend(IO::load(fresh + i), IO::load(cache + i), gate);
+    if (kResidual) value += IO::load(residual + i);
+    IO::store(out + i, value);
+  }
+}
+
+// One chunk of the backward: writes d_fresh/d_cache and returns sum(g*(fresh-cache)).
+template <typename scalar_t, bool kFresh, bool kCache, bool kGate>
+SK_CPU_CLONES typename Io<scalar_t>::acc_t blend_backward_chunk(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ fresh,
+    const scalar_t* __restrict__ cache, scalar_t* __restrict__ d_fresh,
+    scalar_t* __restrict__ d_cache, typename Io<scalar_t>::acc_t gate, int64_t n) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc_t g = IO::load(grad + i + j);
+      if (kFresh) IO::store(d_fresh + i + j, shortcut_math::gated_blend_grad_fresh(g, gate));
+      if (kCache) IO::store(d_cache + i + j, shortcut_math::gated_blend_grad_cache(g, gate));
+      if (kGate)
+        lanes[j] += shortcut_math::gated_blend_grad_gate_term(g, IO::load(fresh + i + j),
+                                                              IO::load(cache + i + j));
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t g = IO::load(grad + i);
+    if (kFresh) IO::store(d_fresh + i, shortcut_math::gated_blend_grad_fresh(g, gate));
+    if (kCache) IO::store(d_cache + i, shortcut_math::gated_blend_grad_cache(g, gate));
+    if (kGate)
+      lanes[0] += shortcut_math::gated_blend_grad_gate_term(g, IO::load(fresh + i),
+                                                            IO::load(cache + i));
+  }
+  acc_t total = 0;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+void check_blend_inputs(const at::Tensor& fresh, const at::Tensor& cache,
+                        const at::Tensor& gate) {
+  check_float_tensor(fresh, "fresh");
+  check_dense(fresh, "fresh");
+  check_same(fresh, "fresh", cache, "cache");
+  check_per_sample(gate, "gate", fresh, acc_type_of(fresh.scalar_type()));
+}
+
+at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
+                               const at::Tensor& gate,
+                               const std::optional<at::Tensor>& residual) {
+  check_blend_inputs(fresh, cache, gate);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) check_same(fresh, "fresh", *residual, "residual");
+  at::Tensor out = at::empty_like(fresh);
+  const int64_t numel = fresh.numel();
+  if (numel == 0) return out;
+  const int64_t per_sample = numel / std::max<int64_t>(1, gate.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fresh.scalar_type(),
+                                  "gated_blend_forward_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    const scalar_t* f = fresh.const_data_ptr<scalar_t>();
+    const scalar_t* c = cache.const_data_ptr<scalar_t>();
+    const scalar_t* r = has_residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t* g = gate.const_data_ptr<acc_t>();
+    for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
+      if (has_residual)
+        blend_segment<scalar_t, true>(f + lo, c + lo, r + lo, o + lo, g[s], hi - lo);
+      else
+        blend_segment<scalar_t, false>(f + lo, c + lo, nullptr, o + lo, g[s], hi - lo);
+    });
+  });
+  return out;
+}
+
+template <typename scalar_t, bool kFresh, bool kCache, bool kGate>
+void run_backward(const at::Tensor& grad, const at::Tensor& fresh, const at::Tensor& cache,
+                  const at::Tensor& gate, at::Tensor& d_fresh, at::Tensor& d_cache,
+                  at::Tensor& d_gate) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* f = fresh.const_data_ptr<scalar_t>();
+  const scalar_t* c = cache.const_data_ptr<scalar_t>();
+  scalar_t* df = kFresh ? d_fresh.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dc = kCache ? d_cache.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* gates = gate.const_data_ptr<acc_t>();
+  const int64_t num_samples = std::max<int64_t>(1, gate.numel());
+  const int64_t per_sample = grad.numel() / num_samples;
+  auto sums = per_sample_chunked_sum<acc_t>(num_samples, per_sample,
+                                            [&](int64_t s, int64_t lo, int64_t hi) {
+    return blend_backward_chunk<scalar_t, kFresh, kCache, kGate>(
+        g + lo, f + lo, c + lo, kFresh ? df + lo : nullptr, kCache ? dc + lo : nullptr,
+        gates[s], hi - lo);
+  });
+  if (kGate) {
+    acc_t* dg = d_gate.mutable_data_ptr<acc_t>();
+    for (int64_t s = 0; s < num_samples; ++s) dg[s] = static_cast<acc_t>(sums[s]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(
+    const at::Tensor& grad, const at::Tensor& fresh, const at::Tensor& cache,
+    const at::Tensor& gate, bool need_fresh, bool need_cache, bool need_gate) {
+  check_blend_inputs(fresh, cache, gate);
+  check_same(fresh, "fresh", grad, "grad");
+  at::Tensor empty = at::empty({0}, fresh.options());
+  at::Tensor d_fresh = need_fresh ? at::empty_like(fresh) : empty;
+  at::Tensor d_cache = need_cache ? at::empty_like(cache) : empty;
+  at::Tensor d_gate = need_gate ? at::zeros_like(gate) : at::empty({0}, gate.options());
+  if (grad.numel() == 0 || !(need_fresh || need_cache || need_gate))
+    return {d_fresh, d_cache, d_gate};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fresh.scalar_type(),
+                                  "gated_blend_backward_cpu", [&] {
+    // Instantiate only the flag combinations autograd asks for in practice.
+    if (need_fresh && need_cache && need_gate)
+      run_backward<scalar_t, true, true, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else if (need_fresh && need_cache)
+      run_backward<scalar_t, true, true, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else if (need_gate && !need_fresh && !need_cache)
+      run_backward<scalar_t, false, false, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else if (need_fresh && need_gate)
+      run_backward<scalar_t, true, false, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else if (need_cache && need_gate)
+      run_backward<scalar_t, false, true, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else if (need_fresh)
+      run_backward<scalar_t, true, false, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    else
+      run_backward<scalar_t, false, true, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+  });
+  return {d_fresh, d_cache, d_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shortcut_kernels_ext, m) {
+  m.def("gated_blend_forward(Tensor fresh, Tensor cache, Tensor gate, Tensor? residual) -> Tensor");
+  m.def(
+      "gated_blend_backward(Tensor grad, Tensor fresh, Tensor cache, Tensor gate, "
+      "bool need_fresh, bool need_cache, bool need_gate) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(shortcut_kernels_ext, CPU, m) {
+  m.impl("gated_blend_forward", &gated_blend_forward);
+  m.impl("gated_blend_backward", &gated_blend_backward);
+}
+
+}  // namespace cpu
+}  // namespace shortcut_kernels
