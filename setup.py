@@ -62,7 +62,7 @@ def pip_cuda_include_dirs():
     site = sysconfig.get_paths()["purelib"]
     dirs = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
     dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
 def want_cuda(torch, cuda_home):
@@ -93,11 +93,11 @@ def extensions():
 
     opt = ["-O0", "-g"] if env_flag("SHORTCUT_KERNELS_DEBUG") else ["-O3"]
     sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": opt + ["-std=c++17", "-fvisibility=hidden"]}
+    extra = {"cxx": opt + ["-fvisibility=hidden"]}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo",
+        extra["nvcc"] = opt + ["-lineinfo",
                                "--expt-relaxed-constexpr"]
         include_dirs += pip_cuda_include_dirs()
         ext_class = cpp_extension.CUDAExtension

@@ -1,2 +1,14 @@
-"""shortcut_kernels: fused diffusion kernels with DiP-GO and SDO on top."""
+"""shortcut_kernels: fused diffusion kernels with DiP-GO and SDO on top.
+
+Importing the package registers the ops under torch.ops.shortcut_kernels and loads the
+compiled extension if it is there; without it the torch (and Triton) backends serve.
+"""
+from . import _ext
+from .backends import BackendUnavailable, available as available_backends, use_backend
+from .ops import gated_blend
+
 __version__ = "0.1.0"
+
+_ext.load()
+
+__all__ = ["gated_blend", "use_backend", "available_backends", "BackendUnavailable", "__version__"]

@@ -1,0 +1,116 @@
+"""Which implementation serves an op call.
+
+Four backends compute the same functions: `torch` (reference, runs everywhere), `cpu`
+(C++ extension, CPU tensors), `cuda` (C++ extension, CUDA tensors) and `triton` (CUDA
+tensors; CPU tensors too under TRITON_INTERPRET=1, for tests). `auto` takes the first
+that can serve, in the order of AUTO_ORDER. `SHORTCUT_KERNELS_BACKEND=name`, or the
+`use_backend(name)` context manager, forces one and raises BackendUnavailable (with the
+reasons) when it cannot serve.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+ENV_VAR = "SHORTCUT_KERNELS_BACKEND"
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("shortcut_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot serve a call; the message lists why."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # a broken install must not break the package
+        return f"triton failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def unavailable_reasons(backend: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Why `backend` cannot run an op on `device`/`dtype`; empty when it can."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"]
+    reasons = []
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not one of float16, bfloat16, float32, float64")
+    if backend == "torch":
+        return reasons
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            reasons.append(f"triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device.type}")
+        error = _triton_import_error()
+        if error:
+            reasons.append(error)
+        return reasons
+    # The C++ extension: `cpu` serves CPU tensors, `cuda` CUDA tensors.
+    if device.type != backend:
+        reasons.append(f"the {backend} backend runs {backend.upper()} tensors, got {device.type}")
+    if not _ext.load():
+        reasons.append(f"the C++ extension shortcut_kernels._C did not load ({_ext.load_error()})")
+    elif not _ext.has_kernel("gated_blend_forward", backend.upper()):
+        reasons.append(f"shortcut_kernels._C was built without {backend.upper()} kernels")
+    return reasons
+
+
+def requested() -> str:
+    """The backend asked for: use_backend(...) first, then the environment, else 'auto'."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that serves a call on `device`/`dtype`."""
+    want = requested()
+    if want != "auto":
+        reasons = unavailable_reasons(want, device, dtype)
+        if reasons:
+            raise BackendUnavailable(
+                f"shortcut_kernels backend {want!r} (forced by use_backend() or {ENV_VAR}) cannot "
+                f"run on {device} with {dtype}: " + "; ".join(reasons))
+        return want
+    for backend in AUTO_ORDER.get(torch.device(device).type, ("torch",)):
+        if not unavailable_reasons(backend, device, dtype):
+            return backend
+    return "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a `with` block (thread- and task-local)."""
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    token = _forced.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, list[str]]:
+    """{backend: reasons it cannot serve} for every backend (empty list = available)."""
+    return {b: unavailable_reasons(b, device, dtype) for b in BACKENDS}
