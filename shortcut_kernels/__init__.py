@@ -5,7 +5,7 @@ compiled extension if it is there; without it the torch (and Triton) backends se
 """
 from . import _ext
 from .backends import BackendUnavailable, available as available_backends, use_backend
-from .ops import gated_blend
+from .ops.gated_blend import gated_blend
 
 __version__ = "0.1.0"
 

@@ -121,9 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(
     const at::Tensor& gate, bool need_fresh, bool need_cache, bool need_gate) {
   check_blend_inputs(fresh, cache, gate);
   check_same(fresh, "fresh", grad, "grad");
-  at::Tensor empty = at::empty({0}, fresh.options());
-  at::Tensor d_fresh = need_fresh ? at::empty_like(fresh) : empty;
-  at::Tensor d_cache = need_cache ? at::empty_like(cache) : empty;
+  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
+  at::Tensor d_fresh = need_fresh ? at::empty_like(fresh) : at::empty({0}, fresh.options());
+  at::Tensor d_cache = need_cache ? at::empty_like(cache) : at::empty({0}, fresh.options());
   at::Tensor d_gate = need_gate ? at::zeros_like(gate) : at::empty({0}, gate.options());
   if (grad.numel() == 0 || !(need_fresh || need_cache || need_gate))
     return {d_fresh, d_cache, d_gate};

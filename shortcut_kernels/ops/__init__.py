@@ -1,4 +1,5 @@
-"""The fused ops, registered under torch.ops.shortcut_kernels (schema, fake, autograd)."""
-from .gated_blend import gated_blend
+"""The fused ops, registered under torch.ops.shortcut_kernels (schema, fake, autograd).
 
-__all__ = ["gated_blend"]
+One module per op; the public functions are re-exported by the top-level package.
+"""
+from . import gated_blend  # noqa: F401  (importing registers the op)

@@ -55,9 +55,8 @@ def _torch_backward(grad, fresh, cache, gate, need_fresh, need_cache, need_gate)
     acc = V.acc_dtype(fresh.dtype)
     g = _broadcast(gate, fresh)
     grad32 = grad.to(acc)
-    empty = fresh.new_empty(0)
-    d_fresh = (g * grad32).to(fresh.dtype) if need_fresh else empty
-    d_cache = ((1 - g) * grad32).to(fresh.dtype) if need_cache else empty
+    d_fresh = (g * grad32).to(fresh.dtype) if need_fresh else fresh.new_empty(0)
+    d_cache = ((1 - g) * grad32).to(fresh.dtype) if need_cache else fresh.new_empty(0)
     if need_gate:
         term = grad32 * (fresh.to(acc) - cache.to(acc))
         d_gate = term.sum() if gate.dim() == 0 else term.reshape(term.shape[0], -1).sum(1)
@@ -98,10 +97,9 @@ def gated_blend_backward_op(grad: Tensor, fresh: Tensor, cache: Tensor, gate: Te
 
 @gated_blend_backward_op.register_fake
 def _(grad, fresh, cache, gate, need_fresh, need_cache, need_gate):
-    empty = fresh.new_empty(0)
     g = V.per_sample(gate, fresh)
-    return (torch.empty_like(fresh) if need_fresh else empty,
-            torch.empty_like(cache) if need_cache else empty,
+    return (torch.empty_like(fresh) if need_fresh else fresh.new_empty(0),
+            torch.empty_like(cache) if need_cache else fresh.new_empty(0),
             torch.empty_like(g) if need_gate else g.new_empty(0))
 
 
@@ -142,4 +140,5 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         gate: a 0-d tensor, or one value per sample (shape [B]); may require grad.
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
+    _check(fresh, cache, gate, residual)  # before the schema's own, less helpful, checks
     return gated_blend_op(fresh, cache, gate, residual)

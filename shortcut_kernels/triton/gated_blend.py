@@ -73,9 +73,8 @@ def gated_blend_forward(fresh: torch.Tensor, cache: torch.Tensor, gate: torch.Te
 def gated_blend_backward(grad, fresh, cache, gate, need_fresh: bool, need_cache: bool,
                          need_gate: bool):
     """Returns (d_fresh, d_cache, d_gate); entries not needed are empty tensors."""
-    empty = fresh.new_empty(0)
-    d_fresh = torch.empty_like(fresh) if need_fresh else empty
-    d_cache = torch.empty_like(cache) if need_cache else empty
+    d_fresh = torch.empty_like(fresh) if need_fresh else fresh.new_empty(0)
+    d_cache = torch.empty_like(cache) if need_cache else fresh.new_empty(0)
     samples = max(1, gate.numel())
     per_sample = grad.numel() // samples if grad.numel() else 0
     if not need_gate:
