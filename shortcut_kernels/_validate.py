@@ -53,7 +53,10 @@ def check_per_sample_shape(coef, name: str, ref: torch.Tensor, op: str) -> None:
 
 def per_sample(coef: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Shape-checked coefficient -> contiguous acc-dtype tensor, 0-d or [B]."""
-    coef = coef.detach().to(acc_dtype(ref.dtype))
+    acc = acc_dtype(ref.dtype)
+    if coef.dtype == acc and coef.dim() == 1 and coef.is_contiguous() and coef.numel() > 1:
+        return coef  # the common case, no new tensor (kernels run below autograd)
+    coef = coef.detach().to(acc)
     if coef.numel() == 1:
         return coef.reshape(())  # one value for all samples (or the only sample)
     return coef.reshape(-1).contiguous()

@@ -49,21 +49,28 @@ def _triton_import_error() -> str | None:
 
 def unavailable_reasons(backend: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
     """Why `backend` cannot run an op on `device`/`dtype`; empty when it can."""
-    device = torch.device(device)
+    device_type = torch.device(device).type
+    return list(_reasons(backend, device_type, dtype, triton_interpret()))
+
+
+@functools.lru_cache(maxsize=256)
+def _reasons(backend: str, device_type: str, dtype: torch.dtype, interpret: bool) -> tuple:
+    # Memoised: select() runs on every op call and must cost well under a microsecond.
+    device = torch.device(device_type)
     if backend not in BACKENDS:
         return [f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"]
     reasons = []
     if dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not one of float16, bfloat16, float32, float64")
     if backend == "torch":
-        return reasons
+        return tuple(reasons)
     if backend == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+        if device.type != "cuda" and not (device.type == "cpu" and interpret):
             reasons.append(f"triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device.type}")
         error = _triton_import_error()
         if error:
             reasons.append(error)
-        return reasons
+        return tuple(reasons)
     # The C++ extension: `cpu` serves CPU tensors, `cuda` CUDA tensors.
     if device.type != backend:
         reasons.append(f"the {backend} backend runs {backend.upper()} tensors, got {device.type}")
@@ -71,7 +78,7 @@ def unavailable_reasons(backend: str, device: torch.device | str, dtype: torch.d
         reasons.append(f"the C++ extension shortcut_kernels._C did not load ({_ext.load_error()})")
     elif not _ext.has_kernel("gated_blend_forward", backend.upper()):
         reasons.append(f"shortcut_kernels._C was built without {backend.upper()} kernels")
-    return reasons
+    return tuple(reasons)
 
 
 def requested() -> str:
@@ -85,15 +92,16 @@ def requested() -> str:
 def select(device: torch.device, dtype: torch.dtype) -> str:
     """The backend that serves a call on `device`/`dtype`."""
     want = requested()
+    interpret = triton_interpret()
     if want != "auto":
-        reasons = unavailable_reasons(want, device, dtype)
+        reasons = _reasons(want, device.type, dtype, interpret)
         if reasons:
             raise BackendUnavailable(
                 f"shortcut_kernels backend {want!r} (forced by use_backend() or {ENV_VAR}) cannot "
                 f"run on {device} with {dtype}: " + "; ".join(reasons))
         return want
-    for backend in AUTO_ORDER.get(torch.device(device).type, ("torch",)):
-        if not unavailable_reasons(backend, device, dtype):
+    for backend in AUTO_ORDER.get(device.type, ("torch",)):
+        if not _reasons(backend, device.type, dtype, interpret):
             return backend
     return "torch"
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, select_backend
+from ._dispatch import backend_impl, select_backend, use_registered_op
 
 OP = "gated_blend"
 
@@ -71,13 +71,16 @@ BACKWARD = backend_impl(OP, "backward", torch_impl=_torch_backward)
 
 # ---- the registered ops -------------------------------------------------------------
 
-@torch.library.custom_op("shortcut_kernels::gated_blend", mutates_args=())
-def gated_blend_op(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor]) -> Tensor:
-    _check(fresh, cache, gate, residual)
+def _forward(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor]) -> Tensor:
     V.check_no_nan(gate, "gate", OP)
     fresh, cache, residual = V.dense(fresh, cache, residual)
     backend = select_backend(fresh)
     return FORWARD[backend](fresh, cache, V.per_sample(gate, fresh), residual)
+
+
+@torch.library.custom_op("shortcut_kernels::gated_blend", mutates_args=())
+def gated_blend_op(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor]) -> Tensor:
+    return _forward(fresh, cache, gate, residual)
 
 
 @gated_blend_op.register_fake
@@ -141,4 +144,6 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
     _check(fresh, cache, gate, residual)  # before the schema's own, less helpful, checks
-    return gated_blend_op(fresh, cache, gate, residual)
+    if use_registered_op(fresh, cache, gate, residual):
+        return gated_blend_op(fresh, cache, gate, residual)
+    return _forward(fresh, cache, gate, residual)

@@ -1,0 +1,166 @@
+"""Reproduce the zoo weights: ``python -m shortcut_kernels.zoo.train NAME [--iters N] [--out DIR]``.
+
+NAME is one of digits-classifier, digits-unet, digits-dit. Training is seeded and runs on
+the CPU with 2 threads (about 2 min for the classifier, about 25 min for each diffusion
+model on 2 cores). Writes ``DIR/NAME.safetensors`` and ``DIR/NAME.json`` (default DIR:
+the package's ``weights`` folder).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import models as M
+from .data import augment, load_digits
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# name -> (kind, default training hyper-parameters)
+RECIPES = {
+    "digits-classifier": ("classifier", {"iters": 2000, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4, "seed": 0}),
+    "digits-unet": ("unet", {"iters": 3000, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2, "warmup": 100,
+                             "ema": 0.999, "null_prob": 0.1, "seed": 0}),
+    "digits-dit": ("dit", {"iters": 3000, "batch_size": 128, "lr": 5e-4, "weight_decay": 1e-2, "warmup": 200,
+                           "ema": 0.999, "null_prob": 0.1, "seed": 0}),
+}
+
+
+def _lr_lambda(warmup: int, iters: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, iters - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * p))  # cosine decay to 10%
+    return f
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator):
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def train_classifier(hp: dict, progress: bool = True):
+    g = torch.Generator().manual_seed(hp["seed"])
+    torch.manual_seed(hp["seed"])
+    model = M.DigitsClassifier()
+    x, y = load_digits("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, hp["iters"]))
+    it = _batches(len(y), hp["batch_size"], g)
+    model.train()
+    bar = tqdm(range(hp["iters"]), desc="digits-classifier", disable=not progress)
+    for step in bar:
+        idx = next(it)
+        xb = augment(x[idx], generator=g)
+        xb = xb + 0.05 * torch.randn(xb.shape, generator=g)  # mild pixel noise
+        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    xt, yt = load_digits("test")
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    return model, {"test_accuracy": acc}
+
+
+def train_diffusion(kind: str, hp: dict, progress: bool = True, name: str = ""):
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(hp["seed"])
+    torch.manual_seed(hp["seed"])
+    model = M.build(kind)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sched = DDPMScheduler.from_config(M.SCHEDULER_CONFIG)
+    T = sched.config.num_train_timesteps
+    x, y = load_digits("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(hp["warmup"], hp["iters"]))
+    it = _batches(len(y), hp["batch_size"], g)
+    model.train()
+    bar = tqdm(range(hp["iters"]), desc=name or kind, disable=not progress)
+    run = None
+    for step in bar:
+        idx = next(it)
+        x0, lab = x[idx], y[idx].clone()
+        drop = torch.rand(lab.shape, generator=g) < hp["null_prob"]
+        lab[drop] = M.NULL_LABEL
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, T, (x0.shape[0],), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(model(xt, t, lab), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        d = min(hp["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - d)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{run:.4f}")
+    return ema, {"final_loss_ema": run}
+
+
+def train(name: str, iters: int | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
+    """Train zoo model ``name`` and write its weights and JSON; returns the weights path."""
+    from safetensors.torch import save_file
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {sorted(RECIPES)}")
+    kind, hp = RECIPES[name]
+    hp = dict(hp)
+    if iters is not None:
+        hp["iters"] = int(iters)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    if kind == "classifier":
+        model, info = train_classifier(hp, progress)
+    else:
+        model, info = train_diffusion(kind, hp, progress, name)
+    wall = time.time() - t0
+    out = Path(out) if out is not None else WEIGHTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / f"{name}.safetensors"), metadata={"name": name, "kind": kind})
+    meta = {
+        "name": name,
+        "kind": kind,
+        "model_config": model.model_config,
+        "scheduler_config": M.SCHEDULER_CONFIG if kind != "classifier" else None,
+        "null_label": M.NULL_LABEL if kind != "classifier" else None,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "training": {**hp, "wall_seconds": round(wall, 1), "threads": 2, "torch": torch.__version__, **info},
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps({"name": name, "wall_seconds": round(wall, 1), **info}))
+    return out / f"{name}.safetensors"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m shortcut_kernels.zoo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
+    p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    train(a.name, a.iters, a.out, progress=not a.no_progress)
+
+
+if __name__ == "__main__":
+    main()
