@@ -1,0 +1,137 @@
+"""The one benchmark recipe every bench_<op>.py follows.
+
+A case is (op, size, dtype, mode, provider). Providers:
+  eager    the composite a user writes in torch (several kernels)
+  compile  torch.compile of that same composite (Inductor's fused kernel)
+  cpu      our C++ CPU kernel          (CPU runs)
+  cuda     our CUDA C++ kernel         (GPU runs)
+  triton   our Triton kernel           (GPU runs)
+  copy     a copy of the same number of bytes: the memory floor, measured in the same run
+Each row stores in extra_info what the report needs: bytes moved by a fused kernel,
+op, mode, size, dtype, provider, device and versions; bench/report.py turns the JSON
+into GB/s, % of copy bandwidth and speedups over eager and compile from the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from typing import Callable
+
+import pytest
+import torch
+
+import shortcut_kernels as sk
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+MODES = ["fwd", "fwd+bwd"]
+PROVIDERS = (["eager", "compile", "cuda", "triton", "copy"] if DEVICE == "cuda"
+             else ["eager", "compile", "cpu", "copy"])
+ROUNDS = int(os.environ.get("SHORTCUT_BENCH_ROUNDS", "20" if DEVICE == "cpu" else "100"))
+
+
+@dataclasses.dataclass
+class OpBench:
+    """How to benchmark one op.
+
+    make_inputs(shape, dtype, device) -> dict of input tensors and scalars;
+    eager(**inputs) -> output (the composite); ours(**inputs) -> output (the public op);
+    grad_inputs: names of the inputs that get gradients in fwd+bwd;
+    fused_bytes(inputs, mode) -> bytes a fused kernel must move (inputs once, outputs once).
+    """
+    name: str
+    make_inputs: Callable[..., dict]
+    eager: Callable[..., torch.Tensor]
+    ours: Callable[..., torch.Tensor]
+    grad_inputs: tuple[str, ...]
+    fused_bytes: Callable[[dict, str], int]
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(fn, spec: OpBench, inputs: dict, mode: str):
+    """The callable timed for one case: forward, or forward + backward."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(**inputs)
+        return run
+    leaves = {k: v.detach().requires_grad_() if k in spec.grad_inputs else v for k, v in inputs.items()}
+    wrt = [leaves[k] for k in spec.grad_inputs]
+    probe = fn(**leaves)
+    grad = torch.randn_like(probe)
+
+    def run():
+        torch.autograd.grad(fn(**leaves), wrt, grad)
+    return run
+
+
+def _copy_step(spec: OpBench, inputs: dict, mode: str):
+    """Copies bytes/2 into a preallocated buffer: bytes/2 read + bytes/2 written."""
+    total = spec.fused_bytes(inputs, mode)
+    src = torch.empty(total // 2, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def run_case(benchmark, spec: OpBench, shape, dtype, mode, provider):
+    if provider not in PROVIDERS:
+        pytest.skip(f"{provider} does not run on {DEVICE}")
+    inputs = spec.make_inputs(shape, dtype, DEVICE)
+    if provider == "copy":
+        step = _copy_step(spec, inputs, mode)
+    elif provider == "eager":
+        step = _step(spec.eager, spec, inputs, mode)
+    elif provider == "compile":
+        torch._dynamo.reset()  # one fresh static-shape compile per case: the best case for Inductor
+        step = _step(torch.compile(spec.eager, dynamic=False, fullgraph=True), spec, inputs, mode)
+    else:
+        reasons = sk.backends.unavailable_reasons(provider, DEVICE, dtype)
+        if reasons:
+            pytest.skip("; ".join(reasons))
+
+        def ours(**kw):
+            with sk.use_backend(provider):
+                return spec.ours(**kw)
+        step = _step(ours, spec, inputs, mode)
+
+    def timed():
+        step()
+        _sync()
+
+    benchmark.extra_info.update(
+        op=spec.name, mode=mode, size=str(tuple(shape)), dtype=str(dtype).replace("torch.", ""),
+        provider=provider, device=device_name(), bytes=spec.fused_bytes(inputs, mode),
+        torch=torch.__version__, threads=torch.get_num_threads(), sk=sk.__version__)
+    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+
+
+def device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def parametrize(sizes):
+    """The standard grid: sizes x dtypes x modes x providers."""
+    def wrap(fn):
+        fn = pytest.mark.parametrize("provider", ["eager", "compile", "cpu", "cuda", "triton", "copy"])(fn)
+        fn = pytest.mark.parametrize("mode", MODES)(fn)
+        fn = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))(fn)
+        fn = pytest.mark.parametrize("shape", sizes, ids=lambda s: "x".join(map(str, s)))(fn)
+        return fn
+    return wrap
+
+
+def unet_dit_sizes(large_gpu, large_cpu):
+    """Real UNet/DiT activation sizes plus one large size for the bandwidth ceiling."""
+    return [(2, 320, 64, 64), (2, 1280, 16, 16), (2, 4096, 1152),
+            large_gpu if DEVICE == "cuda" else large_cpu]

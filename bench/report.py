@@ -1,0 +1,98 @@
+"""Turns pytest-benchmark JSON into the bench table and a summary JSON.
+
+    python bench/report.py bench/results/ops-cpu.json [more.json ...] [--md out.md] [--json out.json]
+
+Every ratio compares rows of the SAME run (same op, mode, size, dtype): speedup over the
+eager composite and over torch.compile, and achieved bandwidth as a share of a copy of
+the same bytes. Absolute numbers from shared machines are noisy; ratios much less so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def percentile(data, q):
+    data = sorted(data)
+    if not data:
+        return float("nan")
+    k = (len(data) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def load_rows(paths):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        for bench in doc["benchmarks"]:
+            info = bench.get("extra_info", {})
+            if "op" not in info:
+                continue
+            data = bench["stats"].get("data") or [bench["stats"]["median"]]
+            rows.append(dict(info, median_s=statistics.median(data), p20_s=percentile(data, 0.2),
+                             p80_s=percentile(data, 0.8), rounds=len(data)))
+    return rows
+
+
+def add_ratios(rows):
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r["mode"], r["size"], r["dtype"])][r["provider"]] = r
+    for r in rows:
+        same = groups[(r["op"], r["mode"], r["size"], r["dtype"])]
+        r["gb_per_s"] = r["bytes"] / r["median_s"] / 1e9
+        for base in ("eager", "compile"):
+            r[f"speedup_vs_{base}"] = same[base]["median_s"] / r["median_s"] if base in same else None
+        r["pct_of_copy"] = 100 * same["copy"]["median_s"] / r["median_s"] if "copy" in same else None
+    return rows
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows):
+    order = {p: i for i, p in enumerate(["eager", "compile", "cpu", "cuda", "triton", "copy"])}
+    rows = sorted(rows, key=lambda r: (r["op"], r["mode"], r["size"], r["dtype"], order.get(r["provider"], 9)))
+    device = rows[0]["device"] if rows else "?"
+    lines = [f"Device: {device}; torch {rows[0]['torch'] if rows else '?'}. Median over rounds "
+             "(p20-p80); ratios against rows of the same run.", "",
+             "| op | mode | size | dtype | provider | median us | p20-p80 us | GB/s | % of copy | x eager | x compile |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['size']} | {r['dtype']} | {r['provider']} | "
+            f"{r['median_s'] * 1e6:.1f} | {r['p20_s'] * 1e6:.1f}-{r['p80_s'] * 1e6:.1f} | "
+            f"{r['gb_per_s']:.1f} | {fmt(r['pct_of_copy'], '.0f')} | "
+            f"{fmt(r['speedup_vs_eager'], '.2f')} | {fmt(r['speedup_vs_compile'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="+")
+    parser.add_argument("--md", help="write the markdown table here too")
+    parser.add_argument("--json-out", help="write the summary rows (with ratios) here")
+    args = parser.parse_args(argv)
+    rows = add_ratios(load_rows(args.json))
+    if not rows:
+        print("no benchmark rows found", file=sys.stderr)
+        return 1
+    table = markdown(rows)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
