@@ -77,7 +77,7 @@ def train_classifier(hp: dict, progress: bool = True):
     return model, {"test_accuracy": acc}
 
 
-def train_diffusion(kind: str, hp: dict, progress: bool = True, name: str = ""):
+def train_diffusion(kind: str, hp: dict, progress: bool = True, name: str = "", checkpoint=None, save_every: int = 0):
     from diffusers import DDPMScheduler
 
     g = torch.Generator().manual_seed(hp["seed"])
@@ -114,10 +114,13 @@ def train_diffusion(kind: str, hp: dict, progress: bool = True, name: str = ""):
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{run:.4f}")
+        if checkpoint is not None and save_every and (step + 1) % save_every == 0 and step + 1 < hp["iters"]:
+            checkpoint(ema, {"final_loss_ema": run, "checkpoint_step": step + 1})
     return ema, {"final_loss_ema": run}
 
 
-def train(name: str, iters: int | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
+def train(name: str, iters: int | None = None, out: str | Path | None = None, progress: bool = True,
+          save_every: int = 0) -> Path:
     """Train zoo model ``name`` and write its weights and JSON; returns the weights path."""
     from safetensors.torch import save_file
 
@@ -128,26 +131,31 @@ def train(name: str, iters: int | None = None, out: str | Path | None = None, pr
     if iters is not None:
         hp["iters"] = int(iters)
     torch.set_num_threads(2)
+    out = Path(out) if out is not None else WEIGHTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+
+    def save(model, info):
+        wall = time.time() - t0
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(out / f"{name}.safetensors"), metadata={"name": name, "kind": kind})
+        meta = {
+            "name": name,
+            "kind": kind,
+            "model_config": model.model_config,
+            "scheduler_config": M.SCHEDULER_CONFIG if kind != "classifier" else None,
+            "null_label": M.NULL_LABEL if kind != "classifier" else None,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "training": {**hp, "wall_seconds": round(wall, 1), "threads": 2, "torch": torch.__version__, **info},
+        }
+        (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return wall
+
     if kind == "classifier":
         model, info = train_classifier(hp, progress)
     else:
-        model, info = train_diffusion(kind, hp, progress, name)
-    wall = time.time() - t0
-    out = Path(out) if out is not None else WEIGHTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / f"{name}.safetensors"), metadata={"name": name, "kind": kind})
-    meta = {
-        "name": name,
-        "kind": kind,
-        "model_config": model.model_config,
-        "scheduler_config": M.SCHEDULER_CONFIG if kind != "classifier" else None,
-        "null_label": M.NULL_LABEL if kind != "classifier" else None,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "training": {**hp, "wall_seconds": round(wall, 1), "threads": 2, "torch": torch.__version__, **info},
-    }
-    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        model, info = train_diffusion(kind, hp, progress, name, checkpoint=save, save_every=save_every)
+    wall = save(model, info)
     print(json.dumps({"name": name, "wall_seconds": round(wall, 1), **info}))
     return out / f"{name}.safetensors"
 
@@ -157,9 +165,10 @@ def main(argv=None) -> None:
     p.add_argument("name", choices=sorted(RECIPES))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    p.add_argument("--save-every", type=int, default=0, help="also write the EMA weights every N iterations")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    train(a.name, a.iters, a.out, progress=not a.no_progress)
+    train(a.name, a.iters, a.out, progress=not a.no_progress, save_every=a.save_every)
 
 
 if __name__ == "__main__":
