@@ -1,0 +1,181 @@
+// guided_step on the CPU: x_prev = a*x + b*(eps_u + w*(eps_c - eps_u)), a and b one
+// value each (a_scalar/b_scalar, or a 0-d tensor) or one value per sample ([B]).
+// Schemas of the extension's ops live with their CPU kernels (always compiled).
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace shortcut_kernels {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+SK_CPU_CLONES void step_segment(const scalar_t* __restrict__ x,
+                                const scalar_t* __restrict__ eps_uncond,
+                                const scalar_t* __restrict__ eps_cond,
+                                scalar_t* __restrict__ out, typename Io<scalar_t>::acc_t a,
+                                typename Io<scalar_t>::acc_t b,
+                                typename Io<scalar_t>::acc_t w, int64_t n) {
+  using IO = Io<scalar_t>;
+  for (int64_t i = 0; i < n; ++i)
+    IO::store(out + i, shortcut_math::guided_step(IO::load(x + i), IO::load(eps_uncond + i),
+                                                  IO::load(eps_cond + i), a, b, w));
+}
+
+// dx = a*g, d_eps_u = b*(1-w)*g, d_eps_c = b*w*g: one read of g, only the needed writes.
+template <typename scalar_t, bool kX, bool kUncond, bool kCond>
+SK_CPU_CLONES void step_backward_segment(const scalar_t* __restrict__ grad,
+                                         scalar_t* __restrict__ d_x,
+                                         scalar_t* __restrict__ d_uncond,
+                                         scalar_t* __restrict__ d_cond,
+                                         typename Io<scalar_t>::acc_t a,
+                                         typename Io<scalar_t>::acc_t b,
+                                         typename Io<scalar_t>::acc_t w, int64_t n) {
+  using IO = Io<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    auto g = IO::load(grad + i);
+    if (kX) IO::store(d_x + i, shortcut_math::guided_step_grad_x(g, a));
+    if (kUncond) IO::store(d_uncond + i, shortcut_math::guided_step_grad_eps_uncond(g, b, w));
+    if (kCond) IO::store(d_cond + i, shortcut_math::guided_step_grad_eps_cond(g, b, w));
+  }
+}
+
+// One coefficient: a tensor (0-d or [B]) when given, the scalar otherwise.
+template <typename acc_t>
+struct Coef {
+  const acc_t* ptr = nullptr;
+  int64_t stride = 0;  // 1 for [B], 0 for one value
+  acc_t scalar = 0;
+  acc_t at(int64_t sample) const { return ptr != nullptr ? ptr[sample * stride] : scalar; }
+};
+
+template <typename acc_t>
+Coef<acc_t> make_coef(const std::optional<at::Tensor>& t, double scalar) {
+  Coef<acc_t> c;
+  c.scalar = static_cast<acc_t>(scalar);
+  if (t.has_value() && t->defined()) {
+    c.ptr = t->const_data_ptr<acc_t>();
+    c.stride = t->numel() > 1 ? 1 : 0;
+  }
+  return c;
+}
+
+// Checks a and b against `ref`; returns the number of samples (1 when neither is [B]).
+int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor>& a,
+                    const std::optional<at::Tensor>& b) {
+  const auto acc = acc_type_of(ref.scalar_type());
+  int64_t samples = 1;
+  if (a.has_value() && a->defined())
+    samples = std::max(samples, check_per_sample(*a, "a", ref, acc));
+  if (b.has_value() && b->defined())
+    samples = std::max(samples, check_per_sample(*b, "b", ref, acc));
+  return samples;
+}
+
+at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond,
+                               const at::Tensor& eps_cond, const std::optional<at::Tensor>& a,
+                               const std::optional<at::Tensor>& b, double a_scalar,
+                               double b_scalar, double w) {
+  check_float_tensor(x, "x");
+  check_dense(x, "x");
+  check_same(x, "x", eps_uncond, "eps_uncond");
+  check_same(x, "x", eps_cond, "eps_cond");
+  const int64_t samples = check_coefs(x, a, b);
+  at::Tensor out = at::empty_like(x);
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  const int64_t per_sample = numel / samples;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "guided_step_forward_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    const auto ca = make_coef<acc_t>(a, a_scalar), cb = make_coef<acc_t>(b, b_scalar);
+    const acc_t wv = static_cast<acc_t>(w);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* up = eps_uncond.const_data_ptr<scalar_t>();
+    const scalar_t* cp = eps_cond.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
+      step_segment<scalar_t>(xp + lo, up + lo, cp + lo, o + lo, ca.at(s), cb.at(s), wv, hi - lo);
+    });
+  });
+  return out;
+}
+
+template <typename scalar_t, bool kX, bool kUncond, bool kCond>
+void run_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
+                  const std::optional<at::Tensor>& b, double a_scalar, double b_scalar,
+                  double w, int64_t per_sample, at::Tensor& d_x, at::Tensor& d_uncond,
+                  at::Tensor& d_cond) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  const auto ca = make_coef<acc_t>(a, a_scalar), cb = make_coef<acc_t>(b, b_scalar);
+  const acc_t wv = static_cast<acc_t>(w);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* dx = kX ? d_x.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* du = kUncond ? d_uncond.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dc = kCond ? d_cond.mutable_data_ptr<scalar_t>() : nullptr;
+  for_each_sample_segment(grad.numel(), per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
+    step_backward_segment<scalar_t, kX, kUncond, kCond>(
+        g + lo, kX ? dx + lo : nullptr, kUncond ? du + lo : nullptr, kCond ? dc + lo : nullptr,
+        ca.at(s), cb.at(s), wv, hi - lo);
+  });
+}
+
+// Instantiates the kernel for the gradients asked for (at least one).
+template <typename scalar_t>
+void dispatch_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
+                       const std::optional<at::Tensor>& b, double a_scalar, double b_scalar,
+                       double w, bool nx, bool nu, bool nc, int64_t per_sample, at::Tensor& d_x,
+                       at::Tensor& d_uncond, at::Tensor& d_cond) {
+#define SK_RUN(X, U, C)                                                                   \
+  run_backward<scalar_t, X, U, C>(grad, a, b, a_scalar, b_scalar, w, per_sample, d_x, \
+                                  d_uncond, d_cond)
+  if (nx && nu && nc) SK_RUN(true, true, true);
+  else if (nu && nc) SK_RUN(false, true, true);
+  else if (nx && nu) SK_RUN(true, true, false);
+  else if (nx && nc) SK_RUN(true, false, true);
+  else if (nx) SK_RUN(true, false, false);
+  else if (nu) SK_RUN(false, true, false);
+  else SK_RUN(false, false, true);
+#undef SK_RUN
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_step_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& a,
+    const std::optional<at::Tensor>& b, double a_scalar, double b_scalar, double w,
+    bool need_x, bool need_eps_uncond, bool need_eps_cond) {
+  check_float_tensor(grad, "grad");
+  check_dense(grad, "grad");
+  const int64_t samples = check_coefs(grad, a, b);
+  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
+  at::Tensor d_x = need_x ? at::empty_like(grad) : at::empty({0}, grad.options());
+  at::Tensor d_uncond = need_eps_uncond ? at::empty_like(grad) : at::empty({0}, grad.options());
+  at::Tensor d_cond = need_eps_cond ? at::empty_like(grad) : at::empty({0}, grad.options());
+  if (grad.numel() == 0 || !(need_x || need_eps_uncond || need_eps_cond))
+    return {d_x, d_uncond, d_cond};
+  const int64_t per_sample = grad.numel() / samples;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "guided_step_backward_cpu", [&] {
+    dispatch_backward<scalar_t>(grad, a, b, a_scalar, b_scalar, w, need_x, need_eps_uncond,
+                                need_eps_cond, per_sample, d_x, d_uncond, d_cond);
+  });
+  return {d_x, d_uncond, d_cond};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shortcut_kernels_ext, m) {
+  m.def(
+      "guided_step_forward(Tensor x, Tensor eps_uncond, Tensor eps_cond, Tensor? a, Tensor? b, "
+      "float a_scalar, float b_scalar, float w) -> Tensor");
+  m.def(
+      "guided_step_backward(Tensor grad, Tensor? a, Tensor? b, float a_scalar, float b_scalar, "
+      "float w, bool need_x, bool need_eps_uncond, bool need_eps_cond) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(shortcut_kernels_ext, CPU, m) {
+  m.impl("guided_step_forward", &guided_step_forward);
+  m.impl("guided_step_backward", &guided_step_backward);
+}
+
+}  // namespace cpu
+}  // namespace shortcut_kernels
