@@ -151,6 +151,21 @@ def test_backward_matches_autograd(backend, device, dtype, coef_kind, shape):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (5,)], ids=str)
+def test_empty_and_1d_inputs(backend, device, shape):
+    x, eps_uncond, eps_cond = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    a, b = torch.rand(shape[0], device=device, requires_grad=True), torch.rand((), device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+    with sk.use_backend(backend):
+        out = guided_step(x, eps_uncond, eps_cond, a, b, W)
+        ours = torch.autograd.grad(out, (x, eps_uncond, eps_cond, a, b), grad)
+    exact = torch.autograd.grad(gs.reference(x, eps_uncond, eps_cond, a, b, W), (x, eps_uncond, eps_cond, a, b), grad)
+    torch.testing.assert_close(out, eager(x, eps_uncond, eps_cond, a, b, W))
+    for o, e in zip(ours, exact):
+        torch.testing.assert_close(o, e)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck_fp64(backend, device):
     x, eps_uncond, eps_cond = (torch.randn(2, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
                                for _ in range(3))

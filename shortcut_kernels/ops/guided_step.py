@@ -153,7 +153,10 @@ def _setup_context(ctx, inputs, output):
 
 def _coef_grad(term: Tensor, coef: Tensor) -> Tensor:
     """Sum of `term` per sample for a [B]-like coefficient, in total for one value."""
-    total = term.sum() if coef.numel() == 1 else term.reshape(term.shape[0], -1).sum(1)
+    if coef.numel() == 1:
+        total = term.sum()
+    else:  # flatten(1), not reshape(B, -1): also right for empty and 1-d data
+        total = term.flatten(1).sum(1) if term.dim() > 1 else term
     return total.reshape(coef.shape).to(coef.dtype)
 
 
