@@ -1,0 +1,176 @@
+"""DeepCache settings as keep masks over a ``fine`` UNet block graph.
+
+DeepCache (Ma et al., CVPR 2024; github.com/horseee/DeepCache) caches the features of a
+UNet at a *skip branch*: on retrieval steps only the shallow path runs (``conv_in``, the
+down modules above the branch, the up modules that consume the fresh skips, ``conv_out``);
+everything deeper, the mid block included, is reused from the last full step.
+
+Skips are numbered in the order the down path produces them: skip 0 is the ``conv_in``
+output, then one skip per down layer (resnet, + attention when the block has one) and
+one per downsampler. For SD-1.5/2.1 (``layers_per_block=2``, 4 blocks) there are 12
+skips (0..11); for SDXL (3 blocks) 9 (0..8).
+
+Every fine block carries DeepCache's coordinate of its module, ``Block.deepcache =
+(stage, block_i, layer_i)``, exactly as DeepCache's ``DeepCacheSDHelper`` wraps them:
+
+* down path: ``("down", i, l)`` for ``down_blocks.i.resnets.l`` and
+  ``down_blocks.i.attentions.l``; ``("down", i, len(resnets))`` for the downsampler.
+* mid block: ``("mid", 0, 0)`` for all of its modules (always reused on retrieval).
+* up path, counted from the output side: ``("up", n_up - 1 - i, len(resnets) - 1 - j)``
+  for ``up_blocks.i.resnets.j`` / ``attentions.j``, ``("up", n_up - 1 - i, 0)`` for
+  ``up_blocks.i.upsamplers.0``.
+
+Two public DeepCache interfaces, both supported here:
+
+1. ``DeepCacheSDHelper.set_params(cache_branch_id=k)`` (the ``DeepCache`` package):
+   ``cache_block_id = k // 3``, ``cache_layer_id = k % 3``. A down module ``(i, l)``
+   runs iff ``i < cache_block_id`` or (``i == cache_block_id`` and ``l <
+   cache_layer_id``); an up module ``(i, l)`` runs iff ``i < cache_block_id`` or
+   (``i == cache_block_id`` and ``l <= cache_layer_id``). With ``layers_per_block=2``
+   this is: **branch k keeps skips 0..k fresh** - the down modules producing skips
+   1..k and the up layers consuming skips 0..k (plus the upsamplers in front of them).
+2. The paper's pipelines (``pipe(..., cache_layer_id=L, cache_block_id=B)``, L = down
+   block, B = layer inside it): the down path runs through layer ``(L, B)`` inclusive
+   (``B == len(resnets)``: through the downsampler), and the up path consumes the
+   skips it produced. This is branch ``k = offset(L) + B + 1`` of interface 1 (``offset(L)``
+   = number of skips produced by down blocks ``< L``, i.e. ``3 L`` for SD/SDXL), so the
+   pipelines' default ``(0, 0)`` is ``cache_branch_id=1`` and the package's default
+   ``cache_branch_id=0`` (only ``conv_in``'s skip fresh) has no pipeline equivalent.
+
+SD-1.5 fine graph (44 blocks), index -> coordinate, and the smallest branch k at which
+the block runs on retrieval steps (the mid block never does)::
+
+     0 down_blocks.0.resnets.0      (down,0,0) k>=1   22 up_blocks.0.resnets.2        (up,3,0) k>=9
+     1 down_blocks.0.attentions.0   (down,0,0) k>=1   23 up_blocks.0.upsamplers.0     (up,3,0) k>=9
+     2 down_blocks.0.resnets.1      (down,0,1) k>=2   24 up_blocks.1.resnets.0        (up,2,2) k>=8
+     3 down_blocks.0.attentions.1   (down,0,1) k>=2   25 up_blocks.1.attentions.0     (up,2,2) k>=8
+     4 down_blocks.0.downsamplers.0 (down,0,2) k>=3   26 up_blocks.1.resnets.1        (up,2,1) k>=7
+     5 down_blocks.1.resnets.0      (down,1,0) k>=4   27 up_blocks.1.attentions.1     (up,2,1) k>=7
+     6 down_blocks.1.attentions.0   (down,1,0) k>=4   28 up_blocks.1.resnets.2        (up,2,0) k>=6
+     7 down_blocks.1.resnets.1      (down,1,1) k>=5   29 up_blocks.1.attentions.2     (up,2,0) k>=6
+     8 down_blocks.1.attentions.1   (down,1,1) k>=5   30 up_blocks.1.upsamplers.0     (up,2,0) k>=6
+     9 down_blocks.1.downsamplers.0 (down,1,2) k>=6   31 up_blocks.2.resnets.0        (up,1,2) k>=5
+    10 down_blocks.2.resnets.0      (down,2,0) k>=7   32 up_blocks.2.attentions.0     (up,1,2) k>=5
+    11 down_blocks.2.attentions.0   (down,2,0) k>=7   33 up_blocks.2.resnets.1        (up,1,1) k>=4
+    12 down_blocks.2.resnets.1      (down,2,1) k>=8   34 up_blocks.2.attentions.1     (up,1,1) k>=4
+    13 down_blocks.2.attentions.1   (down,2,1) k>=8   35 up_blocks.2.resnets.2        (up,1,0) k>=3
+    14 down_blocks.2.downsamplers.0 (down,2,2) k>=9   36 up_blocks.2.attentions.2     (up,1,0) k>=3
+    15 down_blocks.3.resnets.0      (down,3,0) k>=10  37 up_blocks.2.upsamplers.0     (up,1,0) k>=3
+    16 down_blocks.3.resnets.1      (down,3,1) k>=11  38 up_blocks.3.resnets.0        (up,0,2) k>=2
+    17 mid_block.resnets.0          (mid,0,0) never  39 up_blocks.3.attentions.0     (up,0,2) k>=2
+    18 mid_block.attentions.0       (mid,0,0) never  40 up_blocks.3.resnets.1        (up,0,1) k>=1
+    19 mid_block.resnets.1          (mid,0,0) never  41 up_blocks.3.attentions.1     (up,0,1) k>=1
+    20 up_blocks.0.resnets.0        (up,3,2) k>=11  42 up_blocks.3.resnets.2        (up,0,0) k>=0
+    21 up_blocks.0.resnets.1        (up,3,1) k>=10  43 up_blocks.3.attentions.2     (up,0,0) k>=0
+
+(:func:`deepcache_table` prints the full table for any UNet.) Each mask is a fixed point
+of the cascade rule, and it is the cascade of "reuse the mid block and every up module
+deeper than the branch".
+"""
+from __future__ import annotations
+
+from .graph import BlockGraph
+
+
+def _require_fine_unet(graph: BlockGraph) -> None:
+    if graph.granularity != "fine" or not graph.blocks or graph.blocks[0].deepcache is None:
+        raise ValueError("DeepCache settings map onto the 'fine' block graph of a UNet "
+                         f"(got {graph.model_class}, granularity {graph.granularity!r})")
+
+
+def _down_layers(graph: BlockGraph) -> dict[int, int]:
+    """Number of DeepCache layers (resnet layers + downsampler) per down block."""
+    out: dict[int, int] = {}
+    for b in graph.blocks:
+        if b.deepcache and b.deepcache[0] == "down":
+            _, i, l = b.deepcache
+            out[i] = max(out.get(i, 0), l + 1)
+    return out
+
+
+def num_branches(graph: BlockGraph) -> int:
+    """Number of skip branches (= skips, conv_in's included)."""
+    _require_fine_unet(graph)
+    return 1 + sum(_down_layers(graph).values())
+
+
+def branch_from_layer_block(graph: BlockGraph, cache_layer_id: int, cache_block_id: int) -> int:
+    """The pipelines' ``(cache_layer_id, cache_block_id)`` as a skip index (branch)."""
+    _require_fine_unet(graph)
+    layers = _down_layers(graph)
+    if cache_layer_id not in layers:
+        raise ValueError(f"cache_layer_id={cache_layer_id} out of range: the UNet has {len(layers)} down blocks")
+    if not 0 <= cache_block_id < layers[cache_layer_id]:
+        raise ValueError(f"cache_block_id={cache_block_id} out of range for down block {cache_layer_id} "
+                         f"(0..{layers[cache_layer_id] - 1})")
+    return sum(layers[i] for i in range(cache_layer_id)) + cache_block_id + 1
+
+
+def deepcache_keep(graph: BlockGraph, cache_branch_id: int | None = None, *, cache_layer_id: int | None = None,
+                   cache_block_id: int | None = None) -> list[bool]:
+    """Keep mask of a DeepCache retrieval step (see the module docstring for the numbering).
+
+    Give either ``cache_branch_id`` (the ``DeepCache`` package's ``set_params``) or both
+    ``cache_layer_id`` and ``cache_block_id`` (the paper's pipelines).
+    """
+    _require_fine_unet(graph)
+    if cache_branch_id is not None:
+        if cache_layer_id is not None or cache_block_id is not None:
+            raise ValueError("give cache_branch_id or (cache_layer_id, cache_block_id), not both")
+        if isinstance(cache_branch_id, bool) or not isinstance(cache_branch_id, int):
+            raise TypeError(f"cache_branch_id must be an int, got {cache_branch_id!r}")
+        nb = num_branches(graph)
+        if not 0 <= cache_branch_id < nb:
+            raise ValueError(f"cache_branch_id={cache_branch_id} out of range 0..{nb - 1}")
+        cb, cl = cache_branch_id // 3, cache_branch_id % 3  # DeepCacheSDHelper's decoding
+        keep = []
+        for b in graph.blocks:
+            stage, i, l = b.deepcache
+            if stage == "mid":
+                keep.append(False)
+            elif stage == "down":
+                keep.append(i < cb or (i == cb and l < cl))
+            else:
+                keep.append(i < cb or (i == cb and l <= cl))
+        return keep
+    if cache_layer_id is None or cache_block_id is None:
+        raise ValueError("give cache_branch_id, or both cache_layer_id and cache_block_id")
+    layers = _down_layers(graph)
+    branch_from_layer_block(graph, cache_layer_id, cache_block_id)  # validates
+    # the pipelines move the entry point one layer on for the up path
+    up_l, up_b = (cache_layer_id + 1, 0) if cache_block_id + 1 >= layers[cache_layer_id] else (
+        cache_layer_id, cache_block_id + 1)
+    keep = []
+    for b in graph.blocks:
+        stage, i, l = b.deepcache
+        if stage == "mid":
+            keep.append(False)
+        elif stage == "down":
+            keep.append(i < cache_layer_id or (i == cache_layer_id and l <= cache_block_id))
+        elif b.kind == "upsampler":
+            keep.append(i <= up_l)
+        else:
+            keep.append(i < up_l or (i == up_l and l <= up_b))
+    return keep
+
+
+def min_branch(graph: BlockGraph) -> list[int | None]:
+    """Per block: the smallest ``cache_branch_id`` at which it runs on retrieval steps."""
+    nb = num_branches(graph)
+    masks = [deepcache_keep(graph, k) for k in range(nb)]
+    out = []
+    for j in range(len(graph.blocks)):
+        ks = [k for k in range(nb) if masks[k][j]]
+        out.append(min(ks) if ks else None)
+    return out
+
+
+def deepcache_table(graph: BlockGraph) -> str:
+    """Index, name, DeepCache coordinate and smallest branch of every fine UNet block."""
+    mb = min_branch(graph)
+    w = max(len(b.name) for b in graph.blocks)
+    rows = []
+    for b, k in zip(graph.blocks, mb):
+        st, i, l = b.deepcache
+        rows.append(f"{b.index:>3} {b.name:<{w}} ({st},{i},{l}) {'never' if k is None else f'k>={k}'}")
+    return "\n".join(rows)
