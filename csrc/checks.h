@@ -23,9 +23,15 @@ inline void check_same(const at::Tensor& ref, const char* ref_name, const at::Te
               ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "shortcut_kernels: `", name, "` is on ",
               t.device(), " but `", ref_name, "` is on ", ref.device());
-  TORCH_CHECK(t.strides() == ref.strides(), "shortcut_kernels: `", name,
-              "` must have the same strides as `", ref_name,
-              "` (the Python wrapper makes them match)");
+  const bool same_layout =
+      (t.is_contiguous() && ref.is_contiguous()) ||
+      (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+       ref.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d) &&
+       ref.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  TORCH_CHECK(same_layout, "shortcut_kernels: `", name, "` must share the dense layout of `",
+              ref_name, "` (both contiguous or both channels_last; the Python wrapper makes "
+              "them match)");
 }
 
 // The kernels walk tensors as flat arrays: they must be dense with the batch dim

@@ -166,3 +166,19 @@ def test_bad_inputs_name_the_argument():
 def test_forced_backend_that_cannot_serve_says_why():
     with sk.use_backend("cuda"), pytest.raises(sk.BackendUnavailable, match="runs CUDA tensors"):
         sk.gated_blend(torch.randn(2, 3), torch.randn(2, 3), torch.rand(2))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0, 4), (4,)], ids=str)
+def test_empty_and_1d_data(backend, device, shape):
+    fresh = torch.randn(shape, device=device, requires_grad=True)
+    cache = torch.randn(shape, device=device, requires_grad=True)
+    gate = torch.rand(shape[0], device=device, requires_grad=True)
+    with sk.use_backend(backend):
+        out = sk.gated_blend(fresh, cache, gate)
+        grads = torch.autograd.grad(out.sum(), (fresh, cache, gate))
+    torch.testing.assert_close(out, gb.reference(fresh, cache, gate))
+    leaves = [t.detach().requires_grad_() for t in (fresh, cache, gate)]
+    expected = torch.autograd.grad(gb.reference(*leaves).sum(), leaves)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)

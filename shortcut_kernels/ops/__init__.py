@@ -2,4 +2,4 @@
 
 One module per op; the public functions are re-exported by the top-level package.
 """
-from . import gated_blend  # noqa: F401  (importing registers the op)
+from . import gated_blend, guided_step  # noqa: F401  (importing registers the ops)

@@ -59,7 +59,8 @@ def _torch_backward(grad, fresh, cache, gate, need_fresh, need_cache, need_gate)
     d_cache = ((1 - g) * grad32).to(fresh.dtype) if need_cache else fresh.new_empty(0)
     if need_gate:
         term = grad32 * (fresh.to(acc) - cache.to(acc))
-        d_gate = term.sum() if gate.dim() == 0 else term.reshape(term.shape[0], -1).sum(1)
+        # flatten(1), not reshape(B, -1): also right for empty and 1-d data
+        d_gate = term.sum() if gate.dim() == 0 else (term.flatten(1).sum(1) if term.dim() > 1 else term)
     else:
         d_gate = gate.new_empty(0)
     return d_fresh, d_cache, d_gate
