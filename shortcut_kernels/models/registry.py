@@ -83,14 +83,20 @@ def _model_class(class_name: str):
 
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                seed: int | None = 0) -> nn.Module:
+                seed: int | None = 0, overrides: dict | None = None) -> nn.Module:
     """Instantiate a bundled architecture with random weights, offline.
 
     ``device="meta"`` builds it without allocating weights (for block graphs / MACs).
     ``seed`` makes the random weights reproducible (``None``: the global RNG).
-    SD-1.5 in float32 needs about 3.5 GB on CPU.
+    ``overrides`` replaces config entries (e.g. ``{"num_layers": 2}`` for a shallow
+    variant); unknown keys raise ValueError. SD-1.5 in float32 needs about 3.5 GB on CPU.
     """
     cfg = model_config(name)
+    for k, v in (overrides or {}).items():
+        if k.startswith("_") or k not in cfg:
+            raise ValueError(f"override {k!r} is not a config entry of {_canonical(name)}; "
+                             f"entries: {', '.join(x for x in cfg if not x.startswith('_'))}")
+        cfg[k] = v
     cls = _model_class(cfg["_class_name"])
     init = {k: v for k, v in cfg.items() if not k.startswith("_")}
     dev = torch.device(device)
