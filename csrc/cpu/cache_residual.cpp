@@ -1,0 +1,73 @@
+// cache_residual on the CPU: out = x + caches[0] + ... + caches[K-1], the residual of a
+// pruned block (or a run of consecutive pruned blocks) at inference. Every element is
+// summed in the accumulation type and rounded once; each input is read once.
+// Schemas of the extension's ops live with their CPU kernels (always compiled).
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace shortcut_kernels {
+namespace cpu {
+namespace {
+
+// Elements summed in a stack buffer at a time: the buffer stays in L1 while the caches
+// stream through it, and each loop over it vectorises.
+constexpr int64_t kSumBlock = 1024;
+
+template <typename scalar_t>
+SK_CPU_CLONES void cache_residual_segment(const scalar_t* __restrict__ x,
+                                          const scalar_t* const* caches, int64_t num_caches,
+                                          scalar_t* __restrict__ out, int64_t begin,
+                                          int64_t end) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  acc_t acc[kSumBlock];
+  for (int64_t lo = begin; lo < end; lo += kSumBlock) {
+    const int64_t n = std::min(kSumBlock, end - lo);
+    for (int64_t i = 0; i < n; ++i) acc[i] = IO::load(x + lo + i);
+    for (int64_t k = 0; k < num_caches; ++k) {
+      const scalar_t* __restrict__ c = caches[k] + lo;
+      for (int64_t i = 0; i < n; ++i) acc[i] = shortcut_math::cache_residual_add(acc[i], IO::load(c + i));
+    }
+    for (int64_t i = 0; i < n; ++i) IO::store(out + lo + i, acc[i]);
+  }
+}
+
+at::Tensor cache_residual_forward(const at::Tensor& x, at::TensorList caches) {
+  check_float_tensor(x, "x");
+  check_dense(x, "x");
+  TORCH_CHECK(!caches.empty(), "shortcut_kernels: `caches` must hold at least one tensor");
+  for (size_t k = 0; k < caches.size(); ++k) {
+    const std::string name = "caches[" + std::to_string(k) + "]";
+    check_same(x, "x", caches[k], name.c_str());
+  }
+  at::Tensor out = at::empty_like(x);
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "cache_residual_forward_cpu", [&] {
+    std::vector<const scalar_t*> ptrs;
+    ptrs.reserve(caches.size());
+    for (const auto& c : caches) ptrs.push_back(c.const_data_ptr<scalar_t>());
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      cache_residual_segment<scalar_t>(xp, ptrs.data(), static_cast<int64_t>(ptrs.size()), op,
+                                       begin, end);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shortcut_kernels_ext, m) {
+  m.def("cache_residual_forward(Tensor x, Tensor[] caches) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shortcut_kernels_ext, CPU, m) {
+  m.impl("cache_residual_forward", &cache_residual_forward);
+}
+
+}  // namespace cpu
+}  // namespace shortcut_kernels

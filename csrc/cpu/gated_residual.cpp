@@ -1,0 +1,220 @@
+// gated_residual on the CPU: out = x + gate*y (the adaLN-Zero residual of DiT blocks),
+// x and y viewed as [B, T, C] (C innermost), gate [B, C] broadcast over the T tokens;
+// optionally the delta gate*y is written into `cache_out` in the same pass.
+// Schemas of the extension's ops live with their CPU kernels (always compiled).
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace shortcut_kernels {
+namespace cpu {
+namespace {
+
+// Elements per task of the gate reduction: whole tokens, about this many elements.
+// Depends on the shape only (never on the thread count): the sum is reproducible.
+constexpr int64_t kTokenChunkElems = 65536;
+
+// Rows [row_begin, row_end) of C channels; row r belongs to sample r / tokens. Without
+// a gate the caller passes one "row" of n elements.
+template <typename scalar_t, bool kGate, bool kCache>
+SK_CPU_CLONES void residual_rows(const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ y,
+                                 const typename Io<scalar_t>::acc_t* __restrict__ gate,
+                                 scalar_t* __restrict__ out, scalar_t* __restrict__ cache,
+                                 int64_t row_begin, int64_t row_end, int64_t tokens,
+                                 int64_t channels) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t off = r * channels;
+    const acc_t* __restrict__ g = kGate ? gate + (r / tokens) * channels : nullptr;
+    for (int64_t c = 0; c < channels; ++c) {
+      acc_t delta = IO::load(y + off + c);
+      if (kGate) delta = shortcut_math::gated_residual_delta(delta, g[c]);
+      if (kCache) IO::store(cache + off + c, delta);
+      IO::store(out + off + c, shortcut_math::gated_residual(IO::load(x + off + c), delta));
+    }
+  }
+}
+
+// Rows of one sample: dy = gate*g and partial[c] += g*y over the rows.
+template <typename scalar_t, bool kY, bool kGate>
+SK_CPU_CLONES void residual_backward_rows(const scalar_t* __restrict__ grad,
+                                          const scalar_t* __restrict__ y,
+                                          const typename Io<scalar_t>::acc_t* __restrict__ gate,
+                                          scalar_t* __restrict__ d_y,
+                                          typename Io<scalar_t>::acc_t* __restrict__ partial,
+                                          int64_t rows, int64_t channels) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      acc_t g = IO::load(grad + off + c);
+      if (kY) IO::store(d_y + off + c, shortcut_math::gated_residual_grad_y(g, gate[c]));
+      if (kGate) partial[c] += shortcut_math::gated_residual_grad_gate_term(g, IO::load(y + off + c));
+    }
+  }
+}
+
+// [B, C] acc-dtype gate against x viewed as [B, T, C].
+void check_gate(const at::Tensor& gate, const at::Tensor& x) {
+  const auto acc = acc_type_of(x.scalar_type());
+  TORCH_CHECK(gate.scalar_type() == acc, "shortcut_kernels: `gate` must be ", acc,
+              " (the accumulation type), got ", gate.scalar_type());
+  TORCH_CHECK(gate.device() == x.device(), "shortcut_kernels: `gate` is on ", gate.device(),
+              " but `x` is on ", x.device());
+  TORCH_CHECK(gate.is_contiguous(), "shortcut_kernels: `gate` must be contiguous");
+  TORCH_CHECK(x.dim() >= 2, "shortcut_kernels: `x` must be [B, ..., C] with a gate, got shape ",
+              x.sizes());
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(-1),
+              "shortcut_kernels: `gate` must have shape [B, C]=[", x.size(0), ", ", x.size(-1),
+              "], got ", gate.sizes());
+}
+
+void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "shortcut_kernels: `", name,
+              "` must be contiguous (C innermost; the Python wrapper copies others)");
+}
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+template <typename scalar_t, bool kGate, bool kCache>
+void run_forward(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& gate,
+                 at::Tensor& out, const std::optional<at::Tensor>& cache_out, int64_t rows,
+                 int64_t tokens, int64_t channels) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const acc_t* gp = kGate ? gate->const_data_ptr<acc_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  scalar_t* cp = kCache ? cache_out->mutable_data_ptr<scalar_t>() : nullptr;
+  if (kGate) {  // whole rows of C channels per task
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / channels), [&](int64_t r0, int64_t r1) {
+      residual_rows<scalar_t, kGate, kCache>(xp, yp, gp, op, cp, r0, r1, tokens, channels);
+    });
+  } else {  // elementwise: each segment is one "row"
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      residual_rows<scalar_t, kGate, kCache>(xp + begin, yp + begin, nullptr, op + begin,
+                                             kCache ? cp + begin : nullptr, 0, 1, 1, end - begin);
+    });
+  }
+}
+
+at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
+                                  const std::optional<at::Tensor>& gate,
+                                  const std::optional<at::Tensor>& cache_out) {
+  check_float_tensor(x, "x");
+  check_contiguous(x, "x");
+  check_same(x, "x", y, "y");
+  const bool has_gate = has(gate), has_cache = has(cache_out);
+  if (has_gate) check_gate(*gate, x);
+  if (has_cache) check_same(x, "x", *cache_out, "cache_out");
+  at::Tensor out = at::empty_like(x);
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  // Without a gate the op is elementwise: one "row" per parallel segment.
+  const int64_t channels = has_gate ? x.size(-1) : numel;
+  const int64_t rows = numel / channels;
+  const int64_t tokens = has_gate ? rows / x.size(0) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "gated_residual_forward_cpu", [&] {
+    if (has_gate && has_cache)
+      run_forward<scalar_t, true, true>(x, y, gate, out, cache_out, rows, tokens, channels);
+    else if (has_gate)
+      run_forward<scalar_t, true, false>(x, y, gate, out, cache_out, rows, tokens, channels);
+    else if (has_cache)
+      run_forward<scalar_t, false, true>(x, y, gate, out, cache_out, rows, tokens, channels);
+    else
+      run_forward<scalar_t, false, false>(x, y, gate, out, cache_out, rows, tokens, channels);
+  });
+  return out;
+}
+
+template <typename scalar_t, bool kY, bool kGate>
+void run_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& gate,
+                  at::Tensor& d_y, at::Tensor& d_gate) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dy = kY ? d_y.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* gates = gate.const_data_ptr<acc_t>();
+  const int64_t samples = y.size(0), channels = y.size(-1);
+  const int64_t tokens = y.numel() / (samples * channels);
+  const int64_t chunk = std::max<int64_t>(1, kTokenChunkElems / channels);  // tokens
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
+  // partial[b, k, c]: sum of g*y over the tokens of chunk k of sample b.
+  std::vector<acc_t> partial(kGate ? samples * chunks * channels : 0, acc_t(0));
+  at::parallel_for(0, samples * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, k = task % chunks;
+      const int64_t t0 = k * chunk, t1 = std::min(tokens, t0 + chunk);
+      const int64_t off = (b * tokens + t0) * channels;
+      residual_backward_rows<scalar_t, kY, kGate>(
+          g + off, yp + off, gates + b * channels, kY ? dy + off : nullptr,
+          kGate ? partial.data() + task * channels : nullptr, t1 - t0, channels);
+    }
+  });
+  if (kGate) {
+    acc_t* dg = d_gate.mutable_data_ptr<acc_t>();
+    std::vector<double> sums(channels);
+    for (int64_t b = 0; b < samples; ++b) {
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t k = 0; k < chunks; ++k) {
+        const acc_t* row = partial.data() + (b * chunks + k) * channels;
+        for (int64_t c = 0; c < channels; ++c) sums[c] += static_cast<double>(row[c]);
+      }
+      for (int64_t c = 0; c < channels; ++c) dg[b * channels + c] = static_cast<acc_t>(sums[c]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& grad,
+                                                           const at::Tensor& y,
+                                                           const std::optional<at::Tensor>& gate,
+                                                           bool need_y, bool need_gate) {
+  check_float_tensor(y, "y");
+  check_contiguous(y, "y");
+  check_same(y, "y", grad, "grad");
+  const bool has_gate = has(gate);
+  TORCH_CHECK(has_gate || !need_gate, "shortcut_kernels: need_gate without a `gate`");
+  const auto acc = acc_type_of(y.scalar_type());
+  if (!has_gate) {  // out = x + y: dy = g (a copy: outputs of an op may not alias inputs)
+    return {need_y ? grad.clone() : at::empty({0}, y.options()),
+            at::empty({0}, y.options().dtype(acc))};
+  }
+  check_gate(*gate, y);
+  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
+  at::Tensor d_y = need_y ? at::empty_like(y) : at::empty({0}, y.options());
+  at::Tensor d_gate = need_gate ? at::zeros_like(*gate) : at::empty({0}, gate->options());
+  if (y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "gated_residual_backward_cpu", [&] {
+    if (need_y && need_gate)
+      run_backward<scalar_t, true, true>(grad, y, *gate, d_y, d_gate);
+    else if (need_gate)
+      run_backward<scalar_t, false, true>(grad, y, *gate, d_y, d_gate);
+    else
+      run_backward<scalar_t, true, false>(grad, y, *gate, d_y, d_gate);
+  });
+  return {d_y, d_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shortcut_kernels_ext, m) {
+  m.def(
+      "gated_residual_forward(Tensor x, Tensor y, Tensor? gate, Tensor(a!)? cache_out) "
+      "-> Tensor");
+  m.def(
+      "gated_residual_backward(Tensor grad, Tensor y, Tensor? gate, bool need_y, "
+      "bool need_gate) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(shortcut_kernels_ext, CPU, m) {
+  m.impl("gated_residual_forward", &gated_residual_forward);
+  m.impl("gated_residual_backward", &gated_residual_backward);
+}
+
+}  // namespace cpu
+}  // namespace shortcut_kernels
