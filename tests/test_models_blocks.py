@@ -517,3 +517,20 @@ def test_meta_count_equals_count_on_real_tensors(one_thread):
         assert convlin > 0 and count_macs(m, inputs=kw) == convlin // 2
         expected = sum(n * (2 * t * t * c + 2 * t * text * c) for n, t, c in layers)
         assert count_macs(m, inputs=kw, count_attention=True) - count_macs(m, inputs=kw) == expected
+
+
+def test_soft_cascade_is_exact_on_hard_gates_and_differentiable(sd15_fine, fresh_seed):
+    g = sd15_fine
+    gen = torch.Generator().manual_seed(fresh_seed)
+    hard = (torch.rand(6, len(g), generator=gen) < 0.7).float().requires_grad_(True)
+    soft = g.cascade(hard)
+    assert soft.dtype == torch.float32
+    assert torch.equal(soft.bool(), g.cascade(hard.detach().bool()))
+    assert soft.detach().tolist() == [[float(x) for x in g.cascade(r.bool().tolist())] for r in hard.detach()]
+    # reusing the last block's consumer (the output) is impossible: d eff/d keep of a live block is 1
+    soft[:, -1].sum().backward()
+    assert torch.equal(hard.grad[:, -1], torch.ones(6))
+    # gradients reach producers through the cascade: the mid block's keep gate matters via its consumer
+    probs = torch.full((len(g),), 0.5, requires_grad=True)
+    g.cascade(probs)[g.index("mid_block.resnets.0")].backward()
+    assert probs.grad[g.index("up_blocks.0.resnets.0")] > 0

@@ -138,28 +138,35 @@ class BlockGraph:
     def cascade(self, keep):
         """Effective keep mask after DiP-GO's cascade rule.
 
-        ``keep``: a sequence of bools (one per block) or a tensor ``[..., N]`` (bool, or
-        0/1 values); ``True``/1 = compute, ``False``/0 = reuse. Returns the same kind
-        (a list of bools, or a bool tensor of the input's shape).
+        ``keep``: a sequence of bools (one per block) or a tensor ``[..., N]``;
+        ``True``/1 = compute, ``False``/0 = reuse. Returns the same kind: a list of bools,
+        a bool tensor for bool/integer tensors, and for floating tensors (gate values in
+        [0, 1], e.g. straight-through hard gates) a floating tensor computed with
+        products, ``need_b = 1 - prod_c (1 - u_c)``, ``eff_b = keep_b * need_b``, that is
+        exact on 0/1 values and differentiable with respect to ``keep``.
         """
         n = len(self.blocks)
         if isinstance(keep, torch.Tensor):
             if keep.shape[-1:] != (n,):
                 raise ValueError(f"keep mask must have {n} entries in its last dim, got shape {tuple(keep.shape)}")
-            k = keep.to(torch.bool)
+            soft = keep.is_floating_point()
+            k = keep if soft else keep.to(torch.bool)
             cols = [None] * n
             live = [None] * n
             for b in reversed(self.blocks):
-                need = torch.zeros_like(k[..., 0])
-                for c in b.consumers:
-                    if c == EXTERNAL:
-                        need = torch.ones_like(need)
-                        break
-                    need = need | cols[c]
-                    if self.blocks[c].residual:
-                        need = need | live[c]
+                if EXTERNAL in b.consumers:
+                    need = torch.ones_like(k[..., 0])
+                elif soft:
+                    miss = torch.ones_like(k[..., 0])
+                    for c in b.consumers:  # u_c: c reads b (computes, or passes b on as a residual)
+                        miss = miss * (1 - (live[c] if self.blocks[c].residual else cols[c]))
+                    need = 1 - miss
+                else:
+                    need = torch.zeros_like(k[..., 0])
+                    for c in b.consumers:
+                        need = need | (live[c] if self.blocks[c].residual else cols[c])
                 live[b.index] = need
-                cols[b.index] = k[..., b.index] & need
+                cols[b.index] = k[..., b.index] * need if soft else k[..., b.index] & need
             return torch.stack(cols, dim=-1)
         keep = [bool(x) for x in keep]
         if len(keep) != n:
