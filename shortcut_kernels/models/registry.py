@@ -39,15 +39,6 @@ _ALIASES = {
     "dit-xl/2": "dit-xl-2", "dit-xl2": "dit-xl-2", "dit-xl-2-256": "dit-xl-2",
 }
 
-# typical conditioning of each bundled model: text tokens for MAC counting, latent size
-DEFAULTS = {
-    "sd-1.5": {"text_tokens": 77},
-    "sd-2.1": {"text_tokens": 77},
-    "sdxl": {"text_tokens": 77},
-    "dit-xl-2": {},
-}
-
-
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model` and :func:`model_config`."""
     return list(_NAMES)
