@@ -2,8 +2,6 @@
 // gate [B, C] broadcast over the T tokens; optionally delta = gate*y into `cache_out`.
 #include <torch/library.h>
 
-#include <limits>
-
 #include "cuda_common.cuh"
 
 namespace shortcut_kernels {
