@@ -2,4 +2,4 @@
 
 One module per op; the public functions are re-exported by the top-level package.
 """
-from . import gated_blend, guided_step  # noqa: F401  (importing registers the ops)
+from . import cache_residual, gated_blend, gated_residual, guided_step  # noqa: F401  (registers the ops)
