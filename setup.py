@@ -93,7 +93,10 @@ def extensions():
 
     opt = ["-O0", "-g"] if env_flag("SHORTCUT_KERNELS_DEBUG") else ["-O3"]
     sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": opt + ["-fvisibility=hidden"]}
+    # at::parallel_for is an inline `#pragma omp parallel`: without -fopenmp the CPU kernels
+    # would silently run on one thread. torch ships libgomp, so the runtime is shared.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    extra = {"cxx": opt + ["-fvisibility=hidden"] + openmp}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -106,7 +109,7 @@ def extensions():
     else:
         ext_class = cpp_extension.CppExtension
     ext = ext_class("shortcut_kernels._C", sources, include_dirs=include_dirs,
-                    extra_compile_args=extra, py_limited_api=False)
+                    extra_compile_args=extra, extra_link_args=openmp, py_limited_api=False)
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
