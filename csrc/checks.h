@@ -3,7 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
 
 namespace shortcut_kernels {
 
@@ -61,6 +66,60 @@ inline int64_t check_per_sample(const at::Tensor& coef, const char* name,
 
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---- per-op input checks, the same for the CPU and the CUDA kernels ----------------
+
+// gated_blend: fresh/cache alike and dense; gate 0-d or [B] in the accumulation dtype.
+inline void check_blend_inputs(const at::Tensor& fresh, const at::Tensor& cache,
+                               const at::Tensor& gate) {
+  check_float_tensor(fresh, "fresh");
+  check_dense(fresh, "fresh");
+  check_same(fresh, "fresh", cache, "cache");
+  check_per_sample(gate, "gate", fresh, acc_type_of(fresh.scalar_type()));
+}
+
+// gated_residual: [B, C] acc-dtype gate against x viewed as [B, T, C].
+inline void check_residual_gate(const at::Tensor& gate, const at::Tensor& x) {
+  const auto acc = acc_type_of(x.scalar_type());
+  TORCH_CHECK(gate.scalar_type() == acc, "shortcut_kernels: `gate` must be ", acc,
+              " (the accumulation type), got ", gate.scalar_type());
+  TORCH_CHECK(gate.device() == x.device(), "shortcut_kernels: `gate` is on ", gate.device(),
+              " but `x` is on ", x.device());
+  TORCH_CHECK(gate.is_contiguous(), "shortcut_kernels: `gate` must be contiguous");
+  TORCH_CHECK(x.dim() >= 2, "shortcut_kernels: `x` must be [B, ..., C] with a gate, got shape ",
+              x.sizes());
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(-1),
+              "shortcut_kernels: `gate` must have shape [B, C]=[", x.size(0), ", ", x.size(-1),
+              "], got ", gate.sizes());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "shortcut_kernels: `", name,
+              "` must be contiguous (C innermost; the Python wrapper copies others)");
+}
+
+// cache_residual: at least one cache, each like x.
+inline void check_cache_residual_inputs(const at::Tensor& x, c10::ArrayRef<at::Tensor> caches) {
+  check_float_tensor(x, "x");
+  check_dense(x, "x");
+  TORCH_CHECK(!caches.empty(), "shortcut_kernels: `caches` must hold at least one tensor");
+  for (size_t k = 0; k < caches.size(); ++k) {
+    const std::string name = "caches[" + std::to_string(k) + "]";
+    check_same(x, "x", caches[k], name.c_str());
+  }
+}
+
+// guided_step: a and b (each optional) 0-d or [B]; returns the number of samples.
+inline int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor>& a,
+                           const std::optional<at::Tensor>& b) {
+  const auto acc = acc_type_of(ref.scalar_type());
+  int64_t samples = 1;
+  if (has(a)) samples = std::max(samples, check_per_sample(*a, "a", ref, acc));
+  if (has(b)) samples = std::max(samples, check_per_sample(*b, "b", ref, acc));
+  return samples;
 }
 
 }  // namespace shortcut_kernels

@@ -68,13 +68,7 @@ void cache_residual_segment(const scalar_t* x, const std::vector<const scalar_t*
 }
 
 at::Tensor cache_residual_forward(const at::Tensor& x, at::TensorList caches) {
-  check_float_tensor(x, "x");
-  check_dense(x, "x");
-  TORCH_CHECK(!caches.empty(), "shortcut_kernels: `caches` must hold at least one tensor");
-  for (size_t k = 0; k < caches.size(); ++k) {
-    const std::string name = "caches[" + std::to_string(k) + "]";
-    check_same(x, "x", caches[k], name.c_str());
-  }
+  check_cache_residual_inputs(x, caches);
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
   if (numel == 0) return out;

@@ -55,14 +55,6 @@ SK_CPU_CLONES typename Io<scalar_t>::acc_t blend_backward_chunk(
   return total;
 }
 
-void check_blend_inputs(const at::Tensor& fresh, const at::Tensor& cache,
-                        const at::Tensor& gate) {
-  check_float_tensor(fresh, "fresh");
-  check_dense(fresh, "fresh");
-  check_same(fresh, "fresh", cache, "cache");
-  check_per_sample(gate, "gate", fresh, acc_type_of(fresh.scalar_type()));
-}
-
 at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
                                const at::Tensor& gate,
                                const std::optional<at::Tensor>& residual) {

@@ -57,28 +57,6 @@ SK_CPU_CLONES void residual_backward_rows(const scalar_t* __restrict__ grad,
   }
 }
 
-// [B, C] acc-dtype gate against x viewed as [B, T, C].
-void check_gate(const at::Tensor& gate, const at::Tensor& x) {
-  const auto acc = acc_type_of(x.scalar_type());
-  TORCH_CHECK(gate.scalar_type() == acc, "shortcut_kernels: `gate` must be ", acc,
-              " (the accumulation type), got ", gate.scalar_type());
-  TORCH_CHECK(gate.device() == x.device(), "shortcut_kernels: `gate` is on ", gate.device(),
-              " but `x` is on ", x.device());
-  TORCH_CHECK(gate.is_contiguous(), "shortcut_kernels: `gate` must be contiguous");
-  TORCH_CHECK(x.dim() >= 2, "shortcut_kernels: `x` must be [B, ..., C] with a gate, got shape ",
-              x.sizes());
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(-1),
-              "shortcut_kernels: `gate` must have shape [B, C]=[", x.size(0), ", ", x.size(-1),
-              "], got ", gate.sizes());
-}
-
-void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), "shortcut_kernels: `", name,
-              "` must be contiguous (C innermost; the Python wrapper copies others)");
-}
-
-bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 template <typename scalar_t, bool kGate, bool kCache>
 void run_forward(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& gate,
                  at::Tensor& out, const std::optional<at::Tensor>& cache_out, int64_t rows,
@@ -108,7 +86,7 @@ at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
   check_contiguous(x, "x");
   check_same(x, "x", y, "y");
   const bool has_gate = has(gate), has_cache = has(cache_out);
-  if (has_gate) check_gate(*gate, x);
+  if (has_gate) check_residual_gate(*gate, x);
   if (has_cache) check_same(x, "x", *cache_out, "cache_out");
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
@@ -183,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& gra
     return {need_y ? grad.clone() : at::empty({0}, y.options()),
             at::empty({0}, y.options().dtype(acc))};
   }
-  check_gate(*gate, y);
+  check_residual_gate(*gate, y);
   // Unused outputs are distinct empty tensors (outputs of an op may not alias).
   at::Tensor d_y = need_y ? at::empty_like(y) : at::empty({0}, y.options());
   at::Tensor d_gate = need_gate ? at::zeros_like(*gate) : at::empty({0}, gate->options());

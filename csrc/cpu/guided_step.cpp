@@ -60,18 +60,6 @@ Coef<acc_t> make_coef(const std::optional<at::Tensor>& t, double scalar) {
   return c;
 }
 
-// Checks a and b against `ref`; returns the number of samples (1 when neither is [B]).
-int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor>& a,
-                    const std::optional<at::Tensor>& b) {
-  const auto acc = acc_type_of(ref.scalar_type());
-  int64_t samples = 1;
-  if (a.has_value() && a->defined())
-    samples = std::max(samples, check_per_sample(*a, "a", ref, acc));
-  if (b.has_value() && b->defined())
-    samples = std::max(samples, check_per_sample(*b, "b", ref, acc));
-  return samples;
-}
-
 at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond,
                                const at::Tensor& eps_cond, const std::optional<at::Tensor>& a,
                                const std::optional<at::Tensor>& b, double a_scalar,

@@ -101,13 +101,7 @@ void launch_all(const at::Tensor& x, at::TensorList caches, at::Tensor& out) {
 }
 
 at::Tensor cache_residual_forward(const at::Tensor& x, at::TensorList caches) {
-  check_float_tensor(x, "x");
-  check_dense(x, "x");
-  TORCH_CHECK(!caches.empty(), "shortcut_kernels: `caches` must hold at least one tensor");
-  for (size_t k = 0; k < caches.size(); ++k) {
-    const std::string name = "caches[" + std::to_string(k) + "]";
-    check_same(x, "x", caches[k], name.c_str());
-  }
+  check_cache_residual_inputs(x, caches);
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();

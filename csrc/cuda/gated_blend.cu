@@ -77,14 +77,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_blend_inputs(const at::Tensor& fresh, const at::Tensor& cache,
-                        const at::Tensor& gate) {
-  check_float_tensor(fresh, "fresh");
-  check_dense(fresh, "fresh");
-  check_same(fresh, "fresh", cache, "cache");
-  check_per_sample(gate, "gate", fresh, acc_type_of(fresh.scalar_type()));
-}
-
 template <typename scalar_t, int kVec>
 void launch_forward(const at::Tensor& fresh, const at::Tensor& cache, const at::Tensor& gate,
                     const scalar_t* residual, at::Tensor& out, int64_t per_sample) {

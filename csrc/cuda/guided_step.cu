@@ -95,18 +95,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Checks a and b against `ref`; returns the number of samples (1 when neither is [B]).
-int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor>& a,
-                    const std::optional<at::Tensor>& b) {
-  const auto acc = acc_type_of(ref.scalar_type());
-  int64_t samples = 1;
-  if (a.has_value() && a->defined())
-    samples = std::max(samples, check_per_sample(*a, "a", ref, acc));
-  if (b.has_value() && b->defined())
-    samples = std::max(samples, check_per_sample(*b, "b", ref, acc));
-  return samples;
-}
-
 template <typename scalar_t, int kVec>
 void launch_forward(const at::Tensor& x, const at::Tensor& eps_uncond, const at::Tensor& eps_cond,
                     at::Tensor& out, const Coef<typename AccType<scalar_t>::type>& a,
