@@ -46,6 +46,19 @@ def randn(shape, dtype, device, layout="contiguous"):
     raise ValueError(layout)
 
 
+LAYOUTS = ["strided", "channels_last", "mixed"]
+
+
+def three_in_layout(shape, dtype, device, layout):
+    """Three 4-D tensors of `shape` in one layout, or "mixed": one channels_last, one
+    contiguous and one transposed view (the wrappers must bring them to one layout)."""
+    if layout == "mixed":
+        transposed = (*shape[:2], shape[3], shape[2])
+        return (randn(shape, dtype, device, "channels_last"), randn(shape, dtype, device),
+                randn(transposed, dtype, device).transpose(2, 3))
+    return tuple(randn(shape, dtype, device, layout) for _ in range(3))
+
+
 def assert_close_to_reference(out, ref32, torch_same_dtype, *, backend="torch", device="cpu",
                               atol=1e-6, name="output"):
     """|out - ref32| <= 2*|torch_same_dtype - ref32| + atol (+1 ulp for the interpreter's

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from _helpers import BACKENDS, DTYPES, assert_close_to_reference, atol_for, randn
+from _helpers import BACKENDS, DTYPES, LAYOUTS, assert_close_to_reference, atol_for, randn, three_in_layout
 
 import shortcut_kernels as sk
 
@@ -57,16 +57,10 @@ def test_one_rounding_for_long_sums(backend, device, num_caches):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("layout", ["strided", "channels_last", "mixed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_any_layout(backend, device, layout, dtype):
-    shape = (3, 6, 5, 7)
-    if layout == "mixed":  # one channels_last, one contiguous, one transposed view
-        x = randn(shape, dtype, device, "channels_last")
-        caches = [randn(shape, dtype, device), randn((3, 6, 7, 5), dtype, device).transpose(2, 3)]
-    else:
-        x = randn(shape, dtype, device, layout)
-        caches = [randn(shape, dtype, device, layout) for _ in range(3)]
+    x, *caches = three_in_layout((3, 6, 5, 7), dtype, device, layout)
     with sk.use_backend(backend):
         out = cache_residual(x, caches)
     assert_close_to_reference(out, truth(x, caches), eager(x, caches),

@@ -1,7 +1,7 @@
 """gated_blend: every backend against the reference, gradients, opcheck, bad inputs."""
 import pytest
 import torch
-from _helpers import BACKENDS, DTYPES, assert_close_to_reference, atol_for, randn
+from _helpers import BACKENDS, DTYPES, LAYOUTS, assert_close_to_reference, atol_for, randn, three_in_layout
 
 import shortcut_kernels as sk
 from shortcut_kernels.ops import gated_blend as gb
@@ -43,16 +43,10 @@ def test_forward_matches_reference(backend, device, dtype, shape, gate_kind, wit
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("layout", ["strided", "channels_last", "mixed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_any_layout(backend, device, layout, dtype):
-    shape = (3, 6, 5, 7)
-    if layout == "mixed":  # one channels_last, one contiguous, one transposed view
-        fresh = randn(shape, dtype, device, "channels_last")
-        cache = randn(shape, dtype, device)
-        residual = randn((3, 6, 7, 5), dtype, device).transpose(2, 3)
-    else:
-        fresh, cache, residual = (randn(shape, dtype, device, layout) for _ in range(3))
+    fresh, cache, residual = three_in_layout((3, 6, 5, 7), dtype, device, layout)
     gate = make_gate("per_sample", 3, device)
     with sk.use_backend(backend):
         out = sk.gated_blend(fresh, cache, gate, residual)

@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from _helpers import BACKENDS, DTYPES, assert_close_to_reference, atol_for, randn
+from _helpers import BACKENDS, DTYPES, LAYOUTS, assert_close_to_reference, atol_for, randn, three_in_layout
 
 import shortcut_kernels as sk
 
@@ -93,16 +93,10 @@ def test_chunk_view_of_one_model_call(backend, device, layout, dtype):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("layout", ["strided", "channels_last", "mixed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_any_layout(backend, device, layout, dtype):
-    shape = (3, 6, 5, 7)
-    if layout == "mixed":  # one channels_last, one contiguous, one transposed view
-        x = randn(shape, dtype, device, "channels_last")
-        eps_uncond = randn(shape, dtype, device)
-        eps_cond = randn((3, 6, 7, 5), dtype, device).transpose(2, 3)
-    else:
-        x, eps_uncond, eps_cond = (randn(shape, dtype, device, layout) for _ in range(3))
+    x, eps_uncond, eps_cond = three_in_layout((3, 6, 5, 7), dtype, device, layout)
     a, b = make_coefs("per_sample", x)
     with sk.use_backend(backend):
         out = guided_step(x, eps_uncond, eps_cond, a, b, W)

@@ -1,0 +1,229 @@
+"""The embedded digits zoo: data, loading, sampling with several schedulers, metrics."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from shortcut_kernels import zoo
+from shortcut_kernels.zoo import metrics
+
+DIFFUSION = ["digits-unet", "digits-dit"]
+
+
+class _Lazy(dict):
+    def __missing__(self, name):
+        self[name] = zoo.load(name)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """Zoo models, each loaded once per module, on first use."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return _Lazy()
+
+
+# ---------------------------------------------------------------- data
+
+def test_digits_split_fixed_disjoint_stratified():
+    xtr, ytr = zoo.load_digits("train")
+    xte, yte = zoo.load_digits("test")
+    assert xtr.shape == (1437, 1, 16, 16) and xte.shape == (360, 1, 16, 16)
+    assert xtr.dtype == torch.float32 and ytr.dtype == torch.int64
+    assert float(xtr.min()) == -1.0 and float(xtr.max()) == 1.0
+    # stratified: every class has 35..37 test images
+    counts = torch.bincount(yte, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37
+    # disjoint and complete: train + test rows are exactly the full data set
+    xall, _ = zoo.load_digits("all")
+    assert xall.shape[0] == 1797
+    key = lambda x: {tuple(r.tolist()) for r in x.flatten(1)}  # noqa: E731
+    assert key(xtr) | key(xte) <= key(xall)
+    # fixed: a second call returns the same split
+    assert torch.equal(zoo.load_digits("test")[0], xte)
+    with pytest.raises(ValueError, match="split"):
+        zoo.load_digits("validation")
+
+
+# ---------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_load(name, loaded):
+    model, sched_cfg, info = loaded[name]
+    assert info["name"] == name
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == info["num_parameters"]
+    # weights are a few MB
+    assert zoo.weights_path(name).stat().st_size < 12e6
+    if name == "digits-classifier":
+        assert sched_cfg is None
+        return
+    from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+
+    plain = UNet2DConditionModel if name == "digits-unet" else DiTTransformer2DModel
+    assert type(model.backbone) is plain  # the adapters see the plain diffusers class
+    assert isinstance(zoo.make_scheduler(sched_cfg), DDIMScheduler)
+    assert sched_cfg["beta_schedule"] == "squaredcos_cap_v2"
+    x = torch.randn(3, 1, 16, 16)
+    eps = model(x, torch.tensor([10, 500, 990]), torch.tensor([0, 5, zoo.NULL_LABEL]))
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    # the label conditions the output
+    e0 = model(x[:1], 500, torch.tensor([3]))
+    e1 = model(x[:1], 500, torch.tensor([8]))
+    assert (e0 - e1).abs().max() > 1e-3
+
+
+def test_bad_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        zoo.load("digits-vae")
+    msg = str(err.value)
+    assert "digits-vae" in msg and all(n in msg for n in zoo.NAMES)
+    with pytest.raises(ValueError, match="digits-unet"):
+        zoo.load(None)
+
+
+def test_missing_weights_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "digits-unet.safetensors")):
+        zoo.load("digits-unet", weights_dir=tmp_path)
+    # weights present but the JSON missing: also named
+    shutil.copy(zoo.weights_path("digits-classifier"), tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "digits-classifier.json")):
+        zoo.load("digits-classifier", weights_dir=tmp_path)
+
+
+def test_mismatched_weights_raise(tmp_path):
+    shutil.copy(zoo.weights_path("digits-classifier"), tmp_path / "digits-dit.safetensors")
+    shutil.copy(zoo.WEIGHTS_DIR / "digits-dit.json", tmp_path)
+    with pytest.raises(RuntimeError, match="do not match"):
+        zoo.load("digits-dit", weights_dir=tmp_path)
+
+
+def test_json_records_training():
+    for name in zoo.NAMES:
+        meta = json.loads((zoo.WEIGHTS_DIR / f"{name}.json").read_text())
+        assert meta["training"]["seed"] == 0 and meta["training"]["threads"] == 2
+
+
+# ---------------------------------------------------------------- classifier
+
+def test_classifier_test_accuracy(loaded):
+    x, y = zoo.load_digits("test")
+    assert metrics.class_accuracy(x, y, loaded["digits-classifier"].model) >= 0.97
+
+
+# ---------------------------------------------------------------- sampling
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_sample_recognisable(name, loaded):
+    """Two samples per digit, 20 DDIM steps, guidance 3: nearly all recognised."""
+    model, cfg, _ = loaded[name]
+    labels = torch.arange(10).repeat(2)
+    x = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=20, guidance=3.0, seed=1, progress=False)
+    assert x.shape == (20, 1, 16, 16) and torch.isfinite(x).all()
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    assert metrics.class_accuracy(x, labels) >= 0.8
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_sample_deterministic_and_batch_independent(name, loaded):
+    model, cfg, _ = loaded[name]
+    labels = [1, 7, 4, 10]
+    a = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, seed=5, batch_size=4, progress=False)
+    b = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, seed=5, batch_size=3, progress=False)
+    c = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, seed=6, batch_size=4, progress=False)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert (a - c).abs().max() > 0.1
+    # explicit noise = the seed's noise
+    d = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, noise=zoo.initial_noise(4, seed=5),
+                   progress=False)
+    torch.testing.assert_close(a, d, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                                 "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_sample_any_scheduler(cls, loaded):
+    model, cfg, _ = loaded["digits-unet"]
+    sched = zoo.make_scheduler(cfg, cls)
+    assert type(sched).__name__ == cls
+    labels = torch.arange(10)
+    x = zoo.sample(model, sched, labels, steps=10, guidance=3.0, seed=0, progress=False)
+    assert x.shape == (10, 1, 16, 16) and torch.isfinite(x).all()
+    # not noise: the digits are at least mostly recognisable even at 10 steps
+    assert metrics.class_accuracy(x, labels) >= 0.6
+
+
+def test_sample_bad_inputs(loaded):
+    model, cfg, _ = loaded["digits-unet"]
+    sched = zoo.make_scheduler(cfg)
+    with pytest.raises(ValueError, match="labels"):
+        zoo.sample(model, sched, [0, 11], steps=2, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        zoo.sample(model, sched, [0], steps=0, progress=False)
+    with pytest.raises(ValueError, match="noise"):
+        zoo.sample(model, sched, [0, 1], steps=2, noise=torch.randn(3, 1, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="no scheduler class"):
+        zoo.make_scheduler(cfg, "NoSuchScheduler")
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_fd_of_a_set_against_itself_is_zero():
+    x, _ = zoo.load_digits("test")
+    assert metrics.digits_fd(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.digits_fd(x) == pytest.approx(0.0, abs=1e-6)  # default reference: the test split
+
+
+def test_fd_orders_real_above_noise():
+    xtr, _ = zoo.load_digits("train")
+    real = metrics.digits_fd(xtr)
+    noise = metrics.digits_fd(torch.rand(360, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert real < 5.0 and noise > 10 * real
+
+
+def test_frechet_distance_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(500, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    shift = torch.randn(8, generator=g, dtype=torch.float64)
+    # same covariance, shifted mean: exactly |shift|^2
+    assert metrics.frechet_distance(f, f + shift) == pytest.approx(float(shift.pow(2).sum()), rel=1e-8)
+    # scaled by 2 around the same mean: tr(S + 4S - 2*2S) = tr(S)
+    mu = f.mean(0)
+    f2 = mu + 2 * (f - mu)
+    tr = float(torch.cov(f.T).trace())
+    assert metrics.frechet_distance(f, f2) == pytest.approx(tr, rel=1e-6)
+    # symmetric
+    h = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    assert metrics.frechet_distance(f, h) == pytest.approx(metrics.frechet_distance(h, f), rel=1e-6)
+    with pytest.raises(ValueError):
+        metrics.frechet_distance(f, f[:, :4])
+    with pytest.raises(ValueError):
+        metrics.frechet_distance(f[:1], f)
+
+
+def test_psnr_known_values():
+    a = torch.zeros(4, 1, 16, 16)
+    assert metrics.psnr(a, a) == math.inf
+    b = a + 0.1  # mse 0.01, range 2: 10 log10(4 / 0.01)
+    assert metrics.psnr(b, a) == pytest.approx(10 * math.log10(400), rel=1e-6)
+    c = a.clone()
+    c[1:] += 0.2
+    per = metrics.psnr(c, a, per_image=True)
+    assert per.shape == (4,) and per[0] == math.inf
+    torch.testing.assert_close(per[1:], torch.full((3,), 10 * math.log10(4 / 0.04)))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.psnr(a, a[:2])
+
+
+def test_class_accuracy_checks_labels():
+    x, y = zoo.load_digits("test")
+    assert metrics.class_accuracy(x, y) >= 0.97
+    assert metrics.class_accuracy(x, (y + 1) % 10) <= 0.03
+    assert metrics.class_accuracy(x[y == 3], 3) >= 0.97
+    with pytest.raises(ValueError, match="labels"):
+        metrics.class_accuracy(x, y[:5])
+    with pytest.raises(ValueError, match="16, 16"):
+        metrics.class_accuracy(torch.zeros(2, 1, 8, 8), [0, 1])
