@@ -89,8 +89,20 @@ def requested() -> str:
     return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
 
 
+_selected: dict = {}
+
+
 def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that serves a call on `device`/`dtype`."""
+    """The backend that serves a call on `device`/`dtype`. Runs on every op call, so the
+    answer is memoised on everything it depends on."""
+    key = (_forced.get(), os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device.type, dtype)
+    backend = _selected.get(key)
+    if backend is None:
+        backend = _selected[key] = _select(device, dtype)
+    return backend
+
+
+def _select(device: torch.device, dtype: torch.dtype) -> str:
     want = requested()
     interpret = triton_interpret()
     if want != "auto":

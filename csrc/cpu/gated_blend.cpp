@@ -55,10 +55,24 @@ SK_CPU_CLONES typename Io<scalar_t>::acc_t blend_backward_chunk(
   return total;
 }
 
+// A NaN gate would silently poison the output. On the CPU the check is free here (B
+// values), so the Python wrapper leaves it to this kernel; ValueError in Python.
+template <typename acc_t>
+void check_gate_not_nan(const at::Tensor& gate) {
+  const acc_t* g = gate.const_data_ptr<acc_t>();
+  for (int64_t s = 0; s < gate.numel(); ++s)
+    TORCH_CHECK_VALUE(g[s] == g[s], "gated_blend: `gate` contains NaN; a NaN gate would "
+                      "silently poison the output");
+}
+
 at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
                                const at::Tensor& gate,
                                const std::optional<at::Tensor>& residual) {
   check_blend_inputs(fresh, cache, gate);
+  if (gate.scalar_type() == at::kDouble)
+    check_gate_not_nan<double>(gate);
+  else
+    check_gate_not_nan<float>(gate);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_same(fresh, "fresh", *residual, "residual");
   at::Tensor out = at::empty_like(fresh);
