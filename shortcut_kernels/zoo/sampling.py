@@ -72,8 +72,10 @@ def sample(
 
     model: a zoo diffusion model called as ``model(x, t, labels) -> eps``.
     scheduler: any diffusers scheduler instance (DDIM, DDPM, DPM-Solver, Euler, PNDM, ...);
-        a zoo scheduler config dict is accepted too (DDIM is built from it). The scheduler
-        is reset with ``set_timesteps(steps)`` for every batch.
+        a zoo scheduler config dict is accepted too (DDIM is built from it). Build it from
+        the zoo config (``make_scheduler(cfg, cls)``) so that it keeps the config's
+        ``clip_sample=False`` and ``timestep_spacing="leading"``. The scheduler is reset
+        with ``set_timesteps(steps)`` for every batch.
     labels: an int (with ``n``), a sequence or a tensor of digits 0..9 (10 = unconditional).
     guidance: eps = eps_uncond + guidance * (eps_cond - eps_uncond); 1.0 (or labels of 10)
         runs the conditional branch only.

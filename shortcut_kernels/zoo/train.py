@@ -29,9 +29,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # name -> (kind, default training hyper-parameters)
 RECIPES = {
     "digits-classifier": ("classifier", {"iters": 2000, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4, "seed": 0}),
-    "digits-unet": ("unet", {"iters": 3000, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2, "warmup": 100,
-                             "ema": 0.999, "null_prob": 0.1, "seed": 0}),
-    "digits-dit": ("dit", {"iters": 3000, "batch_size": 128, "lr": 5e-4, "weight_decay": 1e-2, "warmup": 200,
+    # The shipped diffusion models stop at 2,000 of their 3,000-iteration schedules (the CPU
+    # was shared while they trained); both already sample at >= 90% class accuracy there.
+    "digits-unet": ("unet", {"iters": 3000, "stop_at": 2000, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2,
+                             "warmup": 100, "ema": 0.999, "null_prob": 0.1, "seed": 0}),
+    "digits-dit": ("dit", {"iters": 3000, "stop_at": 2000, "batch_size": 128, "lr": 5e-4, "weight_decay": 1e-2, "warmup": 200,
                            "ema": 0.999, "null_prob": 0.1, "seed": 0}),
 }
 
@@ -170,7 +172,7 @@ def train(name: str, iters: int | None = None, out: str | Path | None = None, pr
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m shortcut_kernels.zoo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=sorted(RECIPES))
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
+    p.add_argument("--iters", type=int, default=None, help="length of the training schedule; trains it in full (default: the recipe, which may stop early)")
     p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
     p.add_argument("--save-every", type=int, default=0, help="also write the EMA weights every N iterations")
     p.add_argument("--stop-at", type=int, default=None,
