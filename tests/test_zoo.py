@@ -105,7 +105,9 @@ def test_mismatched_weights_raise(tmp_path):
 def test_json_records_training():
     for name in zoo.NAMES:
         meta = json.loads((zoo.WEIGHTS_DIR / f"{name}.json").read_text())
-        assert meta["training"]["seed"] == 0 and meta["training"]["threads"] == 2
+        assert meta["training"]["seed"] == 0 and meta["training"]["iters"] > 0
+        if name != "digits-classifier":
+            assert meta["scheduler_config"]["clip_sample"] is False  # see models.SCHEDULER_CONFIG
 
 
 # ---------------------------------------------------------------- classifier
@@ -144,7 +146,8 @@ def test_sample_deterministic_and_batch_independent(name, loaded):
 
 
 @pytest.mark.parametrize("cls", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                                 "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+                                 "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler",
+                                 "UniPCMultistepScheduler", "LMSDiscreteScheduler"])
 def test_sample_any_scheduler(cls, loaded):
     model, cfg, _ = loaded["digits-unet"]
     sched = zoo.make_scheduler(cfg, cls)
@@ -152,8 +155,8 @@ def test_sample_any_scheduler(cls, loaded):
     labels = torch.arange(10)
     x = zoo.sample(model, sched, labels, steps=10, guidance=3.0, seed=0, progress=False)
     assert x.shape == (10, 1, 16, 16) and torch.isfinite(x).all()
-    # not noise: the digits are at least mostly recognisable even at 10 steps
-    assert metrics.class_accuracy(x, labels) >= 0.6
+    # recognisable even at 10 steps (sigma-space samplers too: see SCHEDULER_CONFIG)
+    assert metrics.class_accuracy(x, labels) >= 0.8
 
 
 def test_sample_bad_inputs(loaded):
@@ -227,3 +230,25 @@ def test_class_accuracy_checks_labels():
         metrics.class_accuracy(x, y[:5])
     with pytest.raises(ValueError, match="16, 16"):
         metrics.class_accuracy(torch.zeros(2, 1, 8, 8), [0, 1])
+
+
+# ---------------------------------------------------------------- training script
+
+def test_train_writes_loadable_deterministic_weights(tmp_path):
+    """A few iterations of the real recipe: loadable by ``zoo.load``, bit-identical on rerun."""
+    from safetensors.torch import load_file
+
+    from shortcut_kernels.zoo import train
+
+    a = train.train("digits-dit", iters=3, out=tmp_path / "a", progress=False, threads=1)
+    b = train.train("digits-dit", iters=3, out=tmp_path / "b", progress=False, threads=1)
+    sa, sb = load_file(str(a)), load_file(str(b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    model, cfg, info = zoo.load("digits-dit", weights_dir=tmp_path / "a")
+    assert info["training"]["iters"] == 3 and "stop_at" not in info["training"]
+    assert cfg == zoo.models.SCHEDULER_CONFIG
+    # 3 iterations moved the weights away from the shipped ones
+    shipped = zoo.load("digits-dit").model.state_dict()
+    assert any(not torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="digits-unet"):
+        train.train("digits-gan", out=tmp_path)
