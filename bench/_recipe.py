@@ -29,6 +29,8 @@ MODES = ["fwd", "fwd+bwd"]
 PROVIDERS = (["eager", "compile", "cuda", "triton", "copy"] if DEVICE == "cuda"
              else ["eager", "compile", "cpu", "copy"])
 ROUNDS = int(os.environ.get("SHORTCUT_BENCH_ROUNDS", "20" if DEVICE == "cpu" else "100"))
+if os.environ.get("SHORTCUT_BENCH_THREADS"):  # e.g. 1 on a machine shared with other work
+    torch.set_num_threads(int(os.environ["SHORTCUT_BENCH_THREADS"]))
 
 
 @dataclasses.dataclass
