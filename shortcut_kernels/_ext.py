@@ -50,4 +50,7 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
 
 
 def ext_op(op_name: str):
-    return getattr(getattr(torch.ops, EXT_NAMESPACE), op_name)
+    """The op as `_C` exports it (a direct call, ~1 us cheaper than torch.ops), else the
+    torch.ops one. Both run the same registered kernels."""
+    direct = getattr(_module, op_name, None) if load() else None
+    return direct if direct is not None else getattr(getattr(torch.ops, EXT_NAMESPACE), op_name)

@@ -42,13 +42,14 @@ def check_per_sample_shape(coef, name: str, ref: torch.Tensor, op: str) -> None:
     check_tensor(coef, name, op)
     if coef.device != ref.device:
         raise ValueError(f"{op}: `{name}` is on {coef.device} but the data is on {ref.device}")
-    if coef.dim() == 0 or (coef.dim() == 1 and coef.numel() == 1):
+    shape, ref_shape = coef.shape, ref.shape
+    if not shape or shape == (1,):
         return
-    batch = ref.shape[0] if ref.dim() > 0 else None
-    if batch is not None and coef.shape[0] == batch and coef.numel() == batch and coef.dim() <= ref.dim():
+    if ref_shape and shape[0] == ref_shape[0] and len(shape) <= len(ref_shape) and coef.numel() == shape[0]:
         return
+    batch = ref_shape[0] if ref_shape else None
     raise ValueError(f"{op}: `{name}` must be a 0-d tensor or have one value per sample "
-                     f"(shape [{batch}]), got shape {tuple(coef.shape)}")
+                     f"(shape [{batch}]), got shape {tuple(shape)}")
 
 
 def per_sample(coef: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,11 @@ def dense(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """The kernels walk tensors as flat arrays with the batch outermost. Tensors already
     sharing such a layout (contiguous, or all channels_last) pass as they are; anything
     else (transposed, sliced, expanded) is copied to contiguous once."""
+    for t in tensors:  # the common case, checked first and cheaply
+        if t is not None and not t.is_contiguous():
+            break
+    else:
+        return tensors
     present = [t for t in tensors if t is not None]
     common = None
     for t in present:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, select_backend, use_registered_op
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, select_backend
 
 OP = "cache_residual"
 
@@ -89,6 +89,19 @@ def _backward(ctx, grad):
 cache_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _CacheResidualEager(torch.autograd.Function):
+    """Eager autograd (see _dispatch.call_path). The caches are separate arguments here:
+    a Function does not see tensors inside a list."""
+
+    @staticmethod
+    def forward(ctx, x, *caches):
+        return _forward(x, list(caches))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad if need else None for need in ctx.needs_input_grad)
+
+
 def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     """`x + sum(caches)` in one pass: the residual of pruned blocks reusing their caches.
 
@@ -99,6 +112,9 @@ def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor
     """
     caches = _as_list(caches)
     _check(x, caches)  # before the schema's own, less helpful, checks
-    if use_registered_op(x, *caches):
-        return cache_residual_op(x, caches)
-    return _forward(x, caches)
+    path = call_path(x, *caches)
+    if path == DIRECT:
+        return _forward(x, caches)
+    if path == AUTOGRAD:
+        return _CacheResidualEager.apply(x, *caches)
+    return cache_residual_op(x, caches)

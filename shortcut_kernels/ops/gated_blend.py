@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, select_backend, use_registered_op
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, select_backend
 
 OP = "gated_blend"
 
@@ -91,13 +91,15 @@ def _(fresh, cache, gate, residual):
     return torch.empty_like(fresh)
 
 
-@torch.library.custom_op("shortcut_kernels::gated_blend_backward", mutates_args=())
-def gated_blend_backward_op(grad: Tensor, fresh: Tensor, cache: Tensor, gate: Tensor,
-                            need_fresh: bool, need_cache: bool, need_gate: bool
-                            ) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernels(grad: Tensor, fresh: Tensor, cache: Tensor, gate: Tensor,
+                      need_fresh: bool, need_cache: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
     grad, fresh, cache = V.dense(grad, fresh, cache)
     backend = select_backend(fresh)
     return BACKWARD[backend](grad, fresh, cache, V.per_sample(gate, fresh), need_fresh, need_cache, need_gate)
+
+
+gated_blend_backward_op = torch.library.custom_op(
+    "shortcut_kernels::gated_blend_backward", _backward_kernels, mutates_args=())
 
 
 @gated_blend_backward_op.register_fake
@@ -119,21 +121,24 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(gate)
 
 
-def _backward(ctx, grad):
-    need_fresh, need_cache, need_gate = ctx.needs_input_grad[:3]
-    need_residual = ctx.has_residual and ctx.needs_input_grad[3]
-    gate, *saved = ctx.saved_tensors
-    fresh, cache = saved if saved else (grad, grad)  # placeholders: not read without need_gate
-    d_fresh = d_cache = d_gate = None
-    if need_fresh or need_cache or need_gate:
-        d_fresh, d_cache, d_gate = gated_blend_backward_op(grad, fresh, cache, gate.detach(),
-                                                           need_fresh, need_cache, need_gate)
-        d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
-    return (d_fresh if need_fresh else None, d_cache if need_cache else None, d_gate,
-            grad if need_residual else None)
+def _make_backward(backward_kernels):
+    def backward(ctx, grad):
+        need_fresh, need_cache, need_gate = ctx.needs_input_grad[:3]
+        need_residual = ctx.has_residual and ctx.needs_input_grad[3]
+        gate, *saved = ctx.saved_tensors
+        fresh, cache = saved if saved else (grad, grad)  # placeholders: not read without need_gate
+        d_fresh = d_cache = d_gate = None
+        if need_fresh or need_cache or need_gate:
+            d_fresh, d_cache, d_gate = backward_kernels(grad, fresh, cache, gate.detach(),
+                                                        need_fresh, need_cache, need_gate)
+            d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
+        return (d_fresh if need_fresh else None, d_cache if need_cache else None, d_gate,
+                grad if need_residual else None)
+    return backward
 
 
-gated_blend_op.register_autograd(_backward, setup_context=_setup_context)
+gated_blend_op.register_autograd(_make_backward(gated_blend_backward_op), setup_context=_setup_context)
+_GatedBlendEager = eager_autograd("GatedBlend", _forward, _setup_context, _make_backward(_backward_kernels))
 
 
 def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -146,6 +151,9 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
     _check(fresh, cache, gate, residual)  # before the schema's own, less helpful, checks
-    if use_registered_op(fresh, cache, gate, residual):
-        return gated_blend_op(fresh, cache, gate, residual)
-    return _forward(fresh, cache, gate, residual)
+    path = call_path(fresh, cache, gate, residual)
+    if path == DIRECT:
+        return _forward(fresh, cache, gate, residual)
+    if path == AUTOGRAD:
+        return _GatedBlendEager.apply(fresh, cache, gate, residual)
+    return gated_blend_op(fresh, cache, gate, residual)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, select_backend, use_registered_op
+from ._dispatch import AUTOGRAD, COMPILE, DIRECT, backend_impl, call_path, eager_autograd, select_backend
 
 OP = "gated_residual"
 
@@ -145,12 +145,15 @@ def _(x, y, gate, cache_out):
     return torch.empty_like(x.contiguous())
 
 
-@torch.library.custom_op("shortcut_kernels::gated_residual_backward", mutates_args=())
-def gated_residual_backward_op(grad: Tensor, y: Tensor, gate: Optional[Tensor],
-                               need_y: bool, need_gate: bool) -> tuple[Tensor, Tensor]:
+def _backward_kernels(grad: Tensor, y: Tensor, gate: Optional[Tensor],
+                      need_y: bool, need_gate: bool) -> tuple[Tensor, Tensor]:
     grad, y = _contiguous(grad, y)
     backend = select_backend(y)
     return BACKWARD[backend](grad, y, _gate(gate, y), need_y, need_gate)
+
+
+gated_residual_backward_op = torch.library.custom_op(
+    "shortcut_kernels::gated_residual_backward", _backward_kernels, mutates_args=())
 
 
 @gated_residual_backward_op.register_fake
@@ -170,21 +173,25 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(gate, y if gate.requires_grad else None)
 
 
-def _backward(ctx, grad):
-    need_x, need_y, need_gate = ctx.needs_input_grad
-    d_x = grad if need_x else None  # out = x + ...: dx is g itself, no kernel
-    if not ctx.has_gate:
-        return d_x, (grad if need_y else None), None
-    gate, y = ctx.saved_tensors
-    d_y = d_gate = None
-    if need_y or need_gate:
-        d_y, d_gate = gated_residual_backward_op(grad, grad if y is None else y, gate.detach(),
-                                                 need_y, need_gate)
-        d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
-    return d_x, (d_y if need_y else None), d_gate
+def _make_backward(backward_kernels):
+    def backward(ctx, grad):
+        need_x, need_y, need_gate = ctx.needs_input_grad[:3]
+        d_x = grad if need_x else None  # out = x + ...: dx is g itself, no kernel
+        if not ctx.has_gate:
+            return d_x, (grad if need_y else None), None
+        gate, y = ctx.saved_tensors
+        d_y = d_gate = None
+        if need_y or need_gate:
+            d_y, d_gate = backward_kernels(grad, grad if y is None else y, gate.detach(),
+                                           need_y, need_gate)
+            d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
+        return d_x, (d_y if need_y else None), d_gate
+    return backward
 
 
-gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+gated_residual_op.register_autograd(_make_backward(gated_residual_backward_op), setup_context=_setup_context)
+_GatedResidualEager = eager_autograd("GatedResidual", lambda x, y, gate: _forward(x, y, gate, None),
+                                     _setup_context, _make_backward(_backward_kernels))
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
@@ -205,16 +212,17 @@ def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
     into `cache_out` separately, detached (the cache never carries gradients).
     """
     _check(x, y, gate, cache_out)  # before the schema's own, less helpful, checks
-    needs_grad = use_registered_op(x, y, gate)
-    if cache_out is None:
-        return gated_residual_op(x, y, gate) if needs_grad else _forward(x, y, gate, None)
-    if cache_out.requires_grad and torch.is_grad_enabled():
+    if cache_out is not None and cache_out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: `cache_out` must not require grad (it receives a detached delta)")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, gate)):
-        out = gated_residual_op(x, y, gate)
+    path = call_path(x, y, gate)
+    if path == DIRECT:
+        return _forward(x, y, gate, cache_out)
+    needs_grad = path == AUTOGRAD or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, y, gate)))
+    if path == COMPILE and cache_out is not None and not needs_grad:
+        return gated_residual_cache_op(x, y, gate, cache_out)  # the graph must see the op
+    out = _GatedResidualEager.apply(x, y, gate) if path == AUTOGRAD else gated_residual_op(x, y, gate)
+    if cache_out is not None:
         with torch.no_grad():
             cache_out.copy_(_delta(y.detach(), None if gate is None else gate.detach()))
-        return out
-    if needs_grad:  # compiling: the graph must see the op
-        return gated_residual_cache_op(x, y, gate, cache_out)
-    return _forward(x, y, gate, cache_out)
+    return out

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, select_backend, use_registered_op
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, select_backend
 
 OP = "guided_step"
 
@@ -124,14 +124,17 @@ def _(x, eps_uncond, eps_cond, a, b, a_scalar, b_scalar, w):
     return torch.empty_like(V.dense(x, eps_uncond, eps_cond)[0])
 
 
-@torch.library.custom_op("shortcut_kernels::guided_step_backward", mutates_args=())
-def guided_step_backward_op(grad: Tensor, a: Optional[Tensor], b: Optional[Tensor], a_scalar: float,
-                            b_scalar: float, w: float, need_x: bool, need_eps_uncond: bool,
-                            need_eps_cond: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernels(grad: Tensor, a: Optional[Tensor], b: Optional[Tensor], a_scalar: float,
+                      b_scalar: float, w: float, need_x: bool, need_eps_uncond: bool,
+                      need_eps_cond: bool) -> tuple[Tensor, Tensor, Tensor]:
     (grad,) = V.dense(grad)
     backend = select_backend(grad)
     return BACKWARD[backend](grad, _per_sample(a, grad), _per_sample(b, grad), a_scalar, b_scalar, w,
                              need_x, need_eps_uncond, need_eps_cond)
+
+
+guided_step_backward_op = torch.library.custom_op(
+    "shortcut_kernels::guided_step_backward", _backward_kernels, mutates_args=())
 
 
 @guided_step_backward_op.register_fake
@@ -160,28 +163,31 @@ def _coef_grad(term: Tensor, coef: Tensor) -> Tensor:
     return total.reshape(coef.shape).to(coef.dtype)
 
 
-def _backward(ctx, grad):
-    need_x, need_uncond, need_cond, need_a, need_b = ctx.needs_input_grad[:5]
-    a, b, x, eps_uncond, eps_cond = ctx.saved_tensors
-    a_scalar, b_scalar, w = ctx.scalars
-    d_x = d_uncond = d_cond = d_a = d_b = None
-    if need_x or need_uncond or need_cond:
-        d_x, d_uncond, d_cond = guided_step_backward_op(
-            grad, None if a is None else a.detach(), None if b is None else b.detach(),
-            a_scalar, b_scalar, w, need_x, need_uncond, need_cond)
-    if need_a or need_b:
-        acc = V.acc_dtype(grad.dtype)
-        grad32 = grad.to(acc)
-        if need_a:
-            d_a = _coef_grad(grad32 * x.to(acc), a)
-        if need_b:
-            uncond = eps_uncond.to(acc)
-            d_b = _coef_grad(grad32 * (uncond + w * (eps_cond.to(acc) - uncond)), b)
-    return (d_x if need_x else None, d_uncond if need_uncond else None, d_cond if need_cond else None,
-            d_a, d_b, None, None, None)
+def _make_backward(backward_kernels):
+    def backward(ctx, grad):
+        need_x, need_uncond, need_cond, need_a, need_b = ctx.needs_input_grad[:5]
+        a, b, x, eps_uncond, eps_cond = ctx.saved_tensors
+        a_scalar, b_scalar, w = ctx.scalars
+        d_x = d_uncond = d_cond = d_a = d_b = None
+        if need_x or need_uncond or need_cond:
+            d_x, d_uncond, d_cond = backward_kernels(
+                grad, None if a is None else a.detach(), None if b is None else b.detach(),
+                a_scalar, b_scalar, w, need_x, need_uncond, need_cond)
+        if need_a or need_b:
+            acc = V.acc_dtype(grad.dtype)
+            grad32 = grad.to(acc)
+            if need_a:
+                d_a = _coef_grad(grad32 * x.to(acc), a)
+            if need_b:
+                uncond = eps_uncond.to(acc)
+                d_b = _coef_grad(grad32 * (uncond + w * (eps_cond.to(acc) - uncond)), b)
+        return (d_x if need_x else None, d_uncond if need_uncond else None, d_cond if need_cond else None,
+                d_a, d_b, None, None, None)
+    return backward
 
 
-guided_step_op.register_autograd(_backward, setup_context=_setup_context)
+guided_step_op.register_autograd(_make_backward(guided_step_backward_op), setup_context=_setup_context)
+_GuidedStepEager = eager_autograd("GuidedStep", _forward, _setup_context, _make_backward(_backward_kernels))
 
 
 def guided_step(x: Tensor, eps_uncond: Tensor, eps_cond: Tensor, a: Coef, b: Coef, w: float) -> Tensor:
@@ -201,6 +207,9 @@ def guided_step(x: Tensor, eps_uncond: Tensor, eps_cond: Tensor, a: Coef, b: Coe
     a_t, a_s = _split(a, "a")
     b_t, b_s = _split(b, "b")
     w = _scalar(w, "w", "a Python float (the guidance scale)")
-    if use_registered_op(x, eps_uncond, eps_cond, a_t, b_t):
-        return guided_step_op(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
-    return _forward(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
+    path = call_path(x, eps_uncond, eps_cond, a_t, b_t)
+    if path == DIRECT:
+        return _forward(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
+    if path == AUTOGRAD:
+        return _GuidedStepEager.apply(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
+    return guided_step_op(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
