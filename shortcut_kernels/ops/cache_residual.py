@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, select_backend
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, fast_kernel, select_backend
 
 OP = "cache_residual"
 
@@ -110,6 +110,13 @@ def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor
         caches: the cached deltas (or outputs) to add: a list/tuple of one or more
             tensors like `x` (same shape, dtype, device), or a single tensor.
     """
+    if type(caches) in (list, tuple):
+        kernel = fast_kernel(FORWARD, x, *caches)
+        if kernel is not None:
+            try:
+                return kernel(x, caches)
+            except Exception:  # noqa: BLE001  the full path below explains, or converts
+                pass
     caches = _as_list(caches)
     _check(x, caches)  # before the schema's own, less helpful, checks
     path = call_path(x, *caches)

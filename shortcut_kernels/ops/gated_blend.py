@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, select_backend
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, fast_kernel, select_backend
 
 OP = "gated_blend"
 
@@ -150,6 +150,12 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         gate: a 0-d tensor, or one value per sample (shape [B]); may require grad.
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
+    kernel = fast_kernel(FORWARD, fresh, cache, gate, residual, nan_checked=True)
+    if kernel is not None and type(gate) is torch.Tensor and gate.dtype == V.acc_dtype(fresh.dtype):
+        try:
+            return kernel(fresh, cache, gate, residual)
+        except Exception:  # noqa: BLE001  the full path below explains, or converts
+            pass
     _check(fresh, cache, gate, residual)  # before the schema's own, less helpful, checks
     path = call_path(fresh, cache, gate, residual)
     if path == DIRECT:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, COMPILE, DIRECT, backend_impl, call_path, eager_autograd, select_backend
+from ._dispatch import AUTOGRAD, COMPILE, DIRECT, backend_impl, call_path, eager_autograd, fast_kernel, select_backend
 
 OP = "gated_residual"
 
@@ -211,6 +211,12 @@ def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
     requires grad, the output comes from the differentiable op and the delta is written
     into `cache_out` separately, detached (the cache never carries gradients).
     """
+    kernel = fast_kernel(FORWARD, x, y, gate, cache_out)
+    if kernel is not None and (gate is None or (type(gate) is torch.Tensor and gate.dtype == V.acc_dtype(x.dtype))):
+        try:
+            return kernel(x, y, gate, cache_out)
+        except Exception:  # noqa: BLE001  the full path below explains, or converts
+            pass
     _check(x, y, gate, cache_out)  # before the schema's own, less helpful, checks
     if cache_out is not None and cache_out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: `cache_out` must not require grad (it receives a detached delta)")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, select_backend
+from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, fast_kernel, select_backend
 
 OP = "guided_step"
 
@@ -64,6 +64,11 @@ def _scalar(value, name: str, expected: str = "a float or a tensor") -> float:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{OP}: `{name}` must be {expected}, got {type(value).__name__}")
+
+
+def _plain(coef, x: Tensor) -> bool:
+    """A coefficient the C++ op takes as it is: a float or int, or an acc-dtype tensor."""
+    return type(coef) in (float, int) or (type(coef) is Tensor and coef.dtype == V.acc_dtype(x.dtype))
 
 
 def _split(coef, name: str):
@@ -203,6 +208,14 @@ def guided_step(x: Tensor, eps_uncond: Tensor, eps_cond: Tensor, a: Coef, b: Coe
         b: like `a`.
         w: the guidance scale, a float.
     """
+    kernel = fast_kernel(FORWARD, x, eps_uncond, eps_cond, a if type(a) is Tensor else None,
+                         b if type(b) is Tensor else None)
+    if kernel is not None and type(w) in (float, int) and _plain(a, x) and _plain(b, x):
+        (a_t, a_s), (b_t, b_s) = _split(a, "a"), _split(b, "b")
+        try:
+            return kernel(x, eps_uncond, eps_cond, a_t, b_t, a_s, b_s, w)
+        except Exception:  # noqa: BLE001  the full path below explains, or converts
+            pass
     _check(x, eps_uncond, eps_cond, a, b)  # before the schema's own, less helpful, checks
     a_t, a_s = _split(a, "a")
     b_t, b_s = _split(b, "b")
