@@ -42,17 +42,18 @@ if os.environ.get("SHORTCUT_BENCH_THREADS"):  # e.g. 1 on a machine shared with 
 
 
 def _steady_malloc() -> str:
-    """glibc's malloc returns freed blocks of a few MB to the OS at thresholds it tunes
-    at run time, so whether a temporary costs page faults changes from run to run (it
-    swung eager rows 2-5x). Fixed thresholds make every provider reuse its memory, which
-    is the fast, repeatable case, and the one most favourable to the eager composite
-    (it allocates the most temporaries)."""
+    """glibc's malloc hands blocks of a few MB back to the OS at thresholds it tunes at
+    run time, and always maps blocks over 32 MB afresh, so whether a temporary costs page
+    faults (about 1 us per 4 KB page here) changes from run to run and swamps the large
+    rows. With mmap off and no trimming every provider reuses its memory: the fast,
+    repeatable case, and the one most favourable to the eager composite (it allocates
+    the most temporaries)."""
     if DEVICE != "cpu" or platform.system() != "Linux":
         return "default"
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
-    return "glibc: trim 1 GiB, mmap 32 MiB" if ok else "default"
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_max, 0)
+    return "glibc: no trimming, no mmap" if ok else "default"
 
 
 MALLOC = _steady_malloc()

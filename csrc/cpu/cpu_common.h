@@ -12,7 +12,9 @@
 #include <cstring>
 #include <vector>
 
+#include "../bool_dispatch.h"
 #include "../checks.h"
+#include "../grad_outputs.h"
 #include "../shortcut_math.h"
 
 // Hot loops are compiled once per x86 ISA level and picked at load time (GCC ifunc),

@@ -125,31 +125,16 @@ void run_backward(const at::Tensor& grad, const at::Tensor& fresh, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(
     const at::Tensor& grad, const at::Tensor& fresh, const at::Tensor& cache,
     const at::Tensor& gate, bool need_fresh, bool need_cache, bool need_gate) {
-  check_blend_inputs(fresh, cache, gate);
-  check_same(fresh, "fresh", grad, "grad");
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_fresh = need_fresh ? at::empty_like(fresh) : at::empty({0}, fresh.options());
-  at::Tensor d_cache = need_cache ? at::empty_like(cache) : at::empty({0}, fresh.options());
-  at::Tensor d_gate = need_gate ? at::zeros_like(gate) : at::empty({0}, gate.options());
+  at::Tensor d_fresh, d_cache, d_gate;
+  std::tie(d_fresh, d_cache, d_gate) =
+      gated_blend_grads(grad, fresh, cache, gate, need_fresh, need_cache, need_gate);
   if (grad.numel() == 0 || !(need_fresh || need_cache || need_gate))
     return {d_fresh, d_cache, d_gate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fresh.scalar_type(),
                                   "gated_blend_backward_cpu", [&] {
-    // Instantiate only the flag combinations autograd asks for in practice.
-    if (need_fresh && need_cache && need_gate)
-      run_backward<scalar_t, true, true, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else if (need_fresh && need_cache)
-      run_backward<scalar_t, true, true, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else if (need_gate && !need_fresh && !need_cache)
-      run_backward<scalar_t, false, false, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else if (need_fresh && need_gate)
-      run_backward<scalar_t, true, false, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else if (need_cache && need_gate)
-      run_backward<scalar_t, false, true, true>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else if (need_fresh)
-      run_backward<scalar_t, true, false, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
-    else
-      run_backward<scalar_t, false, true, false>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    with_flags([&]<bool kFresh, bool kCache, bool kGate>() {
+      run_backward<scalar_t, kFresh, kCache, kGate>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
+    }, need_fresh, need_cache, need_gate);
   });
   return {d_fresh, d_cache, d_gate};
 }

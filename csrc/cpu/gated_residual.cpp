@@ -97,14 +97,9 @@ at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
   const int64_t tokens = has_gate ? rows / x.size(0) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "gated_residual_forward_cpu", [&] {
-    if (has_gate && has_cache)
-      run_forward<scalar_t, true, true>(x, y, gate, out, cache_out, rows, tokens, channels);
-    else if (has_gate)
-      run_forward<scalar_t, true, false>(x, y, gate, out, cache_out, rows, tokens, channels);
-    else if (has_cache)
-      run_forward<scalar_t, false, true>(x, y, gate, out, cache_out, rows, tokens, channels);
-    else
-      run_forward<scalar_t, false, false>(x, y, gate, out, cache_out, rows, tokens, channels);
+    with_flags([&]<bool kGate, bool kCache>() {
+      run_forward<scalar_t, kGate, kCache>(x, y, gate, out, cache_out, rows, tokens, channels);
+    }, has_gate, has_cache);
   });
   return out;
 }
@@ -151,29 +146,14 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& gra
                                                            const at::Tensor& y,
                                                            const std::optional<at::Tensor>& gate,
                                                            bool need_y, bool need_gate) {
-  check_float_tensor(y, "y");
-  check_contiguous(y, "y");
-  check_same(y, "y", grad, "grad");
-  const bool has_gate = has(gate);
-  TORCH_CHECK(has_gate || !need_gate, "shortcut_kernels: need_gate without a `gate`");
-  const auto acc = acc_type_of(y.scalar_type());
-  if (!has_gate) {  // out = x + y: dy = g (a copy: outputs of an op may not alias inputs)
-    return {need_y ? grad.clone() : at::empty({0}, y.options()),
-            at::empty({0}, y.options().dtype(acc))};
-  }
-  check_residual_gate(*gate, y);
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_y = need_y ? at::empty_like(y) : at::empty({0}, y.options());
-  at::Tensor d_gate = need_gate ? at::zeros_like(*gate) : at::empty({0}, gate->options());
-  if (y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
+  at::Tensor d_y, d_gate;
+  std::tie(d_y, d_gate) = gated_residual_grads(grad, y, gate, need_y, need_gate);
+  if (!has(gate) || y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "gated_residual_backward_cpu", [&] {
-    if (need_y && need_gate)
-      run_backward<scalar_t, true, true>(grad, y, *gate, d_y, d_gate);
-    else if (need_gate)
-      run_backward<scalar_t, false, true>(grad, y, *gate, d_y, d_gate);
-    else
-      run_backward<scalar_t, true, false>(grad, y, *gate, d_y, d_gate);
+    with_flags([&]<bool kY, bool kGate>() {
+      run_backward<scalar_t, kY, kGate>(grad, y, *gate, d_y, d_gate);
+    }, need_y, need_gate);
   });
   return {d_y, d_gate};
 }

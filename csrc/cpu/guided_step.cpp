@@ -114,30 +114,19 @@ void dispatch_backward(const at::Tensor& grad, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& b, double a_scalar, double b_scalar,
                        double w, bool nx, bool nu, bool nc, int64_t per_sample, at::Tensor& d_x,
                        at::Tensor& d_uncond, at::Tensor& d_cond) {
-#define SK_RUN(X, U, C)                                                                   \
-  run_backward<scalar_t, X, U, C>(grad, a, b, a_scalar, b_scalar, w, per_sample, d_x, \
-                                  d_uncond, d_cond)
-  if (nx && nu && nc) SK_RUN(true, true, true);
-  else if (nu && nc) SK_RUN(false, true, true);
-  else if (nx && nu) SK_RUN(true, true, false);
-  else if (nx && nc) SK_RUN(true, false, true);
-  else if (nx) SK_RUN(true, false, false);
-  else if (nu) SK_RUN(false, true, false);
-  else SK_RUN(false, false, true);
-#undef SK_RUN
+  with_flags([&]<bool kX, bool kUncond, bool kCond>() {
+    run_backward<scalar_t, kX, kUncond, kCond>(grad, a, b, a_scalar, b_scalar, w, per_sample, d_x,
+                                               d_uncond, d_cond);
+  }, nx, nu, nc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_step_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& a,
     const std::optional<at::Tensor>& b, double a_scalar, double b_scalar, double w,
     bool need_x, bool need_eps_uncond, bool need_eps_cond) {
-  check_float_tensor(grad, "grad");
-  check_dense(grad, "grad");
+  at::Tensor d_x, d_uncond, d_cond;
+  std::tie(d_x, d_uncond, d_cond) = guided_step_grads(grad, need_x, need_eps_uncond, need_eps_cond);
   const int64_t samples = check_coefs(grad, a, b);
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_x = need_x ? at::empty_like(grad) : at::empty({0}, grad.options());
-  at::Tensor d_uncond = need_eps_uncond ? at::empty_like(grad) : at::empty({0}, grad.options());
-  at::Tensor d_cond = need_eps_cond ? at::empty_like(grad) : at::empty({0}, grad.options());
   if (grad.numel() == 0 || !(need_x || need_eps_uncond || need_eps_cond))
     return {d_x, d_uncond, d_cond};
   const int64_t per_sample = grad.numel() / samples;

@@ -10,7 +10,9 @@
 
 #include <cstdint>
 
+#include "../bool_dispatch.h"
 #include "../checks.h"
+#include "../grad_outputs.h"
 #include "../shortcut_math.h"
 
 namespace shortcut_kernels {

@@ -150,28 +150,19 @@ template <typename scalar_t, int kVec>
 void dispatch_backward(bool nf, bool nc, bool ng, const at::Tensor& grad,
                        const at::Tensor& fresh, const at::Tensor& cache, const at::Tensor& gate,
                        at::Tensor& d_fresh, at::Tensor& d_cache, at::Tensor& d_gate) {
-#define SK_LAUNCH(F, C, G) \
-  launch_backward<scalar_t, kVec, F, C, G>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate)
-  if (nf && nc && ng) SK_LAUNCH(true, true, true);
-  else if (nf && nc) SK_LAUNCH(true, true, false);
-  else if (ng && !nf && !nc) SK_LAUNCH(false, false, true);
-  else if (nf && ng) SK_LAUNCH(true, false, true);
-  else if (nc && ng) SK_LAUNCH(false, true, true);
-  else if (nf) SK_LAUNCH(true, false, false);
-  else SK_LAUNCH(false, true, false);
-#undef SK_LAUNCH
+  with_flags([&]<bool kFresh, bool kCache, bool kGate>() {
+    launch_backward<scalar_t, kVec, kFresh, kCache, kGate>(grad, fresh, cache, gate, d_fresh,
+                                                           d_cache, d_gate);
+  }, nf, nc, ng);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(
     const at::Tensor& grad, const at::Tensor& fresh, const at::Tensor& cache,
     const at::Tensor& gate, bool need_fresh, bool need_cache, bool need_gate) {
-  check_blend_inputs(fresh, cache, gate);
-  check_same(fresh, "fresh", grad, "grad");
+  at::Tensor d_fresh, d_cache, d_gate;
+  std::tie(d_fresh, d_cache, d_gate) =
+      gated_blend_grads(grad, fresh, cache, gate, need_fresh, need_cache, need_gate);
   c10::cuda::CUDAGuard device_guard(fresh.device());
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_fresh = need_fresh ? at::empty_like(fresh) : at::empty({0}, fresh.options());
-  at::Tensor d_cache = need_cache ? at::empty_like(cache) : at::empty({0}, fresh.options());
-  at::Tensor d_gate = need_gate ? at::zeros_like(gate) : at::empty({0}, gate.options());
   if (grad.numel() == 0 || !(need_fresh || need_cache || need_gate))
     return {d_fresh, d_cache, d_gate};
   const int64_t per_sample = grad.numel() / std::max<int64_t>(1, gate.numel());

@@ -117,16 +117,14 @@ void launch_forward(const scalar_t* x, const scalar_t* y,
                     int64_t numel, int64_t per_sample, int64_t channels) {
   // 32-bit indices leave room for the grid stride past the last pack.
   const bool small = numel < (int64_t{1} << 31);
-#define SK_LAUNCH(G, C)                                                                       \
-  (small ? launch_forward_as<scalar_t, kVec, G, C, uint32_t>(x, y, gate, out, cache, numel,  \
-                                                             per_sample, channels)            \
-         : launch_forward_as<scalar_t, kVec, G, C, uint64_t>(x, y, gate, out, cache, numel,  \
-                                                             per_sample, channels))
-  if (gate != nullptr && cache != nullptr) SK_LAUNCH(true, true);
-  else if (gate != nullptr) SK_LAUNCH(true, false);
-  else if (cache != nullptr) SK_LAUNCH(false, true);
-  else SK_LAUNCH(false, false);
-#undef SK_LAUNCH
+  with_flags([&]<bool kGate, bool kCache>() {
+    if (small)
+      launch_forward_as<scalar_t, kVec, kGate, kCache, uint32_t>(x, y, gate, out, cache, numel,
+                                                                 per_sample, channels);
+    else
+      launch_forward_as<scalar_t, kVec, kGate, kCache, uint64_t>(x, y, gate, out, cache, numel,
+                                                                 per_sample, channels);
+  }, gate != nullptr, cache != nullptr);
 }
 
 at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
@@ -193,34 +191,19 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tens
 template <typename scalar_t, int kVec>
 void dispatch_backward(bool need_y, bool need_gate, const at::Tensor& grad, const at::Tensor& y,
                        const at::Tensor& gate, at::Tensor& d_y, at::Tensor& d_gate) {
-  if (need_y && need_gate)
-    launch_backward<scalar_t, kVec, true, true>(grad, y, gate, d_y, d_gate);
-  else if (need_gate)
-    launch_backward<scalar_t, kVec, false, true>(grad, y, gate, d_y, d_gate);
-  else
-    launch_backward<scalar_t, kVec, true, false>(grad, y, gate, d_y, d_gate);
+  with_flags([&]<bool kY, bool kGate>() {
+    launch_backward<scalar_t, kVec, kY, kGate>(grad, y, gate, d_y, d_gate);
+  }, need_y, need_gate);
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& grad,
                                                            const at::Tensor& y,
                                                            const std::optional<at::Tensor>& gate,
                                                            bool need_y, bool need_gate) {
-  check_float_tensor(y, "y");
-  check_contiguous(y, "y");
-  check_same(y, "y", grad, "grad");
-  const bool has_gate = has(gate);
-  TORCH_CHECK(has_gate || !need_gate, "shortcut_kernels: need_gate without a `gate`");
+  at::Tensor d_y, d_gate;
+  std::tie(d_y, d_gate) = gated_residual_grads(grad, y, gate, need_y, need_gate);
+  if (!has(gate) || y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
   c10::cuda::CUDAGuard device_guard(y.device());
-  const auto acc = acc_type_of(y.scalar_type());
-  if (!has_gate) {  // out = x + y: dy = g (a copy: outputs of an op may not alias inputs)
-    return {need_y ? grad.clone() : at::empty({0}, y.options()),
-            at::empty({0}, y.options().dtype(acc))};
-  }
-  check_residual_gate(*gate, y);
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_y = need_y ? at::empty_like(y) : at::empty({0}, y.options());
-  at::Tensor d_gate = need_gate ? at::zeros_like(*gate) : at::empty({0}, gate->options());
-  if (y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "gated_residual_backward_cuda", [&] {
     constexpr int kMaxVec = 16 / sizeof(scalar_t);

@@ -176,31 +176,20 @@ void dispatch_backward(bool nx, bool nu, bool nc, const at::Tensor& grad, at::Te
                        const Coef<typename AccType<scalar_t>::type>& a,
                        const Coef<typename AccType<scalar_t>::type>& b, double w,
                        int64_t per_sample, bool per_sample_coefs) {
-#define SK_LAUNCH(X, U, C)                                                                   \
-  launch_backward<scalar_t, kVec, X, U, C>(grad, d_x, d_uncond, d_cond, a, b, w, per_sample, \
-                                           per_sample_coefs)
-  if (nx && nu && nc) SK_LAUNCH(true, true, true);
-  else if (nu && nc) SK_LAUNCH(false, true, true);
-  else if (nx && nu) SK_LAUNCH(true, true, false);
-  else if (nx && nc) SK_LAUNCH(true, false, true);
-  else if (nx) SK_LAUNCH(true, false, false);
-  else if (nu) SK_LAUNCH(false, true, false);
-  else SK_LAUNCH(false, false, true);
-#undef SK_LAUNCH
+  with_flags([&]<bool kX, bool kUncond, bool kCond>() {
+    launch_backward<scalar_t, kVec, kX, kUncond, kCond>(grad, d_x, d_uncond, d_cond, a, b, w,
+                                                        per_sample, per_sample_coefs);
+  }, nx, nu, nc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_step_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& a,
     const std::optional<at::Tensor>& b, double a_scalar, double b_scalar, double w,
     bool need_x, bool need_eps_uncond, bool need_eps_cond) {
-  check_float_tensor(grad, "grad");
-  check_dense(grad, "grad");
+  at::Tensor d_x, d_uncond, d_cond;
+  std::tie(d_x, d_uncond, d_cond) = guided_step_grads(grad, need_x, need_eps_uncond, need_eps_cond);
   const int64_t samples = check_coefs(grad, a, b);
   c10::cuda::CUDAGuard device_guard(grad.device());
-  // Unused outputs are distinct empty tensors (outputs of an op may not alias).
-  at::Tensor d_x = need_x ? at::empty_like(grad) : at::empty({0}, grad.options());
-  at::Tensor d_uncond = need_eps_uncond ? at::empty_like(grad) : at::empty({0}, grad.options());
-  at::Tensor d_cond = need_eps_cond ? at::empty_like(grad) : at::empty({0}, grad.options());
   if (grad.numel() == 0 || !(need_x || need_eps_uncond || need_eps_cond))
     return {d_x, d_uncond, d_cond};
   const int64_t per_sample = grad.numel() / samples;
