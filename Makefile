@@ -34,7 +34,8 @@ bench: build
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest bench -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-json=$(BENCH_OUT)/bench.json \
 		--benchmark-columns=median,iqr,rounds --benchmark-sort=name
-	$(PY) bench/report.py $(BENCH_OUT)/bench.json --md $(BENCH_OUT)/report.md --json-out $(BENCH_OUT)/summary.json
+	$(PY) bench/report.py $(BENCH_OUT)/bench.json --md $(BENCH_OUT)/report.md --json-out $(BENCH_OUT)/summary.json \
+		--compact $(BENCH_OUT)/readme_table.md
 
 info: build
 	$(PY) -m shortcut_kernels info

@@ -97,3 +97,39 @@ def test_cli_info_runs():
     assert result.returncode == 0, result.stderr
     assert "extension shortcut_kernels._C: loaded" in result.stdout
     assert "backends for cpu tensors (auto picks cpu)" in result.stdout
+
+
+def test_bf16_outputs_same_with_and_without_avx512bf16(tmp_path):
+    """The CPU kernels store bf16 through fp32 tiles, rounded by VCVTNEPS2BF16 where the
+    CPU has it and by integer ops otherwise (SHORTCUT_KERNELS_CPU_BF16=generic). Both
+    round to nearest even: every output and gradient must be bit-identical. (Without the
+    instruction both runs take the generic path and the test still checks the tiling.)"""
+    code = f"""
+import sys, torch, shortcut_kernels as sk
+torch.manual_seed(0)
+bf = torch.bfloat16
+x, y, z = (torch.randn(3, 1029, 37).to(bf) for _ in range(3))
+gate, ada = torch.rand(3), torch.randn(3, 37)
+leaves = [t.clone().requires_grad_() for t in (x, y, z)]
+g_leaf, ada_leaf = gate.clone().requires_grad_(), ada.clone().requires_grad_()
+outs = [sk.gated_blend(x, y, gate, z), sk.gated_residual(x, y, ada), sk.cache_residual(x, [y, z]),
+        sk.cache_residual(x, [y, z, x, y, z]), sk.guided_step(x, y, z, 0.9, -0.2, 4.0)]
+loss = (sk.gated_blend(*leaves[:2], g_leaf).float().sum() + sk.gated_residual(leaves[0], leaves[1], ada_leaf).float().sum()
+        + sk.guided_step(*leaves, 0.9, -0.2, 4.0).float().square().sum())
+outs += list(torch.autograd.grad(loss, leaves + [g_leaf, ada_leaf]))
+cache = torch.empty_like(x)
+outs += [sk.gated_residual(x, y, ada, cache_out=cache), cache]
+torch.save(outs, sys.argv[1] if len(sys.argv) > 1 else {str(tmp_path / "x.pt")!r})
+"""
+    results = []
+    for mode in ("", "generic"):
+        path = tmp_path / f"out_{mode or 'default'}.pt"
+        env = dict(os.environ, PYTHONPATH=ROOT, SHORTCUT_KERNELS_CPU_BF16=mode)
+        env.pop("SHORTCUT_KERNELS_BACKEND", None)
+        run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) == 12
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs between the two bf16 paths"

@@ -15,20 +15,20 @@ namespace {
 // stays in L1 while the caches stream through it, and each loop over it vectorises.
 constexpr int64_t kSumBlock = 1024;
 
-template <typename scalar_t, int kCaches>
+template <typename scalar_t, typename out_t, int kCaches>
 SK_CPU_CLONES void cache_residual_stream(const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ c0,
                                          const scalar_t* __restrict__ c1,
                                          const scalar_t* __restrict__ c2,
                                          const scalar_t* __restrict__ c3,
-                                         scalar_t* __restrict__ out, int64_t n) {
+                                         out_t* __restrict__ out, int64_t n) {
   using IO = Io<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     auto acc = shortcut_math::cache_residual_add(IO::load(x + i), IO::load(c0 + i));
     if (kCaches > 1) acc = shortcut_math::cache_residual_add(acc, IO::load(c1 + i));
     if (kCaches > 2) acc = shortcut_math::cache_residual_add(acc, IO::load(c2 + i));
     if (kCaches > 3) acc = shortcut_math::cache_residual_add(acc, IO::load(c3 + i));
-    IO::store(out + i, acc);
+    Io<out_t>::store(out + i, acc);
   }
 }
 
@@ -47,24 +47,29 @@ SK_CPU_CLONES void cache_residual_blocked(const scalar_t* __restrict__ x,
       const scalar_t* __restrict__ c = caches[k] + lo;
       for (int64_t i = 0; i < n; ++i) acc[i] = shortcut_math::cache_residual_add(acc[i], IO::load(c + i));
     }
-    for (int64_t i = 0; i < n; ++i) IO::store(out + lo + i, acc[i]);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      store_bf16(out + lo, acc, n);  // see `tiled` in cpu_common.h
+    else
+      for (int64_t i = 0; i < n; ++i) IO::store(out + lo + i, acc[i]);
   }
 }
 
 template <typename scalar_t>
 void cache_residual_segment(const scalar_t* x, const std::vector<const scalar_t*>& caches,
                             scalar_t* out, int64_t begin, int64_t end) {
-  const int64_t n = end - begin;
-  auto at = [&](size_t k) { return caches[std::min(k, caches.size() - 1)] + begin; };
-  switch (caches.size()) {
-    case 1: return cache_residual_stream<scalar_t, 1>(x + begin, at(0), at(0), at(0), at(0), out + begin, n);
-    case 2: return cache_residual_stream<scalar_t, 2>(x + begin, at(0), at(1), at(1), at(1), out + begin, n);
-    case 3: return cache_residual_stream<scalar_t, 3>(x + begin, at(0), at(1), at(2), at(2), out + begin, n);
-    case 4: return cache_residual_stream<scalar_t, 4>(x + begin, at(0), at(1), at(2), at(3), out + begin, n);
-    default:
-      return cache_residual_blocked<scalar_t>(x, caches.data(), static_cast<int64_t>(caches.size()),
-                                              out, begin, end);
-  }
+  if (caches.size() > 4)
+    return cache_residual_blocked<scalar_t>(x, caches.data(), static_cast<int64_t>(caches.size()),
+                                            out, begin, end);
+  tiled<scalar_t>(end - begin, [&]<typename out_t>(int64_t off, int64_t n, out_t* o) {
+    const int64_t lo = begin + off;
+    auto at = [&](size_t k) { return caches[std::min(k, caches.size() - 1)] + lo; };
+    switch (caches.size()) {
+      case 1: return cache_residual_stream<scalar_t, out_t, 1>(x + lo, at(0), at(0), at(0), at(0), o, n);
+      case 2: return cache_residual_stream<scalar_t, out_t, 2>(x + lo, at(0), at(1), at(1), at(1), o, n);
+      case 3: return cache_residual_stream<scalar_t, out_t, 3>(x + lo, at(0), at(1), at(2), at(2), o, n);
+      default: return cache_residual_stream<scalar_t, out_t, 4>(x + lo, at(0), at(1), at(2), at(3), o, n);
+    }
+  }, out + begin);
 }
 
 at::Tensor cache_residual_forward(const at::Tensor& x, at::TensorList caches) {

@@ -8,35 +8,41 @@ namespace shortcut_kernels {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, bool kResidual>
-SK_CPU_CLONES void blend_segment(const scalar_t* __restrict__ fresh,
-                                 const scalar_t* __restrict__ cache,
-                                 const scalar_t* __restrict__ residual,
-                                 scalar_t* __restrict__ out,
-                                 typename Io<scalar_t>::acc_t gate, int64_t n) {
+// out_t: scalar_t, or float when the outputs go through bf16 tiles (cpu_common.h).
+template <typename scalar_t, typename out_t, bool kResidual>
+SK_CPU_CLONES void blend_loop(const scalar_t* __restrict__ fresh,
+                              const scalar_t* __restrict__ cache,
+                              const scalar_t* __restrict__ residual, out_t* __restrict__ out,
+                              typename Io<scalar_t>::acc_t gate, int64_t n) {
   using IO = Io<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     auto value = shortcut_math::gated_blend(IO::load(fresh + i), IO::load(cache + i), gate);
     if (kResidual) value += IO::load(residual + i);
-    IO::store(out + i, value);
+    Io<out_t>::store(out + i, value);
   }
 }
 
-// One chunk of the backward: writes d_fresh/d_cache and returns sum(g*(fresh-cache)).
-template <typename scalar_t, bool kFresh, bool kCache, bool kGate>
-SK_CPU_CLONES typename Io<scalar_t>::acc_t blend_backward_chunk(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ fresh,
-    const scalar_t* __restrict__ cache, scalar_t* __restrict__ d_fresh,
-    scalar_t* __restrict__ d_cache, typename Io<scalar_t>::acc_t gate, int64_t n) {
+// Part of the backward: writes d_fresh/d_cache and adds g*(fresh-cache) into `lanes`
+// (kLanes independent sums, so the loop vectorises; n is a multiple of kLanes except in
+// a chunk's last call, so the order of the additions does not depend on the tiling).
+template <typename scalar_t, typename out_t, bool kFresh, bool kCache, bool kGate>
+SK_CPU_CLONES void blend_backward_loop(const scalar_t* __restrict__ grad,
+                                       const scalar_t* __restrict__ fresh,
+                                       const scalar_t* __restrict__ cache,
+                                       out_t* __restrict__ d_fresh, out_t* __restrict__ d_cache,
+                                       typename Io<scalar_t>::acc_t gate,
+                                       typename Io<scalar_t>::acc_t* __restrict__ sums,
+                                       int64_t n) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
-  acc_t lanes[kLanes] = {};
+  acc_t lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = sums[j];
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       acc_t g = IO::load(grad + i + j);
-      if (kFresh) IO::store(d_fresh + i + j, shortcut_math::gated_blend_grad_fresh(g, gate));
-      if (kCache) IO::store(d_cache + i + j, shortcut_math::gated_blend_grad_cache(g, gate));
+      if (kFresh) Io<out_t>::store(d_fresh + i + j, shortcut_math::gated_blend_grad_fresh(g, gate));
+      if (kCache) Io<out_t>::store(d_cache + i + j, shortcut_math::gated_blend_grad_cache(g, gate));
       if (kGate)
         lanes[j] += shortcut_math::gated_blend_grad_gate_term(g, IO::load(fresh + i + j),
                                                               IO::load(cache + i + j));
@@ -44,12 +50,27 @@ SK_CPU_CLONES typename Io<scalar_t>::acc_t blend_backward_chunk(
   }
   for (; i < n; ++i) {
     acc_t g = IO::load(grad + i);
-    if (kFresh) IO::store(d_fresh + i, shortcut_math::gated_blend_grad_fresh(g, gate));
-    if (kCache) IO::store(d_cache + i, shortcut_math::gated_blend_grad_cache(g, gate));
+    if (kFresh) Io<out_t>::store(d_fresh + i, shortcut_math::gated_blend_grad_fresh(g, gate));
+    if (kCache) Io<out_t>::store(d_cache + i, shortcut_math::gated_blend_grad_cache(g, gate));
     if (kGate)
       lanes[0] += shortcut_math::gated_blend_grad_gate_term(g, IO::load(fresh + i),
                                                             IO::load(cache + i));
   }
+  for (int j = 0; j < kLanes; ++j) sums[j] = lanes[j];
+}
+
+// One chunk of the backward: writes d_fresh/d_cache and returns sum(g*(fresh-cache)).
+template <typename scalar_t, bool kFresh, bool kCache, bool kGate>
+typename Io<scalar_t>::acc_t blend_backward_chunk(const scalar_t* grad, const scalar_t* fresh,
+                                                  const scalar_t* cache, scalar_t* d_fresh,
+                                                  scalar_t* d_cache,
+                                                  typename Io<scalar_t>::acc_t gate, int64_t n) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  acc_t lanes[kLanes] = {};
+  tiled<scalar_t>(n, [&]<typename out_t>(int64_t off, int64_t count, out_t* d_f, out_t* d_c) {
+    blend_backward_loop<scalar_t, out_t, kFresh, kCache, kGate>(
+        grad + off, fresh + off, cache + off, d_f, d_c, gate, lanes, count);
+  }, kFresh ? d_fresh : nullptr, kCache ? d_cache : nullptr);
   acc_t total = 0;
   for (int j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
@@ -87,12 +108,15 @@ at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
     const scalar_t* r = has_residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t* g = gate.const_data_ptr<acc_t>();
-    for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-      if (has_residual)
-        blend_segment<scalar_t, true>(f + lo, c + lo, r + lo, o + lo, g[s], hi - lo);
-      else
-        blend_segment<scalar_t, false>(f + lo, c + lo, nullptr, o + lo, g[s], hi - lo);
-    });
+    with_flags([&]<bool kResidual>() {
+      for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
+        tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
+          blend_loop<scalar_t, out_t, kResidual>(f + lo + off, c + lo + off,
+                                                 kResidual ? r + lo + off : nullptr, out_tile,
+                                                 g[s], count);
+        }, o + lo);
+      });
+    }, has_residual);
   });
   return out;
 }

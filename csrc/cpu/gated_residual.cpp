@@ -14,69 +14,69 @@ namespace {
 // Depends on the shape only (never on the thread count): the sum is reproducible.
 constexpr int64_t kTokenChunkElems = 65536;
 
-// Rows [row_begin, row_end) of C channels; row r belongs to sample r / tokens. Without
-// a gate the caller passes one "row" of n elements.
-template <typename scalar_t, bool kGate, bool kCache>
-SK_CPU_CLONES void residual_rows(const scalar_t* __restrict__ x,
-                                 const scalar_t* __restrict__ y,
+// Elements [begin, begin + n) of the data viewed as [rows, channels]; row r belongs to
+// sample r / tokens. Inputs are indexed from their start, outputs from `begin` (an fp32
+// tile for bf16, see `tiled`). Without a gate the caller passes the whole tensor as one
+// row. A range may start and end inside a row.
+template <typename scalar_t, typename out_t, bool kGate, bool kCache>
+SK_CPU_CLONES void residual_loop(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                  const typename Io<scalar_t>::acc_t* __restrict__ gate,
-                                 scalar_t* __restrict__ out, scalar_t* __restrict__ cache,
-                                 int64_t row_begin, int64_t row_end, int64_t tokens,
-                                 int64_t channels) {
+                                 out_t* __restrict__ out, out_t* __restrict__ cache,
+                                 int64_t begin, int64_t n, int64_t tokens, int64_t channels) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t off = r * channels;
-    const acc_t* __restrict__ g = kGate ? gate + (r / tokens) * channels : nullptr;
-    for (int64_t c = 0; c < channels; ++c) {
-      acc_t delta = IO::load(y + off + c);
+  for (int64_t i = 0; i < n;) {
+    const int64_t e = begin + i, c0 = e % channels, len = std::min(channels - c0, n - i);
+    const acc_t* __restrict__ g = kGate ? gate + (e / channels / tokens) * channels + c0 : nullptr;
+    for (int64_t c = 0; c < len; ++c) {
+      acc_t delta = IO::load(y + e + c);
       if (kGate) delta = shortcut_math::gated_residual_delta(delta, g[c]);
-      if (kCache) IO::store(cache + off + c, delta);
-      IO::store(out + off + c, shortcut_math::gated_residual(IO::load(x + off + c), delta));
+      if (kCache) Io<out_t>::store(cache + i + c, delta);
+      Io<out_t>::store(out + i + c, shortcut_math::gated_residual(IO::load(x + e + c), delta));
     }
+    i += len;
   }
 }
 
-// Rows of one sample: dy = gate*g and partial[c] += g*y over the rows.
-template <typename scalar_t, bool kY, bool kGate>
-SK_CPU_CLONES void residual_backward_rows(const scalar_t* __restrict__ grad,
+// Elements [begin, begin + n) of one sample's [tokens, channels] rows: dy = gate*g and
+// partial[c] += g*y, row after row (the order of the sums does not depend on the tiling).
+template <typename scalar_t, typename out_t, bool kY, bool kGate>
+SK_CPU_CLONES void residual_backward_loop(const scalar_t* __restrict__ grad,
                                           const scalar_t* __restrict__ y,
                                           const typename Io<scalar_t>::acc_t* __restrict__ gate,
-                                          scalar_t* __restrict__ d_y,
+                                          out_t* __restrict__ d_y,
                                           typename Io<scalar_t>::acc_t* __restrict__ partial,
-                                          int64_t rows, int64_t channels) {
+                                          int64_t begin, int64_t n, int64_t channels) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = r * channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      acc_t g = IO::load(grad + off + c);
-      if (kY) IO::store(d_y + off + c, shortcut_math::gated_residual_grad_y(g, gate[c]));
-      if (kGate) partial[c] += shortcut_math::gated_residual_grad_gate_term(g, IO::load(y + off + c));
+  for (int64_t i = 0; i < n;) {
+    const int64_t e = begin + i, c0 = e % channels, len = std::min(channels - c0, n - i);
+    for (int64_t c = 0; c < len; ++c) {
+      acc_t g = IO::load(grad + e + c);
+      if (kY) Io<out_t>::store(d_y + i + c, shortcut_math::gated_residual_grad_y(g, gate[c0 + c]));
+      if (kGate)
+        partial[c0 + c] += shortcut_math::gated_residual_grad_gate_term(g, IO::load(y + e + c));
     }
+    i += len;
   }
 }
 
 template <typename scalar_t, bool kGate, bool kCache>
 void run_forward(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& gate,
-                 at::Tensor& out, const std::optional<at::Tensor>& cache_out, int64_t rows,
-                 int64_t tokens, int64_t channels) {
+                 at::Tensor& out, const std::optional<at::Tensor>& cache_out, int64_t tokens,
+                 int64_t channels) {
   using acc_t = typename Io<scalar_t>::acc_t;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const acc_t* gp = kGate ? gate->const_data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* cp = kCache ? cache_out->mutable_data_ptr<scalar_t>() : nullptr;
-  if (kGate) {  // whole rows of C channels per task
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / channels), [&](int64_t r0, int64_t r1) {
-      residual_rows<scalar_t, kGate, kCache>(xp, yp, gp, op, cp, r0, r1, tokens, channels);
-    });
-  } else {  // elementwise: each segment is one "row"
-    at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      residual_rows<scalar_t, kGate, kCache>(xp + begin, yp + begin, nullptr, op + begin,
-                                             kCache ? cp + begin : nullptr, 0, 1, 1, end - begin);
-    });
-  }
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    tiled<scalar_t>(end - begin, [&]<typename out_t>(int64_t off, int64_t count, out_t* o, out_t* c) {
+      residual_loop<scalar_t, out_t, kGate, kCache>(xp, yp, gp, o, c, begin + off, count, tokens,
+                                                    channels);
+    }, op + begin, kCache ? cp + begin : nullptr);
+  });
 }
 
 at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
@@ -91,14 +91,13 @@ at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
   if (numel == 0) return out;
-  // Without a gate the op is elementwise: one "row" per parallel segment.
+  // Without a gate the op is elementwise: the whole tensor is one "row".
   const int64_t channels = has_gate ? x.size(-1) : numel;
-  const int64_t rows = numel / channels;
-  const int64_t tokens = has_gate ? rows / x.size(0) : 1;
+  const int64_t tokens = has_gate ? numel / channels / x.size(0) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "gated_residual_forward_cpu", [&] {
     with_flags([&]<bool kGate, bool kCache>() {
-      run_forward<scalar_t, kGate, kCache>(x, y, gate, out, cache_out, rows, tokens, channels);
+      run_forward<scalar_t, kGate, kCache>(x, y, gate, out, cache_out, tokens, channels);
     }, has_gate, has_cache);
   });
   return out;
@@ -123,9 +122,11 @@ void run_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor&
       const int64_t b = task / chunks, k = task % chunks;
       const int64_t t0 = k * chunk, t1 = std::min(tokens, t0 + chunk);
       const int64_t off = (b * tokens + t0) * channels;
-      residual_backward_rows<scalar_t, kY, kGate>(
-          g + off, yp + off, gates + b * channels, kY ? dy + off : nullptr,
-          kGate ? partial.data() + task * channels : nullptr, t1 - t0, channels);
+      acc_t* sums = kGate ? partial.data() + task * channels : nullptr;
+      tiled<scalar_t>((t1 - t0) * channels, [&]<typename out_t>(int64_t o, int64_t count, out_t* d) {
+        residual_backward_loop<scalar_t, out_t, kY, kGate>(g + off, yp + off, gates + b * channels,
+                                                           d, sums, o, count, channels);
+      }, kY ? dy + off : nullptr);
     }
   });
   if (kGate) {

@@ -9,34 +9,32 @@ namespace shortcut_kernels {
 namespace cpu {
 namespace {
 
-template <typename scalar_t>
-SK_CPU_CLONES void step_segment(const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ eps_uncond,
-                                const scalar_t* __restrict__ eps_cond,
-                                scalar_t* __restrict__ out, typename Io<scalar_t>::acc_t a,
-                                typename Io<scalar_t>::acc_t b,
-                                typename Io<scalar_t>::acc_t w, int64_t n) {
+// out_t: scalar_t, or float when the outputs go through bf16 tiles (cpu_common.h).
+template <typename scalar_t, typename out_t>
+SK_CPU_CLONES void step_loop(const scalar_t* __restrict__ x,
+                             const scalar_t* __restrict__ eps_uncond,
+                             const scalar_t* __restrict__ eps_cond, out_t* __restrict__ out,
+                             typename Io<scalar_t>::acc_t a, typename Io<scalar_t>::acc_t b,
+                             typename Io<scalar_t>::acc_t w, int64_t n) {
   using IO = Io<scalar_t>;
   for (int64_t i = 0; i < n; ++i)
-    IO::store(out + i, shortcut_math::guided_step(IO::load(x + i), IO::load(eps_uncond + i),
-                                                  IO::load(eps_cond + i), a, b, w));
+    Io<out_t>::store(out + i, shortcut_math::guided_step(IO::load(x + i), IO::load(eps_uncond + i),
+                                                         IO::load(eps_cond + i), a, b, w));
 }
 
 // dx = a*g, d_eps_u = b*(1-w)*g, d_eps_c = b*w*g: one read of g, only the needed writes.
-template <typename scalar_t, bool kX, bool kUncond, bool kCond>
-SK_CPU_CLONES void step_backward_segment(const scalar_t* __restrict__ grad,
-                                         scalar_t* __restrict__ d_x,
-                                         scalar_t* __restrict__ d_uncond,
-                                         scalar_t* __restrict__ d_cond,
-                                         typename Io<scalar_t>::acc_t a,
-                                         typename Io<scalar_t>::acc_t b,
-                                         typename Io<scalar_t>::acc_t w, int64_t n) {
+template <typename scalar_t, typename out_t, bool kX, bool kUncond, bool kCond>
+SK_CPU_CLONES void step_backward_loop(const scalar_t* __restrict__ grad, out_t* __restrict__ d_x,
+                                      out_t* __restrict__ d_uncond, out_t* __restrict__ d_cond,
+                                      typename Io<scalar_t>::acc_t a,
+                                      typename Io<scalar_t>::acc_t b,
+                                      typename Io<scalar_t>::acc_t w, int64_t n) {
   using IO = Io<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     auto g = IO::load(grad + i);
-    if (kX) IO::store(d_x + i, shortcut_math::guided_step_grad_x(g, a));
-    if (kUncond) IO::store(d_uncond + i, shortcut_math::guided_step_grad_eps_uncond(g, b, w));
-    if (kCond) IO::store(d_cond + i, shortcut_math::guided_step_grad_eps_cond(g, b, w));
+    if (kX) Io<out_t>::store(d_x + i, shortcut_math::guided_step_grad_x(g, a));
+    if (kUncond) Io<out_t>::store(d_uncond + i, shortcut_math::guided_step_grad_eps_uncond(g, b, w));
+    if (kCond) Io<out_t>::store(d_cond + i, shortcut_math::guided_step_grad_eps_cond(g, b, w));
   }
 }
 
@@ -83,7 +81,10 @@ at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond
     const scalar_t* cp = eps_cond.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-      step_segment<scalar_t>(xp + lo, up + lo, cp + lo, o + lo, ca.at(s), cb.at(s), wv, hi - lo);
+      tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
+        step_loop<scalar_t, out_t>(xp + lo + off, up + lo + off, cp + lo + off, out_tile,
+                                   ca.at(s), cb.at(s), wv, count);
+      }, o + lo);
     });
   });
   return out;
@@ -102,9 +103,11 @@ void run_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
   scalar_t* du = kUncond ? d_uncond.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dc = kCond ? d_cond.mutable_data_ptr<scalar_t>() : nullptr;
   for_each_sample_segment(grad.numel(), per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-    step_backward_segment<scalar_t, kX, kUncond, kCond>(
-        g + lo, kX ? dx + lo : nullptr, kUncond ? du + lo : nullptr, kCond ? dc + lo : nullptr,
-        ca.at(s), cb.at(s), wv, hi - lo);
+    tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* tx, out_t* tu,
+                                                 out_t* tc) {
+      step_backward_loop<scalar_t, out_t, kX, kUncond, kCond>(g + lo + off, tx, tu, tc, ca.at(s),
+                                                              cb.at(s), wv, count);
+    }, kX ? dx + lo : nullptr, kUncond ? du + lo : nullptr, kCond ? dc + lo : nullptr);
   });
 }
 
