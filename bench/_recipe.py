@@ -50,10 +50,22 @@ def _steady_malloc() -> str:
     the most temporaries)."""
     if DEVICE != "cpu" or platform.system() != "Linux":
         return "default"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    global _LIBC
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
     m_trim_threshold, m_mmap_max = -1, -4
-    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_max, 0)
+    ok = _LIBC.mallopt(m_trim_threshold, 1 << 30) and _LIBC.mallopt(m_mmap_max, 0)
     return "glibc: no trimming, no mmap" if ok else "default"
+
+
+_LIBC = None
+
+
+def _fresh_heap():
+    """Hands the memory of earlier cases back to the OS, so that every case starts from
+    the same heap state (with no trimming the heap only grows, and how earlier cases left
+    it changed the mid-size rows, whose data is about the size of the L3 cache)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 MALLOC = _steady_malloc()
@@ -113,6 +125,7 @@ def _copy_step(spec: OpBench, inputs: dict, mode: str):
 def run_case(benchmark, spec: OpBench, shape, dtype, mode, provider):
     if provider not in PROVIDERS:
         pytest.skip(f"{provider} does not run on {DEVICE}")
+    _fresh_heap()
     inputs = spec.make_inputs(shape, dtype, DEVICE)
     if provider == "copy":
         step = _copy_step(spec, inputs, mode)
