@@ -25,8 +25,8 @@ def call_path(*tensors) -> str:
 
     COMPILE   under torch.compile: the registered custom op, so the graph holds the op;
     AUTOGRAD  in eager mode when an input requires grad: the op's eager_autograd Function
-              (the custom op's autograd costs ~30 us of Python per call, forward and
-              backward; a torch.autograd.Function with the same context and backward ~5 us);
+              (forward+backward of a small tensor: ~52 us through the custom op's
+              autograd, ~35 us through a Function with the same context and backward);
     DIRECT    otherwise: the implementation itself, no dispatcher round trip.
     """
     if torch.compiler.is_compiling():
