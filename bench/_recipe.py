@@ -33,9 +33,10 @@ MODES = ["fwd", "fwd+bwd"]
 PROVIDERS = (["eager", "compile", "cuda", "triton", "copy"] if DEVICE == "cuda"
              else ["eager", "compile", "cpu", "copy"])
 ROUNDS = int(os.environ.get("SHORTCUT_BENCH_ROUNDS", "20" if DEVICE == "cpu" else "100"))
-# Each round times back-to-back calls for at least this long (as in a model's loop) and
-# reports the time per call: single calls of a few microseconds time the timer, and on
-# the CPU they also time OpenMP threads waking from sleep.
+# Each round times back-to-back calls for at least this long (as in a model's loop), then
+# one device sync, and reports the time per call: single calls of a few microseconds time
+# the timer (and a sync per call on a GPU), and on the CPU they also time OpenMP threads
+# waking from sleep.
 ROUND_SECONDS = float(os.environ.get("SHORTCUT_BENCH_ROUND_MS", "5")) / 1e3
 if os.environ.get("SHORTCUT_BENCH_THREADS"):  # e.g. 1 on a machine shared with other work
     torch.set_num_threads(int(os.environ["SHORTCUT_BENCH_THREADS"]))
@@ -155,32 +156,54 @@ def run_case(benchmark, spec: OpBench, shape, dtype, mode, provider):
             pytest.skip("; ".join(reasons))
 
         step = _step(spec.ours, spec, inputs, mode)
-    # Forcing our backend is set once around the timing, so its cost is not timed.
-    forced = sk.use_backend(provider) if provider in ("cpu", "cuda", "triton") else contextlib.nullcontext()
-
-    def timed():
-        step()
-        _sync()
 
     benchmark.extra_info.update(
         op=spec.name, mode=mode, size=str(tuple(shape)), dtype=str(dtype).replace("torch.", ""),
         provider=provider, device=device_name(), bytes=spec.fused_bytes(inputs, mode),
         torch=torch.__version__, threads=torch.get_num_threads(), sk=sk.__version__, malloc=MALLOC)
-    with forced:
-        timed()  # the first call may load the extension or compile a kernel
-        iterations = _calibrate(timed)
-        benchmark.extra_info["iterations"] = iterations
-        benchmark.pedantic(timed, rounds=ROUNDS, iterations=iterations, warmup_rounds=1)
+    with _forced_backend(provider if provider in ("cpu", "cuda", "triton") else None):
+        step()  # the first call may load the extension or compile a kernel
+        _sync()
+        calls = _calibrate(step)
+        # A round is `calls` back-to-back calls and one device sync; report.py divides
+        # the round times by calls_per_round.
+        benchmark.extra_info["calls_per_round"] = calls
+
+        def one_round():
+            for _ in range(calls):
+                step()
+            _sync()
+        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-def _calibrate(fn) -> int:
+@contextlib.contextmanager
+def _forced_backend(provider):
+    """Forces our backend for the whole case through the environment variable, set once
+    outside the timing: unlike use_backend() (a context variable of this thread) it also
+    reaches the threads on which the autograd engine runs a GPU backward."""
+    if provider is None:
+        yield
+        return
+    previous = os.environ.get(sk.backends.ENV_VAR)
+    os.environ[sk.backends.ENV_VAR] = provider
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[sk.backends.ENV_VAR]
+        else:
+            os.environ[sk.backends.ENV_VAR] = previous
+
+
+def _calibrate(step) -> int:
     """Calls per round so that a round lasts about ROUND_SECONDS (doubling, as
     pytest-benchmark's own calibration does)."""
     calls = 1
     while calls < 4096:
         start = time.perf_counter()
         for _ in range(calls):
-            fn()
+            step()
+        _sync()
         if time.perf_counter() - start >= ROUND_SECONDS:
             break
         calls *= 2

@@ -34,6 +34,7 @@ def load_rows(paths):
             if "op" not in info:
                 continue
             data = bench["stats"].get("data") or [bench["stats"]["median"]]
+            data = [t / info.get("calls_per_round", 1) for t in data]  # round -> one call
             rows.append(dict(info, median_s=statistics.median(data), p20_s=percentile(data, 0.2),
                              p80_s=percentile(data, 0.8), rounds=len(data)))
     return rows

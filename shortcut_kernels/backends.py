@@ -96,10 +96,12 @@ _ENV_BYTES = getattr(os.environ, "_data", None)
 _ENV_KEYS = (ENV_VAR.encode(), b"TRITON_INTERPRET")
 
 
-def _env_key() -> tuple:
-    if isinstance(_ENV_BYTES, dict) and os.name == "posix":
+if isinstance(_ENV_BYTES, dict) and os.name == "posix":
+    def _env_key() -> tuple:
         return (_ENV_BYTES.get(_ENV_KEYS[0]), _ENV_BYTES.get(_ENV_KEYS[1]))
-    return (os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+else:
+    def _env_key() -> tuple:
+        return (os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
 
 
 def select(device: torch.device, dtype: torch.dtype) -> str:
@@ -108,8 +110,11 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def select_for(t: torch.Tensor) -> str:
-    """select() for the device and dtype of `t`, without building a torch.device."""
-    return _memoised("cuda" if t.is_cuda else ("cpu" if t.is_cpu else t.device.type), t.dtype)
+    """select() for the device and dtype of `t`, without building a torch.device (this
+    runs on every op call: _memoised inlined)."""
+    device_type = "cuda" if t.is_cuda else ("cpu" if t.is_cpu else t.device.type)
+    backend = _selected.get((_forced.get(), _env_key(), device_type, t.dtype))
+    return backend if backend is not None else _memoised(device_type, t.dtype)
 
 
 def _memoised(device_type: str, dtype: torch.dtype) -> str:

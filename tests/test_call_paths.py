@@ -61,3 +61,36 @@ def test_call_path_choice():
     with torch.no_grad():
         assert _dispatch.call_path(x.clone().requires_grad_()) == _dispatch.DIRECT
 
+
+
+@pytest.mark.parametrize("op", ["gated_blend", "gated_residual", "cache_residual"])
+def test_double_backward_through_identity_terms(op):
+    """With create_graph=True the gradients that are g itself (residual, x) stay
+    differentiable, as through the registered op: a gradient penalty matches the plain
+    torch composite."""
+    x, y = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def penalty(fn):
+        xl = x.clone().requires_grad_()
+        out = fn(xl, y * w)
+        (dx,) = torch.autograd.grad(out.square().sum(), xl, create_graph=True)
+        (dw,) = torch.autograd.grad(dx.square().sum(), w)
+        return dw
+
+    ours = {"gated_blend": lambda a, b: sk.gated_blend(b, b, torch.tensor(0.5, dtype=torch.float64), a),
+            "gated_residual": lambda a, b: sk.gated_residual(a, b),
+            "cache_residual": lambda a, b: sk.cache_residual(a, [b])}[op]
+    torch.testing.assert_close(penalty(ours), penalty(lambda a, b: a + b))
+
+
+def test_double_backward_without_a_formula_raises():
+    """Second derivatives through d_fresh = gate*g have no formula: an error, never a
+    silently missing term."""
+    fresh = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    cache = torch.randn(2, 4, dtype=torch.float64)
+    gate = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    out = sk.gated_blend(fresh, cache, gate)
+    (d_gate,) = torch.autograd.grad(out.square().sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(d_gate.sum(), fresh)

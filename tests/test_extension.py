@@ -102,8 +102,9 @@ def test_cli_info_runs():
 def test_bf16_outputs_same_with_and_without_avx512bf16(tmp_path):
     """The CPU kernels store bf16 through fp32 tiles, rounded by VCVTNEPS2BF16 where the
     CPU has it and by integer ops otherwise (SHORTCUT_KERNELS_CPU_BF16=generic). Both
-    round to nearest even: every output and gradient must be bit-identical. (Without the
-    instruction both runs take the generic path and the test still checks the tiling.)"""
+    round to nearest even: on normal data (the instruction flushes fp32 denormals to zero
+    and keeps the sign of a NaN) every output and gradient must be bit-identical. (Without
+    the instruction both runs take the generic path and the test still checks the tiling.)"""
     code = f"""
 import sys, torch, shortcut_kernels as sk
 torch.manual_seed(0)

@@ -117,7 +117,7 @@ static SK_CPU_CLONES void store_bf16_generic(c10::BFloat16* __restrict__ dst,
 
 #if SK_HAVE_AVX512BF16
 // VCVTNEPS2BF16 rounds to nearest even like c10::BFloat16 and keeps NaNs NaN; unlike it,
-// it flushes fp32 denormals (below 2^-126) to zero.
+// it flushes fp32 denormals (below 2^-126) to zero and keeps the sign and payload of a NaN.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void store_bf16_avx512(
     c10::BFloat16* dst, const float* src, int64_t n) {
   int64_t i = 0;

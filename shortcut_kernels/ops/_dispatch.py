@@ -45,7 +45,8 @@ def fast_kernel(forward: "backend_impl", *tensors, nan_checked: bool = False):
     serves it. The caller then passes its arguments unchecked and unconverted: the C++
     op checks everything itself, and when it refuses (a wrong input, or one that only
     needs converting, such as a strided view) the caller falls back to the full path,
-    which raises the friendly error or converts. This saves 2-6 us per call: the Python
+    which raises the friendly error or converts. A refusal costs ~10 us (a C++
+    exception), so callers pass only coefficients already in the kernel's form. This saves 2-6 us per call: the Python
     checks cost more right after a kernel has streamed megabytes through the caches.
     `nan_checked`: the op checks its gate for NaN, which the CUDA kernel leaves to the
     Python path when SHORTCUT_KERNELS_CHECK_NAN=1.
@@ -53,17 +54,23 @@ def fast_kernel(forward: "backend_impl", *tensors, nan_checked: bool = False):
     ref = tensors[0]
     if type(ref) is not torch.Tensor or call_path(*tensors) != DIRECT:
         return None
-    backend = backends.select_for(ref)
+    try:
+        backend = backends.select_for(ref)
+    except backends.BackendUnavailable:
+        return None  # the full path checks the arguments first, then says why
     if backend == "cpu" or (backend == "cuda" and not (nan_checked and V.nan_checks_enabled(ref))):
         return forward[backend]
     return None
 
 
-def eager_autograd(name: str, forward, setup_context, backward) -> type:
+def eager_autograd(name: str, forward, setup_context, backward, registered_backward) -> type:
     """A torch.autograd.Function for eager calls of a custom op: `forward(*inputs)` is the
-    op's implementation, and `setup_context(ctx, inputs, output)` / `backward(ctx, *grads)`
-    are the ones registered with the op (backward calling the backward implementation
-    directly instead of the backward custom op)."""
+    op's implementation and `setup_context(ctx, inputs, output)` the one registered with
+    the op. `backward(ctx, *grads)` calls the backward implementation directly;
+    `registered_backward` is the op's registered autograd formula, which goes through the
+    backward custom op. It runs when the gradient itself must be differentiable
+    (create_graph=True): then the terms that are g itself stay differentiable and the
+    others raise, exactly as through the custom op, instead of being cut off."""
 
     def fn_forward(ctx, *inputs):
         output = forward(*inputs)
@@ -71,11 +78,12 @@ def eager_autograd(name: str, forward, setup_context, backward) -> type:
         return output
 
     def fn_backward(ctx, *grads):
-        return backward(ctx, *grads)
+        # The engine enables grad mode inside backward exactly when create_graph=True.
+        return (registered_backward if torch.is_grad_enabled() else backward)(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fn_forward),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(fn_backward)),
+        "backward": staticmethod(fn_backward),
     })
 
 

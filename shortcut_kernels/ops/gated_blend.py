@@ -137,8 +137,10 @@ def _make_backward(backward_kernels):
     return backward
 
 
-gated_blend_op.register_autograd(_make_backward(gated_blend_backward_op), setup_context=_setup_context)
-_GatedBlendEager = eager_autograd("GatedBlend", _forward, _setup_context, _make_backward(_backward_kernels))
+_registered_backward = _make_backward(gated_blend_backward_op)
+gated_blend_op.register_autograd(_registered_backward, setup_context=_setup_context)
+_GatedBlendEager = eager_autograd("GatedBlend", _forward, _setup_context,
+                                  _make_backward(_backward_kernels), _registered_backward)
 
 
 def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -151,7 +153,7 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
     kernel = fast_kernel(FORWARD, fresh, cache, gate, residual, nan_checked=True)
-    if kernel is not None and type(gate) is torch.Tensor and gate.dtype == V.acc_dtype(fresh.dtype):
+    if kernel is not None and V.is_kernel_coef(gate, fresh):
         try:
             return kernel(fresh, cache, gate, residual)
         except Exception:  # noqa: BLE001  the full path below explains, or converts

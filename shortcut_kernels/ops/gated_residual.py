@@ -189,9 +189,11 @@ def _make_backward(backward_kernels):
     return backward
 
 
-gated_residual_op.register_autograd(_make_backward(gated_residual_backward_op), setup_context=_setup_context)
+_registered_backward = _make_backward(gated_residual_backward_op)
+gated_residual_op.register_autograd(_registered_backward, setup_context=_setup_context)
 _GatedResidualEager = eager_autograd("GatedResidual", lambda x, y, gate: _forward(x, y, gate, None),
-                                     _setup_context, _make_backward(_backward_kernels))
+                                     _setup_context, _make_backward(_backward_kernels),
+                                     _registered_backward)
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
@@ -212,7 +214,9 @@ def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
     into `cache_out` separately, detached (the cache never carries gradients).
     """
     kernel = fast_kernel(FORWARD, x, y, gate, cache_out)
-    if kernel is not None and (gate is None or (type(gate) is torch.Tensor and gate.dtype == V.acc_dtype(x.dtype))):
+    if kernel is not None and (gate is None or (type(gate) is torch.Tensor and gate.dim() == 2
+                                                and gate.dtype == V.acc_dtype(x.dtype)
+                                                and gate.is_contiguous())):
         try:
             return kernel(x, y, gate, cache_out)
         except Exception:  # noqa: BLE001  the full path below explains, or converts

@@ -68,7 +68,7 @@ def _scalar(value, name: str, expected: str = "a float or a tensor") -> float:
 
 def _plain(coef, x: Tensor) -> bool:
     """A coefficient the C++ op takes as it is: a float or int, or an acc-dtype tensor."""
-    return type(coef) in (float, int) or (type(coef) is Tensor and coef.dtype == V.acc_dtype(x.dtype))
+    return type(coef) in (float, int) or V.is_kernel_coef(coef, x)
 
 
 def _split(coef, name: str):
@@ -191,8 +191,10 @@ def _make_backward(backward_kernels):
     return backward
 
 
-guided_step_op.register_autograd(_make_backward(guided_step_backward_op), setup_context=_setup_context)
-_GuidedStepEager = eager_autograd("GuidedStep", _forward, _setup_context, _make_backward(_backward_kernels))
+_registered_backward = _make_backward(guided_step_backward_op)
+guided_step_op.register_autograd(_registered_backward, setup_context=_setup_context)
+_GuidedStepEager = eager_autograd("GuidedStep", _forward, _setup_context,
+                                  _make_backward(_backward_kernels), _registered_backward)
 
 
 def guided_step(x: Tensor, eps_uncond: Tensor, eps_cond: Tensor, a: Coef, b: Coef, w: float) -> Tensor:
