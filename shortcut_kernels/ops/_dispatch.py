@@ -1,7 +1,10 @@
-"""Maps backend names to an op's implementations.
+"""How a public op call reaches an implementation.
 
-Every op module lists its torch implementation; the C++ and Triton ones are found by
-name (`shortcut_kernels_ext::<op>_<stage>` and `shortcut_kernels.triton.<op>.<op>_<stage>`)
+`call_path` picks between the registered custom op (torch.compile), an eager autograd
+Function and a direct call; `fast_kernel` lets a direct call skip the Python checks.
+`backend_impl` maps backend names to an op's implementations: every op module lists its
+torch implementation; the C++ and Triton ones are found by name
+(`shortcut_kernels_ext::<op>_<stage>` and `shortcut_kernels.triton.<op>.<op>_<stage>`)
 and imported only when first used, so neither is needed to import the package.
 """
 from __future__ import annotations
@@ -45,9 +48,10 @@ def fast_kernel(forward: "backend_impl", *tensors, nan_checked: bool = False):
     serves it. The caller then passes its arguments unchecked and unconverted: the C++
     op checks everything itself, and when it refuses (a wrong input, or one that only
     needs converting, such as a strided view) the caller falls back to the full path,
-    which raises the friendly error or converts. A refusal costs ~10 us (a C++
-    exception), so callers pass only coefficients already in the kernel's form. This saves 2-6 us per call: the Python
+    which raises the friendly error or converts. This saves 2-6 us per call: the Python
     checks cost more right after a kernel has streamed megabytes through the caches.
+    A refusal costs ~10 us (a C++ exception), so callers take this path only with
+    coefficients already in the kernel's form.
     `nan_checked`: the op checks its gate for NaN, which the CUDA kernel leaves to the
     Python path when SHORTCUT_KERNELS_CHECK_NAN=1.
     """
