@@ -99,38 +99,48 @@ def test_cli_info_runs():
     assert "backends for cpu tensors (auto picks cpu)" in result.stdout
 
 
-def test_bf16_outputs_same_with_and_without_avx512bf16(tmp_path):
+@pytest.mark.parametrize("env", [{"SHORTCUT_KERNELS_CPU_BF16": "generic"},
+                                 {"SHORTCUT_KERNELS_STREAM_MIN_BYTES": "1"}],
+                         ids=["generic-bf16-rounding", "streaming-stores"])
+def test_cpu_store_paths_agree_bit_for_bit(tmp_path, env):
     """The CPU kernels store bf16 through fp32 tiles, rounded by VCVTNEPS2BF16 where the
-    CPU has it and by integer ops otherwise (SHORTCUT_KERNELS_CPU_BF16=generic). Both
-    round to nearest even: on normal data (the instruction flushes fp32 denormals to zero
-    and keeps the sign of a NaN) every output and gradient must be bit-identical. (Without
-    the instruction both runs take the generic path and the test still checks the tiling.)"""
-    code = f"""
+    CPU has it and by integer ops otherwise (SHORTCUT_KERNELS_CPU_BF16=generic); and
+    outputs of ops bigger than the cache with non-temporal stores, through the same tiles
+    for fp32 (SHORTCUT_KERNELS_STREAM_MIN_BYTES=1 forces that on small tensors, with odd
+    sizes so that the tiles start at every alignment). Every output and gradient must be
+    bit-identical to the default path, on normal data (the instruction flushes fp32
+    denormals to zero and keeps a NaN's sign). On a CPU without the instructions both runs
+    take the same path and the test still checks the tiling."""
+    code = """
 import sys, torch, shortcut_kernels as sk
-torch.manual_seed(0)
-bf = torch.bfloat16
-x, y, z = (torch.randn(3, 1029, 37).to(bf) for _ in range(3))
-gate, ada = torch.rand(3), torch.randn(3, 37)
-leaves = [t.clone().requires_grad_() for t in (x, y, z)]
-g_leaf, ada_leaf = gate.clone().requires_grad_(), ada.clone().requires_grad_()
-outs = [sk.gated_blend(x, y, gate, z), sk.gated_residual(x, y, ada), sk.cache_residual(x, [y, z]),
-        sk.cache_residual(x, [y, z, x, y, z]), sk.guided_step(x, y, z, 0.9, -0.2, 4.0)]
-loss = (sk.gated_blend(*leaves[:2], g_leaf).float().sum() + sk.gated_residual(leaves[0], leaves[1], ada_leaf).float().sum()
-        + sk.guided_step(*leaves, 0.9, -0.2, 4.0).float().square().sum())
-outs += list(torch.autograd.grad(loss, leaves + [g_leaf, ada_leaf]))
-cache = torch.empty_like(x)
-outs += [sk.gated_residual(x, y, ada, cache_out=cache), cache]
-torch.save(outs, sys.argv[1] if len(sys.argv) > 1 else {str(tmp_path / "x.pt")!r})
+outs = []
+for dt in (torch.bfloat16, torch.float32):
+    torch.manual_seed(0)
+    x, y, z = (torch.randn(3, 1029, 37).to(dt) for _ in range(3))
+    gate, ada = torch.rand(3), torch.randn(3, 37)
+    leaves = [t.clone().requires_grad_() for t in (x, y, z)]
+    g_leaf, ada_leaf = gate.clone().requires_grad_(), ada.clone().requires_grad_()
+    outs += [sk.gated_blend(x, y, gate, z), sk.gated_residual(x, y, ada), sk.cache_residual(x, [y, z]),
+             sk.cache_residual(x, [y, z, x, y, z]), sk.guided_step(x, y, z, 0.9, -0.2, 4.0)]
+    loss = (sk.gated_blend(*leaves[:2], g_leaf).float().sum()
+            + sk.gated_residual(leaves[0], leaves[1], ada_leaf).float().sum()
+            + sk.guided_step(*leaves, 0.9, -0.2, 4.0).float().square().sum())
+    outs += list(torch.autograd.grad(loss, leaves + [g_leaf, ada_leaf]))
+    cache = torch.empty_like(x)
+    outs += [sk.gated_residual(x, y, ada, cache_out=cache), cache]
+torch.save(outs, sys.argv[1])
 """
     results = []
-    for mode in ("", "generic"):
-        path = tmp_path / f"out_{mode or 'default'}.pt"
-        env = dict(os.environ, PYTHONPATH=ROOT, SHORTCUT_KERNELS_CPU_BF16=mode)
-        env.pop("SHORTCUT_KERNELS_BACKEND", None)
+    for extra in ({}, env):
+        path = tmp_path / f"out_{len(results)}.pt"
+        run_env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+        for name in ("SHORTCUT_KERNELS_BACKEND", "SHORTCUT_KERNELS_CPU_BF16", "SHORTCUT_KERNELS_STREAM_MIN_BYTES"):
+            if name not in extra:
+                run_env.pop(name, None)
         run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                             env=env, cwd=ROOT, timeout=300)
+                             env=run_env, cwd=ROOT, timeout=300)
         assert run.returncode == 0, run.stderr
         results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 12
+    assert len(results[0]) == len(results[1]) == 24
     for i, (a, b) in enumerate(zip(*results)):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs between the two bf16 paths"
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs with {env}"

@@ -36,7 +36,7 @@ template <typename scalar_t>
 SK_CPU_CLONES void cache_residual_blocked(const scalar_t* __restrict__ x,
                                           const scalar_t* const* caches, int64_t num_caches,
                                           scalar_t* __restrict__ out, int64_t begin,
-                                          int64_t end) {
+                                          int64_t end, bool stream) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   acc_t acc[kSumBlock];
@@ -47,20 +47,21 @@ SK_CPU_CLONES void cache_residual_blocked(const scalar_t* __restrict__ x,
       const scalar_t* __restrict__ c = caches[k] + lo;
       for (int64_t i = 0; i < n; ++i) acc[i] = shortcut_math::cache_residual_add(acc[i], IO::load(c + i));
     }
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-      store_bf16(out + lo, acc, n);  // see `tiled` in cpu_common.h
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>)
+      store_tile(out + lo, acc, n, stream);  // see `tiled` in cpu_common.h
     else
       for (int64_t i = 0; i < n; ++i) IO::store(out + lo + i, acc[i]);
   }
+  end_streaming(stream);
 }
 
 template <typename scalar_t>
 void cache_residual_segment(const scalar_t* x, const std::vector<const scalar_t*>& caches,
-                            scalar_t* out, int64_t begin, int64_t end) {
+                            scalar_t* out, int64_t begin, int64_t end, bool stream) {
   if (caches.size() > 4)
     return cache_residual_blocked<scalar_t>(x, caches.data(), static_cast<int64_t>(caches.size()),
-                                            out, begin, end);
-  tiled<scalar_t>(end - begin, [&]<typename out_t>(int64_t off, int64_t n, out_t* o) {
+                                            out, begin, end, stream);
+  tiled<scalar_t>(end - begin, stream, [&]<typename out_t>(int64_t off, int64_t n, out_t* o) {
     const int64_t lo = begin + off;
     auto at = [&](size_t k) { return caches[std::min(k, caches.size() - 1)] + lo; };
     switch (caches.size()) {
@@ -84,8 +85,9 @@ at::Tensor cache_residual_forward(const at::Tensor& x, at::TensorList caches) {
     for (const auto& c : caches) ptrs.push_back(c.const_data_ptr<scalar_t>());
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_outputs(x.nbytes() * static_cast<int64_t>(caches.size() + 2));
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      cache_residual_segment<scalar_t>(xp, ptrs, op, begin, end);
+      cache_residual_segment<scalar_t>(xp, ptrs, op, begin, end, stream);
     });
   });
   return out;

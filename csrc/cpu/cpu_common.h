@@ -12,16 +12,18 @@
 #include <tuple>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string_view>
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #include <immintrin.h>
-#define SK_HAVE_AVX512BF16 1
+#define SK_X86_INTRINSICS 1
 #else
-#define SK_HAVE_AVX512BF16 0
+#define SK_X86_INTRINSICS 0
 #endif
 
 #include "../bool_dispatch.h"
@@ -115,12 +117,24 @@ static SK_CPU_CLONES void store_bf16_generic(c10::BFloat16* __restrict__ dst,
   for (int64_t i = 0; i < n; ++i) Io<c10::BFloat16>::store(dst + i, src[i]);
 }
 
-#if SK_HAVE_AVX512BF16
+#if SK_X86_INTRINSICS
 // VCVTNEPS2BF16 rounds to nearest even like c10::BFloat16 and keeps NaNs NaN; unlike it,
 // it flushes fp32 denormals (below 2^-126) to zero and keeps the sign and payload of a NaN.
+// `stream`: non-temporal stores for the 32-byte aligned part (see stream_outputs).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void store_bf16_avx512(
-    c10::BFloat16* dst, const float* src, int64_t n) {
+    c10::BFloat16* dst, const float* src, int64_t n, bool stream) {
   int64_t i = 0;
+  if (stream) {
+    const int64_t head = ((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32) / 2;
+    if (reinterpret_cast<uintptr_t>(dst) % 2 == 0 && head + 16 <= n) {
+      store_bf16_generic(dst, src, head);
+      for (i = head; i + 16 <= n; i += 16) {
+        const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                            reinterpret_cast<const __m256i&>(packed));
+      }
+    }
+  }
   for (; i + 16 <= n; i += 16) {
     const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(packed));
@@ -131,43 +145,128 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void stor
     _mm256_mask_storeu_epi16(dst + i, mask, reinterpret_cast<const __m256i&>(packed));
   }
 }
+
+// fp32 tile -> memory with non-temporal stores for the 64-byte aligned part.
+__attribute__((target("avx512f"))) static void store_f32_stream_avx512(float* dst,
+                                                                       const float* src,
+                                                                       int64_t n) {
+  int64_t i = 0;
+  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64) / 4;
+  if (reinterpret_cast<uintptr_t>(dst) % 4 == 0 && head + 16 <= n) {
+    std::memcpy(dst, src, head * sizeof(float));
+    for (i = head; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  }
+  std::memcpy(dst + i, src + i, (n - i) * sizeof(float));
+}
 #endif
+
+static inline bool env_is(const char* name, std::string_view value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string_view(set) == value;
+}
 
 // SHORTCUT_KERNELS_CPU_BF16=generic forces the generic rounding: the tests compare the
 // two paths on machines that have the instruction.
 static inline bool use_avx512bf16() {
-#if SK_HAVE_AVX512BF16
+#if SK_X86_INTRINSICS
   static const bool use = __builtin_cpu_supports("avx512bf16") &&
-                          std::string_view(std::getenv("SHORTCUT_KERNELS_CPU_BF16") != nullptr
-                                               ? std::getenv("SHORTCUT_KERNELS_CPU_BF16")
-                                               : "") != "generic";
+                          !env_is("SHORTCUT_KERNELS_CPU_BF16", "generic");
   return use;
 #else
   return false;
 #endif
 }
 
-static inline void store_bf16(c10::BFloat16* dst, const float* src, int64_t n) {
-#if SK_HAVE_AVX512BF16
-  if (use_avx512bf16()) return store_bf16_avx512(dst, src, n);
+static inline void store_bf16(c10::BFloat16* dst, const float* src, int64_t n, bool stream) {
+#if SK_X86_INTRINSICS
+  if (use_avx512bf16()) return store_bf16_avx512(dst, src, n, stream);
 #endif
   store_bf16_generic(dst, src, n);
+}
+
+// ---- streaming stores for outputs larger than the cache -----------------------------
+// When an op's data does not fit in the last-level cache, its outputs are written with
+// non-temporal stores: they skip the read of each output line before it is written and
+// leave the inputs in the cache (15-20% faster at DiT sizes in bf16 on the bench machine).
+// When the data fits they would send the output to DRAM for nothing (1.6x slower), hence
+// the threshold: the bytes an op reads and writes, against the L3 of one cache instance
+// (sysfs; 32 MB if unknown). SHORTCUT_KERNELS_STREAM_MIN_BYTES overrides it (tests).
+static inline int64_t last_level_cache_bytes() {
+  int64_t bytes = 32ll << 20;
+  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long long value = 0;
+    char unit = 0;
+    if (std::fscanf(f, "%lld%c", &value, &unit) >= 1 && value > 0)
+      bytes = value << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+    std::fclose(f);
+  }
+  return bytes;
+}
+
+static inline bool stream_outputs(int64_t total_bytes) {
+#if SK_X86_INTRINSICS
+  static const int64_t threshold = [] {
+    const char* set = std::getenv("SHORTCUT_KERNELS_STREAM_MIN_BYTES");
+    if (set != nullptr) return static_cast<int64_t>(std::atoll(set));
+    return __builtin_cpu_supports("avx512f") ? last_level_cache_bytes()
+                                             : std::numeric_limits<int64_t>::max();
+  }();
+  return total_bytes >= threshold;
+#else
+  (void)total_bytes;
+  return false;
+#endif
+}
+
+// Non-temporal stores are weakly ordered: a thread that streamed fences once when done
+// (not after every tile: that would wait for each tile to reach memory).
+static inline void end_streaming(bool stream) {
+#if SK_X86_INTRINSICS
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+// Stores an fp32 tile as bf16 or fp32, with streaming stores when asked (and possible);
+// end_streaming() after the last one.
+template <typename scalar_t>
+static inline void store_tile(scalar_t* dst, const float* src, int64_t n, bool stream) {
+  static_assert(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    store_bf16(dst, src, n, stream);
+  } else {
+#if SK_X86_INTRINSICS
+    if (stream) return store_f32_stream_avx512(dst, src, n);
+#endif
+    std::memcpy(dst, src, n * sizeof(float));
+  }
 }
 
 // Runs a kernel loop over [0, n) whose outputs are `outs` (null: not written):
 //   loop.template operator()<out_t>(offset, count, out_t* out0, ...)
 // covers [offset, offset + count) of the inputs and writes element i of that range at
-// out_k[i]. For bf16 it runs tile by tile with fp32 tiles as outputs (out_t = float),
-// then stores the tiles; for every other dtype once, on the outputs (out_t = scalar_t).
+// out_k[i]. With bf16 outputs, or fp32 ones to be streamed (`stream`, from
+// stream_outputs), it runs tile by tile with fp32 tiles as outputs (out_t = float), then
+// stores the tiles; otherwise once, on the outputs (out_t = scalar_t).
 // Reductions keep their accumulators in the loop's captures across the calls.
 template <typename scalar_t, typename Loop, typename... Out>
-void tiled(int64_t n, const Loop& loop, Out*... outs) {
-  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+void tiled(int64_t n, bool stream, const Loop& loop, Out*... outs) {
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+#if SK_X86_INTRINSICS
+  const bool through_tiles = kBf16 || (kFloat && stream);
+#else
+  const bool through_tiles = kBf16;
+#endif
+  if (!through_tiles) {
     loop.template operator()<scalar_t>(int64_t{0}, n, outs...);
-  } else {
+    return;
+  }
+  if constexpr (kBf16 || kFloat) {
     constexpr size_t kOuts = sizeof...(Out);
     alignas(64) float tiles[kOuts][kTile];
-    const std::array<c10::BFloat16*, kOuts> dst{outs...};
+    const std::array<scalar_t*, kOuts> dst{outs...};
     std::array<float*, kOuts> tile_ptrs{};
     for (size_t k = 0; k < kOuts; ++k) tile_ptrs[k] = dst[k] != nullptr ? tiles[k] : nullptr;
     for (int64_t lo = 0; lo < n; lo += kTile) {
@@ -175,8 +274,9 @@ void tiled(int64_t n, const Loop& loop, Out*... outs) {
       std::apply([&](auto*... tile) { loop.template operator()<float>(lo, count, tile...); },
                  tile_ptrs);
       for (size_t k = 0; k < kOuts; ++k)
-        if (dst[k] != nullptr) store_bf16(dst[k] + lo, tiles[k], count);
+        if (dst[k] != nullptr) store_tile(dst[k] + lo, tiles[k], count, stream);
     }
+    end_streaming(stream);
   }
 }
 

@@ -64,10 +64,11 @@ template <typename scalar_t, bool kFresh, bool kCache, bool kGate>
 typename Io<scalar_t>::acc_t blend_backward_chunk(const scalar_t* grad, const scalar_t* fresh,
                                                   const scalar_t* cache, scalar_t* d_fresh,
                                                   scalar_t* d_cache,
-                                                  typename Io<scalar_t>::acc_t gate, int64_t n) {
+                                                  typename Io<scalar_t>::acc_t gate, int64_t n,
+                                                  bool stream) {
   using acc_t = typename Io<scalar_t>::acc_t;
   acc_t lanes[kLanes] = {};
-  tiled<scalar_t>(n, [&]<typename out_t>(int64_t off, int64_t count, out_t* d_f, out_t* d_c) {
+  tiled<scalar_t>(n, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* d_f, out_t* d_c) {
     blend_backward_loop<scalar_t, out_t, kFresh, kCache, kGate>(
         grad + off, fresh + off, cache + off, d_f, d_c, gate, lanes, count);
   }, kFresh ? d_fresh : nullptr, kCache ? d_cache : nullptr);
@@ -108,9 +109,10 @@ at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
     const scalar_t* r = has_residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t* g = gate.const_data_ptr<acc_t>();
+    const bool stream = stream_outputs(fresh.nbytes() * (has_residual ? 4 : 3));
     with_flags([&]<bool kResidual>() {
       for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-        tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
+        tiled<scalar_t>(hi - lo, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
           blend_loop<scalar_t, out_t, kResidual>(f + lo + off, c + lo + off,
                                                  kResidual ? r + lo + off : nullptr, out_tile,
                                                  g[s], count);
@@ -134,11 +136,13 @@ void run_backward(const at::Tensor& grad, const at::Tensor& fresh, const at::Ten
   const acc_t* gates = gate.const_data_ptr<acc_t>();
   const int64_t num_samples = std::max<int64_t>(1, gate.numel());
   const int64_t per_sample = grad.numel() / num_samples;
+  // Reads grad (and fresh, cache for the gate), writes the asked-for gradients.
+  const bool stream = stream_outputs(grad.nbytes() * (1 + 2 * kGate + kFresh + kCache));
   auto sums = per_sample_chunked_sum<acc_t>(num_samples, per_sample,
                                             [&](int64_t s, int64_t lo, int64_t hi) {
     return blend_backward_chunk<scalar_t, kFresh, kCache, kGate>(
         g + lo, f + lo, c + lo, kFresh ? df + lo : nullptr, kCache ? dc + lo : nullptr,
-        gates[s], hi - lo);
+        gates[s], hi - lo, stream);
   });
   if (kGate) {
     acc_t* dg = d_gate.mutable_data_ptr<acc_t>();

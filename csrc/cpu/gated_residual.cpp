@@ -71,8 +71,9 @@ void run_forward(const at::Tensor& x, const at::Tensor& y, const std::optional<a
   const acc_t* gp = kGate ? gate->const_data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* cp = kCache ? cache_out->mutable_data_ptr<scalar_t>() : nullptr;
+  const bool stream = stream_outputs(x.nbytes() * (3 + kCache));
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    tiled<scalar_t>(end - begin, [&]<typename out_t>(int64_t off, int64_t count, out_t* o, out_t* c) {
+    tiled<scalar_t>(end - begin, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* o, out_t* c) {
       residual_loop<scalar_t, out_t, kGate, kCache>(xp, yp, gp, o, c, begin + off, count, tokens,
                                                     channels);
     }, op + begin, kCache ? cp + begin : nullptr);
@@ -117,13 +118,14 @@ void run_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor&
   const int64_t chunks = (tokens + chunk - 1) / chunk;
   // partial[b, k, c]: sum of g*y over the tokens of chunk k of sample b.
   std::vector<acc_t> partial(kGate ? samples * chunks * channels : 0, acc_t(0));
+  const bool stream = stream_outputs(y.nbytes() * (1 + kY + kGate));
   at::parallel_for(0, samples * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, k = task % chunks;
       const int64_t t0 = k * chunk, t1 = std::min(tokens, t0 + chunk);
       const int64_t off = (b * tokens + t0) * channels;
       acc_t* sums = kGate ? partial.data() + task * channels : nullptr;
-      tiled<scalar_t>((t1 - t0) * channels, [&]<typename out_t>(int64_t o, int64_t count, out_t* d) {
+      tiled<scalar_t>((t1 - t0) * channels, stream, [&]<typename out_t>(int64_t o, int64_t count, out_t* d) {
         residual_backward_loop<scalar_t, out_t, kY, kGate>(g + off, yp + off, gates + b * channels,
                                                            d, sums, o, count, channels);
       }, kY ? dy + off : nullptr);

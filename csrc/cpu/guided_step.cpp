@@ -80,8 +80,9 @@ at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond
     const scalar_t* up = eps_uncond.const_data_ptr<scalar_t>();
     const scalar_t* cp = eps_cond.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_outputs(x.nbytes() * 4);
     for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-      tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
+      tiled<scalar_t>(hi - lo, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
         step_loop<scalar_t, out_t>(xp + lo + off, up + lo + off, cp + lo + off, out_tile,
                                    ca.at(s), cb.at(s), wv, count);
       }, o + lo);
@@ -102,8 +103,9 @@ void run_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
   scalar_t* dx = kX ? d_x.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* du = kUncond ? d_uncond.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dc = kCond ? d_cond.mutable_data_ptr<scalar_t>() : nullptr;
+  const bool stream = stream_outputs(grad.nbytes() * (1 + kX + kUncond + kCond));
   for_each_sample_segment(grad.numel(), per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
-    tiled<scalar_t>(hi - lo, [&]<typename out_t>(int64_t off, int64_t count, out_t* tx, out_t* tu,
+    tiled<scalar_t>(hi - lo, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* tx, out_t* tu,
                                                  out_t* tc) {
       step_backward_loop<scalar_t, out_t, kX, kUncond, kCond>(g + lo + off, tx, tu, tc, ca.at(s),
                                                               cb.at(s), wv, count);
