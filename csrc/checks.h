@@ -122,4 +122,37 @@ inline int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor
   return samples;
 }
 
+// ---- forward checks, the same for the CPU and the CUDA kernels -------------------
+
+// gated_blend_forward; returns whether a residual is given.
+inline bool check_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
+                                const at::Tensor& gate, const std::optional<at::Tensor>& residual) {
+  check_blend_inputs(fresh, cache, gate);
+  if (has(residual)) check_same(fresh, "fresh", *residual, "residual");
+  return has(residual);
+}
+
+// gated_residual_forward: x, y (and cache_out) alike and contiguous, gate [B, C].
+inline void check_gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
+                                         const std::optional<at::Tensor>& gate,
+                                         const std::optional<at::Tensor>& cache_out) {
+  check_float_tensor(x, "x");
+  check_contiguous(x, "x");
+  check_same(x, "x", y, "y");
+  if (has(gate)) check_residual_gate(*gate, x);
+  if (has(cache_out)) check_same(x, "x", *cache_out, "cache_out");
+}
+
+// guided_step_forward; returns the number of samples of the coefficients.
+inline int64_t check_guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond,
+                                         const at::Tensor& eps_cond,
+                                         const std::optional<at::Tensor>& a,
+                                         const std::optional<at::Tensor>& b) {
+  check_float_tensor(x, "x");
+  check_dense(x, "x");
+  check_same(x, "x", eps_uncond, "eps_uncond");
+  check_same(x, "x", eps_cond, "eps_cond");
+  return check_coefs(x, a, b);
+}
+
 }  // namespace shortcut_kernels

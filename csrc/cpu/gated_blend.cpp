@@ -90,13 +90,11 @@ void check_gate_not_nan(const at::Tensor& gate) {
 at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
                                const at::Tensor& gate,
                                const std::optional<at::Tensor>& residual) {
-  check_blend_inputs(fresh, cache, gate);
+  const bool has_residual = check_blend_forward(fresh, cache, gate, residual);
   if (gate.scalar_type() == at::kDouble)
     check_gate_not_nan<double>(gate);
   else
     check_gate_not_nan<float>(gate);
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) check_same(fresh, "fresh", *residual, "residual");
   at::Tensor out = at::empty_like(fresh);
   const int64_t numel = fresh.numel();
   if (numel == 0) return out;

@@ -62,11 +62,7 @@ at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond
                                const at::Tensor& eps_cond, const std::optional<at::Tensor>& a,
                                const std::optional<at::Tensor>& b, double a_scalar,
                                double b_scalar, double w) {
-  check_float_tensor(x, "x");
-  check_dense(x, "x");
-  check_same(x, "x", eps_uncond, "eps_uncond");
-  check_same(x, "x", eps_cond, "eps_cond");
-  const int64_t samples = check_coefs(x, a, b);
+  const int64_t samples = check_guided_step_forward(x, eps_uncond, eps_cond, a, b);
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
   if (numel == 0) return out;

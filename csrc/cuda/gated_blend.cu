@@ -98,9 +98,7 @@ void launch_forward(const at::Tensor& fresh, const at::Tensor& cache, const at::
 at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
                                const at::Tensor& gate,
                                const std::optional<at::Tensor>& residual) {
-  check_blend_inputs(fresh, cache, gate);
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) check_same(fresh, "fresh", *residual, "residual");
+  const bool has_residual = check_blend_forward(fresh, cache, gate, residual);
   c10::cuda::CUDAGuard device_guard(fresh.device());
   at::Tensor out = at::empty_like(fresh);
   const int64_t numel = fresh.numel();

@@ -130,12 +130,8 @@ void launch_forward(const scalar_t* x, const scalar_t* y,
 at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
                                   const std::optional<at::Tensor>& gate,
                                   const std::optional<at::Tensor>& cache_out) {
-  check_float_tensor(x, "x");
-  check_contiguous(x, "x");
-  check_same(x, "x", y, "y");
+  check_gated_residual_forward(x, y, gate, cache_out);
   const bool has_gate = has(gate), has_cache = has(cache_out);
-  if (has_gate) check_residual_gate(*gate, x);
-  if (has_cache) check_same(x, "x", *cache_out, "cache_out");
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
