@@ -1,7 +1,14 @@
-"""`python -m shortcut_kernels info` (also the `shortcut-kernels` command)."""
+"""`python -m shortcut_kernels ...` (also the `shortcut-kernels` command).
+
+`info` lives here; the algorithm layers add their own subcommands: each module named in
+`COMMAND_MODULES` has `add_commands(subparsers)`, which registers its parsers with
+`set_defaults(run=callable(args) -> int)`. A module that is not there yet is skipped, so
+each layer owns its commands in its own file.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
@@ -37,14 +44,32 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+COMMAND_MODULES = ("shortcut_kernels.dipgo.cli", "shortcut_kernels.sdo.cli")
+
+
+def _print_info(args) -> int:
+    print(info())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shortcut-kernels", description="shortcut_kernels tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, which backends loaded, and why not")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
-    return 0
+    sub.add_parser("info", help="versions, which backends loaded, and why not").set_defaults(run=_print_info)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that layer is not installed in this tree
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":
