@@ -534,3 +534,96 @@ def test_soft_cascade_is_exact_on_hard_gates_and_differentiable(sd15_fine, fresh
     probs = torch.full((len(g),), 0.5, requires_grad=True)
     g.cascade(probs)[g.index("mid_block.resnets.0")].backward()
     assert probs.grad[g.index("up_blocks.0.resnets.0")] > 0
+
+
+# --------------------------------------------------------------------------- outputs, reads, skips (runtime needs)
+
+
+def _record_outputs(model, paths, kwargs):
+    got, hooks = {}, []
+    for p in paths:
+        hooks.append(model.get_submodule(p).register_forward_hook(
+            lambda m, a, o, p=p: got.__setitem__(p, o)))
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("gran", ["fine", "coarse"])
+def test_output_shapes_and_reads_match_a_real_call(gran, one_thread):
+    """Block.output_shapes/structure are what the modules return; `reads` names the tensor each consumer gets."""
+    from shortcut_kernels.models.macs import describe_output
+
+    m = tiny_sd_unet()
+    kw = _inputs(m, 3)
+    g = block_graph(m, gran, inputs=kw)
+    got = _record_outputs(m, [b.module_paths[-1] for b in g], kw)
+    for b in g:
+        structure, shapes = describe_output(got[b.module_paths[-1]])
+        assert (b.output_structure, b.output_shapes) == (structure, shapes), b.name
+        assert len(b.reads) == len(b.producers)
+        for p, r in zip(b.producers, b.reads):
+            assert all(0 <= i < (len(g[p].output_shapes) if p != EXTERNAL else 1) for i in r)
+    if gran == "coarse":
+        # up_blocks.0 reads the two last skips of down_blocks.2 and nothing else of it
+        up0, d2 = g["up_blocks.0"], g.index("down_blocks.2")
+        assert up0.reads[up0.producers.index(d2)] == (1, 2)
+        assert g["mid_block"].reads == ((0,),)
+        # every skip of every down block is read by exactly one up block
+        for d in (b for b in g if b.kind == "down_block"):
+            readers = [i for c in d.consumers if c != EXTERNAL and g[c].kind == "up_block"
+                       for i in g[c].reads[g[c].producers.index(d.index)]]
+            assert sorted(readers) == list(range(1, len(d.output_shapes)))
+    else:
+        assert g["down_blocks.0.attentions.0"].output_structure == "tuple"
+        assert [b.skip for b in g if b.stage == "down" and b.skip is not None] == list(range(1, 9))
+        assert [b.skip for b in g if b.stage == "up" and b.kind == "resnet"] == list(range(8, -1, -1))
+
+
+def test_graph_dict_roundtrip():
+    g = block_graph(tiny_sd_unet(), "coarse")
+    assert BlockGraph.from_dict(g.to_dict()) == g
+    g = block_graph(tiny_dit(3), "fine")
+    assert BlockGraph.from_dict(g.to_dict()) == g
+
+
+def test_live_separates_reads_from_dead_blocks():
+    g = block_graph(tiny_sd_unet(), "coarse")
+    keep = g.cascade([True, True, True, False, False, True, True])  # reuse mid + up_blocks.0
+    live = g.live(keep)
+    # up_blocks.0 is read from its cache by up_blocks.1; mid and down_blocks.2 feed nothing that runs
+    assert live[g.index("up_blocks.0")] and not live[g.index("mid_block")]
+    assert not live[g.index("down_blocks.2")] and not keep[g.index("down_blocks.2")]
+
+
+def test_deepcache_numberings_on_one_layer_per_block_unet():
+    """The zoo layout (layers_per_block=1): package branch k (block k//3, layer k%3) and skip indices differ."""
+    from shortcut_kernels.models import num_skips, skip_keep, skip_of_branch
+    from shortcut_kernels.zoo.models import UNET_CONFIG
+
+    m = diffusers.UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": [8, 16, 16], "cross_attention_dim": 8,
+                                          "attention_head_dim": 4, "norm_num_groups": 4})
+    g = block_graph(m, "fine", sample_shape=(1, 1, 16, 16), text_tokens=1)
+    assert num_branches(g) == 9 and num_skips(g) == 6
+    assert [skip_of_branch(g, k) for k in range(9)] == [0, 1, 1, 2, 3, 3, 4, 5, 5]
+    for s in range(6):
+        keep = skip_keep(g, s)
+        assert g.cascade(keep) == keep
+        fresh = {b.skip for b in g if b.stage == "up" and b.kind == "resnet" and keep[b.index]}
+        assert fresh == set(range(s + 1))  # skips 0..s consumed fresh, nothing deeper
+        for b in g:  # a kept up resnet reads a fresh skip
+            if keep[b.index] and b.kind == "resnet" and b.stage == "up" and b.producers[1] != EXTERNAL:
+                assert keep[b.producers[1]]
+    # the pipelines' (layer, block) numbering is the skip index
+    assert branch_from_layer_block(g, 0, 0) == 1 and branch_from_layer_block(g, 1, 1) == 4
+    assert g.deepcache_keep(cache_layer_id=1, cache_block_id=0) == skip_keep(g, 3)
+    # package branch 2 keeps what branch 1 keeps: the downsampler it also runs is dead
+    assert g.deepcache_keep(2) == g.deepcache_keep(1) == skip_keep(g, 1)
+    with pytest.raises(ValueError, match="out of range"):
+        skip_keep(g, 6)
+    with pytest.raises(ValueError, match="out of range"):
+        g.deepcache_keep(9)

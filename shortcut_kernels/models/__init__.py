@@ -20,7 +20,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from .adapters import SUPPORTED_CLASSES, block_specs, model_kind
-from .deepcache import branch_from_layer_block, deepcache_keep, deepcache_table, num_branches
+from .deepcache import (branch_from_layer_block, deepcache_keep, deepcache_table, num_branches, num_skips,
+                        skip_keep, skip_of_branch)
 from .graph import EXTERNAL, GRANULARITIES, Block, BlockGraph
 from .macs import clear_cache as _clear_mac_cache, count_macs, default_sample_shape, example_input_shapes, module_macs
 from .registry import available_models, build_model, config_path, load_model, model_config
@@ -29,8 +30,15 @@ _GRAPHS: dict[tuple, BlockGraph] = {}
 
 
 def denoiser(model_or_pipe: Any) -> nn.Module:
-    """The denoiser of a pipeline (``.unet`` or ``.transformer``), or the model itself."""
+    """The denoiser of a pipeline (``.unet`` or ``.transformer``), of a wrapper with a
+    ``.backbone`` (the zoo models), or the model itself."""
     if isinstance(model_or_pipe, nn.Module):
+        backbone = getattr(model_or_pipe, "backbone", None)
+        if isinstance(backbone, nn.Module) and backbone is not model_or_pipe:
+            try:
+                model_kind(model_or_pipe)
+            except TypeError:
+                return backbone
         return model_or_pipe
     for attr in ("unet", "transformer"):
         m = getattr(model_or_pipe, attr, None)
@@ -74,9 +82,13 @@ def block_graph(model: Any, granularity: str = "coarse", sample_shape=None, *, t
     blocks = []
     for i, s in enumerate(specs):
         macs = sum(mm.macs(p, count_attention) for p in s["module_paths"])
+        structure, shapes = mm.output(s["module_paths"][-1])  # a group outputs what its last member does
+        reads = s.get("reads") or [[0] for _ in s["producers"]]
         blocks.append(Block(index=i, name=s["name"], module_paths=tuple(s["module_paths"]), macs=macs,
                             consumers=tuple(s["consumers"]), producers=tuple(s["producers"]),
-                            residual=s["residual"], kind=s["kind"], stage=s["stage"], deepcache=s["deepcache"]))
+                            residual=s["residual"], kind=s["kind"], stage=s["stage"], deepcache=s["deepcache"],
+                            reads=tuple(tuple(r) for r in reads), skip=s.get("skip"),
+                            output_structure=structure, output_shapes=tuple(shapes)))
     g = BlockGraph(model_class=type(model).__name__, granularity=granularity, blocks=tuple(blocks),
                    total_macs=mm.total(count_attention), input_shapes=mm.input_shapes,
                    count_attention=count_attention)
@@ -114,5 +126,6 @@ __all__ = [
     "EXTERNAL", "GRANULARITIES", "SUPPORTED_CLASSES", "Block", "BlockGraph", "block_graph", "denoiser",
     "get_module", "get_modules", "count_macs", "module_macs", "default_sample_shape", "example_input_shapes",
     "clear_cache", "available_models", "build_model", "load_model", "model_config", "config_path",
-    "deepcache_keep", "deepcache_table", "num_branches", "branch_from_layer_block",
+    "deepcache_keep", "deepcache_table", "num_branches", "num_skips", "skip_keep", "skip_of_branch",
+    "branch_from_layer_block",
 ]

@@ -11,6 +11,9 @@ UNets (``UNet2DConditionModel``, ``UNet2DModel``)
       order. Block coordinates follow DeepCache (see :mod:`.deepcache`).
     * ``coarse``: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``.
 
+    Skips are numbered in production order (0 = ``conv_in``); a fine down module that
+    appends a skip and an up resnet that consumes one carry its index in ``Block.skip``.
+
 Transformer chains (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
 ``SD3Transformer2DModel``)
     * ``fine``: every ``transformer_blocks.i``.
@@ -66,10 +69,16 @@ def unet_fine_specs(model: nn.Module) -> tuple[list[dict], list[tuple]]:
     specs: list[dict] = []
     groups: list[tuple] = []
 
-    def add(path, kind, stage, coord, producers):
+    def add(path, kind, stage, coord, producers, roles=None):
         specs.append(dict(name=path, module_paths=(path,), kind=kind, stage=stage, deepcache=coord,
-                          producers=list(producers), residual=False))
+                          producers=list(producers), residual=False, skip=None,
+                          roles=list(roles or ["hidden"] * len(producers))))
         return len(specs) - 1
+
+    def push_skip(i):
+        skips.append(i)
+        if i != EXTERNAL:
+            specs[i]["skip"] = len(skips) - 1
 
     cur = EXTERNAL  # producer of the hidden stream (conv_in)
     skips = [EXTERNAL]  # skip 0 = conv_in output
@@ -81,12 +90,12 @@ def unet_fine_specs(model: nn.Module) -> tuple[list[dict], list[tuple]]:
             cur = add(f"down_blocks.{i}.resnets.{l}", "resnet", "down", ("down", i, l), [cur])
             if l < len(attns) and attns[l] is not None:
                 cur = add(f"down_blocks.{i}.attentions.{l}", "attention", "down", ("down", i, l), [cur])
-            skips.append(cur)
+            push_skip(cur)
         samplers = _seq(blk, "downsamplers")
         for k in range(len(samplers)):
             cur = add(f"down_blocks.{i}.downsamplers.{k}", "downsampler", "down", ("down", i, len(resnets)), [cur])
         if samplers:
-            skips.append(cur)
+            push_skip(cur)
         groups.append((f"down_blocks.{i}", (f"down_blocks.{i}",), list(range(first, len(specs))), "down_block",
                        "down"))
     mid = getattr(model, "mid_block", None)
@@ -109,9 +118,11 @@ def unet_fine_specs(model: nn.Module) -> tuple[list[dict], list[tuple]]:
         for j in range(len(resnets)):
             if not skips:
                 raise ValueError(f"up_blocks.{i}.resnets.{j} has no skip connection left to consume")
+            skip_index = len(skips) - 1
             skip = skips.pop()
             rl = len(resnets) - 1 - j
-            cur = add(f"up_blocks.{i}.resnets.{j}", "resnet", "up", ("up", rb, rl), [cur, skip])
+            cur = add(f"up_blocks.{i}.resnets.{j}", "resnet", "up", ("up", rb, rl), [cur, skip], ["hidden", "skip"])
+            specs[cur]["skip"] = skip_index
             if j < len(attns) and attns[j] is not None:
                 cur = add(f"up_blocks.{i}.attentions.{j}", "attention", "up", ("up", rb, rl), [cur])
         for k in range(len(_seq(blk, "upsamplers"))):
@@ -131,7 +142,8 @@ def chain_fine_specs(model: nn.Module, group_size: int = 4) -> tuple[list[dict],
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     n = len(blocks)
     specs = [dict(name=f"transformer_blocks.{i}", module_paths=(f"transformer_blocks.{i}",), kind="transformer",
-                  stage="chain", deepcache=None, producers=[i - 1 if i else EXTERNAL], residual=True)
+                  stage="chain", deepcache=None, producers=[i - 1 if i else EXTERNAL], residual=True, skip=None,
+                  roles=["hidden"])
              for i in range(n)]
     _fill_consumers(specs, n - 1)
     groups = []

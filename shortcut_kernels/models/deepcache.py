@@ -20,22 +20,31 @@ Every fine block carries DeepCache's coordinate of its module, ``Block.deepcache
   for ``up_blocks.i.resnets.j`` / ``attentions.j``, ``("up", n_up - 1 - i, 0)`` for
   ``up_blocks.i.upsamplers.0``.
 
-Two public DeepCache interfaces, both supported here:
+Three numberings of "where the cache sits", all supported here:
 
 1. ``DeepCacheSDHelper.set_params(cache_branch_id=k)`` (the ``DeepCache`` package):
-   ``cache_block_id = k // 3``, ``cache_layer_id = k % 3``. A down module ``(i, l)``
-   runs iff ``i < cache_block_id`` or (``i == cache_block_id`` and ``l <
-   cache_layer_id``); an up module ``(i, l)`` runs iff ``i < cache_block_id`` or
-   (``i == cache_block_id`` and ``l <= cache_layer_id``). With ``layers_per_block=2``
-   this is: **branch k keeps skips 0..k fresh** - the down modules producing skips
-   1..k and the up layers consuming skips 0..k (plus the upsamplers in front of them).
-2. The paper's pipelines (``pipe(..., cache_layer_id=L, cache_block_id=B)``, L = down
+   ``cache_block_id = k // 3``, ``cache_layer_id = k % 3`` *whatever the UNet's layers
+   per block*. A down module ``(i, l)`` runs iff ``i < cache_block_id`` or (``i ==
+   cache_block_id`` and ``l < cache_layer_id``); an up module ``(i, l)`` runs iff ``i <
+   cache_block_id`` or (``i == cache_block_id`` and ``l <= cache_layer_id``). Valid ``k``:
+   ``0 .. 3 * len(down_blocks) - 1`` (:func:`num_branches`).
+2. The *skip index* ``s`` (:func:`skip_keep`): skips ``0..s`` stay fresh - the down
+   modules producing skips ``1..s`` run, and so do the up resnets consuming skips
+   ``0..s`` (with their attentions, and the upsampler right after a block's last such
+   resnet). Valid ``s``: ``0 .. num_skips - 1`` (:func:`num_skips`).
+3. The paper's pipelines (``pipe(..., cache_layer_id=L, cache_block_id=B)``, L = down
    block, B = layer inside it): the down path runs through layer ``(L, B)`` inclusive
    (``B == len(resnets)``: through the downsampler), and the up path consumes the
-   skips it produced. This is branch ``k = offset(L) + B + 1`` of interface 1 (``offset(L)``
-   = number of skips produced by down blocks ``< L``, i.e. ``3 L`` for SD/SDXL), so the
-   pipelines' default ``(0, 0)`` is ``cache_branch_id=1`` and the package's default
-   ``cache_branch_id=0`` (only ``conv_in``'s skip fresh) has no pipeline equivalent.
+   skips it produced: skip index ``s = offset(L) + B + 1`` (:func:`branch_from_layer_block`;
+   ``offset(L)`` = number of skips produced by down blocks ``< L``).
+
+With three DeepCache layers per down block (``layers_per_block=2`` + a downsampler:
+SD-1.5/2.1, SDXL) package branch ``k`` *is* skip index ``k``. With other layouts they
+differ: the zoo UNet (``layers_per_block=1``, 2 layers per down block) has 9 package
+branches but 6 skips; package branches 1 and 2 both keep skips 0..1 fresh (branch 2 also
+runs down_blocks.0's downsampler, whose output no running module reads: the package
+computes it, the cascade-normalised mask here does not). :func:`skip_of_branch` maps a
+package branch to its skip index.
 
 SD-1.5 fine graph (44 blocks), index -> coordinate, and the smallest branch k at which
 the block runs on retrieval steps (the mid block never does)::
@@ -89,13 +98,51 @@ def _down_layers(graph: BlockGraph) -> dict[int, int]:
 
 
 def num_branches(graph: BlockGraph) -> int:
-    """Number of skip branches (= skips, conv_in's included)."""
+    """Number of the ``DeepCache`` package's ``cache_branch_id`` values (3 per down block)."""
+    _require_fine_unet(graph)
+    return 3 * len(_down_layers(graph))
+
+
+def num_skips(graph: BlockGraph) -> int:
+    """Number of skip connections (``conv_in``'s included): valid skip indices."""
     _require_fine_unet(graph)
     return 1 + sum(_down_layers(graph).values())
 
 
+def skip_keep(graph: BlockGraph, skip: int) -> list[bool]:
+    """Keep mask of a retrieval step that keeps skips ``0..skip`` fresh (cascade-normalised)."""
+    _require_fine_unet(graph)
+    if isinstance(skip, bool) or not isinstance(skip, int):
+        raise TypeError(f"skip must be an int, got {skip!r}")
+    ns = num_skips(graph)
+    if not 0 <= skip < ns:
+        raise ValueError(f"skip={skip} out of range 0..{ns - 1}")
+    keep = []
+    running = False  # does the up resnet in front (same block) run?
+    for b in graph.blocks:
+        if b.stage == "down":
+            keep.append(True)  # the cascade drops the modules whose skips nobody reads
+        elif b.stage == "mid":
+            keep.append(False)
+        elif b.kind == "resnet":
+            running = b.skip is not None and b.skip <= skip
+            keep.append(running)
+        else:  # attention after its resnet, upsampler after the block's last resnet
+            keep.append(running)
+    return graph.cascade(keep)
+
+
+def skip_of_branch(graph: BlockGraph, cache_branch_id: int) -> int:
+    """The skip index whose mask equals the package's branch ``cache_branch_id`` (after the cascade)."""
+    keep = deepcache_keep(graph, cache_branch_id)
+    for s in range(num_skips(graph)):
+        if skip_keep(graph, s) == keep:
+            return s
+    raise AssertionError(f"package branch {cache_branch_id} matches no skip index")  # pragma: no cover
+
+
 def branch_from_layer_block(graph: BlockGraph, cache_layer_id: int, cache_block_id: int) -> int:
-    """The pipelines' ``(cache_layer_id, cache_block_id)`` as a skip index (branch)."""
+    """The pipelines' ``(cache_layer_id, cache_block_id)`` as a skip index."""
     _require_fine_unet(graph)
     layers = _down_layers(graph)
     if cache_layer_id not in layers:
@@ -111,7 +158,8 @@ def deepcache_keep(graph: BlockGraph, cache_branch_id: int | None = None, *, cac
     """Keep mask of a DeepCache retrieval step (see the module docstring for the numbering).
 
     Give either ``cache_branch_id`` (the ``DeepCache`` package's ``set_params``) or both
-    ``cache_layer_id`` and ``cache_block_id`` (the paper's pipelines).
+    ``cache_layer_id`` and ``cache_block_id`` (the paper's pipelines). The mask is
+    cascade-normalised: modules whose output nothing running reads are reused.
     """
     _require_fine_unet(graph)
     if cache_branch_id is not None:
@@ -132,26 +180,17 @@ def deepcache_keep(graph: BlockGraph, cache_branch_id: int | None = None, *, cac
                 keep.append(i < cb or (i == cb and l < cl))
             else:
                 keep.append(i < cb or (i == cb and l <= cl))
-        return keep
+        return graph.cascade(keep)
     if cache_layer_id is None or cache_block_id is None:
         raise ValueError("give cache_branch_id, or both cache_layer_id and cache_block_id")
-    layers = _down_layers(graph)
-    branch_from_layer_block(graph, cache_layer_id, cache_block_id)  # validates
-    # the pipelines move the entry point one layer on for the up path
-    up_l, up_b = (cache_layer_id + 1, 0) if cache_block_id + 1 >= layers[cache_layer_id] else (
-        cache_layer_id, cache_block_id + 1)
-    keep = []
-    for b in graph.blocks:
-        stage, i, l = b.deepcache
-        if stage == "mid":
-            keep.append(False)
-        elif stage == "down":
-            keep.append(i < cache_layer_id or (i == cache_layer_id and l <= cache_block_id))
-        elif b.kind == "upsampler":
-            keep.append(i <= up_l)
-        else:
-            keep.append(i < up_l or (i == up_l and l <= up_b))
-    return keep
+    return skip_keep(graph, branch_from_layer_block(graph, cache_layer_id, cache_block_id))
+
+
+def min_skip(graph: BlockGraph) -> list[int | None]:
+    """Per block: the smallest skip index at which it runs on retrieval steps."""
+    ns = num_skips(graph)
+    masks = [skip_keep(graph, s) for s in range(ns)]
+    return [min((s for s in range(ns) if masks[s][j]), default=None) for j in range(len(graph.blocks))]
 
 
 def min_branch(graph: BlockGraph) -> list[int | None]:
@@ -166,11 +205,13 @@ def min_branch(graph: BlockGraph) -> list[int | None]:
 
 
 def deepcache_table(graph: BlockGraph) -> str:
-    """Index, name, DeepCache coordinate and smallest branch of every fine UNet block."""
-    mb = min_branch(graph)
+    """Index, name, DeepCache coordinate, smallest package branch and smallest skip index
+    of every fine UNet block."""
+    mb, ms = min_branch(graph), min_skip(graph)
     w = max(len(b.name) for b in graph.blocks)
     rows = []
-    for b, k in zip(graph.blocks, mb):
+    for b, k, s in zip(graph.blocks, mb, ms):
         st, i, l = b.deepcache
-        rows.append(f"{b.index:>3} {b.name:<{w}} ({st},{i},{l}) {'never' if k is None else f'k>={k}'}")
+        rows.append(f"{b.index:>3} {b.name:<{w}} ({st},{i},{l}) {'never' if k is None else f'k>={k}':<7} "
+                    f"{'never' if s is None else f's>={s}'}")
     return "\n".join(rows)

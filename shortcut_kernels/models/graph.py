@@ -57,6 +57,21 @@ class Block:
         deepcache: for fine UNet blocks, DeepCache's ``(stage, block_i, layer_i)``
             coordinate of the module (see :mod:`shortcut_kernels.models.deepcache`);
             ``None`` elsewhere.
+        reads: parallel to ``producers``: for each producer, the indices of the
+            producer's outputs (positions in its ``output_shapes``) this block reads.
+            Coarse ``down_blocks.i`` output ``(hidden, (skip, ...))``, flattened as
+            ``[hidden, skip_0, skip_1, ...]``: the next down block and the mid block read
+            output 0, an up block reads the skips it consumes (1 + their position).
+            Every other block has one output, read as 0.
+        skip: fine UNet blocks: the index of the skip connection this module appends
+            (down path; skip 0 is ``conv_in``'s output) or consumes (up resnets);
+            ``None`` elsewhere.
+        output_structure: how the block's module returns its output(s): ``"tensor"``,
+            ``"tuple"`` (a tuple of tensors, e.g. ``(hidden,)`` of an attention called
+            with ``return_dict=False``) or ``"hidden_and_skips"`` (``(hidden, (skip,
+            ...))`` of a UNet down block).
+        output_shapes: the shapes of the flattened outputs at the graph's input shape
+            (``()`` when the graph was built without a forward pass).
     """
 
     index: int
@@ -69,6 +84,24 @@ class Block:
     kind: str = ""
     stage: str = ""
     deepcache: tuple[str, int, int] | None = None
+    reads: tuple[tuple[int, ...], ...] = ()
+    skip: int | None = None
+    output_structure: str = "tensor"
+    output_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def output_numel(self) -> int:
+        """Elements of the block's output(s) at the graph's input shape (its cache size).
+
+        The outputs of a ``hidden_and_skips`` block share storage (the hidden state is
+        the last skip), so only distinct tensors count: the skips."""
+        shapes = self.output_shapes[1:] if self.output_structure == "hidden_and_skips" else self.output_shapes
+        n = 0
+        for s in shapes:
+            k = 1
+            for d in s:
+                k *= int(d)
+            n += k
+        return n
 
     @property
     def module_path(self) -> str:
@@ -183,6 +216,21 @@ class BlockGraph:
             eff[b.index] = keep[b.index] and need
         return eff
 
+    def live(self, keep) -> list[bool]:
+        """Per block: is its output (fresh or cached) read by anything in this call?
+
+        ``keep`` is a keep mask (list of bools, cascade applied or not). A block that is
+        not kept but live is *read from its cache*; one that is neither is *dead*: no
+        kept block needs it, so it costs nothing at all."""
+        keep = [bool(x) for x in keep]
+        if len(keep) != len(self.blocks):
+            raise ValueError(f"keep mask must have {len(self.blocks)} entries (one per block), got {len(keep)}")
+        eff = self.cascade(keep)
+        live = [False] * len(self.blocks)
+        for b in reversed(self.blocks):
+            live[b.index] = any(c == EXTERNAL or eff[c] or (self.blocks[c].residual and live[c]) for c in b.consumers)
+        return live
+
     def _reused_mask(self, reused: Iterable[int | str]) -> list[bool]:
         keep = [True] * len(self.blocks)
         for r in reused:
@@ -230,7 +278,33 @@ class BlockGraph:
 
         return deepcache_keep(self, cache_branch_id, cache_layer_id=cache_layer_id, cache_block_id=cache_block_id)
 
+    def skip_keep(self, skip: int) -> list[bool]:
+        """Keep mask of a DeepCache retrieval step keeping skips ``0..skip`` fresh
+        (:func:`shortcut_kernels.models.deepcache.skip_keep`)."""
+        from .deepcache import skip_keep
+
+        return skip_keep(self, skip)
+
     # ------------------------------------------------------------------ export
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockGraph":
+        """Inverse of :meth:`to_dict` (e.g. the graph stored in a schedule file)."""
+        blocks = []
+        for i, bd in enumerate(d["blocks"]):
+            blocks.append(Block(
+                index=int(bd.get("index", i)), name=bd["name"], module_paths=tuple(bd["module_paths"]),
+                macs=int(bd["macs"]), consumers=tuple(int(x) for x in bd["consumers"]),
+                producers=tuple(int(x) for x in bd["producers"]), residual=bool(bd.get("residual", False)),
+                kind=bd.get("kind", ""), stage=bd.get("stage", ""),
+                deepcache=tuple(bd["deepcache"]) if bd.get("deepcache") is not None else None,
+                reads=tuple(tuple(int(y) for y in r) for r in bd.get("reads", ())),
+                skip=bd.get("skip"), output_structure=bd.get("output_structure", "tensor"),
+                output_shapes=tuple(tuple(int(y) for y in s) for s in bd.get("output_shapes", ()))))
+        shapes = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("input_shapes", {}).items()}
+        return cls(model_class=d["model_class"], granularity=d["granularity"], blocks=tuple(blocks),
+                   total_macs=int(d["total_macs"]), input_shapes=shapes,
+                   count_attention=bool(d.get("count_attention", False)))
+
     def to_dict(self) -> dict:
         d = {
             "model_class": self.model_class,
@@ -247,6 +321,8 @@ class BlockGraph:
             bd["consumers"] = list(b.consumers)
             bd["producers"] = list(b.producers)
             bd["deepcache"] = list(b.deepcache) if b.deepcache is not None else None
+            bd["reads"] = [list(r) for r in b.reads]
+            bd["output_shapes"] = [list(x) for x in b.output_shapes]
             d["blocks"].append(bd)
         return d
 
@@ -281,14 +357,24 @@ def _group(fine: Sequence[dict], groups: Sequence[tuple[str, tuple[str, ...], li
     for g, (_, _, members, _, _) in enumerate(groups):
         for m in members:
             owner[m] = g
+    # flat outputs of a group: [main output (its last member)] + the skips its members append
+    # (down blocks return (hidden, (skip, ...)))
+    skip_pos = {}
+    for g, (_, _, members, kind, _) in enumerate(groups):
+        if kind == "down_block":
+            for k, m in enumerate(x for x in members if fine[x].get("skip") is not None):
+                skip_pos[m] = 1 + k
     out = []
     for g, (name, paths, members, kind, stage) in enumerate(groups):
         prods, cons = [], []
+        reads: dict[int, set] = {}
         for m in members:
-            for p in fine[m]["producers"]:
+            for p, role in zip(fine[m]["producers"], fine[m].get("roles", ["hidden"] * len(fine[m]["producers"]))):
                 q = EXTERNAL if p == EXTERNAL else owner[p]
                 if q != g and q not in prods:
                     prods.append(q)
+                if q != g:
+                    reads.setdefault(q, set()).add(skip_pos.get(p, 0) if role == "skip" and q != EXTERNAL else 0)
             for c in fine[m]["consumers"]:
                 q = EXTERNAL if c == EXTERNAL else owner[c]
                 if q != g and q not in cons:
@@ -297,7 +383,7 @@ def _group(fine: Sequence[dict], groups: Sequence[tuple[str, tuple[str, ...], li
         cons.sort(key=lambda q: (q == EXTERNAL, q))
         out.append(dict(name=name, module_paths=tuple(paths), producers=prods, consumers=cons,
                         residual=all(fine[m]["residual"] for m in members), kind=kind, stage=stage,
-                        deepcache=None))
+                        deepcache=None, skip=None, reads=[sorted(reads[q]) for q in prods]))
     return out
 
 

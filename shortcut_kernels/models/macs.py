@@ -39,10 +39,16 @@ DEFAULT_TEXT_TOKENS = {
 class ModuleMacs:
     """FLOP counts of one model call, per module path (``""`` = the whole model)."""
 
-    def __init__(self, all_flops: dict[str, int], param_flops: dict[str, int], input_shapes: dict):
+    def __init__(self, all_flops: dict[str, int], param_flops: dict[str, int], input_shapes: dict,
+                 outputs: dict[str, tuple[str, tuple]] | None = None):
         self._all = all_flops  # module path -> FLOPs of everything run inside it
         self._param = param_flops  # parametric leaf path -> its FLOPs
         self.input_shapes = input_shapes
+        self.outputs = outputs or {}  # module path -> (structure, flat output shapes) of its (last) call
+
+    def output(self, path: str) -> tuple[str, tuple]:
+        """``(structure, shapes)`` of module ``path``'s output (see ``Block.output_structure``)."""
+        return self.outputs.get(path, ("tensor", ()))
 
     def macs(self, path: str = "", count_attention: bool = False) -> int:
         """MACs of module ``path`` (``""``: the whole call)."""
@@ -196,6 +202,21 @@ def _plain_shapes(spec):
     return spec
 
 
+def describe_output(out) -> tuple[str, tuple]:
+    """``(structure, flat shapes)`` of a module output: a tensor, a tuple of tensors, a
+    UNet down block's ``(hidden, (skip, ...))`` or a ``BaseOutput`` (its tensors in order)."""
+    if isinstance(out, torch.Tensor):
+        return "tensor", (tuple(out.shape),)
+    if isinstance(out, (tuple, list)):
+        if len(out) == 2 and isinstance(out[0], torch.Tensor) and isinstance(out[1], (tuple, list)) \
+                and all(isinstance(t, torch.Tensor) for t in out[1]):
+            return "hidden_and_skips", (tuple(out[0].shape),) + tuple(tuple(t.shape) for t in out[1])
+        return "tuple", tuple(tuple(t.shape) for t in out if isinstance(t, torch.Tensor))
+    if hasattr(out, "to_tuple"):
+        return "tuple", tuple(tuple(t.shape) for t in out.to_tuple() if isinstance(t, torch.Tensor))
+    return "other", ()
+
+
 def module_macs(model: nn.Module, sample_shape=None, *, text_tokens: int | None = None,
                 inputs: Mapping[str, Any] | None = None) -> ModuleMacs:
     """Count one call of ``model`` (cached). ``inputs`` overrides the example inputs:
@@ -211,8 +232,18 @@ def module_macs(model: nn.Module, sample_shape=None, *, text_tokens: int | None 
 
     meta = _meta_copy(model)
     kwargs = _materialise(spec)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        meta(**kwargs)
+    outputs: dict[str, tuple[str, tuple]] = {}
+    hooks = []
+    for name, mod in meta.named_modules():
+        if name:
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, o, name=name: outputs.__setitem__(name, describe_output(o))))
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            meta(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
     counts = fc.get_flop_counts()
     all_flops: dict[str, int] = {"": sum(counts.get("Global", {}).values())}
     for k, ops in counts.items():
@@ -226,7 +257,7 @@ def module_macs(model: nn.Module, sample_shape=None, *, text_tokens: int | None 
             f = all_flops.get(name, 0)
             if f:
                 param_flops[name] = f
-    res = ModuleMacs(all_flops, param_flops, _plain_shapes(spec))
+    res = ModuleMacs(all_flops, param_flops, _plain_shapes(spec), outputs)
     with _LOCK:
         _CACHE[key] = res
     return res
