@@ -1,0 +1,15 @@
+"""DiP-GO: learned (or hand-made) block-cache schedules for diffusion sampling.
+
+    from shortcut_kernels.dipgo import accelerate, deepcache, skip_steps
+    s = deepcache(pipe, calls=50, interval=3, branch=0)     # a Schedule
+    with accelerate(pipe, s):                               # the handle is a context manager
+        images = pipe(prompt_embeds=..., num_inference_steps=50).images
+
+:mod:`.schedule` - :class:`Schedule` and its builders; :mod:`.runtime` - ``accelerate``.
+This module stays light: importing it loads no model.
+"""
+from .runtime import Accelerated, CacheState, accelerate
+from .schedule import COMPUTE, DEAD, READ, Schedule, deepcache, fora, from_scores, full, skip_steps
+
+__all__ = ["Schedule", "accelerate", "Accelerated", "CacheState", "full", "deepcache", "skip_steps", "fora",
+           "from_scores", "COMPUTE", "READ", "DEAD"]

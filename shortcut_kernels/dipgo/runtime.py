@@ -1,0 +1,544 @@
+"""Sampling with a schedule: ``accelerate(pipe_or_model, schedule)``.
+
+    handle = accelerate(pipe, schedule)       # or: with accelerate(pipe, schedule): ...
+    images = pipe(prompt_embeds=e, num_inference_steps=schedule.calls).images
+    handle.remove()                           # the model is exactly as before
+
+How it works. Every block of the schedule's graph becomes an instance of a small cached
+subclass of its own class (``_CachedBlock``; same name, same parameters and buffers, same
+module path, so ``state_dict`` keys, LoRA/peft adapters, ``pipe.to(...)`` and attribute
+access are untouched). Its ``forward`` looks up the block's mode at the current call in
+the per-run :class:`CacheState`:
+
+* ``COMPUTE``: run the block; if a later call reuses it, keep its output (a transformer
+  block keeps its residual update ``out - in``);
+* ``READ``: return the cached output; a run of consecutive reused transformer blocks is
+  one ``cache_residual(x, [delta_1, ..., delta_k])`` at the first block, the others pass
+  their input on;
+* ``DEAD``: nothing that runs reads the block: it returns an empty tensor of the right
+  shape (recorded at call 0) without computing anything.
+
+A NaN/inf in a cached tensor raises ``FloatingPointError`` at the first call that would
+reuse it (``check_finite=False`` turns that off; compiled calls skip it).
+
+Calls and runs. A forward pre-hook on the denoiser counts calls. The counter restarts at
+the start of every sampling run, decided in this order:
+
+1. inside ``with handle.run():`` - the run is the block (explicit per-run context);
+2. with a scheduler (a pipeline's ``pipe.scheduler``, or ``scheduler=`` for a bare
+   model): a run starts whenever the scheduler has new ``timesteps`` (every pipeline
+   call and ``zoo.sample`` batch runs ``set_timesteps``); the run's call count is
+   ``len(timesteps) - begin`` (``begin``: the scheduler's ``begin_index``, or the
+   position of the first call's timestep - img2img) and must equal the schedule's
+   (``ValueError`` naming both, unless ``auto_resize=True``);
+3. otherwise (a bare model, no scheduler): runs are ``schedule.calls`` calls long and
+   follow each other.
+
+The call index never comes from ``scheduler.timesteps.index(t)`` (wrong for multi-call
+samplers), so DDIM, PLMS, DPM-Solver++, Euler and Heun all work: the schedule counts
+denoiser calls. A pipeline that calls the denoiser more than once per step (separate
+cond/uncond passes) is refused: its second call of a step gets the same timestep as the
+first where the scheduler expects the next one - a ``RuntimeError`` says so. Batched CFG
+(one call on a doubled batch) and PAG (one call, tripled batch) are one call.
+
+torch.compile. ``handle.compile(**options)`` compiles the denoiser's forward
+(``fullgraph=True`` by default) below the call counter: the keep-pattern of the call is
+plain Python state, so each distinct pattern compiles once and no call breaks the graph.
+(Compiling the whole model yourself, ``torch.compile(unet)``, would trace the counter
+and recompile for every call index.) Call 0 of each run runs eagerly (it records the
+output shapes the ``DEAD`` blocks need).
+
+Stable API (used by ``shortcut_kernels.sdo``): ``accelerate``, ``Accelerated.remove``,
+``.run()``, ``.reset()``, ``.compile()``, ``.state``, ``.schedule``, ``.model``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..models import denoiser
+from ..models.adapters import model_kind
+from .schedule import COMPUTE, DEAD, READ, Schedule
+
+__all__ = ["accelerate", "Accelerated", "CacheState"]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class CacheState:
+    """What one sampling run remembers: the call index, this call's modes, the caches.
+
+    Reset at the start of every run (no stale caches across runs) and emptied after the
+    run's last call and by ``remove()``."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.call = -1  # index of the current call; -1 before the first call of a run
+        self.calls = 0  # calls of the current run (the schedule's)
+        self.modes: tuple[int, ...] = (COMPUTE,) * num_blocks
+        self.runs: tuple[tuple[int, ...], ...] = ((),) * num_blocks
+        self.record = False  # record output shapes (call 0)
+        self.check_finite = True
+        self.cache: list[Any] = [None] * num_blocks
+        self.inputs: list[Any] = [None] * num_blocks  # inputs of transformer blocks being computed
+        self.unchecked = [False] * num_blocks
+        self.computed_at = [-1] * num_blocks
+        self.meta: list[Any] = [None] * num_blocks  # (structure, [(shape, dtype, device)])
+
+    def reset(self) -> None:
+        """Forget everything of the previous run."""
+        self.call = -1
+        self.clear()
+        self.meta = [None] * self.num_blocks
+
+    def clear(self) -> None:
+        """Drop the cached tensors (keeps the call index)."""
+        self.cache = [None] * self.num_blocks
+        self.inputs = [None] * self.num_blocks
+        self.unchecked = [False] * self.num_blocks
+
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The tensors the state holds now."""
+        out = []
+        for c in self.cache + self.inputs:
+            out.extend(_leaves(c))
+        return out
+
+    def cache_bytes(self) -> int:
+        seen, n = set(), 0
+        for t in self.cached_tensors():
+            key = (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                n += t.numel() * t.element_size()
+        return n
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    if out is None:
+        return []
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        res = []
+        for o in out:
+            res.extend(_leaves(o))
+        return res
+    if hasattr(out, "to_tuple"):
+        return _leaves(out.to_tuple())
+    return []
+
+
+def _describe(out):
+    """Structure and leaf metadata of a block output (for placeholders of dead blocks)."""
+    if isinstance(out, torch.Tensor):
+        return ("tensor", ((tuple(out.shape), out.dtype, out.device),))
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and isinstance(out[1], tuple):
+        return ("hidden_and_skips", tuple((tuple(t.shape), t.dtype, t.device) for t in (out[0],) + out[1]))
+    if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
+        return ("tuple", tuple((tuple(t.shape), t.dtype, t.device) for t in out))
+    raise TypeError(f"block returned a {type(out).__name__}; cached blocks return a tensor or a tuple of tensors")
+
+
+def _placeholder(meta):
+    structure, leaves = meta
+    ts = [torch.empty(s, dtype=d, device=dev) for s, d, dev in leaves]
+    if structure == "tensor":
+        return ts[0]
+    if structure == "hidden_and_skips":
+        return ts[0], tuple(ts[1:])
+    return tuple(ts)
+
+
+# ----------------------------------------------------------------------------- cached blocks
+
+
+@dataclass
+class _Slot:
+    """What a cached block module knows: its block, where it sits in the block, the runtime."""
+
+    runtime: "Accelerated"
+    block: int
+    name: str
+    first: bool
+    last: bool
+    residual: bool
+    store: bool
+    forward: Callable
+
+
+class _CachedBlock:
+    """Mixin put in front of a block's own class (see the module docstring)."""
+
+    _sk_slot: _Slot
+
+    def forward(self, *args, **kwargs):
+        slot = self._sk_slot
+        if slot.residual:
+            return slot.runtime._residual_forward(self, slot, args, kwargs)
+        return slot.runtime._block_forward(self, slot, args, kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _cached_class(cls: type) -> type:
+    """``cls`` with ``_CachedBlock`` in front; same ``__name__``/``__qualname__`` so that code
+    dispatching on class names (block graphs, diffusers) sees the original."""
+    sub = _CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (_CachedBlock, cls),
+                   {"__qualname__": cls.__qualname__, "__module__": cls.__module__, "_sk_original_class": cls})
+        _CLASSES[cls] = sub
+    return sub
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+class _Plan:
+    """Per call: the modes of the blocks and, for transformer chains, the runs of reused blocks."""
+
+    def __init__(self, schedule: Schedule):
+        g = schedule.graph
+        self.schedule = schedule
+        self.modes = [tuple(row) for row in schedule.modes]
+        self.store = tuple(b in set(schedule.cached_blocks) for b in range(len(g)))
+        self.runs = []
+        for row in self.modes:
+            runs = [()] * len(g)
+            b = 0
+            while b < len(g):
+                if g.blocks[b].residual and row[b] == READ:
+                    e = b
+                    while e + 1 < len(g) and g.blocks[e + 1].residual and row[e + 1] == READ \
+                            and g.blocks[e + 1].producers == (e,):
+                        e += 1
+                    runs[b] = tuple(range(b, e + 1))
+                    b = e + 1
+                else:
+                    b += 1
+            self.runs.append(tuple(runs))
+
+
+# ----------------------------------------------------------------------------- handle
+
+
+class Accelerated:
+    """Handle of an accelerated model (see :func:`accelerate`). Context manager; ``remove()``."""
+
+    def __init__(self, target: Any, model: nn.Module, schedule: Schedule, scheduler: Any = None,
+                 check_finite: bool = True, auto_resize: bool = False):
+        self.target = target
+        self.model = model
+        self.schedule = schedule
+        self.check_finite = check_finite
+        self.auto_resize = auto_resize
+        self._scheduler_source = scheduler
+        self._plans: dict[int, _Plan] = {schedule.calls: _Plan(schedule)}
+        self._plan = self._plans[schedule.calls]
+        self.state = CacheState(len(schedule.graph))
+        self._explicit = False
+        self._ts_ref = None
+        self._run_ts = None  # (timesteps, begin) of the current scheduler-driven run
+        self._swapped: list[nn.Module] = []
+        self._hooks = []
+        self._compiled = None
+        self._active = False
+        self.runs_started = 0
+
+    # ------------------------------------------------------------------ install / remove
+    def _install(self) -> None:
+        g = self.schedule.graph
+        plan = self._plan
+        try:
+            for b in g.blocks:
+                paths = b.module_paths
+                for j, p in enumerate(paths):
+                    mod = self.model.get_submodule(p)
+                    if isinstance(mod, _CachedBlock):
+                        raise RuntimeError(f"{p} is already cached by another accelerate(); remove() that first")
+                    cls = type(mod)
+                    mod.__class__ = _cached_class(cls)
+                    mod._sk_slot = _Slot(self, b.index, b.name, j == 0, j == len(paths) - 1, b.residual,
+                                         plan.store[b.index], cls.forward)
+                    self._swapped.append(mod)
+        except Exception:
+            self._uninstall_blocks()
+            raise
+        self._hooks.append(self.model.register_forward_pre_hook(self._pre_call, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._post_call, always_call=True))
+        self._active = True
+
+    def _uninstall_blocks(self) -> None:
+        for mod in self._swapped:
+            mod.__class__ = mod._sk_original_class
+            del mod._sk_slot
+        self._swapped = []
+
+    def remove(self) -> None:
+        """Restore the model exactly (classes, forward) and drop every cached tensor."""
+        if not self._active:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._uninstall_blocks()
+        if self._compiled is not None:
+            self.model.__dict__.pop("forward", None)
+            self._compiled = None
+        self.state.reset()
+        self._ts_ref = self._run_ts = None
+        self._active = False
+
+    def __enter__(self) -> "Accelerated":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    # ------------------------------------------------------------------ runs
+    def reset(self) -> None:
+        """Start a new run at the next call."""
+        self.state.reset()
+        self._ts_ref = self._run_ts = None
+
+    @contextlib.contextmanager
+    def run(self):
+        """Explicit per-run context for bare models: the calls inside are one run, which
+        must make exactly ``schedule.calls`` calls (ValueError at exit otherwise)."""
+        if self._explicit:
+            raise RuntimeError("handle.run() contexts do not nest")
+        self.reset()
+        self._explicit = True
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self._explicit = False
+            made = self.state.call + 1
+            self.state.reset()
+            if ok and made not in (0, self._plan.schedule.calls):
+                raise ValueError(f"the run made {made} denoiser calls but the schedule has "
+                                 f"{self._plan.schedule.calls}; use schedule.resize({made})")
+
+    def _scheduler(self):
+        if self._scheduler_source is not None:
+            return self._scheduler_source
+        return getattr(self.target, "scheduler", None) if self.target is not self.model else None
+
+    def _use_calls(self, calls: int, why: str) -> None:
+        if calls != self._plan.schedule.calls:
+            if not self.auto_resize:
+                raise ValueError(f"schedule has {self.schedule.calls} denoiser calls but this run makes {calls} "
+                                 f"({why}); use schedule.resize({calls}) or accelerate(..., auto_resize=True)")
+            if calls not in self._plans:
+                self._plans[calls] = _Plan(self.schedule.resize(calls))
+            self._plan = self._plans[calls]
+            for mod in self._swapped:  # store flags follow the plan
+                mod._sk_slot.store = self._plan.store[mod._sk_slot.block]
+        elif self._plan.schedule.calls != self.schedule.calls:
+            self._plan = self._plans[self.schedule.calls]
+            for mod in self._swapped:
+                mod._sk_slot.store = self._plan.store[mod._sk_slot.block]
+
+    @staticmethod
+    def _timestep(args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0]) if t.numel() else None
+        return float(t) if isinstance(t, (int, float)) else None
+
+    def _start_run(self) -> None:
+        self.state.reset()
+        self.runs_started += 1
+
+    def _pre_call(self, module, args, kwargs):
+        st = self.state
+        sched = None if self._explicit else self._scheduler()
+        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        if self._explicit:
+            if st.call + 1 >= self._plan.schedule.calls:
+                raise ValueError(f"more than the schedule's {self._plan.schedule.calls} denoiser calls in one "
+                                 "handle.run(); use schedule.resize(...)")
+        elif isinstance(ts, torch.Tensor) and ts.numel():
+            if ts is not self._ts_ref:  # set_timesteps ran: a new sampling run
+                self._ts_ref = ts
+                self._start_run()
+                begin = getattr(sched, "begin_index", None)
+                if begin is None:
+                    t0 = self._timestep(args, kwargs)
+                    hits = (ts.detach().float().cpu() == t0).nonzero().flatten().tolist() if t0 is not None else []
+                    begin = hits[0] if hits else 0
+                self._run_ts = (ts, int(begin))
+                self._use_calls(len(ts) - int(begin), f"{len(ts)} scheduler timesteps from index {begin}")
+            elif st.call + 1 >= self._plan.schedule.calls:
+                raise RuntimeError(
+                    f"the denoiser was called more than {self._plan.schedule.calls} times in one sampling run: "
+                    "pipelines that call it more than once per step (separate cond/uncond passes) are not "
+                    "supported - batch classifier-free guidance into one call")
+            if st.call == 0 and self._run_ts is not None:
+                ts_, begin = self._run_ts
+                t = self._timestep(args, kwargs)
+                k = begin + st.call + 1
+                if t is not None and k < len(ts_) and float(ts_[k]) != t and float(ts_[k - 1]) == t:
+                    raise RuntimeError(
+                        f"denoiser call {st.call + 1} of this run got timestep {t:g} again where the scheduler's "
+                        f"next timestep is {float(ts_[k]):g}: the pipeline calls the denoiser more than once per "
+                        "step (separate cond/uncond passes?), which schedules do not support - batch classifier-free "
+                        "guidance into one call")
+        elif st.call < 0 or st.call + 1 >= self._plan.schedule.calls:  # bare model: runs follow each other
+            self._start_run()
+        st.call += 1
+        plan = self._plan
+        st.calls = plan.schedule.calls
+        st.modes = plan.modes[st.call]
+        st.runs = plan.runs[st.call]
+        st.record = st.call == 0
+        st.check_finite = self.check_finite
+        return None
+
+    def _post_call(self, module, args, output):
+        st = self.state
+        if st.call >= st.calls - 1:
+            st.clear()  # the run is over: hold nothing
+        return None
+
+    # ------------------------------------------------------------------ blocks
+    def _check(self, slot: _Slot, tensors) -> None:
+        st = self.state
+        for t in tensors:
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"the cached output of block {slot.name!r} (computed at call {st.computed_at[slot.block]}) "
+                    f"contains NaN or inf; call {st.call} would reuse it")
+        st.unchecked[slot.block] = False
+
+    def _block_forward(self, module, slot: _Slot, args, kwargs):
+        st = self.state
+        b = slot.block
+        mode = st.modes[b]
+        if mode == COMPUTE:
+            out = slot.forward(module, *args, **kwargs)
+            if st.record:
+                st.meta[b] = _describe(out)
+            if slot.store:
+                st.cache[b] = out
+                st.unchecked[b] = True
+                if not torch.compiler.is_compiling():
+                    st.computed_at[b] = st.call
+            return out
+        if mode == READ:
+            out = st.cache[b]
+            if out is None:
+                raise RuntimeError(f"block {slot.name!r} has no cached output at call {st.call} "
+                                   "(was the run restarted mid-way?)")
+            if st.check_finite and st.unchecked[b] and not torch.compiler.is_compiling():
+                self._check(slot, _leaves(out))
+            return out
+        if st.meta[b] is None:
+            raise RuntimeError(f"block {slot.name!r} is not needed at call {st.call} but its output shape is unknown "
+                               "(call 0 of a run records it)")
+        return _placeholder(st.meta[b])
+
+    def _residual_forward(self, module, slot: _Slot, args, kwargs):
+        st = self.state
+        b = slot.block
+        x = args[0] if args else kwargs["hidden_states"]
+        mode = st.modes[b]
+        if mode == COMPUTE:
+            if slot.first and slot.store:
+                st.inputs[b] = x
+            out = slot.forward(module, *args, **kwargs)
+            if slot.last and slot.store:
+                st.cache[b] = out - st.inputs[b]
+                st.inputs[b] = None
+                st.unchecked[b] = True
+                if not torch.compiler.is_compiling():
+                    st.computed_at[b] = st.call
+            return out
+        if mode == READ and slot.first and st.runs[b]:
+            caches = [st.cache[c] for c in st.runs[b]]
+            if st.check_finite and not torch.compiler.is_compiling():
+                for c in st.runs[b]:
+                    if st.cache[c] is None:
+                        raise RuntimeError(f"block {self.schedule.graph.names[c]!r} has no cached residual at "
+                                           f"call {st.call}")
+                    if st.unchecked[c]:
+                        mod = next(m for m in self._swapped if m._sk_slot.block == c)
+                        self._check(mod._sk_slot, [st.cache[c]])
+            from ..ops.cache_residual import cache_residual
+
+            return cache_residual(x, caches)
+        return x  # inside a run: the run's first block added every delta
+
+    # ------------------------------------------------------------------ compile
+    def compile(self, **options) -> "Accelerated":
+        """Compile the denoiser's forward below the call counter (``fullgraph=True`` unless
+        given): one compile per distinct keep-pattern; call 0 of a run stays eager."""
+        if self._compiled is not None:
+            raise RuntimeError("already compiled")
+        options.setdefault("fullgraph", True)
+        patterns = {p for plan in self._plans.values() for p in plan.modes}
+        try:  # one graph per distinct pattern: let Dynamo keep them all
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), len(patterns) + 2))
+        except Exception:  # pragma: no cover
+            pass
+        model = self.model
+        eager = type(model).forward.__get__(model)
+        compiled = torch.compile(eager, **options)
+        state = self.state
+
+        def forward(*args, **kwargs):
+            if state.record:
+                return eager(*args, **kwargs)
+            state.check_finite = False
+            return compiled(*args, **kwargs)
+
+        self._compiled = compiled
+        model.forward = forward
+        return self
+
+
+def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None, check_finite: bool = True,
+               auto_resize: bool = False) -> Accelerated:
+    """Sample with ``schedule``: blocks reuse their cached outputs where it says so.
+
+    Args:
+        pipe_or_model: a diffusers pipeline (``.unet`` / ``.transformer``), a bare
+            diffusers model, or a zoo model (``.backbone``).
+        schedule: a :class:`Schedule` built for this model (checked: class, blocks).
+        scheduler: for bare models, the scheduler whose ``set_timesteps`` starts a run
+            (pipelines use ``pipe.scheduler``); see the module docstring for how runs start.
+        check_finite: raise at the first reuse of a cached tensor holding NaN/inf.
+        auto_resize: when a run makes another number of calls than the schedule, use
+            ``schedule.resize(calls)`` instead of raising.
+    Returns the :class:`Accelerated` handle (``remove()``, context manager, ``run()``,
+    ``compile()``).
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    model = denoiser(pipe_or_model)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("accelerate() the model before compiling it, then use handle.compile()")
+    model_kind(model)
+    if type(model).__name__ == "SD3Transformer2DModel":
+        raise NotImplementedError("SD3's joint transformer blocks return two streams; schedules support DiT, "
+                                  "PixArt and UNets")
+    schedule.validate(pipe_or_model)
+    handle = Accelerated(pipe_or_model, model, schedule, scheduler=scheduler, check_finite=check_finite,
+                         auto_resize=auto_resize)
+    handle._install()
+    return handle
