@@ -1,0 +1,112 @@
+"""Tiny models, pipelines and sampling loops shared by the tests/test_dipgo_*.py files."""
+from __future__ import annotations
+
+import types
+
+import diffusers
+import torch
+
+from shortcut_kernels import zoo
+from shortcut_kernels.models import build_model
+
+
+def tiny_sd15_unet(seed: int = 0):
+    """SD-1.5's UNet layout (4 blocks, 2 layers each, cross-attention) at toy width, from the bundled config."""
+    return build_model("sd-1.5", seed=seed, overrides={
+        "block_out_channels": [16, 16, 32, 32], "cross_attention_dim": 16, "norm_num_groups": 8,
+        "attention_head_dim": 4, "sample_size": 16})
+
+
+def tiny_dit(seed: int = 0, layers: int = 4):
+    return build_model("dit-xl-2", seed=seed, overrides={
+        "num_layers": layers, "num_attention_heads": 2, "attention_head_dim": 8, "sample_size": 8, "in_channels": 4,
+        "out_channels": 8})
+
+
+def tiny_unet2d(seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
+        patch_size=2, caption_channels=16, cross_attention_dim=16).eval()
+
+
+def tiny_sd_pipeline(unet=None, scheduler_cls=diffusers.DDIMScheduler):
+    """A StableDiffusionPipeline built from configs (random weights, no tokenizer: pass prompt_embeds)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = unet if unet is not None else tiny_sd15_unet()
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                      num_hidden_layers=1, vocab_size=100, max_position_embeddings=77)).eval()
+    vae = diffusers.AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
+                                  up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
+                                  sample_size=16).eval()
+    sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          **({"clip_sample": False} if "clip_sample" in scheduler_cls.__init__.__code__.co_varnames else {}))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=sched,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeds(batch: int = 1, tokens: int = 5, dim: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, dim, generator=g), torch.randn(batch, tokens, dim, generator=g)
+
+
+def run_pipe(pipe, steps, seed=0, batch=1, **kw):
+    pe, ne = prompt_embeds(batch)
+    with torch.no_grad():
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, guidance_scale=5.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def cfg_loop(unet, scheduler, steps, cond, uncond, x, guidance=3.0):
+    """A plain DDIM-style CFG loop calling ``unet(x, t, encoder_hidden_states=...)`` with a 0-d t, one batched call
+    per step (as the pipelines and the DeepCache package's helper expect)."""
+    scheduler.set_timesteps(steps)
+    ctx = torch.cat([cond, uncond])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            xin = scheduler.scale_model_input(x, t)
+            e = unet(torch.cat([xin, xin]), t, encoder_hidden_states=ctx).sample
+            ec, eu = e.chunk(2)
+            x = scheduler.step(eu + guidance * (ec - eu), t, x).prev_sample
+    return x
+
+
+def zoo_unet_inputs(n: int = 4, seed: int = 0):
+    m = zoo.load("digits-unet").model
+    lab = torch.arange(n) % 10
+    with torch.no_grad():
+        cond, uncond = m.condition(lab), m.condition(torch.full_like(lab, 10))
+    x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return m, cond, uncond, x
+
+
+def deepcache_package(unet, scheduler, interval, branch):
+    """The DeepCache package's helper on a bare UNet. Shim (diffusers 0.42.1): the helper only needs
+    ``pipe.unet`` and ``pipe.scheduler``; it reads the step from ``scheduler.timesteps.index(args[1])``, so the
+    timestep must be passed positionally as a 0-d tensor; ``disable()`` leaves instance-level ``forward``
+    attributes on every module it patched, which ``undo`` removes."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+
+    def undo():
+        helper.disable()
+        for mod in unet.modules():
+            mod.__dict__.pop("forward", None)
+
+    return undo
