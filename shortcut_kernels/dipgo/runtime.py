@@ -263,6 +263,10 @@ class Accelerated:
                     mod = self.model.get_submodule(p)
                     if isinstance(mod, _CachedBlock):
                         raise RuntimeError(f"{p} is already cached by another accelerate(); remove() that first")
+                    if "forward" in mod.__dict__:
+                        raise RuntimeError(f"{p} has an instance-level forward (patched by another library, e.g. "
+                                           "DeepCache's helper, which leaves them behind after disable()); "
+                                           "undo that first")
                     cls = type(mod)
                     mod.__class__ = _cached_class(cls)
                     mod._sk_slot = _Slot(self, b.index, b.name, j == 0, j == len(paths) - 1, b.residual,

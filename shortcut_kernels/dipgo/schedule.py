@@ -338,7 +338,8 @@ class Schedule:
 
         Schedules made by a builder are rebuilt with the same arguments (a deepcache(3)
         schedule stays interval 3); others are resampled row by row (call ``t`` of the
-        new schedule takes row ``round(t * (T - 1) / (calls - 1))``), call 0 full.
+        new schedule takes row ``floor(t * T / calls)``, so the fraction of each kind of row
+        is kept), call 0 full.
         """
         calls = _check_calls(calls)
         if calls == self.calls:
@@ -353,10 +354,7 @@ class Schedule:
                 params["compute"] = new
                 params["count"] = None
             return builder(self.graph, calls, **params)
-        if self.calls == 1:
-            idx = [0] * calls
-        else:
-            idx = [0 if calls == 1 else round(t * (self.calls - 1) / (calls - 1)) for t in range(calls)]
+        idx = [min(self.calls - 1, (t * self.calls) // calls) for t in range(calls)]
         keep = self.keep[idx].clone()
         keep[0] = True
         return Schedule(keep, self.graph, name=self.name, params={**self.params, "resized_from": self.calls},

@@ -1,0 +1,181 @@
+"""Schedules: cascade normalisation, builders, MACs, JSON round trip and validation, resize, summary/plot."""
+import json
+import random
+
+import pytest
+import torch
+
+from shortcut_kernels.dipgo import DEAD, READ, Schedule, deepcache, fora, from_scores, full, skip_steps
+from shortcut_kernels.dipgo.schedule import COMPUTE
+from shortcut_kernels.models import block_graph, build_model, skip_keep
+
+from _dipgo_models import tiny_dit, tiny_sd15_unet, tiny_unet2d
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd15_unet()
+
+
+@pytest.fixture(scope="module")
+def sd15_meta():
+    return build_model("sd-1.5", device="meta")
+
+
+def test_schedule_is_cascade_normalised_and_call0_full(sd):
+    g = block_graph(sd, "coarse")
+    rng = random.Random(0)
+    keep = [[True] * len(g)] + [[rng.random() < 0.5 for _ in g] for _ in range(7)]
+    s = Schedule(keep, g)
+    assert torch.equal(s.keep, g.cascade(torch.tensor(keep)))
+    assert torch.equal(Schedule(s.keep, g).keep, s.keep)  # idempotent
+    with pytest.raises(ValueError, match="call 0"):
+        Schedule([[False] * len(g)], g)
+    with pytest.raises(ValueError, match=r"\[calls, 9\]"):
+        Schedule([[True] * 3], g)
+    with pytest.raises(ValueError, match="from_scores"):
+        Schedule(torch.full((2, len(g)), 0.5), g)
+
+
+def test_modes_read_vs_dead(sd):
+    s = skip_steps(sd, 4, compute=[0, 2])
+    last = len(s.graph) - 1
+    for t in (1, 3):  # whole-call reuse: the last up block is read, everything else is dead
+        assert s.modes[t][last] == READ and set(s.modes[t][:last]) == {DEAD}
+    assert set(s.modes[0]) == {COMPUTE} and s.cached_blocks == [last]
+
+
+def test_macs_and_ideal_speedup(sd15_meta):
+    s = deepcache(sd15_meta, 10, 5, 0, sample_shape=(1, 4, 64, 64))
+    g = s.graph
+    retrieval = sum(b.macs for b, k in zip(g, g.deepcache_keep(0)) if k) + g.overhead_macs
+    expected = (2 * g.total_macs + 8 * retrieval) / (10 * g.total_macs)
+    assert s.macs_kept == pytest.approx(expected)
+    assert s.ideal_speedup == pytest.approx(1 / expected)
+    assert s.macs_per_call()[1] == retrieval
+    assert full(sd15_meta, 7).macs_kept == 1.0
+
+
+def test_deepcache_builder(sd):
+    s = deepcache(sd, 10, 3, 2)
+    g = s.graph
+    assert s.computed_calls(g.names[20]) == [0, 3, 6, 9]  # a mid-block module computes only at full calls
+    assert [t for t in range(10) if bool(s.keep[t].all())] == [0, 3, 6, 9]
+    assert s.keep[1].tolist() == g.deepcache_keep(2)
+    assert torch.equal(deepcache(sd, 10, 3, skip=4).keep[1], torch.tensor(skip_keep(g, 4)))
+    nu = deepcache(sd, 50, 5, 0, uniform=False, center=15, power=1.4)
+    fulls = [t for t in range(50) if bool(nu.keep[t].all())]
+    assert len(fulls) == 10 and fulls[0] == 0
+    gaps = [b - a for a, b in zip(fulls, fulls[1:])]
+    assert min(gaps) < 5 < max(gaps)  # denser around the centre, sparser away from it
+    with pytest.raises(ValueError, match="UNet"):
+        deepcache(tiny_dit(), 10, 3, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        deepcache(sd, 10, 3, 12)
+    with pytest.raises(ValueError, match="interval"):
+        deepcache(sd, 10, 0, 0)
+
+
+def test_skip_steps_placements(sd):
+    s = skip_steps(sd, 50, count=10)
+    assert s.computed_calls() == list(range(0, 50, 5))
+    p = skip_steps(sd, 50, count=10, placement="power", exponent=1.5)
+    calls = p.computed_calls()
+    assert len(calls) == 10 and calls[0] == 0 and calls == sorted(set(calls))
+    assert calls[:3] == [0, 1, 4]  # floor(50 * (i/10)^1.5): early-dense
+    e = skip_steps(sd, 50, compute=[13, 19, 20])
+    assert e.computed_calls() == [0, 13, 19, 20]
+    assert e.macs_kept == pytest.approx((4 * e.graph.total_macs + 46 * e.graph.overhead_macs) / (50 * e.graph.total_macs))
+    with pytest.raises(ValueError, match="either"):
+        skip_steps(sd, 10)
+    with pytest.raises(ValueError, match="out of range"):
+        skip_steps(sd, 10, compute=[10])
+    with pytest.raises(ValueError, match="placement"):
+        skip_steps(sd, 10, count=3, placement="log")
+
+
+def test_fora_builder():
+    d = tiny_dit()
+    s = fora(d, 9, 3)
+    assert s.computed_calls() == [0, 3, 6]
+    assert all(m == READ for t in (1, 2) for m in s.modes[t])  # transformer blocks are read, never dead
+    with pytest.raises(ValueError, match="UNet"):
+        fora(tiny_unet2d(), 9, 3)
+
+
+def test_from_scores_threshold_descent(sd):
+    g = block_graph(sd, "coarse")
+    calls = 8
+    scores = torch.zeros(calls, len(g))
+    scores[:, -1] = torch.tensor([0.99, 0.99, 0.2, 0.99, 0.97, 0.9, 0.1, 0.99])  # whole-call reuse candidates
+    s = from_scores(sd, scores, target_macs=0.6)
+    assert s.macs_kept <= 0.6
+    reused = [t for t in range(calls) if not s.keep[t, -1]]
+    # the most confident calls go first; call 0 never
+    assert 0 not in reused and set(reused) <= {1, 3, 4, 5, 7}
+    # a higher budget reuses a subset
+    s2 = from_scores(sd, scores, target_macs=0.9)
+    assert set(t for t in range(calls) if not s2.keep[t, -1]) <= set(reused)
+    # reaching a budget below what the scores allow lowers the threshold down to 0
+    s3 = from_scores(sd, torch.full((calls, len(g)), 0.5), target_macs=0.3)
+    assert s3.macs_kept <= 0.3
+    with pytest.raises(ValueError, match="probabilities"):
+        from_scores(sd, scores * 2, 0.5)
+    with pytest.raises(ValueError, match="target_macs"):
+        from_scores(sd, scores, 0)
+
+
+def test_json_roundtrip_and_validation(sd, tmp_path):
+    s = deepcache(sd, 12, 3, 5)
+    p = s.save(tmp_path / "s.json")
+    t = Schedule.load(p, model=sd, calls=12)
+    assert t == s and t.name == "deepcache" and t.params["interval"] == 3 and t.macs_kept == s.macs_kept
+    d = json.loads(p.read_text())
+    assert d["model_class"] == "UNet2DConditionModel" and len(d["keep"]) == 12
+    with pytest.raises(ValueError, match="DiTTransformer2DModel"):
+        s.validate(tiny_dit())
+    other = tiny_sd15_unet()
+    other_cfg = dict(other.config)
+    from diffusers import UNet2DConditionModel
+
+    shallow = UNet2DConditionModel.from_config({**other_cfg, "layers_per_block": 1})
+    with pytest.raises(ValueError, match="blocks do not match"):
+        s.validate(shallow)
+    with pytest.raises(ValueError, match="resize"):
+        Schedule.load(p, model=sd, calls=25)
+    bad = dict(d, keep=d["keep"][:-1])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="calls=12 but 11"):
+        Schedule.load(tmp_path / "bad.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        Schedule.load(tmp_path / "junk.json")
+    with pytest.raises(ValueError, match="not a schedule"):
+        Schedule.from_dict({"keep": []})
+
+
+def test_resize(sd):
+    s = deepcache(sd, 50, 3, 0)
+    r = s.resize(25)
+    assert r.calls == 25 and r.computed_calls(0) == list(range(0, 25, 3))
+    e = skip_steps(sd, 50, compute=[10, 20, 40])
+    assert e.resize(25).computed_calls() == [0, 5, 10, 20]
+    custom = Schedule(e.keep, e.graph)  # no builder: rows resampled
+    rc = custom.resize(99)
+    assert rc.calls == 99 and bool(rc.keep[0].all())
+    assert len(rc.computed_calls()) / 99 == pytest.approx(len(custom.computed_calls()) / 50, abs=0.01)
+    down = custom.resize(20)
+    assert down.computed_calls() == [0, 4, 8, 16]
+
+
+def test_summary_cache_memory_and_plot(sd, tmp_path):
+    s = deepcache(sd, 6, 2, 0)
+    txt = s.summary(sample_shape=(2, 4, 16, 16))
+    assert "MACs kept" in txt and "ideal speedup" in txt and "cache:" in txt and "#" in txt
+    g = s.graph
+    b = s.cached_blocks
+    per_item = sum(g.blocks[i].output_numel() for i in b) // g.blocks[0].output_shapes[0][0]
+    assert s.cache_bytes((2, 4, 16, 16)) == 2 * per_item * 4
+    assert s.cache_bytes((2, 4, 32, 32), torch.float16) == 4 * per_item * 4
+    out = s.plot(tmp_path / "map.png")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
