@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 __all__ = ["LinearStep", "linear_steps", "step_coefficients", "initial_scale", "is_supported",
-           "UnsupportedScheduler"]
+           "UnsupportedScheduler", "guided_update", "history_indices"]
 
 
 class UnsupportedScheduler(ValueError):
@@ -375,3 +375,33 @@ def initial_scale(scheduler) -> float:
     """``init_noise_sigma``: the initial latent is ``initial_scale * N(0, I)`` (1 for flow
     matching, whose schedulers have no such attribute)."""
     return float(getattr(scheduler, "init_noise_sigma", 1.0))
+
+
+def guided_update(step: LinearStep, x, eps_uncond, eps_cond, w: float, xs: dict, outs: dict,
+                  uses_x=(), uses_out=(), noise=None):
+    """``x_{i+1}`` of call ``step.index`` with classifier-free guidance: the fused
+    ``guided_step(x, eps_u, eps_c, a, b, w)`` plus the earlier calls' terms (multistep
+    samplers) and ``step.noise * noise``. ``xs`` / ``outs`` hold the earlier samples and
+    guided outputs; this call's are added when its index is in ``uses_x`` / ``uses_out``
+    (the indices later calls reference)."""
+    from .ops.guided_step import guided_step
+
+    if step.index in uses_out:
+        outs[step.index] = guided_step(x, eps_uncond, eps_cond, 0.0, 1.0, w)
+    if step.index in uses_x:
+        xs[step.index] = x
+    nxt = guided_step(x, eps_uncond, eps_cond, step.a, step.b, w)
+    for j, c in step.history_x.items():
+        nxt = nxt + c * xs[j]
+    for j, c in step.history_out.items():
+        nxt = nxt + c * outs[j]
+    if step.noise:
+        if noise is None:
+            raise ValueError(f"call {step.index} injects noise: pass noise=")
+        nxt = nxt + step.noise * noise
+    return nxt
+
+
+def history_indices(steps: list[LinearStep]) -> tuple[set[int], set[int]]:
+    """(samples, outputs) that some call uses as an earlier term."""
+    return ({j for st in steps for j in st.history_x}, {j for st in steps for j in st.history_out})

@@ -145,3 +145,68 @@ def test_errors():
     ddim = make("DDIMScheduler", {}, "epsilon", 5)
     with pytest.raises(IndexError):
         step_coefficients(ddim, 5)
+
+
+# ---------------------------------------------------------------- zoo.sample through guided_step
+
+def _sample_with_step(model, sched, labels, steps, guidance, seed):
+    """zoo.sample as it was before guided_step: the scheduler's own step() on the CFG eps."""
+    from shortcut_kernels.zoo import NULL_LABEL, initial_noise
+
+    gen = torch.Generator().manual_seed(seed)
+    lb = torch.as_tensor(labels)
+    x = initial_noise(len(lb), generator=gen)
+    sched.set_timesteps(steps)
+    x = x * sched.init_noise_sigma
+    kwargs = {"generator": gen} if "generator" in __import__("inspect").signature(sched.step).parameters else {}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t)
+            ec, eu = model(torch.cat([xin, xin]), t, torch.cat([lb, torch.full_like(lb, NULL_LABEL)])).chunk(2)
+            x = sched.step(eu + guidance * (ec - eu), t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from shortcut_kernels import zoo
+
+    return zoo.load("digits-unet")
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                                 "DPMSolverMultistepScheduler", "PNDMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_zoo_sample_same_images_as_scheduler_step(cls, unet):
+    from shortcut_kernels import zoo
+
+    model, cfg, _ = unet
+    labels = [0, 3, 7, 10]
+    ours = zoo.sample(model, zoo.make_scheduler(cfg, cls), labels, steps=6, guidance=3.0, seed=11,
+                      progress=False, clamp=False)
+    ref = _sample_with_step(model, zoo.make_scheduler(cfg, cls), labels, 6, 3.0, 11)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4 * (1 + ref.abs().max().item()))
+
+
+def test_guided_step_loop_compiles_once():
+    """50 DDIM calls with (a, b) as 0-d tensors that change every call: one dynamo frame."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from shortcut_kernels import guided_step
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def update(x, eu, ec, a, b):
+        return guided_step(x, eu, ec, a, b, 3.0)
+
+    sched = make("DDIMScheduler", {}, "epsilon", 50)
+    steps = linear_steps(sched)
+    x = torch.randn(2, 1, 8, 8)
+    eu, ec = torch.randn_like(x), torch.randn_like(x)
+    ref = x
+    for st in steps:
+        x = update(x, eu, ec, torch.tensor(st.a), torch.tensor(st.b))
+        ref = st.a * ref + st.b * (eu + 3.0 * (ec - eu))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from ..ops.guided_step import guided_step
+from ..samplers import guided_update, history_indices, is_supported, linear_steps
 from .models import NULL_LABEL
 
 __all__ = ["sample", "make_scheduler", "initial_noise"]
@@ -115,18 +117,30 @@ def sample(
             lb = lab[b0:b0 + batch_size].to(device)
             x = noise[b0:b0 + batch_size].to(device=device, dtype=torch.float32)
             scheduler.set_timesteps(steps, device=device)
+            # schedulers with a linear form (samplers.linear_steps) run as guided_step
+            # updates; the others through their own step() on the guided output
+            lin = linear_steps(scheduler) if is_supported(scheduler) else None
+            uses_x, uses_out = history_indices(lin) if lin else ((), ())
+            xs, outs = {}, {}
             x = x * scheduler.init_noise_sigma
             uncond = torch.full_like(lb, NULL_LABEL)
             guided = guidance != 1.0 and bool((lb != NULL_LABEL).any())
-            for t in scheduler.timesteps:
-                xin = scheduler.scale_model_input(x, t).to(dtype)
+            w = float(guidance) if guided else 1.0
+            for i, t in enumerate(scheduler.timesteps):
+                xin = (lin[i].input_scale * x if lin else scheduler.scale_model_input(x, t)).to(dtype)
                 if guided:
-                    eps = model(torch.cat([xin, xin]), t, torch.cat([lb, uncond])).float()
-                    ec, eu = eps.chunk(2)
-                    eps = eu + guidance * (ec - eu)
+                    ec, eu = model(torch.cat([xin, xin]), t, torch.cat([lb, uncond])).float().chunk(2)
                 else:
-                    eps = model(xin, t, lb).float()
-                x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+                    eu = ec = model(xin, t, lb).float()
+                if lin:
+                    st = lin[i]
+                    # the draw DDPM's step() would make from the same generator
+                    z = (torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+                         .to(x.device) if st.noise else None)
+                    x = guided_update(st, x, eu, ec, w, xs, outs, uses_x, uses_out, z)
+                else:
+                    eps = guided_step(x, eu, ec, 0.0, 1.0, w)
+                    x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
                 bar.update(1)
             out.append(x.float().cpu())
     finally:

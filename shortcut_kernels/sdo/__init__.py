@@ -1,0 +1,33 @@
+"""SDO: the one-step gradient shortcut through a diffusion sampler (DESIGN.md section 6).
+
+    from shortcut_kernels import sdo
+    x0 = sdo.shortcut_sample(model_fn, scheduler, x_T, policy="first")   # one call keeps its graph
+    reward(x0).sum().backward()                                         # gradient to x_T / weights
+
+Submodules: ``chain`` (shortcut_sample, warmup), ``policy``, ``rewards``, ``optimize``
+(optimize_latents), ``finetune``, ``cli``. Imported lazily: this package stays light.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "shortcut_sample": "chain", "warmup": "chain", "WarmStart": "chain", "ClassConditional": "chain",
+    "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
+    "ClassifierReward": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
+    "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",
+    "finetune": "finetune", "FinetuneResult": "finetune",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

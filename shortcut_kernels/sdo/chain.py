@@ -1,0 +1,392 @@
+"""The shortcut sampler: a sampling chain in which one denoiser call keeps its graph.
+
+With every other call's output held constant, each sampler update is linear in the samples
+(``shortcut_kernels.samplers``), so the final sample's Jacobian w.r.t. any latent of the
+chain is a scalar times the identity, plus the kept call's own Jacobian. Two
+implementations of that one gradient:
+
+- reference (``memory_light=False``): the chain under autograd, outputs of the other calls
+  detached. Also serves the baselines that keep several calls (``full``, ``draft:K``,
+  ``alignprop``), each kept call under activation checkpointing.
+- memory-light (default for one-call policies): the chain runs under
+  ``torch.inference_mode()`` and stores only the kept call's input; ``_Shortcut`` recomputes
+  that call at backward time and applies the exact linear map of the rest of the chain, as
+  scalar recurrences over the scheduler's coefficients (a product for one-step samplers;
+  the history terms of DPM-Solver++ 2M and PLMS enter the same recurrence).
+
+Every update is ``guided_step(x, eps_uncond, eps_cond, a, b, w)`` (CFG fused with the
+update) plus, for multistep samplers, the earlier calls' terms.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from ..ops.guided_step import guided_step
+from ..samplers import LinearStep, guided_update, history_indices, initial_scale, linear_steps
+from .policy import Policy, parse_policy
+
+__all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "Plan"]
+
+
+# ---------------------------------------------------------------- the chain's plan
+
+class Plan:
+    """The linear forms of one sampling run and the scalar recurrences over them."""
+
+    def __init__(self, scheduler, eta: float = 0.0):
+        self.steps: list[LinearStep] = linear_steps(scheduler, eta)
+        self.n = len(self.steps)
+        self.timesteps = scheduler.timesteps.detach().cpu()
+        self.init_scale = initial_scale(scheduler)
+        self.needs_noise = any(st.noise for st in self.steps)
+        # who uses sample j / output j, as (call i, coefficient): the adjoint's edges
+        self.x_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        self.out_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        for st in self.steps:
+            for j, c in st.x.items():
+                self.x_users[j].append((st.index, c))
+            for j, c in st.out.items():
+                self.out_users[j].append((st.index, c))
+        self.kept_x, self.kept_out = history_indices(self.steps)  # what later calls still use
+        self._p: dict[int, list[float]] = {}
+
+    def chain_sensitivity(self, start: int) -> list[float]:
+        """p[j] = dx_n/dx_j with all outputs held, for j = start..n (x_j enters call j)."""
+        if start not in self._p:
+            p = [0.0] * (self.n + 1)
+            p[self.n] = 1.0
+            for j in range(self.n - 1, start - 1, -1):
+                p[j] = sum(c * p[i + 1] for i, c in self.x_users[j])
+            self._p[start] = p
+        return self._p[start]
+
+    def output_sensitivity(self, k: int, start: int) -> float:
+        """dx_n/d out_k: the scalar on the kept call's output."""
+        p = self.chain_sensitivity(start)
+        return sum(c * p[i + 1] for i, c in self.out_users[k])
+
+    def reach(self, k: int, start: int) -> float:
+        """dx_k/dx_start with all outputs held: how the start latent reaches the kept call."""
+        q = {k: 1.0}
+        for j in range(k - 1, start - 1, -1):
+            q[j] = sum(c * q.get(i + 1, 0.0) for i, c in self.x_users[j] if i + 1 <= k)
+        return q[start]
+
+
+@dataclass
+class WarmStart:
+    """The state after the warm-up calls ``0..index-1``, run once and reused: ``x`` enters
+    call ``index``; ``xs``/``outs`` hold the earlier samples and (guided) outputs that later
+    multistep updates still use."""
+
+    index: int
+    x: Tensor
+    xs: dict = field(default_factory=dict)
+    outs: dict = field(default_factory=dict)
+    num_calls: int = 0
+
+
+class ClassConditional(torch.nn.Module):
+    """A zoo model (``model(x, t, labels)``) as an SDO ``model_fn(x, t)``: returns
+    ``(eps_uncond, eps_cond)`` (one batched call) when ``guidance`` is on, else the output for
+    ``labels`` (e.g. all ``NULL_LABEL`` for the unconditional model)."""
+
+    def __init__(self, model: torch.nn.Module, labels, guidance: bool = False, null_label: int | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long).flatten(), persistent=False)
+        self.guidance = bool(guidance)
+        self.null_label = int(null_label if null_label is not None else getattr(model, "null_label", 10))
+
+    def forward(self, x: Tensor, t) -> Tensor | tuple[Tensor, Tensor]:
+        labels = self.labels.to(x.device)
+        if labels.numel() == 1:
+            labels = labels.expand(x.shape[0])
+        if not self.guidance:
+            return self.model(x, t, labels)
+        t = torch.as_tensor(t, device=x.device)
+        t2 = torch.cat([t, t]) if t.ndim else t
+        both = self.model(torch.cat([x, x]), t2, torch.cat([torch.full_like(labels, self.null_label), labels]))
+        uncond, cond = both.chunk(2)
+        return uncond, cond
+
+
+# ---------------------------------------------------------------- one step
+
+class _Runner:
+    """Everything one run needs: plan, model, guidance, kept calls, noise."""
+
+    def __init__(self, plan: Plan, model_fn, guidance, autocast, start: WarmStart | None,
+                 kept: Tensor, generator, progress: bool, checkpoint_kept: bool):
+        self.plan, self.model_fn, self.autocast = plan, model_fn, autocast
+        self.guidance = None if guidance is None else float(guidance)
+        self.warm = start
+        self.start = 0 if start is None else start.index
+        self.kept = kept
+        self.generator = generator
+        self.progress = progress
+        self.checkpoint_kept = checkpoint_kept
+
+    # model -------------------------------------------------------------
+    def denoise(self, x_in: Tensor, t, like: Tensor) -> tuple[Tensor, Tensor]:
+        ctx = (torch.autocast(like.device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with ctx:
+            out = self.model_fn(x_in, t)
+        if self.guidance is None:
+            if not isinstance(out, Tensor):
+                raise TypeError("model_fn returned a pair but guidance is None; give guidance=w for "
+                                "classifier-free guidance, or return one tensor")
+            out = out.to(like.dtype)
+            return out, out
+        if isinstance(out, Tensor) or len(out) != 2:
+            raise TypeError("with guidance, model_fn(x, t) must return (output_uncond, output_cond)")
+        return out[0].to(like.dtype), out[1].to(like.dtype)
+
+    @property
+    def w(self) -> float:
+        return 1.0 if self.guidance is None else self.guidance
+
+    def noise(self, st: LinearStep, like: Tensor) -> Tensor | None:
+        if not st.noise:
+            return None
+        z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=self.generator.device)
+        return z.to(like.device)
+
+    def update(self, st: LinearStep, x: Tensor, eu: Tensor, ec: Tensor, xs: dict, outs: dict) -> Tensor:
+        """x_{i+1}: the fused CFG + update of this call, plus earlier calls' terms and noise."""
+        return guided_update(st, x, eu, ec, self.w, xs, outs, self.plan.kept_x, self.plan.kept_out,
+                             self.noise(st, x))
+
+    def first_latent(self, x: Tensor) -> tuple[Tensor, dict, dict]:
+        if self.warm is None:
+            return x * self.plan.init_scale, {}, {}
+        return x, dict(self.warm.xs), dict(self.warm.outs)
+
+    def bar(self):
+        return tqdm(total=self.plan.n - self.start, desc="sdo chain", disable=not self.progress, leave=False)
+
+    # (a) autograd chain --------------------------------------------------
+    def autograd_chain(self, x_start: Tensor, one_call: bool) -> Tensor:
+        x, xs, outs = self.first_latent(x_start)
+        kept = self.kept
+        with self.bar() as bar:
+            for st in self.plan.steps[self.start:]:
+                i, t = st.index, self.plan.timesteps[st.index]
+                mask = (kept == i) if one_call else None
+                keep = bool(mask.any()) if one_call else bool((kept == i).any())
+                x_in = st.input_scale * x
+                if keep and self.checkpoint_kept:
+                    eu, ec = checkpoint(lambda xi, t=t, x=x: self.denoise(xi, t, x), x_in, use_reentrant=False)
+                elif keep:
+                    eu, ec = self.denoise(x_in, t, x)
+                else:
+                    with torch.no_grad():
+                        eu, ec = self.denoise(x_in, t, x)
+                if keep and one_call and not bool(mask.all()):  # per-sample: only these samples keep it
+                    m = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+                    eu = torch.where(m, eu, eu.detach())
+                    ec = torch.where(m, ec, ec.detach())
+                x = self.update(st, x, eu, ec, xs, outs)
+                bar.update(1)
+        return x
+
+    # (b) memory-light ----------------------------------------------------
+    def light_forward(self, x_start: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode(), self.bar() as bar:
+            x, xs, outs = self.first_latent(x_start.detach())
+            kept_x = torch.empty_like(x)
+            kept = self.kept.to(x.device)
+            for st in self.plan.steps[self.start:]:
+                mask = kept == st.index
+                if bool(mask.any()):
+                    kept_x[mask] = x[mask]
+                eu, ec = self.denoise(st.input_scale * x, self.plan.timesteps[st.index], x)
+                x = self.update(st, x, eu, ec, xs, outs)
+                bar.update(1)
+        return x.clone(), kept_x.clone()  # out of inference mode: ordinary tensors
+
+    def light_backward(self, kept_x: Tensor, grad: Tensor, need_x: bool, params: Sequence[Tensor]):
+        plan, start = self.plan, self.start
+        ks = self.kept.tolist()
+        uniq = sorted(set(ks))
+        gamma = {k: plan.output_sensitivity(k, start) for k in uniq}
+        reach = {k: plan.reach(k, start) for k in uniq}
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        dev, dt = grad.device, grad.dtype
+        gamma_b = torch.tensor([gamma[k] for k in ks], dtype=dt, device=dev).view(shape)
+        if len(uniq) == 1:
+            t = plan.timesteps[uniq[0]]
+            scale = plan.steps[uniq[0]].input_scale
+        else:
+            t = plan.timesteps[self.kept].to(dev)
+            scale = torch.tensor([plan.steps[k].input_scale for k in ks], dtype=dt, device=dev).view(shape)
+        with torch.enable_grad():
+            xk = kept_x.detach().requires_grad_(need_x)
+            eu, ec = self.denoise(scale * xk, t, xk)
+            out = guided_step(xk, eu, ec, 0.0, 1.0, self.w)  # the kept call's (guided) output
+            inputs = ([xk] if need_x else []) + list(params)
+            grads = torch.autograd.grad(out, inputs, gamma_b * grad, allow_unused=True) if inputs else []
+        grads = list(grads)
+        gx = None
+        if need_x:
+            vjp = grads.pop(0)
+            gx = plan.chain_sensitivity(start)[start] * grad
+            if vjp is not None:
+                reach_b = torch.tensor([reach[k] for k in ks], dtype=dt, device=dev).view(shape)
+                gx = gx + reach_b * vjp
+            if self.warm is None:
+                gx = gx * plan.init_scale
+        return gx, grads
+
+
+class _Shortcut(torch.autograd.Function):
+    """x_start and the model's parameters (``runner.params``, passed as inputs so that autograd
+    hands their gradients back) -> x_n, through the memory-light shortcut."""
+
+    @staticmethod
+    def forward(ctx, runner: _Runner, x_start: Tensor, *params: Tensor) -> Tensor:
+        x_n, kept_x = runner.light_forward(x_start)
+        ctx.runner = runner
+        ctx.save_for_backward(kept_x)
+        return x_n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (kept_x,) = ctx.saved_tensors
+        need_params = ctx.needs_input_grad[2:]
+        wanted = [p for p, n in zip(ctx.runner.params, need_params) if n]
+        gx, gp = ctx.runner.light_backward(kept_x, grad, ctx.needs_input_grad[1], wanted)
+        it = iter(gp)
+        return (None, gx, *[next(it) if n else None for n in need_params])
+
+
+# ---------------------------------------------------------------- public API
+
+def _model_params(model_fn, params) -> list[Tensor]:
+    if params is not None:
+        return [p for p in params if isinstance(p, Tensor) and p.requires_grad]
+    if isinstance(model_fn, torch.nn.Module):
+        return [p for p in model_fn.parameters() if p.requires_grad]
+    return []
+
+
+def _check_latent(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a batch dimension first, got shape {tuple(x.shape)}")
+
+
+def shortcut_sample(
+    model_fn: Callable,
+    scheduler,
+    x_T: Tensor,
+    policy: str | Policy = "first",
+    *,
+    guidance: float | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    warm_start: WarmStart | None = None,
+    memory_light: bool | None = None,
+    params: Iterable[Tensor] | None = None,
+    autocast: torch.dtype | None = None,
+    plan: Plan | None = None,
+    progress: bool = False,
+    return_kept: bool = False,
+):
+    """Sample with ``scheduler`` from ``x_T`` keeping the graph of one denoiser call per sample.
+
+    model_fn: ``model_fn(x, t) -> output`` (``t``: a 0-d timestep, or one per sample under
+        ``per-sample``); with ``guidance``, it returns ``(output_uncond, output_cond)``
+        (``ClassConditional`` wraps a zoo model). Outputs are what the scheduler's
+        ``prediction_type`` says (eps, v, ...). Must be deterministic (recomputed at backward).
+    scheduler: a diffusers scheduler with ``set_timesteps`` called (see
+        ``shortcut_kernels.samplers`` for the supported ones). It is not mutated.
+    x_T: unit Gaussian noise ``[B, ...]`` (scaled by ``init_noise_sigma`` here, as diffusers
+        pipelines do with ``latents=``), or with ``warm_start`` the latent entering call
+        ``warm_start.index``. The gradient reaches it when it requires grad.
+    policy: ``first``, ``fixed:k``, ``random``, ``per-sample``; or a baseline ``full``,
+        ``draft:K``, ``alignprop`` (see ``sdo.policy``).
+    guidance: the CFG scale ``w`` (``eps_u + w*(eps_c - eps_u)``), or None (one output).
+    eta: DDIM's noise weight; noise (DDIM eta > 0, DDPM) is drawn from ``generator`` once per
+        call of this function and held fixed, as are the random policies' choices.
+    memory_light: one-call policies default to the memory-light path (True); False runs the
+        reference autograd chain. Baselines always run the autograd chain.
+    params: tensors the gradient should reach through the kept call (default: the
+        parameters of ``model_fn`` that require grad, if it is a Module).
+    autocast: a dtype (torch.bfloat16 / torch.float16) to run the model calls in.
+    return_kept: also return the kept call(s) (``[B]`` for one-call policies).
+    Returns the final sample ``x_0`` (same dtype as ``x_T``).
+    """
+    _check_latent(x_T, "x_T")
+    pol = parse_policy(policy)
+    if plan is None:
+        plan = Plan(scheduler, eta)
+    if guidance is not None:
+        guidance = float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be finite, got {guidance}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
+    start = 0
+    if warm_start is not None:
+        if warm_start.num_calls and warm_start.num_calls != plan.n:
+            raise ValueError(f"warm_start was made for {warm_start.num_calls} calls, the scheduler has {plan.n}")
+        start = warm_start.index
+        if tuple(warm_start.x.shape) != tuple(x_T.shape):
+            raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match warm_start.x {tuple(warm_start.x.shape)}")
+    if generator is None and (plan.needs_noise or pol.kind in ("random", "per-sample", "alignprop")):
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    kept = pol.kept_calls(start, plan.n, x_T.shape[0], generator)
+    ps = _model_params(model_fn, params)
+    if memory_light is None:
+        memory_light = pol.one_call
+    if memory_light and not pol.one_call:
+        raise ValueError(f"policy {str(pol)!r} keeps several calls: memory_light applies to one-call policies")
+    runner = _Runner(plan, model_fn, guidance, autocast, warm_start, kept, generator, progress,
+                     checkpoint_kept=not pol.one_call)
+    grad_wanted = torch.is_grad_enabled() and (x_T.requires_grad or bool(ps))
+    if not grad_wanted:
+        with torch.no_grad():
+            x0 = runner.autograd_chain(x_T, pol.one_call)
+    elif memory_light:
+        runner.params = ps
+        x0 = _Shortcut.apply(runner, x_T, *ps)
+    else:
+        x0 = runner.autograd_chain(x_T, pol.one_call)
+    return (x0, kept) if return_kept else x0
+
+
+@torch.no_grad()
+def warmup(model_fn: Callable, scheduler, x_T: Tensor, calls: int, *, guidance: float | None = None,
+           eta: float = 0.0, generator: torch.Generator | None = None, autocast: torch.dtype | None = None,
+           plan: Plan | None = None, progress: bool = False) -> WarmStart:
+    """Run the first ``calls`` denoiser calls once (no graph) and return the state to re-run
+    the rest from (``shortcut_sample(..., warm_start=state)``, optimising ``state.x``)."""
+    _check_latent(x_T, "x_T")
+    plan = plan or Plan(scheduler, eta)
+    if not 0 <= calls < plan.n:
+        raise ValueError(f"calls must lie in 0..{plan.n - 1} (the scheduler has {plan.n} calls), got {calls}")
+    if generator is None and plan.needs_noise:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    runner = _Runner(plan, model_fn, guidance, autocast, None, torch.zeros(0, dtype=torch.long), generator,
+                     progress, False)
+    x, xs, outs = runner.first_latent(x_T.detach())
+    for st in plan.steps[:calls]:
+        eu, ec = runner.denoise(st.input_scale * x, plan.timesteps[st.index], x)
+        x = runner.update(st, x, eu, ec, xs, outs)
+    # keep only what the re-run calls still reference
+    need_x = {j for st in plan.steps[calls:] for j in st.history_x if j < calls}
+    need_out = {j for st in plan.steps[calls:] for j in st.history_out if j < calls}
+    return WarmStart(calls, x, {j: xs[j] for j in need_x}, {j: outs[j] for j in need_out}, plan.n)

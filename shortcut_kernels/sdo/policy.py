@@ -1,0 +1,90 @@
+"""Which denoiser calls keep their autograd graph.
+
+SDO policies keep exactly one call per sample:
+  ``first``       the first call of the (re-run) chain: the published code;
+  ``fixed:k``     call k (an index into ``scheduler.timesteps``; negative counts from the end);
+  ``random``      one call drawn uniformly per run (from ``generator``);
+  ``per-sample``  one uniform call per sample of the batch (each sample its own).
+Baselines keep several calls (same API, for like-with-like comparisons):
+  ``full``        every call (per-call activation checkpointing): the exact gradient;
+  ``draft:K``     the last K calls (DRaFT-K);
+  ``alignprop``   the last K calls, K uniform in 1..n per run (AlignProp's random truncation).
+In every policy the sampler updates stay differentiable, so the gradient also reaches the
+initial latent through the linear chain (DRaFT and AlignProp proper stop it there; for weight
+gradients the two are the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Policy", "parse_policy", "SDO_POLICIES", "BASELINES"]
+
+SDO_POLICIES = ("first", "fixed:k", "random", "per-sample")
+BASELINES = ("full", "draft:K", "alignprop")
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # first | fixed | random | per-sample | full | draft | alignprop
+    arg: int | None = None
+
+    @property
+    def one_call(self) -> bool:
+        """Exactly one kept call per sample: the SDO shortcut (memory-light path possible)."""
+        return self.kind in ("first", "fixed", "random", "per-sample")
+
+    def __str__(self) -> str:
+        return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+    def kept_calls(self, start: int, n: int, batch: int, generator: torch.Generator | None,
+                   device=None) -> torch.Tensor:
+        """Kept call per sample ``[B]`` (one-call policies) or the kept set as a sorted 1-d tensor
+        (baselines), for a chain running calls ``start..n-1``."""
+        calls = n - start
+        if calls < 1:
+            raise ValueError(f"no calls to run: start={start} with {n} calls")
+        if self.kind == "first":
+            return torch.full((batch,), start, dtype=torch.long)
+        if self.kind == "fixed":
+            k = self.arg + n if self.arg < 0 else self.arg
+            if not start <= k < n:
+                raise ValueError(f"policy 'fixed:{self.arg}': kept call out of range; the chain runs calls "
+                                 f"{start}..{n - 1}")
+            return torch.full((batch,), k, dtype=torch.long)
+        if self.kind == "random":
+            k = start + int(torch.randint(calls, (), generator=generator))
+            return torch.full((batch,), k, dtype=torch.long)
+        if self.kind == "per-sample":
+            return start + torch.randint(calls, (batch,), generator=generator)
+        if self.kind == "full":
+            return torch.arange(start, n)
+        if self.kind == "draft":
+            if not 1 <= self.arg <= calls:
+                raise ValueError(f"policy 'draft:{self.arg}': K must lie in 1..{calls} (the calls run)")
+            return torch.arange(n - self.arg, n)
+        # alignprop
+        k = 1 + int(torch.randint(calls, (), generator=generator))
+        return torch.arange(n - k, n)
+
+
+def parse_policy(policy) -> Policy:
+    """A Policy from its name (see the module docstring) or a Policy."""
+    if isinstance(policy, Policy):
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a string such as 'first' or 'fixed:3', got {type(policy).__name__}")
+    name, _, arg = policy.strip().lower().partition(":")
+    name = {"per_sample": "per-sample", "draft_k": "draft", "draft-k": "draft"}.get(name, name)
+    if name in ("first", "random", "per-sample", "full", "alignprop"):
+        if arg:
+            raise ValueError(f"policy {policy!r}: {name!r} takes no argument")
+        return Policy(name)
+    if name in ("fixed", "draft"):
+        try:
+            value = int(arg)
+        except ValueError:
+            raise ValueError(f"policy {policy!r}: expected '{name}:<int>'") from None
+        return Policy(name, value)
+    raise ValueError(f"unknown policy {policy!r}; valid: {', '.join(SDO_POLICIES + BASELINES)}")

@@ -1,0 +1,251 @@
+"""shortcut_sample: the memory-light gradient equals the reference autograd chain (fp64), the
+reference equals autograd through the schedulers' own step(), and bad inputs raise."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import diffusers
+from shortcut_kernels import sdo
+from shortcut_kernels.sdo.chain import Plan
+
+BASE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
+STEPS = 6
+
+
+class Tiny(torch.nn.Module):
+    """A small deterministic denoiser, fp64: conv -> (+ time embedding) -> tanh -> conv. With
+    ``pair`` it returns (uncond, cond) outputs from two heads (classifier-free guidance)."""
+
+    def __init__(self, pair: bool = False):
+        super().__init__()
+        self.pair = pair
+        self.inp = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.time = torch.nn.Linear(2, 6)
+        self.out = torch.nn.Conv2d(6, 2 if pair else 1, 3, padding=1)
+        self.double()
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1) / 1000.0
+        emb = self.time(torch.stack([torch.sin(3 * t), torch.cos(5 * t)], -1))
+        h = torch.tanh(self.inp(x) + emb[:, :, None, None])
+        y = self.out(h)
+        return tuple(y.split(1, dim=1)) if self.pair else y
+
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}, 0.0),
+    "ddim-eta": ("DDIMScheduler", {}, 0.6),
+    "ddim-v": ("DDIMScheduler", {"prediction_type": "v_prediction"}, 0.0),
+    "ddpm": ("DDPMScheduler", {}, 0.0),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "leading"}, 0.0),
+    "euler-v": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "prediction_type": "v_prediction"}, 0.0),
+    "dpm2m": ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading"}, 0.0),
+    "dpm2m-v": ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "prediction_type": "v_prediction"},
+                0.0),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}, 0.0),
+    "flow": ("FlowMatchEulerDiscreteScheduler", {}, 0.0),
+}
+
+
+def scheduler(name: str, steps: int = STEPS):
+    cls, over, eta = SCHEDULERS[name]
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        s = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    else:
+        cfg = dict(BASE, **over)
+        if cls == "PNDMScheduler":
+            cfg.pop("clip_sample")
+        s = getattr(diffusers, cls).from_config(cfg)
+    s.set_timesteps(steps)
+    return s, eta
+
+
+def grads(model, sched, x_T, policy, guidance, eta, memory_light, seed, warm=None):
+    x = x_T.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(seed)
+    out, kept = sdo.shortcut_sample(model, sched, x, policy, guidance=guidance, eta=eta, generator=gen,
+                                    memory_light=memory_light, warm_start=warm, return_kept=True)
+    grads.kept = kept
+    target = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    loss = ((out - target) ** 2 * torch.arange(1, out.shape[0] + 1, dtype=out.dtype).view(-1, 1, 1, 1)).sum()
+    loss.backward()
+    return out.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+POLICIES = ["first", "fixed:2", "fixed:-1", "random", "per-sample"]
+
+
+@pytest.mark.parametrize("guidance", [None, 2.5])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_memory_light_equals_autograd_chain(name, policy, guidance):
+    sched, eta = scheduler(name)
+    model = Tiny(pair=guidance is not None)
+    x_T = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    seed = int(torch.randint(0, 2**31, ()))
+    out_a, gx_a, gp_a = grads(model, sched, x_T, policy, guidance, eta, False, seed)
+    out_b, gx_b, gp_b = grads(model, sched, x_T, policy, guidance, eta, True, seed)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
+    assert gx_a.abs().sum() > 0
+    assert rel_err(gx_b, gx_a) <= 1e-5
+    # PLMS's last call (t=0, alpha_prev = alpha_0) has a zero coefficient: no weight gradient
+    plan = Plan(sched, eta)
+    dead = all(plan.output_sensitivity(k, 0) == 0 for k in grads.kept.tolist())
+    for pb, pa in zip(gp_b, gp_a):
+        assert (pa.abs().sum() == 0) if dead else (pa.abs().sum() > 0)
+        assert rel_err(pb, pa) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "plms"])
+def test_warm_start_equals_autograd_chain(name):
+    sched, eta = scheduler(name, 8)
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    warm = sdo.warmup(model, sched, x_T, calls=3)
+    assert warm.index == 3 and (warm.xs or warm.outs or name == "ddim")
+    for policy in ["first", "fixed:5", "per-sample"]:
+        seed = int(torch.randint(0, 2**31, ()))
+        _, gx_a, gp_a = grads(model, sched, warm.x, policy, None, eta, False, seed, warm)
+        _, gx_b, gp_b = grads(model, sched, warm.x, policy, None, eta, True, seed, warm)
+        assert rel_err(gx_b, gx_a) <= 1e-5
+        assert all(rel_err(b, a) <= 1e-5 for a, b in zip(gp_a, gp_b))
+    # the warm-started chain continues the same run
+    full = sdo.shortcut_sample(model, sched, x_T, "first")
+    cont = sdo.shortcut_sample(model, sched, warm.x, "first", warm_start=warm)
+    torch.testing.assert_close(cont, full, rtol=1e-12, atol=1e-12)
+
+
+def _step_kwargs(sched, gen):
+    return {"generator": gen} if isinstance(sched, diffusers.DDPMScheduler) else {}
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddim-v", "plms", "ddpm"])
+def test_reference_equals_autograd_through_scheduler_step(name):
+    """(a) is the autograd chain through diffusers' own step(), the kept call's output live and
+    the others detached (schedulers whose step() keeps fp64)."""
+    sched, _ = scheduler(name)
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    for k in [0, 3]:
+        seed = int(torch.randint(0, 2**31, ()))
+        _, gx, gp = grads(model, sched, x_T, f"fixed:{k}", None, 0.0, False, seed)
+        x = x_T.detach().clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        sched.set_timesteps(STEPS)
+        gen = torch.Generator().manual_seed(seed)
+        y = x * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            out = model(sched.scale_model_input(y, t), t)
+            y = sched.step(out if i == k else out.detach(), t, y, **_step_kwargs(sched, gen)).prev_sample
+        target = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+        ((y - target) ** 2 * torch.arange(1, 3, dtype=y.dtype).view(-1, 1, 1, 1)).sum().backward()
+        # step() computes its coefficients in fp32 (alphas_cumprod is fp32); ours in fp64
+        assert rel_err(gx, x.grad) <= 1e-6
+        assert all(rel_err(a, p.grad) <= 1e-6 for a, p in zip(gp, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "euler"])
+def test_full_equals_plain_autograd(name):
+    """The ``full`` baseline (every call kept, checkpointed) is the exact gradient; for
+    schedulers whose step() rounds to fp32 the plain chain runs in fp32."""
+    sched, _ = scheduler(name)
+    dtype = torch.float64 if name == "ddim" else torch.float32
+    model = Tiny().to(dtype)
+    x_T = torch.randn(2, 1, 5, 5, dtype=dtype)
+    _, gx, gp = grads(model, sched, x_T, "full", None, 0.0, None, 0)
+    x = x_T.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    sched.set_timesteps(STEPS)
+    y = x * sched.init_noise_sigma
+    for t in sched.timesteps:
+        y = sched.step(model(sched.scale_model_input(y, t), t), t, y).prev_sample
+    target = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    ((y - target) ** 2 * torch.arange(1, 3, dtype=y.dtype).view(-1, 1, 1, 1)).sum().backward()
+    tol = 1e-6 if dtype == torch.float64 else 1e-4  # step()'s coefficients are fp32
+    assert rel_err(gx, x.grad) <= tol
+    assert all(rel_err(a, p.grad) <= tol for a, p in zip(gp, model.parameters()))
+
+
+def test_baselines_keep_their_calls():
+    sched, _ = scheduler("ddim")
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    _, kept = sdo.shortcut_sample(model, sched, x_T.requires_grad_(), "draft:2", return_kept=True)
+    assert kept.tolist() == [STEPS - 2, STEPS - 1]
+    _, kept = sdo.shortcut_sample(model, sched, x_T, "alignprop", return_kept=True,
+                                  generator=torch.Generator().manual_seed(1))
+    assert kept.max().item() == STEPS - 1 and 1 <= kept.numel() <= STEPS
+    calls.clear()
+    sdo.shortcut_sample(model, sched, x_T, "fixed:1", memory_light=False)
+    assert calls == [i == 1 for i in range(STEPS)]  # exactly one call builds a graph
+
+
+def test_memory_light_stores_one_latent():
+    """The memory-light forward keeps no graph: only the kept input is saved."""
+    sched, _ = scheduler("ddim", 10)
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = sdo.shortcut_sample(model, sched, x_T, "fixed:4")
+    assert type(out.grad_fn).__name__ == "_ShortcutBackward"
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == x_T.shape
+
+
+def test_per_sample_keeps_different_calls():
+    sched, _ = scheduler("ddim", 20)
+    model = Tiny()
+    x_T = torch.randn(8, 1, 5, 5, dtype=torch.float64)
+    _, kept = sdo.shortcut_sample(model, sched, x_T, "per-sample", return_kept=True,
+                                  generator=torch.Generator().manual_seed(0))
+    assert kept.shape == (8,) and len(set(kept.tolist())) > 1
+
+
+def test_plan_product_of_coefficients_for_ddim():
+    """One-step samplers: dx_0/dx_k is the product of the later calls' a."""
+    sched, _ = scheduler("ddim", 10)
+    plan = Plan(sched)
+    p = plan.chain_sensitivity(0)
+    for k in range(10):
+        assert math.isclose(p[k], math.prod(st.a for st in plan.steps[k:]), rel_tol=1e-12)
+        assert math.isclose(plan.output_sensitivity(k, 0), plan.steps[k].b * p[k + 1], rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_bad_inputs():
+    sched, _ = scheduler("ddim")
+    model = Tiny()
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(ValueError, match="out of range"):
+        sdo.shortcut_sample(model, sched, x, f"fixed:{STEPS}")
+    with pytest.raises(ValueError, match="out of range"):
+        sdo.shortcut_sample(model, sched, x, f"fixed:-{STEPS + 1}")
+    with pytest.raises(ValueError, match="unknown policy"):
+        sdo.shortcut_sample(model, sched, x, "last")
+    with pytest.raises(ValueError, match="draft"):
+        sdo.shortcut_sample(model, sched, x, f"draft:{STEPS + 1}")
+    unset = diffusers.DDIMScheduler.from_config(BASE)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sdo.shortcut_sample(model, unset, x, "first")
+    with pytest.raises(TypeError, match="guidance"):
+        sdo.shortcut_sample(model, sched, x, "first", guidance=3.0)
+    with pytest.raises(TypeError, match="guidance"):
+        sdo.shortcut_sample(Tiny(pair=True), sched, x, "first")
+    with pytest.raises(ValueError, match="memory_light"):
+        sdo.shortcut_sample(model, sched, x, "full", memory_light=True)
+    with pytest.raises(TypeError, match="x_T"):
+        sdo.shortcut_sample(model, sched, x.detach().numpy(), "first")
+    with pytest.raises(ValueError, match="calls"):
+        sdo.warmup(model, sched, x, calls=STEPS)
+    assert torch.equal(x.detach(), before) and x.grad is None
