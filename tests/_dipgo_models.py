@@ -50,7 +50,9 @@ def tiny_sd_pipeline(unet=None, scheduler_cls=diffusers.DDIMScheduler):
                                   up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
                                   sample_size=16).eval()
     sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          **({"clip_sample": False} if "clip_sample" in scheduler_cls.__init__.__code__.co_varnames else {}))
+                          **({"clip_sample": False} if "clip_sample" in scheduler_cls.__init__.__code__.co_varnames else {}),
+                          **({"skip_prk_steps": True, "steps_offset": 1} if scheduler_cls is diffusers.PNDMScheduler
+                             else {}))
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
