@@ -1,0 +1,204 @@
+"""DiP-GO commands of ``shortcut-kernels`` (registered by :func:`add_commands`).
+
+    shortcut-kernels schedule deepcache --model digits-unet --calls 50 --interval 3 --branch 0 -o s.json
+    shortcut-kernels schedule skip-steps --model digits-unet --calls 50 --count 10 --placement power -o s.json
+    shortcut-kernels schedule fora --model digits-dit --calls 50 --interval 3 -o s.json
+    shortcut-kernels schedule full --model sd-1.5 --calls 50 -o s.json
+    shortcut-kernels schedule show s.json [--plot map.png] [--shape 2 4 64 64]
+    shortcut-kernels sample --model digits-unet --schedule s.json --steps 50 -o grid.png [--compare]
+
+Models: the zoo's ``digits-unet`` / ``digits-dit`` (trained weights), or a bundled
+architecture (``sd-1.5``, ``sd-2.1``, ``sdxl``, ``dit-xl-2``; schedules only, built on the
+meta device), or a local diffusers directory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ZOO_MODELS = ("digits-unet", "digits-dit")
+
+
+def _load_model(name: str):
+    """(model for graphs and sampling, zoo scheduler config or None)."""
+    from .. import zoo
+    from ..models import available_models, build_model, load_model
+
+    if name in ZOO_MODELS:
+        m, cfg, _ = zoo.load(name)
+        return m, cfg
+    if name.lower() in available_models() or name.lower().replace("_", "-") in available_models():
+        return build_model(name, device="meta"), None
+    if Path(name).expanduser().exists():
+        return load_model(name, device="meta"), None
+    raise SystemExit(f"unknown model {name!r}: use one of {', '.join(ZOO_MODELS + tuple(available_models()))} "
+                     "or a local diffusers directory")
+
+
+def _shape(args, model):
+    return tuple(args.shape) if getattr(args, "shape", None) else None
+
+
+def _build_schedule(args):
+    from . import schedule as S
+
+    model, _ = _load_model(args.model)
+    shape = _shape(args, model)
+    kind = args.builder
+    if kind == "full":
+        s = S.full(model, args.calls, granularity=args.granularity, sample_shape=shape)
+    elif kind == "deepcache":
+        s = S.deepcache(model, args.calls, args.interval, None if args.skip is not None else args.branch,
+                        skip=args.skip, uniform=not args.non_uniform, center=args.center, power=args.power,
+                        sample_shape=shape)
+    elif kind == "skip-steps":
+        s = S.skip_steps(model, args.calls, compute=args.compute, count=args.count, placement=args.placement,
+                         exponent=args.exponent, granularity=args.granularity, sample_shape=shape)
+    elif kind == "fora":
+        s = S.fora(model, args.calls, args.interval, granularity=args.granularity, sample_shape=shape)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise SystemExit(f"unknown builder {kind}")
+    return s
+
+
+def _cmd_schedule(args) -> int:
+    from .schedule import Schedule
+
+    if args.builder == "show":
+        s = Schedule.load(args.file)
+    else:
+        try:
+            s = _build_schedule(args)
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.output:
+            s.save(args.output)
+            print(f"wrote {args.output}")
+    print(s.summary(sample_shape=tuple(args.shape) if args.shape else None))
+    if args.plot:
+        s.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _save_grid(images, path: Path, ncol: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import torch
+
+    n = images.shape[0]
+    nrow = (n + ncol - 1) // ncol
+    h, w = images.shape[-2:]
+    grid = torch.full((nrow * (h + 1), ncol * (w + 1)), -1.0)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = images[i, 0]
+    plt.imsave(path, ((grid + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .. import zoo
+    from .runtime import accelerate
+    from .schedule import Schedule, full
+
+    if args.model not in ZOO_MODELS:
+        print(f"error: sample runs the zoo models ({', '.join(ZOO_MODELS)}); got {args.model!r}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads) if args.threads else None
+    model, cfg = _load_model(args.model)
+    scheduler = zoo.make_scheduler(cfg, args.scheduler)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    if args.schedule:
+        try:
+            s = Schedule.load(args.schedule, model=model)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        s = full(model, args.steps)
+    kw = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=not args.quiet)
+    try:
+        with accelerate(model, s, scheduler=scheduler, auto_resize=args.resize):
+            images = zoo.sample(model, scheduler, labels, **kw)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _save_grid(images, Path(args.output), ncol=10)
+    print(f"{s}")
+    print(f"wrote {args.output}: {len(labels)} samples; class accuracy "
+          f"{100 * zoo.metrics.class_accuracy(images, labels):.1f}%")
+    if args.compare:
+        ref = zoo.sample(model, scheduler, labels, **kw)
+        print(f"vs. the full model from the same noise: PSNR {zoo.metrics.psnr(images, ref):.2f} dB, "
+              f"digits-FD {zoo.metrics.digits_fd(images):.2f} (full: {zoo.metrics.digits_fd(ref):.2f})")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register ``schedule`` and ``sample``."""
+    sp = subparsers.add_parser("schedule", help="build, inspect and save DiP-GO schedules")
+    sub = sp.add_subparsers(dest="builder", required=True)
+
+    def common(p, granularity=True, default_gran="coarse"):
+        p.add_argument("--model", required=True, help="digits-unet, digits-dit, sd-1.5, dit-xl-2, ... or a path")
+        p.add_argument("--calls", "--steps", type=int, default=50, dest="calls",
+                       help="denoiser calls per run (= steps for one-call-per-step samplers)")
+        if granularity:
+            p.add_argument("--granularity", choices=["coarse", "fine"], default=default_gran)
+        p.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"),
+                       help="latent shape for MACs and cache memory (default: native size, batch 1)")
+        p.add_argument("-o", "--output", help="write the schedule JSON here")
+        p.add_argument("--plot", help="also save the calls x blocks map as a PNG")
+        p.set_defaults(run=_cmd_schedule)
+
+    common(sub.add_parser("full", help="every block at every call"))
+    p = sub.add_parser("deepcache", help="DeepCache: full calls every N, shallow path in between (UNets)")
+    common(p, granularity=False)
+    p.add_argument("--interval", type=int, default=3)
+    p.add_argument("--branch", type=int, default=0, help="the DeepCache package's cache_branch_id")
+    p.add_argument("--skip", type=int, help="skip index instead of --branch")
+    p.add_argument("--non-uniform", action="store_true", help="centre-dense full calls (--center, --power)")
+    p.add_argument("--center", type=int, default=15)
+    p.add_argument("--power", type=float, default=1.4)
+    p = sub.add_parser("skip-steps", help="whole-call reuse: the model runs only at some calls")
+    common(p)
+    p.add_argument("--compute", type=int, nargs="+", help="the calls that compute (0 is added)")
+    p.add_argument("--count", type=int, help="how many calls compute")
+    p.add_argument("--placement", choices=["uniform", "power"], default="uniform")
+    p.add_argument("--exponent", type=float, default=1.5)
+    p = sub.add_parser("fora", help="transformers: every block reused between full calls")
+    common(p, default_gran="fine")
+    p.add_argument("--interval", type=int, default=3)
+    p = sub.add_parser("show", help="summary (and plot) of a schedule file")
+    p.add_argument("file")
+    p.add_argument("--plot")
+    p.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"))
+    p.set_defaults(run=_cmd_schedule)
+
+    p = subparsers.add_parser("sample", help="sample a grid of digits from a zoo model, optionally with a schedule")
+    p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS)
+    p.add_argument("--schedule", help="schedule JSON (default: the full model)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", default="DDIMScheduler")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--per-class", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resize", action="store_true", help="resize the schedule to the run's calls if they differ")
+    p.add_argument("--compare", action="store_true", help="also sample the full model: PSNR and digits-FD")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-o", "--output", default="grid.png")
+    p.set_defaults(run=_cmd_sample)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="shortcut-kernels")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args()
+    sys.exit(a.run(a))

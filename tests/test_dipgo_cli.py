@@ -1,0 +1,50 @@
+"""`shortcut-kernels schedule ...` and `shortcut-kernels sample ...`."""
+import json
+
+import pytest
+import torch
+
+from shortcut_kernels.cli import main
+from shortcut_kernels.dipgo import Schedule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_schedule_commands(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["schedule", "deepcache", "--model", "digits-unet", "--interval", "3", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.calls == 50 and s.name == "deepcache" and s.params["interval"] == 3
+    assert "ideal speedup" in capsys.readouterr().out
+    assert main(["schedule", "skip-steps", "--model", "digits-unet", "--calls", "20", "--count", "5",
+                 "--placement", "power", "-o", str(out), "--plot", str(tmp_path / "m.png")]) == 0
+    assert Schedule.load(out).computed_calls() == [int(20 * (i / 5) ** 1.5) for i in range(5)] == [0, 1, 5, 9, 14]
+    assert (tmp_path / "m.png").stat().st_size > 0
+    assert main(["schedule", "fora", "--model", "dit-xl-2", "--calls", "12", "--interval", "3", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["model_class"] == "DiTTransformer2DModel"
+    assert main(["schedule", "show", str(out)]) == 0
+    assert main(["schedule", "fora", "--model", "digits-unet", "--calls", "12"]) == 2  # a UNet: clear error
+    assert "UNet" in capsys.readouterr().err
+
+
+def test_sample_command_with_schedule(tmp_path, capsys):
+    s = tmp_path / "s.json"
+    assert main(["schedule", "deepcache", "--model", "digits-unet", "--calls", "8", "--interval", "2", "-o",
+                 str(s)]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", "digits-unet", "--schedule", str(s), "--steps", "8", "--per-class", "1",
+                 "-o", str(grid), "--quiet", "--compare"]) == 0
+    text = capsys.readouterr().out
+    assert grid.read_bytes()[:4] == b"\x89PNG" and "class accuracy" in text and "PSNR" in text
+    # a schedule for 8 calls on a 10-step run is refused unless --resize
+    assert main(["sample", "--model", "digits-unet", "--schedule", str(s), "--steps", "10", "--per-class", "1",
+                 "-o", str(grid), "--quiet"]) == 2
+    assert "resize" in capsys.readouterr().err
+    # a UNet schedule on the DiT is refused
+    assert main(["sample", "--model", "digits-dit", "--schedule", str(s), "--steps", "8", "-o", str(grid)]) == 2
