@@ -179,7 +179,7 @@ def unet():
 def test_zoo_sample_same_images_as_scheduler_step(cls, unet):
     from shortcut_kernels import zoo
 
-    model, cfg, _ = unet
+    model, cfg = unet
     labels = [0, 3, 7, 10]
     ours = zoo.sample(model, zoo.make_scheduler(cfg, cls), labels, steps=6, guidance=3.0, seed=11,
                       progress=False, clamp=False)

@@ -1,0 +1,163 @@
+"""Latent optimisation for a reward through the sampler (SDO's first use case).
+
+    result = optimize_latents(model_fn, scheduler, digits_reward(7), x_T, iters=30)
+    result.latents      # optimised initial noise: pipe(latents=result.latents) gives result.x0
+    result.history      # reward per iteration
+
+Each iteration runs the chain from the current latent with one kept call (``policy``; or a
+baseline: ``full``, ``draft:K``, ``alignprop``), evaluates the reward on ``x_0`` and takes an
+Adam step on ``-reward + shell_weight * (||x|| - sqrt(d))^2`` per sample: the regulariser keeps
+the latent near the shell where Gaussian noise lives, so the sample stays a sample of the
+model and not an adversarial input of the reward.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .chain import Plan, WarmStart, shortcut_sample, warmup
+from .rewards import RewardError, check_reward
+
+__all__ = ["optimize_latents", "OptimizeResult", "gaussian_shell", "clip_per_sample_"]
+
+
+def gaussian_shell(x: Tensor) -> Tensor:
+    """Per-sample ``(||x|| - sqrt(d))^2``: 0 on the shell where ``N(0, I)`` samples concentrate."""
+    d = x[0].numel()
+    return (x.flatten(1).norm(dim=1) - math.sqrt(d)) ** 2
+
+
+def clip_per_sample_(grad: Tensor, max_norm: float) -> Tensor:
+    """Scale each sample's gradient down to norm ``max_norm`` at most (in place)."""
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return grad.mul_((max_norm / norms).clamp(max=1.0).view(-1, *([1] * (grad.dim() - 1))))
+
+
+@dataclass
+class OptimizeResult:
+    latents: Tensor                 # optimised latent (x_T, or the warm-start latent)
+    x0: Tensor | None               # sample of the last evaluated chain (before the last step)
+    history: list = field(default_factory=list)  # per iteration: reward mean/per sample, seconds
+    stopped_early: bool = False
+    warm_start: WarmStart | None = None
+
+    @property
+    def rewards(self) -> list[float]:
+        return [h["reward_mean"] for h in self.history]
+
+
+def _resolve_policy(method: str) -> str:
+    return {"sdo": "first", "draft_k": "draft:1"}.get(method, method)
+
+
+def optimize_latents(
+    model_fn: Callable,
+    scheduler,
+    reward: Callable,
+    x_T: Tensor,
+    *,
+    iters: int = 30,
+    lr: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.9),
+    policy: str = "first",
+    guidance: float | None = None,
+    eta: float = 0.0,
+    shell_weight: float = 0.01,
+    stop_at: float | None = None,
+    stop_fraction: float = 1.0,
+    warmup_calls: int = 0,
+    autocast: torch.dtype | None = None,
+    loss_scale: bool | None = None,
+    grad_clip: float | None = None,
+    memory_light: bool | None = None,
+    seed: int | None = 0,
+    time_budget: float | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> OptimizeResult:
+    """Optimise ``x_T`` (unit Gaussian noise ``[B, ...]``, never modified in place) so that the
+    sample maximises ``reward(x0) -> [B]``.
+
+    policy: which call keeps its graph (``first``, ``fixed:k``, ``random``, ``per-sample``) or a
+        baseline (``full``, ``draft:K``, ``alignprop``); ``sdo`` = ``first``.
+    warmup_calls: run the first calls once and optimise the latent after them (the published
+        style-guidance setting); ``result.latents`` is then that latent.
+    stop_at: stop once a ``stop_fraction`` of the samples has reward >= ``stop_at``.
+    autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
+        (``torch.amp.GradScaler``) unless ``loss_scale=False``.
+    grad_clip: clip each sample's latent gradient to this norm.
+    time_budget: stop after this many seconds (for equal-wall-clock comparisons).
+    Raises ``RewardError`` (a ValueError; ``.result`` holds the state so far) when the reward
+    returns the wrong shape or non-finite values; the latent is not updated with them.
+    """
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if not callable(reward):
+        raise TypeError(f"reward must be callable x0 -> [B], got {type(reward).__name__}")
+    if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
+        raise TypeError("x_T must be a floating-point tensor [B, ...]")
+    policy = _resolve_policy(policy)
+    plan = Plan(scheduler, eta)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    warm = None
+    latent = x_T.detach().clone()
+    if warmup_calls:
+        warm = warmup(model_fn, scheduler, latent, warmup_calls, guidance=guidance, eta=eta, generator=gen,
+                      autocast=autocast, plan=plan)
+        latent = warm.x.detach().clone()
+    latent.requires_grad_(True)
+    opt = torch.optim.Adam([latent], lr=lr, betas=betas)
+    use_scaler = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
+    scaler = torch.amp.GradScaler(latent.device.type) if use_scaler else None
+    result = OptimizeResult(latent.detach(), None, [], False, warm)
+    start = time.perf_counter()
+    bar = tqdm(range(iters), desc=f"optimize_latents ({policy})", disable=not progress)
+    for it in bar:
+        # the same noise/choice stream each iteration would freeze a random policy: draw anew
+        run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen))) if gen else None
+        x0 = shortcut_sample(model_fn, scheduler, latent, policy, guidance=guidance, eta=eta, generator=run_gen,
+                             warm_start=warm, memory_light=memory_light, autocast=autocast, plan=plan)
+        try:
+            r = check_reward(reward(x0), latent.shape[0])
+        except RewardError as err:
+            err.result = result  # the state before this evaluation; the latent is untouched
+            raise
+        loss = -r.sum() + shell_weight * gaussian_shell(latent).sum()
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if grad_clip is not None:
+            clip_per_sample_(latent.grad, grad_clip)
+        rd = r.detach()
+        entry = {"iter": it, "reward_mean": float(rd.mean()), "reward": rd.cpu().tolist(),
+                 "seconds": time.perf_counter() - start}
+        if stop_at is not None:
+            entry["fraction_reached"] = float((rd >= stop_at).float().mean())
+        result.history.append(entry)
+        result.x0 = x0.detach()
+        if callback:
+            callback(entry)
+        bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
+        done = stop_at is not None and entry["fraction_reached"] >= stop_fraction
+        if done:  # the evaluated latent already reaches the target: keep it, no further step
+            result.stopped_early = True
+            break
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        result.latents = latent.detach().clone()
+        if time_budget is not None and time.perf_counter() - start >= time_budget:
+            result.stopped_early = True
+            break
+    bar.close()
+    result.latents = latent.detach().clone()
+    return result

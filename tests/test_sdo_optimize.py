@@ -1,0 +1,136 @@
+"""Rewards and optimize_latents: the digits reward, the optimisation loop, early stop, bad rewards."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shortcut_kernels import sdo, zoo
+from shortcut_kernels.sdo.optimize import clip_per_sample_, gaussian_shell
+from shortcut_kernels.sdo.rewards import RewardError, check_reward
+
+
+@pytest.fixture(scope="module")
+def unet():
+    model, cfg = zoo.load("digits-unet")
+    sched = zoo.make_scheduler(cfg)
+    sched.set_timesteps(4)
+    return model, sched
+
+
+def test_digits_reward_is_classifier_log_prob():
+    clf = zoo.metrics.classifier()
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    r = sdo.digits_reward(3)(x)
+    assert r.shape == (5,)
+    torch.testing.assert_close(r, torch.log_softmax(clf(x), -1)[:, 3])
+    per = sdo.digits_reward([0, 1, 2, 3, 4])(x)
+    torch.testing.assert_close(per, torch.log_softmax(clf(x), -1)[torch.arange(5), torch.arange(5)])
+    xg = x.clone().requires_grad_()
+    sdo.digits_reward(3)(xg).sum().backward()
+    assert xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="target"):
+        sdo.digits_reward(10)
+
+
+def test_check_reward():
+    assert check_reward(torch.zeros(3), 3).shape == (3,)
+    with pytest.raises(RewardError, match="shape"):
+        check_reward(torch.zeros(3, 1), 3)
+    with pytest.raises(RewardError, match="non-finite"):
+        check_reward(torch.tensor([0.0, float("nan"), 1.0]), 3)
+    with pytest.raises(RewardError, match="tensor"):
+        check_reward([0.0, 1.0], 2)
+
+
+def test_shell_and_clip():
+    x = torch.randn(4, 1, 16, 16)
+    r = gaussian_shell(x)
+    torch.testing.assert_close(r, (x.flatten(1).norm(dim=1) - 16.0) ** 2)
+    g = torch.randn(4, 3, 5) * torch.tensor([0.1, 1, 10, 100]).view(4, 1, 1)
+    before = g.clone()
+    clip_per_sample_(g, 1.0)
+    norms = g.flatten(1).norm(dim=1)
+    assert (norms <= 1.0 + 1e-6).all()
+    torch.testing.assert_close(g[0], before[0])  # under the limit: untouched
+
+
+def test_optimize_latents_raises_reward(unet):
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(4, seed=3)
+    keep = x_T.clone()
+    reward = sdo.digits_reward(int(torch.randint(0, 10, ())))
+    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=6, lr=0.1, progress=False)
+    assert torch.equal(x_T, keep)  # never modified in place
+    assert len(res.history) == 6 and not res.stopped_early
+    assert not torch.equal(res.latents, x_T)
+    with torch.no_grad():
+        final = reward(sdo.shortcut_sample(fn, sched, res.latents, "first")).mean().item()
+    assert final > res.history[0]["reward_mean"] + 0.1
+
+
+def test_optimize_latents_early_stop_and_baselines(unet):
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(2, seed=4)
+    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=5, stop_at=-1e9, progress=False)
+    assert res.stopped_early and len(res.history) == 1 and torch.equal(res.latents, x_T)
+    for policy in ["full", "draft:2", "alignprop", "per-sample", "random"]:
+        res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=2, policy=policy, progress=False)
+        assert len(res.history) == 2 and not torch.equal(res.latents, x_T)
+
+
+def test_optimize_latents_bad_reward_changes_nothing(unet):
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(2, seed=5)
+    keep = x_T.clone()
+    calls = []
+
+    def flaky(x0):
+        calls.append(1)
+        r = sdo.digits_reward(2)(x0)
+        return r if len(calls) < 2 else r * float("nan")
+
+    with pytest.raises(RewardError, match="non-finite") as info:
+        sdo.optimize_latents(fn, sched, flaky, x_T, iters=3, progress=False)
+    partial = info.value.result
+    assert len(partial.history) == 1 and torch.equal(x_T, keep)
+    with pytest.raises(RewardError, match="shape"):
+        sdo.optimize_latents(fn, sched, lambda x0: x0.mean(), x_T, iters=1, progress=False)
+    with pytest.raises(TypeError, match="reward"):
+        sdo.optimize_latents(fn, sched, 3, x_T, iters=1, progress=False)
+
+
+def test_autocast_bf16_gradient_close_to_fp32(unet):
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    reward = sdo.digits_reward(5)
+
+    def grad(autocast):
+        x = zoo.initial_noise(2, seed=6).requires_grad_()
+        reward(sdo.shortcut_sample(fn, sched, x, "first", autocast=autocast)).sum().backward()
+        return x.grad
+
+    g32, g16 = grad(None), grad(torch.bfloat16)
+    cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0).item()
+    assert cos > 0.95
+    # fp16 with the dynamic loss scale runs and moves the latent
+    res = sdo.optimize_latents(fn, sched, reward, zoo.initial_noise(2, seed=6), iters=2,
+                               autocast=torch.float16, grad_clip=1.0, progress=False)
+    assert all(math.isfinite(h["reward_mean"]) for h in res.history)
+    assert not torch.equal(res.latents, zoo.initial_noise(2, seed=6))
+
+
+def test_warmup_calls(unet):
+    model, _ = unet
+    _, cfg = zoo.load("digits-unet")
+    sched = zoo.make_scheduler(cfg)
+    sched.set_timesteps(6)
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(2, seed=7)
+    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(4), x_T, iters=2, warmup_calls=4, progress=False)
+    assert res.warm_start is not None and res.warm_start.index == 4
+    assert res.latents.shape == x_T.shape and not torch.equal(res.latents, res.warm_start.x)
