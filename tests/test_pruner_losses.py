@@ -88,6 +88,10 @@ def test_pruner_round_trip_and_refuses_another_model(graphs, tmp_path):
     q.load_state_dict(torch.load(tmp_path / "p.pt"))
     assert torch.equal(q.logits(), p.logits())
     q.check_compatible(graphs["unet-fine"], calls=5)
+    # the loaded pruner knows its graph: it makes a schedule on its own
+    s = q.to_schedule(0.5)
+    assert s.block_names == graphs["unet-fine"].names and s.calls == 5 and s.macs_kept <= 0.5 + 1e-9
+    assert torch.equal(s.keep, p.to_schedule(0.5).keep)
     with pytest.raises(ValueError, match="granularity"):
         q.check_compatible(graphs["unet-coarse"])
     with pytest.raises(ValueError, match="model class"):

@@ -76,7 +76,7 @@ class Pruner(nn.Module):
 
     def __init__(self, calls: int, blocks: int, *, dim: int = 128, hidden: int = 64, heads: int = 4,
                  layers: int = 1, block_names: Sequence[str] | None = None, model_class: str = "",
-                 granularity: str = ""):
+                 granularity: str = "", graph=None):
         super().__init__()
         if calls < 1 or blocks < 1:
             raise ValueError(f"calls and blocks must be >= 1, got calls={calls}, blocks={blocks}")
@@ -85,6 +85,7 @@ class Pruner(nn.Module):
         self.calls, self.blocks = int(calls), int(blocks)
         self.block_names = list(block_names) if block_names is not None else None
         self.model_class, self.granularity = model_class, granularity
+        self.graph = graph  # the BlockGraph it was built for (kept in its state: schedules need it)
         self.queries = nn.Parameter(torch.randn(calls * blocks, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0,
                                            batch_first=True, norm_first=True)
@@ -98,7 +99,7 @@ class Pruner(nn.Module):
     def for_graph(cls, graph, calls: int, **kw) -> "Pruner":
         """A pruner for the blocks of a :class:`~shortcut_kernels.models.BlockGraph`."""
         return cls(calls, len(graph), block_names=graph.names, model_class=graph.model_class,
-                   granularity=graph.granularity, **kw)
+                   granularity=graph.granularity, graph=graph, **kw)
 
     def logits(self) -> Tensor:
         """``[calls, blocks, 2]`` logits [reuse, keep]."""
@@ -120,10 +121,21 @@ class Pruner(nn.Module):
         """``[calls, blocks]`` reuse probabilities, what DiP-GO's post-processing ranks."""
         return 1 - self.keep_probs()
 
+    def to_schedule(self, target_macs: float, **kw):
+        """DiP-GO's post-processing of this pruner's reuse probabilities into a
+        :class:`~shortcut_kernels.dipgo.Schedule` keeping ``target_macs`` of the MACs
+        (:func:`~shortcut_kernels.dipgo.from_scores`; ``kw``: its threshold options)."""
+        from .schedule import from_scores
+
+        if self.graph is None:
+            raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
+        return from_scores(self.graph, self.reuse_scores(), target_macs, **kw)
+
     # ---- identity ---------------------------------------------------------------------
     def get_extra_state(self) -> dict:
         return {"calls": self.calls, "blocks": self.blocks, "block_names": self.block_names,
-                "model_class": self.model_class, "granularity": self.granularity}
+                "model_class": self.model_class, "granularity": self.granularity,
+                "graph": self.graph.to_dict() if self.graph is not None else None}
 
     def set_extra_state(self, state: dict) -> None:
         if (state["calls"], state["blocks"]) != (self.calls, self.blocks):
@@ -131,6 +143,10 @@ class Pruner(nn.Module):
                              f"this pruner has {self.calls} x {self.blocks}")
         self.block_names, self.model_class = state["block_names"], state["model_class"]
         self.granularity = state["granularity"]
+        if state.get("graph") is not None:
+            from ..models import BlockGraph
+
+            self.graph = BlockGraph.from_dict(state["graph"])
 
     def check_compatible(self, graph, calls: int | None = None) -> None:
         """ValueError naming the mismatch when ``graph`` is not the model this pruner is for."""
