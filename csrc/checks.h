@@ -112,13 +112,19 @@ inline void check_cache_residual_inputs(const at::Tensor& x, c10::ArrayRef<at::T
   }
 }
 
-// guided_step: a and b (each optional) 0-d or [B]; returns the number of samples.
+// guided_step: a and b (each optional) 0-d or [B], w (optional) one value; returns the
+// number of samples.
 inline int64_t check_coefs(const at::Tensor& ref, const std::optional<at::Tensor>& a,
-                           const std::optional<at::Tensor>& b) {
+                           const std::optional<at::Tensor>& b,
+                           const std::optional<at::Tensor>& w) {
   const auto acc = acc_type_of(ref.scalar_type());
   int64_t samples = 1;
   if (has(a)) samples = std::max(samples, check_per_sample(*a, "a", ref, acc));
   if (has(b)) samples = std::max(samples, check_per_sample(*b, "b", ref, acc));
+  if (has(w)) {
+    check_per_sample(*w, "w", ref, acc);
+    TORCH_CHECK(w->dim() == 0, "shortcut_kernels: `w` must be 0-d, got ", w->sizes());
+  }
   return samples;
 }
 
@@ -147,12 +153,13 @@ inline void check_gated_residual_forward(const at::Tensor& x, const at::Tensor& 
 inline int64_t check_guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond,
                                          const at::Tensor& eps_cond,
                                          const std::optional<at::Tensor>& a,
-                                         const std::optional<at::Tensor>& b) {
+                                         const std::optional<at::Tensor>& b,
+                                         const std::optional<at::Tensor>& w) {
   check_float_tensor(x, "x");
   check_dense(x, "x");
   check_same(x, "x", eps_uncond, "eps_uncond");
   check_same(x, "x", eps_cond, "eps_cond");
-  return check_coefs(x, a, b);
+  return check_coefs(x, a, b, w);
 }
 
 }  // namespace shortcut_kernels

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_features.h"
+
 namespace {
 
 namespace py = pybind11;
@@ -51,9 +53,10 @@ PYBIND11_MODULE(_C, m) {
   DirectCall<Tensor2(const Tensor&, const Tensor&, const OptTensor&, bool, bool)>::def(
       m, "gated_residual_backward");
   DirectCall<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                    const OptTensor&, double, double, double)>::def(m, "guided_step_forward");
-  DirectCall<Tensor3(const Tensor&, const OptTensor&, const OptTensor&, double, double, double,
-                     bool, bool, bool)>::def(m, "guided_step_backward");
+                    const OptTensor&, const OptTensor&, double, double, double)>::def(
+      m, "guided_step_forward");
+  DirectCall<Tensor3(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
+                     double, double, bool, bool, bool)>::def(m, "guided_step_backward");
   // Tensor[] is an ArrayRef, which pybind11 cannot build from a list: take a vector.
   auto cache_residual = DirectCall<Tensor(const Tensor&, at::TensorList)>::handle(
       "cache_residual_forward");
@@ -63,4 +66,14 @@ PYBIND11_MODULE(_C, m) {
         return cache_residual.call(x, caches);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_info", [] {
+    namespace cpu = shortcut_kernels::cpu;
+    py::dict info;
+    info["avx512f"] = cpu::has_avx512f();
+    info["avx512bf16"] = cpu::use_avx512bf16();
+    info["stream_min_bytes"] = cpu::stream_min_bytes();
+    info["streamed_calls"] = cpu::streamed_calls().load();
+    return info;
+  }, "What the CPU kernels use: AVX-512 paths, the streaming-store threshold (bytes an op "
+     "moves) and how many op calls streamed their outputs so far.");
 }

@@ -3,9 +3,10 @@
 Four backends compute the same functions: `torch` (reference, runs everywhere), `cpu`
 (C++ extension, CPU tensors), `cuda` (C++ extension, CUDA tensors) and `triton` (CUDA
 tensors; CPU tensors too under TRITON_INTERPRET=1, for tests). `auto` takes the first
-that can serve, in the order of AUTO_ORDER. `SHORTCUT_KERNELS_BACKEND=name`, or the
-`use_backend(name)` context manager, forces one and raises BackendUnavailable (with the
-reasons) when it cannot serve.
+that can serve, in the order of AUTO_ORDER, except that CUDA tensors stay on `torch`
+until a GPU run of the test suite is recorded (gpu_unvalidated_reason).
+`SHORTCUT_KERNELS_BACKEND=name`, or the `use_backend(name)` context manager, forces one
+and raises BackendUnavailable (with the reasons) when it cannot serve.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -81,65 +84,88 @@ def _reasons(backend: str, device_type: str, dtype: torch.dtype, interpret: bool
     return tuple(reasons)
 
 
+def forced() -> str | None:
+    """The backend forced by use_backend() in this thread/task, or None."""
+    return _forced.get()
+
+
 def requested() -> str:
     """The backend asked for: use_backend(...) first, then the environment, else 'auto'."""
-    forced = _forced.get()
-    if forced is not None:
-        return forced
-    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    name = _forced.get()
+    return name if name is not None else _env_backend(os.environ.get(ENV_VAR))
 
 
-_selected: dict = {}
-# os.environ.get costs ~0.5 us (it encodes and decodes); its bytes mapping is what
-# os.environ reads and writes through, so a lookup there sees every change at ~30 ns.
-_ENV_BYTES = getattr(os.environ, "_data", None)
-_ENV_KEYS = (ENV_VAR.encode(), b"TRITON_INTERPRET")
+def _env_backend(value: str | None) -> str:
+    return (value or "auto").strip().lower() or "auto"
 
 
-if isinstance(_ENV_BYTES, dict) and os.name == "posix":
-    def _env_key() -> tuple:
-        return (_ENV_BYTES.get(_ENV_KEYS[0]), _ENV_BYTES.get(_ENV_KEYS[1]))
-else:
-    def _env_key() -> tuple:
-        return (os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
-
-
-def select(device: torch.device, dtype: torch.dtype) -> str:
+def select(device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend that serves a call on `device`/`dtype`."""
-    return _memoised(torch.device(device).type, dtype)
+    return resolve(_forced.get(), torch.device(device).type, dtype)
 
 
 def select_for(t: torch.Tensor) -> str:
-    """select() for the device and dtype of `t`, without building a torch.device (this
-    runs on every op call: _memoised inlined)."""
-    device_type = "cuda" if t.is_cuda else ("cpu" if t.is_cpu else t.device.type)
-    backend = _selected.get((_forced.get(), _env_key(), device_type, t.dtype))
-    return backend if backend is not None else _memoised(device_type, t.dtype)
+    """select() for the device and dtype of `t` (runs on every eager op call)."""
+    return resolve(_forced.get(), t.device.type, t.dtype)
 
 
-def _memoised(device_type: str, dtype: torch.dtype) -> str:
-    # Runs on every op call: memoised on everything the answer depends on.
-    key = (_forced.get(), _env_key(), device_type, dtype)
+_selected: dict = {}
+
+
+def resolve(forced: str | None, device_type: str, dtype: torch.dtype) -> str:
+    """The backend for a call, given what use_backend() forces. Memoised on everything the
+    answer depends on (the environment read costs ~1 us of the ~3 us of a call)."""
+    key = (forced, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), device_type, dtype)
     backend = _selected.get(key)
     if backend is None:
-        backend = _selected[key] = _select(torch.device(device_type), dtype)
+        want = forced if forced is not None else _env_backend(key[1])
+        backend = _selected[key] = _select(want, device_type, dtype)
     return backend
 
 
-def _select(device: torch.device, dtype: torch.dtype) -> str:
-    want = requested()
+def _select(want: str, device_type: str, dtype: torch.dtype) -> str:
     interpret = triton_interpret()
     if want != "auto":
-        reasons = _reasons(want, device.type, dtype, interpret)
+        reasons = _reasons(want, device_type, dtype, interpret)
         if reasons:
             raise BackendUnavailable(
                 f"shortcut_kernels backend {want!r} (forced by use_backend() or {ENV_VAR}) cannot "
-                f"run on {device} with {dtype}: " + "; ".join(reasons))
+                f"run on {device_type} with {dtype}: " + "; ".join(reasons))
         return want
-    for backend in AUTO_ORDER.get(device.type, ("torch",)):
-        if not _reasons(backend, device.type, dtype, interpret):
+    if device_type == "cuda" and gpu_unvalidated_reason():
+        return "torch"
+    for backend in AUTO_ORDER.get(device_type, ("torch",)):
+        if not _reasons(backend, device_type, dtype, interpret):
             return backend
     return "torch"
+
+
+# ---- GPU validation ------------------------------------------------------------------
+# The CUDA and Triton kernels serve `auto` only once a GPU run of the test suite is on
+# record: written by `python -m shortcut_kernels.gpu_record` (`make gpu`).
+GPU_RECORD = Path(__file__).with_name("gpu_validation.json")
+
+
+def gpu_record() -> dict | None:
+    """The recorded GPU run of the test suite, or None."""
+    try:
+        return json.loads(GPU_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_unvalidated_reason() -> str | None:
+    """Why `auto` keeps CUDA tensors on the torch reference; None once a passing GPU run
+    of the suite is recorded."""
+    record = gpu_record()
+    if record is not None and record.get("result") == "passed":
+        return None
+    what = (f"the recorded GPU run did not pass ({record.get('result')!r})" if record is not None
+            else f"no GPU run of the test suite is recorded ({GPU_RECORD.name} is missing)")
+    return (f"{what}: `auto` runs CUDA tensors on the torch reference, not on the unrun CUDA "
+            f"and Triton kernels; use_backend('cuda'|'triton') or {ENV_VAR} still forces them, "
+            f"and `make gpu` on a GPU machine records a run")
 
 
 @contextlib.contextmanager
@@ -153,6 +179,16 @@ def use_backend(name: str):
         yield
     finally:
         _forced.reset(token)
+
+
+def gpu_status() -> str:
+    """One line for `info`: whether `auto` may use the CUDA and Triton kernels, and why."""
+    reason = gpu_unvalidated_reason()
+    if reason:
+        return f"GPU kernels not validated: {reason}"
+    record = gpu_record()
+    return (f"GPU kernels validated: test suite passed on {record.get('gpu')} with torch "
+            f"{record.get('torch')} ({record.get('date')})")
 
 
 def available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, list[str]]:

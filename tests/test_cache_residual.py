@@ -118,9 +118,9 @@ def test_opcheck(backend):
     x, a, b = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(3))
     cl = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last) for _ in range(2)]
     with sk.use_backend(backend):
-        torch.library.opcheck(cr.cache_residual_op, (x, [a, b]))
-        torch.library.opcheck(cr.cache_residual_op, (x, [a.detach()]))
-        torch.library.opcheck(cr.cache_residual_op, (cl[0], [cl[1], torch.randn(2, 3, 4, 5)]))
+        torch.library.opcheck(cr.cache_residual_op, (x, [a, b], backend))
+        torch.library.opcheck(cr.cache_residual_op, (x, [a.detach()], backend))
+        torch.library.opcheck(cr.cache_residual_op, (cl[0], [cl[1], torch.randn(2, 3, 4, 5)], backend))
 
 
 def test_bad_inputs_name_the_argument():

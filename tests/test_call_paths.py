@@ -1,66 +1,126 @@
-"""The three ways a public op runs a call (ops/_dispatch.call_path): direct, the eager
-autograd Function, and the registered custom op (what torch.compile sees). The first
-two are what users hit in eager mode; the third must give the same values and
-gradients, since compiled code uses it."""
+"""The two ways a public op runs a call (ops/_dispatch): the eager autograd Function,
+which calls the kernels directly, and the registered custom op (what torch.compile
+sees). Both must give the same values and gradients, run the backward on the backend
+that ran the forward, and let kernel errors through unchanged."""
+import importlib
+import threading
+
 import pytest
 import torch
 
 import shortcut_kernels as sk
-from shortcut_kernels.ops import _dispatch
 
 from _helpers import BACKENDS
 
+OPS = ["gated_blend", "gated_residual", "cache_residual", "guided_step"]
+DIFFERENTIABLE_KERNEL_OPS = ["gated_blend", "gated_residual", "guided_step"]  # cache_residual: dx = g
+
+
+def _module(op):
+    return importlib.import_module(f"shortcut_kernels.ops.{op}")
+
 
 def _cases(device):
-    """(name, public call, registered-op call, inputs) for every differentiable op."""
+    """{name: (public call, registered-op call(inputs, backend), inputs)} for every op."""
     b, c, t = 3, 5, 7
     fresh, cache, residual = (torch.randn(b, c, t, device=device) for _ in range(3))
     gate = torch.rand(b, device=device)
     x, y = torch.randn(b, t, c, device=device), torch.randn(b, t, c, device=device)
     ada = torch.randn(b, c, device=device)
     caches = [torch.randn(b, t, c, device=device) for _ in range(2)]
-    a, bb = torch.rand(b, device=device), torch.rand(b, device=device)
+    a, bb, w = torch.rand(b, device=device), torch.rand(b, device=device), torch.tensor(2.5, device=device)
     ops = torch.ops.shortcut_kernels
-    return [
-        ("gated_blend", lambda f, k, g, r: sk.gated_blend(f, k, g, r),
-         lambda f, k, g, r: ops.gated_blend(f, k, g, r), [fresh, cache, gate, residual]),
-        ("gated_residual", lambda x_, y_, g: sk.gated_residual(x_, y_, g),
-         lambda x_, y_, g: ops.gated_residual(x_, y_, g), [x, y, ada]),
-        ("cache_residual", lambda x_, c0, c1: sk.cache_residual(x_, [c0, c1]),
-         lambda x_, c0, c1: ops.cache_residual(x_, [c0, c1]), [x, *caches]),
-        ("guided_step", lambda x_, u, k, a_, b_: sk.guided_step(x_, u, k, a_, b_, 2.5),
-         lambda x_, u, k, a_, b_: ops.guided_step(x_, u, k, a_, b_, 1.0, 1.0, 2.5),
-         [fresh, cache, residual, a, bb]),
-    ]
+    return {
+        "gated_blend": (lambda f, k, g, r: sk.gated_blend(f, k, g, r),
+                        lambda backend, f, k, g, r: ops.gated_blend(f, k, g, r, backend), [fresh, cache, gate, residual]),
+        "gated_residual": (lambda x_, y_, g: sk.gated_residual(x_, y_, g),
+                           lambda backend, x_, y_, g: ops.gated_residual(x_, y_, g, backend), [x, y, ada]),
+        "cache_residual": (lambda x_, c0, c1: sk.cache_residual(x_, [c0, c1]),
+                           lambda backend, x_, c0, c1: ops.cache_residual(x_, [c0, c1], backend), [x, *caches]),
+        "guided_step": (lambda x_, u, k, a_, b_, w_: sk.guided_step(x_, u, k, a_, b_, w_),
+                        lambda backend, x_, u, k, a_, b_, w_: ops.guided_step(x_, u, k, a_, b_, w_, 1.0, 1.0, 1.0,
+                                                                              backend),
+                        [fresh, cache, residual, a, bb, w]),
+    }
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("op", ["gated_blend", "gated_residual", "cache_residual", "guided_step"])
-def test_eager_autograd_matches_registered_op(backend, device, op):
-    name, public, registered, inputs = next(case for case in _cases(device) if case[0] == op)
+@pytest.mark.parametrize("op", OPS)
+def test_eager_function_matches_registered_op(backend, device, op):
+    public, registered, inputs = _cases(device)[op]
     leaves = [t.clone().requires_grad_() for t in inputs]
     with sk.use_backend(backend):
         out = public(*leaves)
         grad = torch.randn_like(out)
         got = torch.autograd.grad(out, leaves, grad)
-        expected_out = registered(*leaves)
+        expected_out = registered(backend, *leaves)
         expected = torch.autograd.grad(expected_out, leaves, grad)
-        direct = public(*inputs)  # nothing requires grad: the direct path
+        no_grad = public(*inputs)
     # The eager path is the Function, not the custom op's autograd.
     assert type(out.grad_fn).__name__ != type(expected_out.grad_fn).__name__
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
-    torch.testing.assert_close(direct, expected_out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(no_grad, expected_out.detach(), rtol=0, atol=0)
     for g, e, leaf in zip(got, expected, leaves):
-        torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name} d/{leaf.shape}: {m}")
+        torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{op} d/{leaf.shape}: {m}")
 
 
-def test_call_path_choice():
-    x = torch.randn(2, 3)
-    assert _dispatch.call_path(x, None) == _dispatch.DIRECT
-    assert _dispatch.call_path(x, x.clone().requires_grad_()) == _dispatch.AUTOGRAD
-    with torch.no_grad():
-        assert _dispatch.call_path(x.clone().requires_grad_()) == _dispatch.DIRECT
+def _count_calls(monkeypatch, impls, calls, stage):
+    """Wraps every backend of `impls` (an op's FORWARD/BACKWARD) to count its calls."""
+    for backend in ("torch", "cpu", "triton", "cuda"):
+        try:
+            impl = impls[backend]
+        except Exception:  # noqa: BLE001  a backend that cannot load here is never called
+            continue
 
+        def counted(*args, _impl=impl, _backend=backend):
+            calls.append((stage, _backend))
+            return _impl(*args)
+        monkeypatch.setitem(impls, backend, counted)
+
+
+@pytest.mark.parametrize("where", ["after_the_with_block", "another_thread"])
+@pytest.mark.parametrize("op", DIFFERENTIABLE_KERNEL_OPS)
+def test_backward_runs_the_forward_backend(monkeypatch, op, where):
+    """Forced `torch` while `auto` would pick the C++ kernels: the forward and the backward
+    both run `torch`, also when the backward runs where use_backend() is not in force
+    (after the block, or on an autograd/user thread that never saw the context)."""
+    if sk.backends.select("cpu", torch.float32) == "torch":
+        pytest.skip("auto already picks torch here (C++ extension not built)")
+    module, calls = _module(op), []
+    _count_calls(monkeypatch, module.FORWARD, calls, "forward")
+    _count_calls(monkeypatch, module.BACKWARD, calls, "backward")
+    public, _, inputs = _cases("cpu")[op]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with sk.use_backend("torch"):
+        out = public(*leaves)
+    grads = {}
+    if where == "another_thread":
+        thread = threading.Thread(target=lambda: grads.update(g=torch.autograd.grad(out.sum(), leaves)))
+        thread.start()
+        thread.join()
+    else:
+        grads["g"] = torch.autograd.grad(out.sum(), leaves)
+    assert len(grads["g"]) == len(leaves)
+    assert calls == [("forward", "torch"), ("backward", "torch")], calls
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                                   RuntimeError("an illegal memory access was encountered (simulated)")],
+                         ids=["oom", "kernel-fault"])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_errors_propagate_once(monkeypatch, op, error):
+    """A failing kernel raises its own error, once: it is not swallowed and retried."""
+    module, public, inputs = _module(op), *_cases("cpu")[op][::2]
+    backend = sk.backends.select("cpu", torch.float32)
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        raise error
+    monkeypatch.setitem(module.FORWARD, backend, failing)
+    with pytest.raises(type(error), match="simulated"):
+        public(*inputs)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("op", ["gated_blend", "gated_residual", "cache_residual"])

@@ -55,3 +55,95 @@ def test_compiled_graph_keeps_our_ops():
     code = recorder.graphs[0].code
     for op in ("gated_blend", "gated_residual", "cache_residual", "guided_step"):
         assert f"shortcut_kernels.{op}" in code, op
+
+
+# ---- every op on channels_last, mixed and transposed inputs ---------------------------
+# The fake (meta) functions must promise exactly the strides the kernels return:
+# Inductor plans the code around the output with those strides.
+
+LAYOUT_CASES = ["contiguous", "channels_last", "mixed", "transposed"]
+SHAPE = (2, 6, 4, 5)
+
+
+def _in_layout(layout, count, shape=SHAPE):
+    """`count` 4-D tensors: all contiguous, all channels_last, mixed (channels_last,
+    contiguous, transposed view, ...), or all transposed views (dense, not contiguous)."""
+    def one(kind):
+        if kind == "channels_last":
+            return torch.randn(shape).to(memory_format=torch.channels_last)
+        if kind == "transposed":
+            return torch.randn(*shape[:2], shape[3], shape[2]).transpose(2, 3)
+        return torch.randn(shape)
+    kinds = (["channels_last", "contiguous", "transposed"] * count)[:count] if layout == "mixed" else [layout] * count
+    return [one(kind) for kind in kinds]
+
+
+def _op_case(op, layout):
+    """(public call on leaves, registered op, its arguments without the backend)."""
+    ops = torch.ops.shortcut_kernels
+    if op == "gated_blend":
+        fresh, cache, residual = _in_layout(layout, 3)
+        gate = torch.rand(SHAPE[0])
+        return sk.gated_blend, ops.gated_blend, [fresh, cache, gate, residual]
+    if op == "gated_residual":
+        x, y = _in_layout(layout, 2)
+        gate = torch.randn(SHAPE[0], SHAPE[-1])
+        return sk.gated_residual, ops.gated_residual, [x, y, gate]
+    if op == "cache_residual":
+        x, c0, c1 = _in_layout(layout, 3)
+        return (lambda x_, a, b: sk.cache_residual(x_, [a, b])), \
+            (lambda x_, a, b, backend: ops.cache_residual(x_, [a, b], backend)), [x, c0, c1]
+    x, u, c = _in_layout(layout, 3)
+    a, b, w = torch.rand(SHAPE[0]), torch.tensor(-0.3), torch.tensor(2.0)
+    return (sk.guided_step, (lambda *args: ops.guided_step(*args[:6], 1.0, 1.0, 1.0, args[6])),
+            [x, u, c, a, b, w])
+
+
+def _backends():
+    return [b for b in ("cpu", "torch") if not sk.backends.unavailable_reasons(b, "cpu", torch.float32)]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
+@pytest.mark.parametrize("op", ["gated_blend", "gated_residual", "cache_residual", "guided_step"])
+def test_opcheck_layouts(op, layout):
+    """opcheck (schema, fake vs real strides, autograd registration, AOT dispatch) on
+    every layout, for each backend that runs here."""
+    _, registered, args = _op_case(op, layout)
+    leaves = [t.requires_grad_() for t in args]
+    for backend in _backends():
+        with sk.use_backend(backend):
+            if op == "cache_residual":
+                torch.library.opcheck(torch.ops.shortcut_kernels.cache_residual,
+                                      (leaves[0], leaves[1:], backend))
+            elif op == "guided_step":
+                torch.library.opcheck(torch.ops.shortcut_kernels.guided_step,
+                                      (*leaves[:6], 1.0, 1.0, 1.0, backend))
+            else:
+                torch.library.opcheck(registered, (*leaves, backend))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "mixed", "transposed"])
+def test_compile_layouts(layout):
+    """torch.compile(fullgraph=True, inductor) of all four ops on one layout (with the
+    backend `auto` picks): values and gradients as in eager mode. Each op's output is
+    read by Inductor code planned from the fake strides."""
+    cases = [_op_case(op, layout) for op in ("gated_blend", "gated_residual", "cache_residual", "guided_step")]
+    sizes = [len(args) for _, _, args in cases]
+
+    def fn(*inputs):
+        total, start = 0, 0
+        for (public, _, _), size in zip(cases, sizes):
+            total = total + (public(*inputs[start:start + size]) * 2).sum(dim=(1, 3))
+            start += size
+        return total
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    leaves = [t.detach().clone().requires_grad_() for _, _, args in cases for t in args]
+    expected = fn(*leaves)
+    grads_expected = torch.autograd.grad(expected.square().sum(), leaves)
+    got = compiled(*leaves)
+    grads_got = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # sums of fp32 terms
+    for g, e in zip(grads_got, grads_expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-3)

@@ -99,9 +99,15 @@ def test_cli_info_runs():
     assert "backends for cpu tensors (auto picks cpu)" in result.stdout
 
 
+CPU_PATH_SWITCHES = ("SHORTCUT_KERNELS_BACKEND", "SHORTCUT_KERNELS_CPU_BF16", "SHORTCUT_KERNELS_STREAM_MIN_BYTES",
+                     "SHORTCUT_KERNELS_CPU_NO_AVX512")
+HAS_AVX512F = _ext.load() and _ext._module.cpu_info()["avx512f"]
+
+
 @pytest.mark.parametrize("env", [{"SHORTCUT_KERNELS_CPU_BF16": "generic"},
-                                 {"SHORTCUT_KERNELS_STREAM_MIN_BYTES": "1"}],
-                         ids=["generic-bf16-rounding", "streaming-stores"])
+                                 {"SHORTCUT_KERNELS_STREAM_MIN_BYTES": "1"},
+                                 {"SHORTCUT_KERNELS_STREAM_MIN_BYTES": "1", "SHORTCUT_KERNELS_CPU_NO_AVX512": "1"}],
+                         ids=["generic-bf16-rounding", "streaming-stores", "streaming-asked-without-avx512f"])
 def test_cpu_store_paths_agree_bit_for_bit(tmp_path, env):
     """The CPU kernels store bf16 through fp32 tiles, rounded by VCVTNEPS2BF16 where the
     CPU has it and by integer ops otherwise (SHORTCUT_KERNELS_CPU_BF16=generic); and
@@ -110,7 +116,10 @@ def test_cpu_store_paths_agree_bit_for_bit(tmp_path, env):
     sizes so that the tiles start at every alignment). Every output and gradient must be
     bit-identical to the default path, on normal data (the instruction flushes fp32
     denormals to zero and keeps a NaN's sign). On a CPU without the instructions both runs
-    take the same path and the test still checks the tiling."""
+    take the same path and the test still checks the tiling.
+    SHORTCUT_KERNELS_CPU_NO_AVX512=1 makes the kernels' CPU-feature check report no
+    AVX-512F: streaming asked for must then not run (it would be SIGILL on such a CPU),
+    which `_C.cpu_info()["streamed_calls"]` shows, on any CPU."""
     code = """
 import sys, torch, shortcut_kernels as sk
 outs = []
@@ -128,19 +137,25 @@ for dt in (torch.bfloat16, torch.float32):
     outs += list(torch.autograd.grad(loss, leaves + [g_leaf, ada_leaf]))
     cache = torch.empty_like(x)
     outs += [sk.gated_residual(x, y, ada, cache_out=cache), cache]
-torch.save(outs, sys.argv[1])
+torch.save((outs, sk._ext._module.cpu_info()), sys.argv[1])
 """
     results = []
     for extra in ({}, env):
         path = tmp_path / f"out_{len(results)}.pt"
         run_env = dict(os.environ, PYTHONPATH=ROOT, **extra)
-        for name in ("SHORTCUT_KERNELS_BACKEND", "SHORTCUT_KERNELS_CPU_BF16", "SHORTCUT_KERNELS_STREAM_MIN_BYTES"):
+        for name in CPU_PATH_SWITCHES:
             if name not in extra:
                 run_env.pop(name, None)
         run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                              env=run_env, cwd=ROOT, timeout=300)
         assert run.returncode == 0, run.stderr
         results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 24
-    for i, (a, b) in enumerate(zip(*results)):
+    (default, _), (outs, info) = results
+    assert len(default) == len(outs) == 24
+    for i, (a, b) in enumerate(zip(default, outs)):
         assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs with {env}"
+    if env.get("SHORTCUT_KERNELS_CPU_NO_AVX512") == "1":
+        assert not info["avx512f"] and not info["avx512bf16"], info
+        assert info["streamed_calls"] == 0, f"streaming stores ran without AVX-512F: {info}"
+    elif "SHORTCUT_KERNELS_STREAM_MIN_BYTES" in env and HAS_AVX512F:
+        assert info["streamed_calls"] > 0, f"streaming was asked for on an AVX-512F CPU: {info}"

@@ -116,8 +116,8 @@ def test_opcheck(backend):
     fresh, cache, residual = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(3))
     gate = torch.rand(2, requires_grad=True)
     with sk.use_backend(backend):
-        torch.library.opcheck(gb.gated_blend_op, (fresh, cache, gate, residual))
-        torch.library.opcheck(gb.gated_blend_op, (fresh, cache, torch.tensor(0.3), None))
+        torch.library.opcheck(gb.gated_blend_op, (fresh, cache, gate, residual, backend))
+        torch.library.opcheck(gb.gated_blend_op, (fresh, cache, torch.tensor(0.3), None, backend))
 
 
 @pytest.mark.skipif(bool(sk.backends.unavailable_reasons("cpu", "cpu", torch.float32)), reason="no C++ ext")

@@ -186,11 +186,11 @@ def test_opcheck(backend):
     x, y = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(2))
     gate = torch.randn(2, 5, requires_grad=True)
     with sk.use_backend(backend):
-        torch.library.opcheck(gr.gated_residual_op, (x, y, gate))
-        torch.library.opcheck(gr.gated_residual_op, (x, y, gate[:, None].detach()))
-        torch.library.opcheck(gr.gated_residual_op, (x, y, None))
-        torch.library.opcheck(gr.gated_residual_cache_op, (x.detach(), y.detach(), gate.detach(), torch.empty(2, 3, 5)))
-        torch.library.opcheck(gr.gated_residual_cache_op, (x.detach(), y.detach(), None, torch.empty(2, 3, 5)))
+        torch.library.opcheck(gr.gated_residual_op, (x, y, gate, backend))
+        torch.library.opcheck(gr.gated_residual_op, (x, y, gate[:, None].detach(), backend))
+        torch.library.opcheck(gr.gated_residual_op, (x, y, None, backend))
+        torch.library.opcheck(gr.gated_residual_cache_op, (x.detach(), y.detach(), gate.detach(), torch.empty(2, 3, 5), backend))
+        torch.library.opcheck(gr.gated_residual_cache_op, (x.detach(), y.detach(), None, torch.empty(2, 3, 5), backend))
 
 
 def test_compile_cache_out():

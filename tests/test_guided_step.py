@@ -110,9 +110,59 @@ def test_forward_any_layout(backend, device, layout, dtype):
 def test_tensor_overrides_scalar(backend, device):
     x, eps_uncond, eps_cond = (torch.randn(2, 9, device=device) for _ in range(3))
     a, b = torch.tensor([0.5, 2.0], device=device), torch.tensor(-0.25, device=device)
+    w = torch.tensor(W, device=device)
     with sk.use_backend(backend):
-        out = gs.guided_step_op(x, eps_uncond, eps_cond, a, b, 100.0, 100.0, W)
+        out = gs.guided_step_op(x, eps_uncond, eps_cond, a, b, w, 100.0, 100.0, 100.0, backend)
     torch.testing.assert_close(out, gs.reference(x, eps_uncond, eps_cond, a, b, W))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_tensor_w_matches_float_w(backend, device, dtype):
+    """A 0-d tensor guidance scale gives what the float gives, forward and backward."""
+    x, eps_uncond, eps_cond = (randn((3, 4, 5), dtype, device).requires_grad_() for _ in range(3))
+    a, b = make_coefs("per_sample", x)
+    w = torch.tensor(W, device=device)
+    with sk.use_backend(backend):
+        out_t = guided_step(x, eps_uncond, eps_cond, a, b, w)
+        out_f = guided_step(x, eps_uncond, eps_cond, a, b, W)
+        g = torch.randn_like(out_t)
+        grads_t = torch.autograd.grad(out_t, (x, eps_uncond, eps_cond), g)
+        grads_f = torch.autograd.grad(out_f, (x, eps_uncond, eps_cond), g)
+    torch.testing.assert_close(out_t, out_f, rtol=0, atol=0)
+    for got, expected in zip(grads_t, grads_f):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck_tensor_w(backend, device):
+    """fp64 gradcheck through a, b and the guidance scale w as tensors."""
+    x, eps_uncond, eps_cond = (torch.randn(2, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+                               for _ in range(3))
+    a = torch.rand(2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.rand((), dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.tensor(W, dtype=torch.float64, device=device, requires_grad=True)
+    with sk.use_backend(backend):
+        assert torch.autograd.gradcheck(guided_step, (x, eps_uncond, eps_cond, a, b, w))
+
+
+def test_compiled_loop_with_changing_tensor_coefficients_compiles_once():
+    """A 50-step sampling loop whose a, b and w change every step, passed as 0-d
+    tensors, is one dynamo frame: no recompiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(guided_step, fullgraph=True, backend=counter)
+    x = torch.randn(2, 4, 8)
+    expected = x.clone()
+    for i in range(50):
+        eps_uncond, eps_cond = torch.randn_like(x), torch.randn_like(x)
+        a, b, w = torch.tensor(1.0 - i / 100), torch.tensor(-0.01 * (i + 1)), torch.tensor(1.0 + i / 10)
+        x = step(x, eps_uncond, eps_cond, a, b, w)
+        expected = gs.reference(expected, eps_uncond, eps_cond, a, b, w)
+    assert counter.frame_count == 1, f"{counter.frame_count} frames compiled for 50 steps"
+    torch.testing.assert_close(x, expected)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -202,12 +252,14 @@ def test_opcheck(backend):
         pytest.skip(f"{backend} backend unavailable")
     x, eps_uncond, eps_cond = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(3))
     a, b = torch.rand(2, requires_grad=True), torch.rand((), requires_grad=True)
+    w = torch.tensor(W, requires_grad=True)
     with sk.use_backend(backend):
-        torch.library.opcheck(gs.guided_step_op, (x, eps_uncond, eps_cond, a, b, 0.0, 0.0, W))
-        torch.library.opcheck(gs.guided_step_op, (x, eps_uncond, eps_cond, None, None, 0.9, -0.1, W))
-        torch.library.opcheck(gs.guided_step_op, (x.detach(), eps_uncond, eps_cond, None, b, 0.9, 0.0, W))
-        torch.library.opcheck(gs.guided_step_backward_op, (torch.randn(2, 3, 5), a.detach(), None, 0.0, 0.3, W,
-                                                           True, False, True))
+        torch.library.opcheck(gs.guided_step_op, (x, eps_uncond, eps_cond, a, b, None, 0.0, 0.0, W, backend))
+        torch.library.opcheck(gs.guided_step_op, (x, eps_uncond, eps_cond, None, None, None, 0.9, -0.1, W, backend))
+        torch.library.opcheck(gs.guided_step_op, (x.detach(), eps_uncond, eps_cond, None, b, None, 0.9, 0.0, W, backend))
+        torch.library.opcheck(gs.guided_step_op, (x, eps_uncond, eps_cond, a, None, w, 0.0, 0.9, 0.0, backend))
+        torch.library.opcheck(gs.guided_step_backward_op, (torch.randn(2, 3, 5), a.detach(), None, None, 0.0, 0.3, W,
+                                                           True, False, True, backend))
 
 
 @pytest.mark.skipif(bool(sk.backends.unavailable_reasons("cpu", "cpu", torch.float32)), reason="no C++ ext")
@@ -216,11 +268,13 @@ def test_ext_ops_check_their_arguments():
     ext = torch.ops.shortcut_kernels_ext
     x = torch.randn(2, 3)
     with pytest.raises(RuntimeError, match="`eps_cond` has shape"):
-        ext.guided_step_forward(x, x, torch.randn(2, 4), None, None, 1.0, 1.0, W)
+        ext.guided_step_forward(x, x, torch.randn(2, 4), None, None, None, 1.0, 1.0, W)
     with pytest.raises(RuntimeError, match="`a` must be Float"):
-        ext.guided_step_forward(x, x, x, torch.rand(2, dtype=torch.float64), None, 1.0, 1.0, W)
+        ext.guided_step_forward(x, x, x, torch.rand(2, dtype=torch.float64), None, None, 1.0, 1.0, W)
     with pytest.raises(RuntimeError, match="`b` must be 0-d or have shape"):
-        ext.guided_step_backward(x, None, torch.rand(3), 1.0, 1.0, W, True, True, True)
+        ext.guided_step_backward(x, None, torch.rand(3), None, 1.0, 1.0, W, True, True, True)
+    with pytest.raises(RuntimeError, match="`w` must be 0-d"):
+        ext.guided_step_forward(x, x, x, None, None, torch.rand(2), 1.0, 1.0, W)
 
 
 def test_bad_inputs_name_the_argument():
@@ -245,8 +299,10 @@ def test_bad_inputs_name_the_argument():
         guided_step(x, eps_uncond, eps_cond, 1.0, "0.5", W)
     with pytest.raises(TypeError, match="`a` must be a float or a tensor"):
         guided_step(x, eps_uncond, eps_cond, None, 1.0, W)
-    with pytest.raises(TypeError, match="`w` must be a Python float"):
-        guided_step(x, eps_uncond, eps_cond, 1.0, 1.0, torch.tensor(W))
+    with pytest.raises(TypeError, match="`w` must be a float or a 0-d tensor"):
+        guided_step(x, eps_uncond, eps_cond, 1.0, 1.0, "7.5")
+    with pytest.raises(ValueError, match="`w` .* one-value tensor"):
+        guided_step(x, eps_uncond, eps_cond, 1.0, 1.0, torch.tensor([W, W]))
     with pytest.raises(TypeError, match="`eps_uncond` must be a torch.Tensor"):
         guided_step(x, [1.0], eps_cond, 1.0, 1.0, W)
 

@@ -19,13 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#include <immintrin.h>
-#define SK_X86_INTRINSICS 1
-#else
-#define SK_X86_INTRINSICS 0
-#endif
-
+#include "cpu_features.h"  // SK_X86_INTRINSICS, has_avx512f(), stream_min_bytes()
 #include "../bool_dispatch.h"
 #include "../checks.h"
 #include "../grad_outputs.h"
@@ -160,23 +154,6 @@ __attribute__((target("avx512f"))) static void store_f32_stream_avx512(float* ds
 }
 #endif
 
-static inline bool env_is(const char* name, std::string_view value) {
-  const char* set = std::getenv(name);
-  return set != nullptr && std::string_view(set) == value;
-}
-
-// SHORTCUT_KERNELS_CPU_BF16=generic forces the generic rounding: the tests compare the
-// two paths on machines that have the instruction.
-static inline bool use_avx512bf16() {
-#if SK_X86_INTRINSICS
-  static const bool use = __builtin_cpu_supports("avx512bf16") &&
-                          !env_is("SHORTCUT_KERNELS_CPU_BF16", "generic");
-  return use;
-#else
-  return false;
-#endif
-}
-
 static inline void store_bf16(c10::BFloat16* dst, const float* src, int64_t n, bool stream) {
 #if SK_X86_INTRINSICS
   if (use_avx512bf16()) return store_bf16_avx512(dst, src, n, stream);
@@ -184,38 +161,10 @@ static inline void store_bf16(c10::BFloat16* dst, const float* src, int64_t n, b
   store_bf16_generic(dst, src, n);
 }
 
-// ---- streaming stores for outputs larger than the cache -----------------------------
-// When an op's data does not fit in the last-level cache, its outputs are written with
-// non-temporal stores: they skip the read of each output line before it is written and
-// leave the inputs in the cache (15-20% faster at DiT sizes in bf16 on the bench machine).
-// When the data fits they would send the output to DRAM for nothing (1.6x slower), hence
-// the threshold: the bytes an op reads and writes, against the L3 of one cache instance
-// (sysfs; 32 MB if unknown). SHORTCUT_KERNELS_STREAM_MIN_BYTES overrides it (tests).
-static inline int64_t last_level_cache_bytes() {
-  int64_t bytes = 32ll << 20;
-  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
-    long long value = 0;
-    char unit = 0;
-    if (std::fscanf(f, "%lld%c", &value, &unit) >= 1 && value > 0)
-      bytes = value << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
-    std::fclose(f);
-  }
-  return bytes;
-}
-
 static inline bool stream_outputs(int64_t total_bytes) {
-#if SK_X86_INTRINSICS
-  static const int64_t threshold = [] {
-    const char* set = std::getenv("SHORTCUT_KERNELS_STREAM_MIN_BYTES");
-    if (set != nullptr) return static_cast<int64_t>(std::atoll(set));
-    return __builtin_cpu_supports("avx512f") ? last_level_cache_bytes()
-                                             : std::numeric_limits<int64_t>::max();
-  }();
-  return total_bytes >= threshold;
-#else
-  (void)total_bytes;
-  return false;
-#endif
+  const bool stream = total_bytes >= stream_min_bytes();
+  if (stream) streamed_calls().fetch_add(1, std::memory_order_relaxed);
+  return stream;
 }
 
 // Non-temporal stores are weakly ordered: a thread that streamed fences once when done

@@ -1,5 +1,6 @@
 // guided_step on the CPU: x_prev = a*x + b*(eps_u + w*(eps_c - eps_u)), a and b one
-// value each (a_scalar/b_scalar, or a 0-d tensor) or one value per sample ([B]).
+// value each (a_scalar/b_scalar, or a 0-d tensor) or one value per sample ([B]), w one
+// value (w_scalar, or a 0-d tensor).
 // Schemas of the extension's ops live with their CPU kernels (always compiled).
 #include <torch/library.h>
 
@@ -60,9 +61,10 @@ Coef<acc_t> make_coef(const std::optional<at::Tensor>& t, double scalar) {
 
 at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond,
                                const at::Tensor& eps_cond, const std::optional<at::Tensor>& a,
-                               const std::optional<at::Tensor>& b, double a_scalar,
-                               double b_scalar, double w) {
-  const int64_t samples = check_guided_step_forward(x, eps_uncond, eps_cond, a, b);
+                               const std::optional<at::Tensor>& b,
+                               const std::optional<at::Tensor>& w, double a_scalar,
+                               double b_scalar, double w_scalar) {
+  const int64_t samples = check_guided_step_forward(x, eps_uncond, eps_cond, a, b, w);
   at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
   if (numel == 0) return out;
@@ -71,7 +73,7 @@ at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond
                                   "guided_step_forward_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
     const auto ca = make_coef<acc_t>(a, a_scalar), cb = make_coef<acc_t>(b, b_scalar);
-    const acc_t wv = static_cast<acc_t>(w);
+    const acc_t wv = make_coef<acc_t>(w, w_scalar).at(0);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* up = eps_uncond.const_data_ptr<scalar_t>();
     const scalar_t* cp = eps_cond.const_data_ptr<scalar_t>();
@@ -89,12 +91,12 @@ at::Tensor guided_step_forward(const at::Tensor& x, const at::Tensor& eps_uncond
 
 template <typename scalar_t, bool kX, bool kUncond, bool kCond>
 void run_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
-                  const std::optional<at::Tensor>& b, double a_scalar, double b_scalar,
-                  double w, int64_t per_sample, at::Tensor& d_x, at::Tensor& d_uncond,
+                  const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& w,
+                  double a_scalar, double b_scalar, double w_scalar, int64_t per_sample, at::Tensor& d_x, at::Tensor& d_uncond,
                   at::Tensor& d_cond) {
   using acc_t = typename Io<scalar_t>::acc_t;
   const auto ca = make_coef<acc_t>(a, a_scalar), cb = make_coef<acc_t>(b, b_scalar);
-  const acc_t wv = static_cast<acc_t>(w);
+  const acc_t wv = make_coef<acc_t>(w, w_scalar).at(0);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* dx = kX ? d_x.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* du = kUncond ? d_uncond.mutable_data_ptr<scalar_t>() : nullptr;
@@ -112,29 +114,29 @@ void run_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
 // Instantiates the kernel for the gradients asked for (at least one).
 template <typename scalar_t>
 void dispatch_backward(const at::Tensor& grad, const std::optional<at::Tensor>& a,
-                       const std::optional<at::Tensor>& b, double a_scalar, double b_scalar,
-                       double w, bool nx, bool nu, bool nc, int64_t per_sample, at::Tensor& d_x,
+                       const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& w,
+                       double a_scalar, double b_scalar, double w_scalar, bool nx, bool nu, bool nc, int64_t per_sample, at::Tensor& d_x,
                        at::Tensor& d_uncond, at::Tensor& d_cond) {
   with_flags([&]<bool kX, bool kUncond, bool kCond>() {
-    run_backward<scalar_t, kX, kUncond, kCond>(grad, a, b, a_scalar, b_scalar, w, per_sample, d_x,
-                                               d_uncond, d_cond);
+    run_backward<scalar_t, kX, kUncond, kCond>(grad, a, b, w, a_scalar, b_scalar, w_scalar,
+                                               per_sample, d_x, d_uncond, d_cond);
   }, nx, nu, nc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_step_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& a,
-    const std::optional<at::Tensor>& b, double a_scalar, double b_scalar, double w,
-    bool need_x, bool need_eps_uncond, bool need_eps_cond) {
+    const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& w, double a_scalar,
+    double b_scalar, double w_scalar, bool need_x, bool need_eps_uncond, bool need_eps_cond) {
   at::Tensor d_x, d_uncond, d_cond;
   std::tie(d_x, d_uncond, d_cond) = guided_step_grads(grad, need_x, need_eps_uncond, need_eps_cond);
-  const int64_t samples = check_coefs(grad, a, b);
+  const int64_t samples = check_coefs(grad, a, b, w);
   if (grad.numel() == 0 || !(need_x || need_eps_uncond || need_eps_cond))
     return {d_x, d_uncond, d_cond};
   const int64_t per_sample = grad.numel() / samples;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "guided_step_backward_cpu", [&] {
-    dispatch_backward<scalar_t>(grad, a, b, a_scalar, b_scalar, w, need_x, need_eps_uncond,
-                                need_eps_cond, per_sample, d_x, d_uncond, d_cond);
+    dispatch_backward<scalar_t>(grad, a, b, w, a_scalar, b_scalar, w_scalar, need_x,
+                                need_eps_uncond, need_eps_cond, per_sample, d_x, d_uncond, d_cond);
   });
   return {d_x, d_uncond, d_cond};
 }
@@ -144,10 +146,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> guided_step_backward(
 TORCH_LIBRARY_FRAGMENT(shortcut_kernels_ext, m) {
   m.def(
       "guided_step_forward(Tensor x, Tensor eps_uncond, Tensor eps_cond, Tensor? a, Tensor? b, "
-      "float a_scalar, float b_scalar, float w) -> Tensor");
+      "Tensor? w, float a_scalar, float b_scalar, float w_scalar) -> Tensor");
   m.def(
-      "guided_step_backward(Tensor grad, Tensor? a, Tensor? b, float a_scalar, float b_scalar, "
-      "float w, bool need_x, bool need_eps_uncond, bool need_eps_cond) -> (Tensor, Tensor, Tensor)");
+      "guided_step_backward(Tensor grad, Tensor? a, Tensor? b, Tensor? w, float a_scalar, "
+      "float b_scalar, float w_scalar, bool need_x, bool need_eps_uncond, bool need_eps_cond) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shortcut_kernels_ext, CPU, m) {

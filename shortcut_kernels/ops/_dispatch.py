@@ -1,7 +1,18 @@
-"""How a public op call reaches an implementation.
+"""How a public op call reaches an implementation: two call paths, one backward formula.
 
-`call_path` picks between the registered custom op (torch.compile), an eager autograd
-Function and a direct call; `fast_kernel` lets a direct call skip the Python checks.
+- Eager calls go through the op's torch.autograd.Function (`differentiable`): its forward
+  calls the chosen backend's kernel directly, and its backward calls the backward kernel
+  of that same backend, saved on the autograd context (autograd may run the backward on
+  another thread, where `use_backend` is not in force).
+- Under torch.compile the graph holds the registered custom op
+  (torch.ops.shortcut_kernels.<op>). The backend is an argument of the op, chosen when
+  the function is traced: `use_backend` is guarded (changing it recompiles),
+  SHORTCUT_KERNELS_BACKEND is read once.
+
+Both paths run the same `backward(ctx, kernels, *grads)` formula; `kernels` is the
+backward implementation called directly, or the registered backward op when the gradient
+must itself be differentiable (create_graph=True, or compiled code).
+
 `backend_impl` maps backend names to an op's implementations: every op module lists its
 torch implementation; the C++ and Triton ones are found by name
 (`shortcut_kernels_ext::<op>_<stage>` and `shortcut_kernels.triton.<op>.<op>_<stage>`)
@@ -13,82 +24,61 @@ import importlib
 
 import torch
 
-from .. import _ext, _validate as V, backends
+from .. import _ext, backends
 
 
 def select_backend(t: torch.Tensor) -> str:
+    """The backend that serves a call on `t`: use_backend(), the environment, or auto."""
+    if torch.compiler.is_compiling():
+        # The context variable is read here, where dynamo guards on it.
+        return _backend_when_traced(backends.forced(), t.device.type, t.dtype)
     return backends.select_for(t)
 
 
-COMPILE, AUTOGRAD, DIRECT = "compile", "autograd", "direct"
+@torch.compiler.assume_constant_result
+def _backend_when_traced(forced, device_type: str, dtype: torch.dtype) -> str:
+    return backends.resolve(forced, device_type, dtype)
 
 
-def call_path(*tensors) -> str:
-    """How a public op function runs a call:
+def differentiable(op, name: str, forward, setup_context, backward, backward_kernels, backward_op) -> type:
+    """Attaches autograd to the registered `op` and returns the eager Function of the op.
 
-    COMPILE   under torch.compile: the registered custom op, so the graph holds the op;
-    AUTOGRAD  in eager mode when an input requires grad: the op's eager_autograd Function
-              (forward+backward of a small tensor: ~52 us through the custom op's
-              autograd, ~35 us through a Function with the same context and backward);
-    DIRECT    otherwise: the implementation itself, no dispatcher round trip.
-    """
-    if torch.compiler.is_compiling():
-        return COMPILE
-    if torch.is_grad_enabled():
-        for t in tensors:  # a plain loop: any() with a generator costs ~0.3 us more
-            if isinstance(t, torch.Tensor) and t.requires_grad:  # non-tensors: checked later
-                return AUTOGRAD
-    return DIRECT
+    `forward(*inputs)` runs the kernels (inputs end with the backend name);
+    `setup_context(ctx, inputs, output)` saves what the backward needs, `ctx.backend`
+    included; `backward(ctx, kernels, *grads)` returns the gradients of the differentiable
+    inputs (the backend and any trailing argument get None)."""
 
+    def padded(ctx, kernels, grads):
+        got = backward(ctx, kernels, *grads)
+        return tuple(got) + (None,) * (ctx.num_inputs - len(got))
 
-def fast_kernel(forward: "backend_impl", *tensors, nan_checked: bool = False):
-    """The C++ forward a public op may call straight away, or None.
+    def save(ctx, inputs, output):
+        ctx.num_inputs = len(inputs)
+        setup_context(ctx, inputs, output)
 
-    A call qualifies when nothing needs autograd or tracing (DIRECT) and the extension
-    serves it. The caller then passes its arguments unchecked and unconverted: the C++
-    op checks everything itself, and when it refuses (a wrong input, or one that only
-    needs converting, such as a strided view) the caller falls back to the full path,
-    which raises the friendly error or converts. This saves 2-6 us per call: the Python
-    checks cost more right after a kernel has streamed megabytes through the caches.
-    A refusal costs ~10 us (a C++ exception), so callers take this path only with
-    coefficients already in the kernel's form.
-    `nan_checked`: the op checks its gate for NaN, which the CUDA kernel leaves to the
-    Python path when SHORTCUT_KERNELS_CHECK_NAN=1.
-    """
-    ref = tensors[0]
-    if type(ref) is not torch.Tensor or call_path(*tensors) != DIRECT:
-        return None
-    try:
-        backend = backends.select_for(ref)
-    except backends.BackendUnavailable:
-        return None  # the full path checks the arguments first, then says why
-    if backend == "cpu" or (backend == "cuda" and not (nan_checked and V.nan_checks_enabled(ref))):
-        return forward[backend]
-    return None
-
-
-def eager_autograd(name: str, forward, setup_context, backward, registered_backward) -> type:
-    """A torch.autograd.Function for eager calls of a custom op: `forward(*inputs)` is the
-    op's implementation and `setup_context(ctx, inputs, output)` the one registered with
-    the op. `backward(ctx, *grads)` calls the backward implementation directly;
-    `registered_backward` is the op's registered autograd formula, which goes through the
-    backward custom op. It runs when the gradient itself must be differentiable
-    (create_graph=True): then the terms that are g itself stay differentiable and the
-    others raise, exactly as through the custom op, instead of being cut off."""
+    op.register_autograd(lambda ctx, *grads: padded(ctx, backward_op, grads), setup_context=save)
 
     def fn_forward(ctx, *inputs):
         output = forward(*inputs)
-        setup_context(ctx, inputs, output)
+        save(ctx, inputs, output)
         return output
 
     def fn_backward(ctx, *grads):
-        # The engine enables grad mode inside backward exactly when create_graph=True.
-        return (registered_backward if torch.is_grad_enabled() else backward)(ctx, *grads)
+        # The engine enables grad mode inside backward exactly when create_graph=True: then
+        # the registered backward op keeps the terms that are g itself differentiable.
+        return padded(ctx, backward_op if torch.is_grad_enabled() else backward_kernels, grads)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fn_forward),
         "backward": staticmethod(fn_backward),
     })
+
+
+def call(op, function: type, *inputs):
+    """The registered op under torch.compile, the eager Function otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*inputs)
+    return function.apply(*inputs)
 
 
 class backend_impl(dict):

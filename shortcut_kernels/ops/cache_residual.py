@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, fast_kernel, select_backend
+from ._dispatch import backend_impl, differentiable, select_backend
 
 OP = "cache_residual"
 
@@ -59,47 +59,41 @@ def _torch_forward(x, caches):
 FORWARD = backend_impl(OP, "forward", torch_impl=_torch_forward)
 
 
-# ---- the registered op --------------------------------------------------------------
+# ---- the registered op (torch.compile) and the eager Function ------------------------
 
-def _forward(x: Tensor, caches: list[Tensor]) -> Tensor:
+def _forward(x: Tensor, caches: list[Tensor], backend: str) -> Tensor:
     x, *caches = V.dense(x, *caches)
-    return FORWARD[select_backend(x)](x, caches)
+    return V.in_layout_of(FORWARD[backend](x, caches), x)
 
 
 @torch.library.custom_op("shortcut_kernels::cache_residual", mutates_args=())
-def cache_residual_op(x: Tensor, caches: list[Tensor]) -> Tensor:
-    return _forward(x, caches)
+def cache_residual_op(x: Tensor, caches: list[Tensor], backend: str) -> Tensor:
+    return _forward(x, caches, backend)
 
 
 @cache_residual_op.register_fake
-def _(x, caches):
+def _(x, caches, backend):
     _check(x, caches)
     return torch.empty_like(V.dense(x, *caches)[0])  # the layout the kernels write
 
 
+def _backward(ctx, kernels, grad):
+    """The gradients are g itself: no kernel, nothing saved."""
+    need_x, need_caches = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if isinstance(need_caches, (list, tuple)):  # the registered op: one flag per cache
+        return (grad if need_x else None), [grad if need else None for need in need_caches]
+    # the Function: (x, backend, *caches)
+    return (grad if need_x else None, None) + tuple(grad if need else None for need in ctx.needs_input_grad[2:])
+
+
 def _setup_context(ctx, inputs, output):
-    pass  # the gradients are g itself: nothing to keep
+    pass
 
 
-def _backward(ctx, grad):
-    need_x, need_caches = ctx.needs_input_grad
-    return (grad if need_x else None), [grad if need else None for need in need_caches]
-
-
-cache_residual_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _CacheResidualEager(torch.autograd.Function):
-    """Eager autograd (see _dispatch.call_path). The caches are separate arguments here:
-    a Function does not see tensors inside a list."""
-
-    @staticmethod
-    def forward(ctx, x, *caches):
-        return _forward(x, list(caches))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(grad if need else None for need in ctx.needs_input_grad)
+# A Function does not see tensors inside a list: it takes (x, backend, *caches).
+_CacheResidual = differentiable(cache_residual_op, "CacheResidual",
+                                lambda x, backend, *caches: _forward(x, list(caches), backend),
+                                _setup_context, _backward, None, None)
 
 
 def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor:
@@ -110,18 +104,9 @@ def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor
         caches: the cached deltas (or outputs) to add: a list/tuple of one or more
             tensors like `x` (same shape, dtype, device), or a single tensor.
     """
-    if type(caches) in (list, tuple):
-        kernel = fast_kernel(FORWARD, x, *caches)
-        if kernel is not None:
-            try:
-                return kernel(x, caches)
-            except Exception:  # noqa: BLE001  the full path below explains, or converts
-                pass
     caches = _as_list(caches)
     _check(x, caches)  # before the schema's own, less helpful, checks
-    path = call_path(x, *caches)
-    if path == DIRECT:
-        return _forward(x, caches)
-    if path == AUTOGRAD:
-        return _CacheResidualEager.apply(x, *caches)
-    return cache_residual_op(x, caches)
+    backend = select_backend(x)
+    if torch.compiler.is_compiling():
+        return cache_residual_op(x, caches, backend)
+    return _CacheResidual.apply(x, backend, *caches)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, DIRECT, backend_impl, call_path, eager_autograd, fast_kernel, select_backend
+from ._dispatch import backend_impl, call, differentiable, select_backend
 
 OP = "gated_blend"
 
@@ -70,32 +70,32 @@ FORWARD = backend_impl(OP, "forward", torch_impl=_torch_forward)
 BACKWARD = backend_impl(OP, "backward", torch_impl=_torch_backward)
 
 
-# ---- the registered ops -------------------------------------------------------------
+# ---- the registered ops (torch.compile) and the eager Function -----------------------
 
-def _forward(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor]) -> Tensor:
-    backend = select_backend(fresh)
+def _forward(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor], backend: str) -> Tensor:
     if backend != "cpu":  # the CPU kernel checks for NaN gates itself, at no cost
         V.check_no_nan(gate, "gate", OP)
     fresh, cache, residual = V.dense(fresh, cache, residual)
-    return FORWARD[backend](fresh, cache, V.per_sample(gate, fresh), residual)
+    return V.in_layout_of(FORWARD[backend](fresh, cache, V.per_sample(gate, fresh), residual), fresh)
 
 
 @torch.library.custom_op("shortcut_kernels::gated_blend", mutates_args=())
-def gated_blend_op(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor]) -> Tensor:
-    return _forward(fresh, cache, gate, residual)
+def gated_blend_op(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor], backend: str) -> Tensor:
+    return _forward(fresh, cache, gate, residual, backend)
 
 
 @gated_blend_op.register_fake
-def _(fresh, cache, gate, residual):
+def _(fresh, cache, gate, residual, backend):
     _check(fresh, cache, gate, residual)
-    return torch.empty_like(fresh)
+    return torch.empty_like(V.dense(fresh, cache, residual)[0])
 
 
-def _backward_kernels(grad: Tensor, fresh: Tensor, cache: Tensor, gate: Tensor,
-                      need_fresh: bool, need_cache: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernels(grad: Tensor, fresh: Tensor, cache: Tensor, gate: Tensor, need_fresh: bool,
+                      need_cache: bool, need_gate: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     grad, fresh, cache = V.dense(grad, fresh, cache)
-    backend = select_backend(fresh)
-    return BACKWARD[backend](grad, fresh, cache, V.per_sample(gate, fresh), need_fresh, need_cache, need_gate)
+    d_fresh, d_cache, d_gate = BACKWARD[backend](grad, fresh, cache, V.per_sample(gate, fresh),
+                                                 need_fresh, need_cache, need_gate)
+    return V.in_layout_of(d_fresh, fresh), V.in_layout_of(d_cache, cache), d_gate
 
 
 gated_blend_backward_op = torch.library.custom_op(
@@ -103,7 +103,8 @@ gated_blend_backward_op = torch.library.custom_op(
 
 
 @gated_blend_backward_op.register_fake
-def _(grad, fresh, cache, gate, need_fresh, need_cache, need_gate):
+def _(grad, fresh, cache, gate, need_fresh, need_cache, need_gate, backend):
+    grad, fresh, cache = V.dense(grad, fresh, cache)
     g = V.per_sample(gate, fresh)
     return (torch.empty_like(fresh) if need_fresh else fresh.new_empty(0),
             torch.empty_like(cache) if need_cache else fresh.new_empty(0),
@@ -111,7 +112,8 @@ def _(grad, fresh, cache, gate, need_fresh, need_cache, need_gate):
 
 
 def _setup_context(ctx, inputs, output):
-    fresh, cache, gate, residual = inputs
+    fresh, cache, gate, residual, backend = inputs
+    ctx.backend = backend
     ctx.gate_shape, ctx.gate_dtype = gate.shape, gate.dtype
     ctx.has_residual = residual is not None
     # fresh and cache are only needed for the gate gradient: keep them only then.
@@ -121,26 +123,22 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(gate)
 
 
-def _make_backward(backward_kernels):
-    def backward(ctx, grad):
-        need_fresh, need_cache, need_gate = ctx.needs_input_grad[:3]
-        need_residual = ctx.has_residual and ctx.needs_input_grad[3]
-        gate, *saved = ctx.saved_tensors
-        fresh, cache = saved if saved else (grad, grad)  # placeholders: not read without need_gate
-        d_fresh = d_cache = d_gate = None
-        if need_fresh or need_cache or need_gate:
-            d_fresh, d_cache, d_gate = backward_kernels(grad, fresh, cache, gate.detach(),
-                                                        need_fresh, need_cache, need_gate)
-            d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
-        return (d_fresh if need_fresh else None, d_cache if need_cache else None, d_gate,
-                grad if need_residual else None)
-    return backward
+def _backward(ctx, kernels, grad):
+    need_fresh, need_cache, need_gate = ctx.needs_input_grad[:3]
+    need_residual = ctx.has_residual and ctx.needs_input_grad[3]
+    gate, *saved = ctx.saved_tensors
+    fresh, cache = saved if saved else (grad, grad)  # placeholders: not read without need_gate
+    d_fresh = d_cache = d_gate = None
+    if need_fresh or need_cache or need_gate:
+        d_fresh, d_cache, d_gate = kernels(grad, fresh, cache, gate.detach(), need_fresh, need_cache,
+                                           need_gate, ctx.backend)
+        d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
+    return (d_fresh if need_fresh else None, d_cache if need_cache else None, d_gate,
+            grad if need_residual else None)
 
 
-_registered_backward = _make_backward(gated_blend_backward_op)
-gated_blend_op.register_autograd(_registered_backward, setup_context=_setup_context)
-_GatedBlendEager = eager_autograd("GatedBlend", _forward, _setup_context,
-                                  _make_backward(_backward_kernels), _registered_backward)
+_GatedBlend = differentiable(gated_blend_op, "GatedBlend", _forward, _setup_context, _backward,
+                             _backward_kernels, gated_blend_backward_op)
 
 
 def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -152,16 +150,5 @@ def gated_blend(fresh: Tensor, cache: Tensor, gate: Tensor, residual: Optional[T
         gate: a 0-d tensor, or one value per sample (shape [B]); may require grad.
         residual: optional tensor added to the blend (same shape as `fresh`).
     """
-    kernel = fast_kernel(FORWARD, fresh, cache, gate, residual, nan_checked=True)
-    if kernel is not None and V.is_kernel_coef(gate, fresh):
-        try:
-            return kernel(fresh, cache, gate, residual)
-        except Exception:  # noqa: BLE001  the full path below explains, or converts
-            pass
-    _check(fresh, cache, gate, residual)  # before the schema's own, less helpful, checks
-    path = call_path(fresh, cache, gate, residual)
-    if path == DIRECT:
-        return _forward(fresh, cache, gate, residual)
-    if path == AUTOGRAD:
-        return _GatedBlendEager.apply(fresh, cache, gate, residual)
-    return gated_blend_op(fresh, cache, gate, residual)
+    _check(fresh, cache, gate, residual)
+    return call(gated_blend_op, _GatedBlend, fresh, cache, gate, residual, select_backend(fresh))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import AUTOGRAD, COMPILE, DIRECT, backend_impl, call_path, eager_autograd, fast_kernel, select_backend
+from ._dispatch import backend_impl, differentiable, select_backend
 
 OP = "gated_residual"
 
@@ -108,48 +108,50 @@ FORWARD = backend_impl(OP, "forward", torch_impl=_torch_forward)
 BACKWARD = backend_impl(OP, "backward", torch_impl=_torch_backward)
 
 
-# ---- the registered ops -------------------------------------------------------------
+# ---- the registered ops (torch.compile) and the eager Function -----------------------
 
-def _forward(x: Tensor, y: Tensor, gate: Optional[Tensor], cache_out: Optional[Tensor]) -> Tensor:
+def _forward(x: Tensor, y: Tensor, gate: Optional[Tensor], cache_out: Optional[Tensor], backend: str) -> Tensor:
     x, y = _contiguous(x, y)
-    backend = select_backend(x)
     target = cache_out
     if cache_out is not None and not cache_out.is_contiguous():
         target = torch.empty_like(x)  # the kernels write a contiguous delta...
     out = FORWARD[backend](x, y, _gate(gate, x), target)
     if target is not cache_out:
         cache_out.copy_(target)  # ...copied back into the user's tensor
-    return out
+    return V.in_layout_of(out, x)
 
 
-@torch.library.custom_op("shortcut_kernels::gated_residual", mutates_args=())
-def gated_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor]) -> Tensor:
-    return _forward(x, y, gate, None)
-
-
-@gated_residual_op.register_fake
-def _(x, y, gate):
-    _check(x, y, gate)
-    return torch.empty_like(x.contiguous())
-
-
-@torch.library.custom_op("shortcut_kernels::gated_residual_cache_", mutates_args=("cache_out",))
-def gated_residual_cache_op(x: Tensor, y: Tensor, gate: Optional[Tensor], cache_out: Tensor) -> Tensor:
-    """Inference form: also writes gate*y into cache_out. No autograd."""
-    return _forward(x, y, gate, cache_out)
-
-
-@gated_residual_cache_op.register_fake
-def _(x, y, gate, cache_out):
+def _fake_output(x, y, gate, cache_out=None):
     _check(x, y, gate, cache_out)
     return torch.empty_like(x.contiguous())
 
 
-def _backward_kernels(grad: Tensor, y: Tensor, gate: Optional[Tensor],
-                      need_y: bool, need_gate: bool) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("shortcut_kernels::gated_residual", mutates_args=())
+def gated_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor], backend: str) -> Tensor:
+    return _forward(x, y, gate, None, backend)
+
+
+@gated_residual_op.register_fake
+def _(x, y, gate, backend):
+    return _fake_output(x, y, gate)
+
+
+@torch.library.custom_op("shortcut_kernels::gated_residual_cache_", mutates_args=("cache_out",))
+def gated_residual_cache_op(x: Tensor, y: Tensor, gate: Optional[Tensor], cache_out: Tensor, backend: str) -> Tensor:
+    """Inference form: also writes gate*y into cache_out. No autograd."""
+    return _forward(x, y, gate, cache_out, backend)
+
+
+@gated_residual_cache_op.register_fake
+def _(x, y, gate, cache_out, backend):
+    return _fake_output(x, y, gate, cache_out)
+
+
+def _backward_kernels(grad: Tensor, y: Tensor, gate: Optional[Tensor], need_y: bool, need_gate: bool,
+                      backend: str) -> tuple[Tensor, Tensor]:
     grad, y = _contiguous(grad, y)
-    backend = select_backend(y)
-    return BACKWARD[backend](grad, y, _gate(gate, y), need_y, need_gate)
+    d_y, d_gate = BACKWARD[backend](grad, y, _gate(gate, y), need_y, need_gate)
+    return V.in_layout_of(d_y, y), d_gate
 
 
 gated_residual_backward_op = torch.library.custom_op(
@@ -157,7 +159,7 @@ gated_residual_backward_op = torch.library.custom_op(
 
 
 @gated_residual_backward_op.register_fake
-def _(grad, y, gate, need_y, need_gate):
+def _(grad, y, gate, need_y, need_gate, backend):
     acc = V.acc_dtype(y.dtype)
     d_gate_shape = (y.shape[0], y.shape[-1]) if need_gate else (0,)
     return (torch.empty_like(y.contiguous()) if need_y else y.new_empty(0),
@@ -165,7 +167,9 @@ def _(grad, y, gate, need_y, need_gate):
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, gate = inputs
+    # inputs: (x, y, gate, backend), or (x, y, gate, cache_out, backend) for the Function
+    x, y, gate, backend = inputs[0], inputs[1], inputs[2], inputs[-1]
+    ctx.backend = backend
     ctx.has_gate = gate is not None
     if gate is not None:
         ctx.gate_shape, ctx.gate_dtype = gate.shape, gate.dtype
@@ -173,27 +177,23 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(gate, y if gate.requires_grad else None)
 
 
-def _make_backward(backward_kernels):
-    def backward(ctx, grad):
-        need_x, need_y, need_gate = ctx.needs_input_grad[:3]
-        d_x = grad if need_x else None  # out = x + ...: dx is g itself, no kernel
-        if not ctx.has_gate:
-            return d_x, (grad if need_y else None), None
-        gate, y = ctx.saved_tensors
-        d_y = d_gate = None
-        if need_y or need_gate:
-            d_y, d_gate = backward_kernels(grad, grad if y is None else y, gate.detach(),
-                                           need_y, need_gate)
-            d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
-        return d_x, (d_y if need_y else None), d_gate
-    return backward
+def _backward(ctx, kernels, grad):
+    need_x, need_y, need_gate = ctx.needs_input_grad[:3]
+    d_x = grad if need_x else None  # out = x + ...: dx is g itself, no kernel
+    if not ctx.has_gate:
+        return d_x, (grad if need_y else None), None
+    gate, y = ctx.saved_tensors
+    d_y = d_gate = None
+    if need_y or need_gate:
+        d_y, d_gate = kernels(grad, grad if y is None else y, gate.detach(), need_y, need_gate, ctx.backend)
+        d_gate = d_gate.reshape(ctx.gate_shape).to(ctx.gate_dtype) if need_gate else None
+    return d_x, (d_y if need_y else None), d_gate
 
 
-_registered_backward = _make_backward(gated_residual_backward_op)
-gated_residual_op.register_autograd(_registered_backward, setup_context=_setup_context)
-_GatedResidualEager = eager_autograd("GatedResidual", lambda x, y, gate: _forward(x, y, gate, None),
-                                     _setup_context, _make_backward(_backward_kernels),
-                                     _registered_backward)
+# Eagerly the Function takes cache_out too: its forward writes the delta in the same pass
+# (the cache is a detached copy, never part of the graph).
+_GatedResidual = differentiable(gated_residual_op, "GatedResidual", _forward, _setup_context, _backward,
+                                _backward_kernels, gated_residual_backward_op)
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
@@ -207,32 +207,23 @@ def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
             over the token dims; may require grad.
         cache_out: optional preallocated tensor like `x` that receives the delta
             `gate*y` (rounded to x.dtype) in the same pass, for DiP-GO's feature cache.
+            It never carries gradients.
 
-    With `cache_out` and no input requiring grad (inference), one kernel writes both
-    outputs (the mutating op shortcut_kernels::gated_residual_cache_). When an input
-    requires grad, the output comes from the differentiable op and the delta is written
-    into `cache_out` separately, detached (the cache never carries gradients).
+    Under torch.compile a call with `cache_out` and no input requiring grad is the
+    mutating op shortcut_kernels::gated_residual_cache_; when an input requires grad the
+    output comes from the differentiable op and the delta is written separately.
     """
-    kernel = fast_kernel(FORWARD, x, y, gate, cache_out)
-    if kernel is not None and (gate is None or (type(gate) is torch.Tensor and gate.dim() == 2
-                                                and gate.dtype == V.acc_dtype(x.dtype)
-                                                and gate.is_contiguous())):
-        try:
-            return kernel(x, y, gate, cache_out)
-        except Exception:  # noqa: BLE001  the full path below explains, or converts
-            pass
     _check(x, y, gate, cache_out)  # before the schema's own, less helpful, checks
     if cache_out is not None and cache_out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: `cache_out` must not require grad (it receives a detached delta)")
-    path = call_path(x, y, gate)
-    if path == DIRECT:
-        return _forward(x, y, gate, cache_out)
-    needs_grad = path == AUTOGRAD or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, y, gate)))
-    if path == COMPILE and cache_out is not None and not needs_grad:
-        return gated_residual_cache_op(x, y, gate, cache_out)  # the graph must see the op
-    out = _GatedResidualEager.apply(x, y, gate) if path == AUTOGRAD else gated_residual_op(x, y, gate)
-    if cache_out is not None:
-        with torch.no_grad():
-            cache_out.copy_(_delta(y.detach(), None if gate is None else gate.detach()))
+    backend = select_backend(x)
+    if not torch.compiler.is_compiling():
+        return _GatedResidual.apply(x, y, gate, cache_out, backend)
+    if cache_out is None:
+        return gated_residual_op(x, y, gate, backend)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, gate))):
+        return gated_residual_cache_op(x, y, gate, cache_out, backend)  # the graph must see the op
+    out = gated_residual_op(x, y, gate, backend)
+    with torch.no_grad():
+        cache_out.copy_(_delta(y.detach(), None if gate is None else gate.detach()))
     return out

@@ -68,36 +68,35 @@ def _backward_kernel(grad_ptr, d_x_ptr, d_uncond_ptr, d_cond_ptr, a_ptr, b_ptr, 
         tl.store(d_cond_ptr + offsets, (b * w * grad).to(d_cond_ptr.dtype.element_ty), mask=mask)
 
 
-def _coef_args(ref: torch.Tensor, a, b, a_scalar: float, b_scalar: float, w: float):
+def _coef_args(ref: torch.Tensor, a, b, w, a_scalar: float, b_scalar: float, w_scalar: float):
     """(samples, kernel arguments) for the coefficients of a call on `ref`."""
     if ref.dtype == torch.float64:  # kernel scalars are fp32: pass fp64 values by pointer
         def as_tensor(value):
             return torch.tensor(value, dtype=torch.float64, device=ref.device)
         a = as_tensor(a_scalar) if a is None else a
         b = as_tensor(b_scalar) if b is None else b
-        w_tensor = as_tensor(w)
-    else:
-        w_tensor = None
+        w = as_tensor(w_scalar) if w is None else w
+    w_tensor = w
     a_stride = 1 if a is not None and a.numel() > 1 else 0
     b_stride = 1 if b is not None and b.numel() > 1 else 0
     samples = max(1, a.numel() if a_stride else 1, b.numel() if b_stride else 1)
     args = dict(a_ptr=a if a is not None else ref, b_ptr=b if b is not None else ref,
                 w_ptr=w_tensor if w_tensor is not None else ref,
-                a_scalar=float(a_scalar), b_scalar=float(b_scalar), w_scalar=float(w),
+                a_scalar=float(a_scalar), b_scalar=float(b_scalar), w_scalar=float(w_scalar),
                 a_stride=a_stride, b_stride=b_stride,
                 A_PTR=a is not None, B_PTR=b is not None, W_PTR=w_tensor is not None)
     return samples, args
 
 
 def guided_step_forward(x: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor,
-                        a: torch.Tensor | None, b: torch.Tensor | None, a_scalar: float,
-                        b_scalar: float, w: float) -> torch.Tensor:
+                        a: torch.Tensor | None, b: torch.Tensor | None, w: torch.Tensor | None,
+                        a_scalar: float, b_scalar: float, w_scalar: float) -> torch.Tensor:
     """x/eps_uncond/eps_cond share one dense layout; a, b (when given, overriding the
-    scalars) are acc-dtype, 0-d or [B]."""
+    scalars) are acc-dtype, 0-d or [B]; w (when given) acc-dtype 0-d."""
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    samples, coefs = _coef_args(x, a, b, a_scalar, b_scalar, w)
+    samples, coefs = _coef_args(x, a, b, w, a_scalar, b_scalar, w_scalar)
     check_grid_samples(samples, "guided_step")
     per_sample = x.numel() // samples
     grid = lambda meta: (triton.cdiv(per_sample, meta["BLOCK"]), samples)  # noqa: E731
@@ -107,15 +106,15 @@ def guided_step_forward(x: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: tor
 
 
 def guided_step_backward(grad: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None,
-                         a_scalar: float, b_scalar: float, w: float, need_x: bool,
-                         need_eps_uncond: bool, need_eps_cond: bool):
+                         w: torch.Tensor | None, a_scalar: float, b_scalar: float, w_scalar: float,
+                         need_x: bool, need_eps_uncond: bool, need_eps_cond: bool):
     """Returns (d_x, d_eps_uncond, d_eps_cond); entries not needed are empty tensors."""
     d_x = torch.empty_like(grad) if need_x else grad.new_empty(0)
     d_uncond = torch.empty_like(grad) if need_eps_uncond else grad.new_empty(0)
     d_cond = torch.empty_like(grad) if need_eps_cond else grad.new_empty(0)
     if grad.numel() == 0 or not (need_x or need_eps_uncond or need_eps_cond):
         return d_x, d_uncond, d_cond
-    samples, coefs = _coef_args(grad, a, b, a_scalar, b_scalar, w)
+    samples, coefs = _coef_args(grad, a, b, w, a_scalar, b_scalar, w_scalar)
     check_grid_samples(samples, "guided_step")
     per_sample = grad.numel() // samples
     _backward_kernel[(triton.cdiv(per_sample, BACKWARD_BLOCK), samples)](

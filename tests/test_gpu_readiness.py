@@ -1,0 +1,91 @@
+"""Until a GPU run of the test suite is recorded, `auto` keeps CUDA tensors on the torch
+reference (the CUDA and Triton kernels have never run); forcing them stays possible. The
+record is written by shortcut_kernels.gpu_record from the JUnit XML of the run. Tested on
+CPU with the device check mocked."""
+import json
+
+import pytest
+import torch
+
+from shortcut_kernels import backends, gpu_record
+
+
+@pytest.fixture
+def gpu_here(monkeypatch, tmp_path):
+    """A machine where the CUDA and Triton backends could serve CUDA tensors, with the
+    record at a temporary path (absent to start with)."""
+    real_reasons = backends._reasons
+
+    def reasons(backend, device_type, dtype, interpret):
+        if device_type == "cuda" and backend in ("cuda", "triton", "torch"):
+            return ()
+        return real_reasons(backend, device_type, dtype, interpret)
+
+    monkeypatch.setattr(backends, "_reasons", reasons)
+    monkeypatch.setattr(backends, "GPU_RECORD", tmp_path / "gpu_validation.json")
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+    def reset():
+        backends._selected.clear()
+        backends.gpu_unvalidated_reason.cache_clear()
+    reset()
+    yield backends.GPU_RECORD, reset
+    reset()
+
+
+def test_auto_uses_torch_on_cuda_until_a_gpu_run_is_recorded(gpu_here):
+    path, _ = gpu_here
+    assert not path.exists()
+    assert backends.select("cuda", torch.float16) == "torch"
+    assert "no GPU run of the test suite is recorded" in backends.gpu_unvalidated_reason()
+    assert "not validated" in backends.gpu_status()
+    for forced in ("cuda", "triton"):  # forcing the unrun kernels stays possible
+        with backends.use_backend(forced):
+            assert backends.select("cuda", torch.float16) == forced
+    assert backends.select("cpu", torch.float32) in ("cpu", "torch")  # CPU tensors: unaffected
+
+
+@pytest.mark.parametrize("result,expected", [("passed", "cuda"), ("failed", "torch")])
+def test_a_recorded_run_decides(gpu_here, result, expected):
+    path, reset = gpu_here
+    path.write_text(json.dumps({"date": "2026-11-29T18:00:00+00:00", "gpu": "NVIDIA H200", "torch": "2.11.0",
+                                "result": result}))
+    reset()
+    assert backends.select("cuda", torch.bfloat16) == expected
+    assert (backends.gpu_unvalidated_reason() is None) == (result == "passed")
+    assert ("NVIDIA H200" in backends.gpu_status()) == (result == "passed")
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.test_gated_blend" name="test_forward[cuda-gpu-float16]"/>
+<testcase classname="tests.test_gated_blend" name="test_forward[cpu-cpu-float16]"/>
+<testcase classname="tests.test_gated_blend" name="test_forward[triton-gpu-float32]">{failure}</testcase>
+<testcase classname="tests.test_zoo" name="test_train"><skipped message="slow"/></testcase>
+</testsuite></testsuites>"""
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_record_of_a_gpu_run(gpu_here, monkeypatch, tmp_path, failing):
+    path, reset = gpu_here
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT.format(failure='<failure message="off by one ulp"/>' if failing else ""))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    entry = gpu_record.record(junit, path)
+    saved = json.loads(path.read_text())
+    assert saved == entry
+    assert saved["tests"] == dict(passed=2 if failing else 3, failed=int(failing), skipped=1,
+                                  gpu_passed=1 if failing else 2)
+    assert saved["result"] == ("failed" if failing else "passed")
+    assert saved["gpu"] == "NVIDIA H200" and saved["torch"] == torch.__version__ and saved["date"]
+    reset()
+    assert backends.select("cuda", torch.float32) == ("torch" if failing else "cuda")
+
+
+def test_no_record_without_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT.format(failure=""))
+    assert gpu_record.record(junit, tmp_path / "record.json") is None
+    assert not (tmp_path / "record.json").exists()
