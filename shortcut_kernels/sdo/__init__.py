@@ -5,7 +5,7 @@
     reward(x0).sum().backward()                                         # gradient to x_T / weights
 
 Submodules: ``chain`` (shortcut_sample, warmup), ``policy``, ``rewards``, ``optimize``
-(optimize_latents), ``finetune``, ``cli``. Imported lazily: this package stays light.
+(optimize_latents), ``finetuning`` (finetune, LoRA save/load), ``cli``. Imported lazily: this package stays light.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ _EXPORTS = {
     "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
     "ClassifierReward": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",
-    "finetune": "finetune", "FinetuneResult": "finetune",
+    "finetune": "finetuning", "FinetuneResult": "finetuning", "add_lora": "finetuning",
+    "save_lora": "finetuning", "load_lora": "finetuning",
 }
 
 __all__ = sorted(_EXPORTS)

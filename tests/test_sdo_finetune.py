@@ -1,0 +1,120 @@
+"""finetune: LoRA and full weights, gradients through the shortcut, checkpoint/resume, LoRA in
+diffusers' format, bad rewards leave the weights untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shortcut_kernels import sdo, zoo
+from shortcut_kernels.sdo.finetuning import add_lora, load_lora, save_lora
+from shortcut_kernels.sdo.rewards import RewardError
+
+STEPS = 3
+
+
+def fresh(dtype=torch.float32):
+    model, cfg = zoo.load("digits-unet", dtype=dtype)
+    sched = zoo.make_scheduler(cfg)
+    sched.set_timesteps(STEPS)
+    return model, sched
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_gradient_reaches_lora_parameters_only():
+    model, sched = fresh(torch.float64)
+    params = add_lora(model, rank=2)
+    assert params and all(p.requires_grad for p in params)
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in base)
+    fn = sdo.ClassConditional(model, [10])
+    with torch.no_grad():  # B starts at zero: the adapted model is the model
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.01)
+    grads = {}
+    for light in (True, False):
+        for p in params:
+            p.grad = None
+        gen = torch.Generator().manual_seed(0)
+        x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1).double(), "per-sample", params=params,
+                                 generator=gen, memory_light=light)
+        sdo.digits_reward(3)(x0).sum().backward()
+        grads[light] = [p.grad.clone() for p in params]
+    assert sum(g.abs().sum() for g in grads[True]) > 0
+    a, b = torch.cat([g.flatten() for g in grads[True]]), torch.cat([g.flatten() for g in grads[False]])
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5  # fp64
+
+
+def test_finetune_lora_resume_and_save(tmp_path):
+    kwargs = dict(lora=2, iters=3, batch_size=2, lr=1e-2, seed=5, progress=False)
+    model_a, sched = fresh()
+    res_a = sdo.finetune(model_a, sched, sdo.digits_reward(7), **kwargs)
+    assert len(res_a.history) == 3 and res_a.iterations == 3
+    base_a = {n: p for n, p in model_a.named_parameters() if "lora_" not in n}
+    model_ref, _ = fresh()
+    for n, p in model_ref.named_parameters():  # base weights untouched (peft renames them)
+        key = n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        torch.testing.assert_close(base_a.get(n, base_a.get(key)), p, rtol=0, atol=0)
+    # 2 iterations + checkpoint, then a fresh model resumes to 3: the same weights
+    model_b, sched_b = fresh()
+    sdo.finetune(model_b, sched_b, sdo.digits_reward(7), checkpoint_dir=tmp_path, save_every=1,
+                 **dict(kwargs, iters=2))
+    model_c, sched_c = fresh()
+    res_c = sdo.finetune(model_c, sched_c, sdo.digits_reward(7), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert res_c.iterations == 3 and len(res_c.history) == 3
+    sa, sc = lora_state(model_a), lora_state(model_c)
+    assert sa.keys() == sc.keys()
+    for k in sa:
+        torch.testing.assert_close(sc[k], sa[k], rtol=1e-5, atol=1e-7)
+    # LoRA in diffusers' format: a fresh model loading it samples the same images
+    path = save_lora(model_a, tmp_path / "lora")
+    assert path.name == "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+    keys = list(load_file(str(path)))
+    assert keys and all(k.startswith("unet.") for k in keys)
+    model_d, _ = fresh()
+    load_lora(model_d, tmp_path / "lora")
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor(500)
+    lab = torch.full((2,), 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model_d(x, t, lab), model_a(x, t, lab), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model_d(x, t, lab), model_ref(x, t, lab), atol=1e-4)
+    # the path pipe.load_lora_weights(directory) takes: lora_state_dict + load_lora_into_unet
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    state, alphas = Loader.lora_state_dict(str(tmp_path / "lora"))
+    model_e, _ = fresh()
+    Loader.load_lora_into_unet(state, alphas, unet=model_e.unet)
+    with torch.no_grad():
+        torch.testing.assert_close(model_e(x, t, lab), model_a(x, t, lab), rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_full_weights_and_eval():
+    model, sched = fresh()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = sdo.finetune(model, sched, sdo.digits_reward(1), lora=None, iters=2, batch_size=2, grad_accum=2,
+                       lr=1e-4, eval_noise=zoo.initial_noise(3, seed=9), eval_every=1, progress=False)
+    assert [e["iter"] for e in res.eval_history] == [0, 1, 2]
+    changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert changed > 0
+
+
+def test_finetune_bad_reward_leaves_weights():
+    model, sched = fresh()
+    add_lora(model, rank=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01)
+    before = lora_state(model)
+    with pytest.raises(RewardError, match="non-finite"):
+        sdo.finetune(model, sched, lambda x0: x0.flatten(1).mean(1) * float("inf"), lora=2, iters=2,
+                     batch_size=2, progress=False)
+    after = lora_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(RewardError, match="shape"):
+        sdo.finetune(model, sched, lambda x0: x0.mean(), lora=2, iters=1, batch_size=2, progress=False)
+    with pytest.raises(FileNotFoundError):
+        sdo.finetune(model, sched, sdo.digits_reward(1), lora=2, iters=1, resume=True, progress=False)
