@@ -218,7 +218,7 @@ def efficiency(quick=False):
 # ----------------------------------------------------------------------------- quality
 
 
-def quality(quick=False, per_class=20, steps=50, seed=1234):
+def quality(quick=False, per_class=10, steps=50, seed=1234):
     per_class = 4 if quick else per_class
     _threads(small=True)
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -236,7 +236,8 @@ def quality(quick=False, per_class=20, steps=50, seed=1234):
             "skip_steps(10,power1.5)": skip_steps(m, steps, count=10, placement="power", exponent=1.5)},
     }
     for name, make in builders.items():
-        model, cfg, _ = zoo.load(name)
+        z = zoo.load(name)
+        model, cfg = z.model, z.scheduler_config
         sched = zoo.make_scheduler(cfg)
         ref = None
         for key, s in make(model).items():

@@ -26,8 +26,8 @@ def _load_model(name: str):
     from ..models import available_models, build_model, load_model
 
     if name in ZOO_MODELS:
-        m, cfg, _ = zoo.load(name)
-        return m, cfg
+        z = zoo.load(name)
+        return z.model, z.scheduler_config
     if name.lower() in available_models() or name.lower().replace("_", "-") in available_models():
         return build_model(name, device="meta"), None
     if Path(name).expanduser().exists():
