@@ -100,3 +100,27 @@ def test_lora_adapter_added_before_or_after_accelerate():
     with accelerate(pipe, s):
         ours_before = _call(pipe)
     assert torch.equal(ours_before, ours_after) and rel(ours_before, no_lora) > 1e-4
+
+
+def test_dit_pipeline():
+    from shortcut_kernels.dipgo import fora
+
+    from _dipgo_models import tiny_dit
+
+    vae = diffusers.AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
+                                  up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
+                                  sample_size=8).eval()
+    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        with torch.no_grad():
+            return pipe(class_labels=[1, 2], num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                        output_type="np").images
+
+    ref = run()
+    with accelerate(pipe, full(pipe, 6)):
+        assert (run() == ref).all()
+    with accelerate(pipe, fora(pipe, 6, 3)) as h:
+        a, b = run(), run()
+        assert h.runs_started == 2 and (a == b).all() and not (a == ref).all()
