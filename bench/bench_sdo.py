@@ -1,0 +1,274 @@
+"""SDO measurements on the zoo's digits-unet (issue 9), JSON out.
+
+    python bench/bench_sdo.py --part fidelity cost memory latents --out bench_sdo.json
+
+Parts:
+  fidelity  cosine of each policy's gradient (w.r.t. x_T and w.r.t. LoRA weights) to the exact
+            full-backprop gradient, beside DRaFT-K (K = 1, 2) and AlignProp, with each one's cost.
+  cost      seconds per iteration (chain + reward + backward), interleaved rounds: full
+            (per-call checkpointing) vs SDO memory-light vs the SDO autograd reference.
+  memory    peak memory as max RSS of one subprocess per method, model loading subtracted,
+            against one call's forward + backward.
+  latents   latent optimisation per digit (null class, guidance 1, DDIM): fraction of the
+            batch that an independent classifier (an RBF SVM trained here on the real digits,
+            not the reward's CNN) assigns to the target, and optionally `full` at equal
+            wall-clock.
+Run it under `flock /tmp/sk_heavy.lock` on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shortcut_kernels import sdo, zoo  # noqa: E402
+from shortcut_kernels.sdo.finetuning import add_lora  # noqa: E402
+
+
+def setup(steps: int, dtype=torch.float32):
+    model, cfg = zoo.load("digits-unet", dtype=dtype)
+    sched = zoo.make_scheduler(cfg)
+    sched.set_timesteps(steps)
+    return model, sched
+
+
+def grad_of(fn, sched, x_T, reward, policy, params, seed, memory_light=None):
+    x = x_T.detach().clone().requires_grad_(True)
+    for p in params:
+        p.grad = None
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    x0 = sdo.shortcut_sample(fn, sched, x, policy, generator=gen, params=params, memory_light=memory_light)
+    reward(x0).sum().backward()
+    sec = time.perf_counter() - t0
+    gp = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params]
+                   + [torch.zeros(0)])
+    return x.grad.detach(), gp, sec
+
+
+def cos(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def per_sample_cos(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean().item()
+
+
+def part_fidelity(args) -> dict:
+    model, sched = setup(args.steps)
+    params = add_lora(model, rank=4, seed=0)
+    with torch.no_grad():  # a LoRA away from its zero start, so both factors get gradients
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    reward = sdo.digits_reward(args.target)
+    x_T = zoo.initial_noise(args.batch, seed=args.seed)
+    gx_exact, gp_exact, sec_exact = grad_of(fn, sched, x_T, reward, "full", params, 0)
+    n = args.steps
+    policies = ["first", f"fixed:{n // 2}", "fixed:-1", "random", "per-sample", "draft:1", "draft:2", "alignprop"]
+    rows = [{"policy": "full", "cos_xT": 1.0, "cos_lora": 1.0, "seconds": sec_exact}]
+    for pol in policies:
+        draws = args.draws if pol in ("random", "per-sample", "alignprop") else 1
+        cx, cxs, cl, secs, gx_sum, gp_sum = [], [], [], [], 0, 0
+        for d in range(draws):
+            gx, gp, sec = grad_of(fn, sched, x_T, reward, pol, params, 1000 + d)
+            cx.append(cos(gx, gx_exact))
+            cxs.append(per_sample_cos(gx, gx_exact))
+            cl.append(cos(gp, gp_exact))
+            secs.append(sec)
+            gx_sum, gp_sum = gx_sum + gx, gp_sum + gp
+        rows.append({"policy": pol, "draws": draws, "cos_xT": statistics.mean(cx),
+                     "cos_xT_per_sample": statistics.mean(cxs), "cos_lora": statistics.mean(cl),
+                     "cos_xT_of_mean": cos(gx_sum, gx_exact), "cos_lora_of_mean": cos(gp_sum, gp_exact),
+                     "seconds": statistics.median(secs)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"steps": n, "batch": args.batch, "target": args.target, "rows": rows}
+
+
+def part_cost(args) -> dict:
+    model, sched = setup(args.steps)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    reward = sdo.digits_reward(args.target)
+    x_T = zoo.initial_noise(args.batch, seed=args.seed)
+    methods = {"sdo_light": ("first", True), "sdo_reference": ("first", False), "full": ("full", None)}
+    times = {m: [] for m in methods}
+    for r in range(args.rounds + 1):
+        for name, (pol, light) in methods.items():
+            _, _, sec = grad_of(fn, sched, x_T, reward, pol, [], r, light)
+            if r:  # round 0 warms up
+                times[name].append(sec)
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        out[name] = {"median_s": statistics.median(ts), "p20_s": ts[int(0.2 * (len(ts) - 1))],
+                     "p80_s": ts[int(math.ceil(0.8 * (len(ts) - 1)))], "rounds": len(ts)}
+    out["full_over_sdo_light"] = out["full"]["median_s"] / out["sdo_light"]["median_s"]
+    out["full_over_sdo_reference"] = out["full"]["median_s"] / out["sdo_reference"]["median_s"]
+    return {"steps": args.steps, "batch": args.batch, "methods": out}
+
+
+class _PeakRSS:
+    """Peak resident memory (KiB) while the block runs, sampled from /proc/self/statm every
+    0.5 ms by a thread; ru_maxrss cannot serve: model loading peaks higher than one step."""
+
+    def __enter__(self):
+        import os
+        import threading
+
+        self.page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page_kib
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def memory_child(method: str, steps: int, batch: int) -> None:
+    """Runs in a subprocess: prints the RSS before the method (model loaded) and its peak."""
+    import ctypes
+
+    model, sched = setup(steps)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    reward = sdo.digits_reward(7)
+    x = zoo.initial_noise(batch, seed=0).requires_grad_(True)
+    with torch.no_grad():  # lazy inits (kernels, classifier) before the measurement
+        reward(fn(x, sched.timesteps[0]))
+    try:  # hand freed heap back so that the baseline is the live memory
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with _PeakRSS() as m:
+        if method == "one_call":
+            reward(fn(x, sched.timesteps[0])).sum().backward()
+        elif method != "load":
+            pol, light = {"sdo_light": ("first", True), "sdo_reference": ("first", False),
+                          "full": ("full", None)}[method]
+            reward(sdo.shortcut_sample(fn, sched, x, pol, memory_light=light)).sum().backward()
+    print(json.dumps({"base_kib": m.base, "peak_kib": m.peak}))
+
+
+def part_memory(args) -> dict:
+    out = {}
+    for method in ["load", "one_call", "sdo_light", "sdo_reference", "full"]:
+        res = subprocess.run([sys.executable, __file__, "--child-memory", method, "--steps", str(args.steps),
+                              "--batch", str(args.batch), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        rec = json.loads(res.stdout.strip().splitlines()[-1])
+        rec["delta_mib"] = (rec["peak_kib"] - rec["base_kib"]) / 1024
+        out[method] = rec
+        print(method, rec, flush=True)
+    one = max(out["one_call"]["delta_mib"], 1e-3)
+    out["sdo_light_over_one_call"] = out["sdo_light"]["delta_mib"] / one
+    return {"steps": args.steps, "batch": args.batch, "methods": out}
+
+
+def independent_classifier():
+    """An RBF SVM on the real train digits: a different model family from the reward's CNN."""
+    from sklearn.svm import SVC
+
+    x, y = zoo.load_digits("train")
+    xt, yt = zoo.load_digits("test")
+    clf = SVC(C=10.0, gamma="scale").fit(x.flatten(1).numpy(), y.numpy())
+    acc = float((clf.predict(xt.flatten(1).numpy()) == yt.numpy()).mean())
+    return clf, acc
+
+
+def part_latents(args) -> dict:
+    model, sched = setup(args.steps)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    judge, judge_acc = independent_classifier()
+    rows = []
+    for digit in args.digits:
+        reward = sdo.digits_reward(digit)
+        x_T = zoo.initial_noise(args.batch, seed=100 + digit)
+        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="first",
+                                   stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit,
+                                   progress=False)
+        with torch.no_grad():
+            x0 = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
+            r_sdo = reward(x0).mean().item()
+        judged = float((judge.predict(x0.flatten(1).numpy()) == digit).mean())
+        row = {"digit": digit, "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
+               "reward_first": res.history[0]["reward_mean"], "reward_final": r_sdo,
+               "judged_target_fraction": judged,
+               "reward_classifier_target_fraction": zoo.metrics.class_accuracy(x0, digit),
+               "latent_norm_mean": res.latents.flatten(1).norm(dim=1).mean().item()}
+        if args.compare_full:
+            budget = row["seconds"]
+            full = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="full",
+                                        time_budget=budget, seed=digit, progress=False)
+            with torch.no_grad():
+                r_full = reward(sdo.shortcut_sample(fn, sched, full.latents, "first")).mean().item()
+            row.update({"full_iterations_at_equal_time": len(full.history), "full_reward_final": r_full})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ok = [r["judged_target_fraction"] >= 0.9 for r in rows]
+    return {"steps": args.steps, "batch": args.batch, "iters": args.iters, "lr": args.lr,
+            "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
+            "digits_reaching_90pct": sum(ok), "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
+                    choices=["fidelity", "cost", "memory", "latents"])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--target", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draws", type=int, default=4, help="draws of the random policies (fidelity)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (cost)")
+    ap.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
+    ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench_sdo.json")
+    ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        memory_child(args.child_memory, args.steps, args.batch)
+        return 0
+    record = {"bench": "sdo", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
+              "python": platform.python_version(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents}
+    for name in args.part:
+        t0 = time.perf_counter()
+        record[name] = parts[name](args)
+        record[name]["wall_s"] = time.perf_counter() - t0
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        print(f"== {name} done in {record[name]['wall_s']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
