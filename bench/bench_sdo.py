@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (cost)")
     ap.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.25)
     ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
     ap.add_argument("--threads", type=int, default=1)

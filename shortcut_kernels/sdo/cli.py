@@ -24,7 +24,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler calls")
     p.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.25)
     p.add_argument("--policy", default="first", help="first, fixed:k, random, per-sample, full, draft:K, alignprop")
     p.add_argument("--shell-weight", type=float, default=0.01)
     p.add_argument("--stop-at", type=float, default=None, help="stop when every sample's reward reaches this")

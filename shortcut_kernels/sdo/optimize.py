@@ -63,7 +63,7 @@ def optimize_latents(
     x_T: Tensor,
     *,
     iters: int = 30,
-    lr: float = 0.05,
+    lr: float = 0.25,
     betas: tuple[float, float] = (0.9, 0.9),
     policy: str = "first",
     guidance: float | None = None,
