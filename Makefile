@@ -1,19 +1,40 @@
 # The two commands of a fresh machine:
 #   make test    build (CPU + CUDA kernels when nvcc and a CUDA torch are there) and run the tests
 #   make bench   build and run the benchmarks on the embedded default models, then the report
-# Both create .venv and install what they need; nothing is downloaded at run time.
+# Both create .venv and install what they need; nothing is downloaded at run time. The
+# package is installed into .venv in editable mode (`import shortcut_kernels` and the
+# `shortcut-kernels` command work from any directory).
+#
+# A GPU machine with its own python, torch and nvcc and no network:
+#   make gpu [GPU_PYTHON=python3] [WHEELS=dir]
+# builds against that torch (no venv, no downloads; pure-Python wheels carried in WHEELS
+# are installed first), runs the whole suite with the GPU tests, records the run in
+# shortcut_kernels/gpu_validation.json (commit it: `auto` uses the CUDA/Triton kernels only
+# once a passing run is recorded), then the benchmarks with their GPU rows.
 
 PYTHON ?= python3
 VENV ?= .venv
+GPU_PYTHON ?= python3
+WHEELS ?= wheels
+ifeq ($(SYSTEM_PYTHON),)
 PY := $(VENV)/bin/python
+else
+# Nothing is installed into a system python: the checkout and the carried wheels
+# (unpacked into build/site) go on its path.
+PY := $(SYSTEM_PYTHON)
+export PYTHONPATH := $(CURDIR):$(CURDIR)/build/site$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
 # A CUDA build of torch: pip takes it from the local package cache where there is one.
 TORCH_SPEC ?= torch==2.14.1
 DEPS := triton diffusers numpy safetensors scikit-learn tqdm ninja setuptools wheel \
         pytest pytest-benchmark hypothesis expecttest matplotlib peft accelerate transformers DeepCache
 STAMP := $(VENV)/.deps-installed
 BENCH_OUT ?= bench/results
+ifeq ($(SYSTEM_PYTHON),)
+SETUP := $(STAMP)
+endif
 
-.PHONY: test bench build venv clean info wheel
+.PHONY: test bench build install venv clean info wheel gpu
 
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,23 +45,37 @@ $(STAMP): Makefile
 venv: $(STAMP)
 
 # Incremental (ninja): only changed kernel files recompile.
-build: $(STAMP)
+build: $(SETUP)
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build
-	$(PY) -m pytest tests -q -p no:cacheprovider
+# Editable install without build isolation that builds nothing: the extension is the one
+# `build` made in place.
+install: build
+ifeq ($(SYSTEM_PYTHON),)
+	SHORTCUT_KERNELS_NO_EXT_BUILD=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps --no-index -e .
+endif
 
-bench: build
+# Writes build/junit.xml; on a GPU machine gpu_record turns it into the validation record.
+test: install
+	mkdir -p build
+	$(PY) -m pytest tests -q -p no:cacheprovider --junitxml=build/junit.xml; status=$$?; \
+		$(PY) -m shortcut_kernels.gpu_record build/junit.xml; exit $$status
+
+bench: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest bench -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-json=$(BENCH_OUT)/bench.json \
 		--benchmark-columns=median,iqr,rounds --benchmark-sort=name
 	$(PY) bench/report.py $(BENCH_OUT)/bench.json --md $(BENCH_OUT)/report.md --json-out $(BENCH_OUT)/summary.json \
 		--compact $(BENCH_OUT)/readme_table.md
 
-info: build
+info: install
 	$(PY) -m shortcut_kernels info
 
-wheel: $(STAMP)
+gpu:
+	if [ -d "$(WHEELS)" ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target build/site $(WHEELS)/*.whl; fi
+	$(MAKE) test bench SYSTEM_PYTHON=$(GPU_PYTHON)
+
+wheel: $(SETUP)
 	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist
 
 clean:

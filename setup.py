@@ -7,6 +7,8 @@ Environment switches (as in flash-attention's setup.py):
   CUDA_HOME=/path                     CUDA toolkit; found from `nvcc` otherwise, even when
                                       `nvcc` is a wrapper script outside the toolkit
   SHORTCUT_KERNELS_DEBUG=1            -O0 -g builds
+  SHORTCUT_KERNELS_NO_EXT_BUILD=1     build no extension: `make install` registers the checkout
+                                      (editable) and keeps the `build_ext --inplace` result
 """
 import glob
 import os
@@ -113,10 +115,14 @@ def extensions():
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
-ext_modules, build_ext = extensions()
+if env_flag("SHORTCUT_KERNELS_NO_EXT_BUILD"):
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules, build_ext = extensions()
+    cmdclass = {"build_ext": build_ext}
 
 setup(
     packages=find_packages(include=["shortcut_kernels", "shortcut_kernels.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass=cmdclass,
 )
