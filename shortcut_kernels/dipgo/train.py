@@ -152,10 +152,10 @@ def _stratified_calls(n: int, batch: int, generator: torch.Generator) -> Tensor:
 
 
 def _shortcut_loss(chain: _Chain, x_T: Tensor, labels: Tensor, target: Tensor, gates: Tensor, kind: str,
-                   generator: torch.Generator, plan) -> tuple[Tensor, Tensor]:
-    """(surrogate whose gradient is the shortcut gradient, the consistency loss's value)."""
+                   kept: Tensor, plan) -> tuple[Tensor, Tensor]:
+    """(surrogate whose gradient is the shortcut gradient, the consistency loss's value);
+    ``kept[i]``: the call whose graph sample i keeps."""
     b = x_T.shape[0]
-    kept = _stratified_calls(chain.n, b, generator)
     kept_x = torch.empty_like(x_T)
     kept_caches: list | None = None
 
@@ -187,6 +187,36 @@ def _shortcut_loss(chain: _Chain, x_T: Tensor, labels: Tensor, target: Tensor, g
     # sum over the n-1 learnable calls of which each sample saw one: unbiased over the noise
     surrogate = (chain.n - 1) * (gamma * g_x0 * out).sum()
     return surrogate, loss.detach()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` / ``accelerate launch`` with an initialised
+    process group each rank trains on its slice of every global batch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean_(tensors) -> None:
+    """Average tensors over the ranks, in place (gradients, logged values)."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+
+
+def _all_gather_rows(x: Tensor, world: int) -> Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- train
@@ -250,6 +280,11 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
     # the training bank: seeds 10_000+ (evaluation uses its own)
     bank_noise = initial_noise(cfg.bank_size, seed=10_000 + cfg.seed)
     bank_labels = torch.arange(cfg.bank_size) % 10
+    rank, world = _world()
+    if cfg.batch_size % world or cfg.bank_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) and bank_size ({cfg.bank_size}) must be multiples of the "
+                         f"number of ranks ({world})")
+    local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     result = TrainResult(pruner, [], cfg)
     start = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
@@ -264,14 +299,18 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
         result.history = state["history"]
         start = state["iteration"]
     t0 = time.perf_counter() - (result.history[-1]["seconds"] if result.history else 0.0)
-    with torch.no_grad():
-        bank_full = full_samples(net, scheduler, bank_noise, bank_labels, cfg.guidance, chain.null)
-    log = open(log_path, "a") if log_path else None
-    bar = tqdm(range(start, cfg.iters), desc=f"dipgo {cfg.mode}", disable=not progress, initial=start,
+    with torch.no_grad():  # each rank samples its share of the bank
+        part = slice(rank * cfg.bank_size // world, (rank + 1) * cfg.bank_size // world)
+        bank_full = full_samples(net, scheduler, bank_noise[part], bank_labels[part], cfg.guidance, chain.null)
+        if world > 1:
+            bank_full = _all_gather_rows(bank_full, world)
+    log = open(log_path, "a") if log_path and rank == 0 else None
+    bar = tqdm(range(start, cfg.iters), desc=f"dipgo {cfg.mode}", disable=not progress or rank > 0, initial=start,
                total=cfg.iters)
     try:
         for it in bar:
-            idx = torch.randperm(cfg.bank_size, generator=gen)[:cfg.batch_size]
+            # the global batch (the same draws on every rank), then this rank's slice
+            idx = torch.randperm(cfg.bank_size, generator=gen)[:cfg.batch_size][local]
             x_T, labels, target = bank_noise[idx], bank_labels[idx], bank_full[idx]
             gates = pruner()
             sparsity = sparsity_loss(gates, net.graph, cfg.target)
@@ -282,9 +321,13 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
                 total.backward()
                 consistency = consistency.detach()
             else:
-                surrogate, consistency = _shortcut_loss(chain, x_T, labels, target, gates, cfg.consistency, gen,
-                                                        plan)
+                kept_calls = _stratified_calls(calls, cfg.batch_size, gen)[local]
+                surrogate, consistency = _shortcut_loss(chain, x_T, labels, target, gates, cfg.consistency,
+                                                        kept_calls, plan)
                 (cfg.consistency_weight * surrogate + cfg.sparsity_weight * sparsity).backward()
+            if world > 1:  # rank means -> the global batch's mean
+                consistency = consistency.clone()
+                _all_mean_([p.grad for p in pruner.parameters() if p.grad is not None] + [consistency])
             opt.step()
             opt.zero_grad(set_to_none=True)
             lr_sched.step()
@@ -297,9 +340,14 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            done = (it + 1 == cfg.iters or (time_budget is not None and rec["seconds"] >= time_budget)
+            stop = ((time_budget is not None and rec["seconds"] >= time_budget)
                     or (callback is not None and bool(callback(rec))))
-            if ckpt is not None and ((it + 1) % cfg.checkpoint_every == 0 or done):
+            if world > 1:  # every rank stops at the same iteration
+                flag = torch.tensor(float(stop))
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = bool(flag)
+            done = it + 1 == cfg.iters or stop
+            if ckpt is not None and rank == 0 and ((it + 1) % cfg.checkpoint_every == 0 or done):
                 tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
                 torch.save({"config": asdict(cfg), "pruner": pruner.state_dict(), "optimizer": opt.state_dict(),
                             "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state(),
