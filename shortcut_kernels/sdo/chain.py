@@ -134,6 +134,21 @@ class _Runner:
         self.generator = generator
         self.progress = progress
         self.checkpoint_kept = checkpoint_kept
+        self.chain_schedule = None  # (model, Schedule) set by shortcut_sample
+        self.params: list[Tensor] = []
+
+    def chain_context(self):
+        """The no-grad chain through a DiP-GO schedule (the kept calls' rows computing
+        everything), or nothing. The backward recompute runs outside it: the full model."""
+        if self.chain_schedule is None:
+            return contextlib.nullcontext()
+        from ..dipgo import accelerate
+
+        model, schedule = self.chain_schedule
+        stack = contextlib.ExitStack()
+        handle = stack.enter_context(accelerate(model, schedule))
+        stack.enter_context(handle.run())
+        return stack
 
     # model -------------------------------------------------------------
     def denoise(self, x_in: Tensor, t, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,7 +193,7 @@ class _Runner:
     def autograd_chain(self, x_start: Tensor, one_call: bool) -> Tensor:
         x, xs, outs = self.first_latent(x_start)
         kept = self.kept
-        with self.bar() as bar:
+        with self.chain_context(), self.bar() as bar:
             for st in self.plan.steps[self.start:]:
                 i, t = st.index, self.plan.timesteps[st.index]
                 mask = (kept == i) if one_call else None
@@ -201,7 +216,7 @@ class _Runner:
 
     # (b) memory-light ----------------------------------------------------
     def light_forward(self, x_start: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.inference_mode(), self.bar() as bar:
+        with torch.inference_mode(), self.chain_context(), self.bar() as bar:
             x, xs, outs = self.first_latent(x_start.detach())
             kept_x = torch.empty_like(x)
             kept = self.kept.to(x.device)
@@ -302,6 +317,8 @@ def shortcut_sample(
     params: Iterable[Tensor] | None = None,
     autocast: torch.dtype | None = None,
     plan: Plan | None = None,
+    chain_schedule=None,
+    chain_model: torch.nn.Module | None = None,
     progress: bool = False,
     return_kept: bool = False,
 ):
@@ -326,6 +343,10 @@ def shortcut_sample(
     params: tensors the gradient should reach through the kept call (default: the
         parameters of ``model_fn`` that require grad, if it is a Module).
     autocast: a dtype (torch.bfloat16 / torch.float16) to run the model calls in.
+    chain_schedule: a DiP-GO ``Schedule`` for the chain's calls (one-call policies): the other
+        calls reuse cached blocks as it says, the kept calls compute everything (their rows are
+        made full) and the backward recompute runs the full model. ``chain_model`` is the
+        model the schedule applies to (default: ``model_fn.model`` or ``model_fn``).
     return_kept: also return the kept call(s) (``[B]`` for one-call policies).
     Returns the final sample ``x_0`` (same dtype as ``x_T``).
     """
@@ -356,6 +377,9 @@ def shortcut_sample(
         raise ValueError(f"policy {str(pol)!r} keeps several calls: memory_light applies to one-call policies")
     runner = _Runner(plan, model_fn, guidance, autocast, warm_start, kept, generator, progress,
                      checkpoint_kept=not pol.one_call)
+    if chain_schedule is not None:
+        runner.chain_schedule = _kept_calls_full(chain_schedule, chain_model or getattr(model_fn, "model", model_fn),
+                                                 plan, pol, kept, warm_start)
     grad_wanted = torch.is_grad_enabled() and (x_T.requires_grad or bool(ps))
     if not grad_wanted:
         with torch.no_grad():
@@ -366,6 +390,29 @@ def shortcut_sample(
     else:
         x0 = runner.autograd_chain(x_T, pol.one_call)
     return (x0, kept) if return_kept else x0
+
+
+def _kept_calls_full(schedule, model, plan: Plan, pol: Policy, kept: Tensor, warm_start):
+    """Check ``schedule`` against the model and the run; return it with the kept calls' rows full."""
+    from ..dipgo import Schedule
+
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"chain_schedule must be a dipgo Schedule, got {type(schedule).__name__}")
+    if not pol.one_call:
+        raise ValueError(f"chain_schedule applies to one-call policies, not {str(pol)!r}")
+    if warm_start is not None:
+        raise ValueError("chain_schedule with warm_start is not supported: the schedule covers whole runs")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("give chain_model: the model the schedule applies to")
+    if schedule.calls != plan.n:
+        raise ValueError(f"chain_schedule has {schedule.calls} denoiser calls, the scheduler's run makes {plan.n}; "
+                         f"use schedule.resize({plan.n})")
+    schedule.validate(model, plan.n)  # another model's schedule raises here
+    keep = schedule.keep.clone()
+    keep[sorted(set(kept.tolist()))] = True
+    full = Schedule(keep, schedule.graph, name=schedule.name, params=schedule.params,
+                    sampler=schedule.sampler, steps=schedule.steps)
+    return model, full
 
 
 @torch.no_grad()
