@@ -175,28 +175,17 @@ def efficiency_case(loop, schedules, reps, package=()):
     return rows
 
 
-def efficiency(quick=False):
+def efficiency(quick=False, sink=None):
+    """Zoo models first (fast), then DiT-XL/2, then SD-1.5; ``sink(rows)`` after each model."""
     reps = 2 if quick else 5
     calls = 12
     rows = []
-    # SD-1.5 architecture, 32x32 latents
-    if not quick:
-        _threads(small=False)
-        unet = build_model("sd-1.5")
-        loop = Loop("sd-1.5", unet, calls, batch=1, latent_hw=32)
-        shape = loop.sample_shape
-        sch = {"deepcache(3,0)": deepcache(unet, calls, 3, 0, sample_shape=shape),
-               "deepcache(5,0)": deepcache(unet, calls, 5, 0, sample_shape=shape),
-               "skip_steps(4)": skip_steps(unet, calls, count=4, granularity="fine", sample_shape=shape)}
-        rows += efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)})
-        del unet, loop
-        dit = build_model("dit-xl-2")
-        loop = Loop("dit-xl-2", dit, calls, batch=1, latent_hw=16)
-        shape = loop.sample_shape
-        sch = {"fora(3)": fora(dit, calls, 3, sample_shape=shape), "fora(5)": fora(dit, calls, 5, sample_shape=shape),
-               "skip_steps(4)": skip_steps(dit, calls, count=4, granularity="fine", sample_shape=shape)}
-        rows += efficiency_case(loop, sch, reps)
-        del dit, loop
+
+    def done(new):
+        rows.extend(new)
+        if sink is not None:
+            sink(rows)
+
     # zoo models at batch 20
     _threads(small=True)
     m = zoo.load("digits-unet").model.unet
@@ -205,13 +194,32 @@ def efficiency(quick=False):
     sch = {"deepcache(3,0)": deepcache(m, calls, 3, 0, sample_shape=shape),
            "deepcache(5,0)": deepcache(m, calls, 5, 0, sample_shape=shape),
            "skip_steps(4)": skip_steps(m, calls, count=4, granularity="fine", sample_shape=shape)}
-    rows += efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)})
+    done(efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}))
     d = zoo.load("digits-dit").model.transformer
     loop = Loop("zoo-dit", d, calls, batch=20, latent_hw=16)
     shape = loop.sample_shape
     sch = {"fora(3)": fora(d, calls, 3, sample_shape=shape), "fora(5)": fora(d, calls, 5, sample_shape=shape),
            "skip_steps(4)": skip_steps(d, calls, count=4, granularity="fine", sample_shape=shape)}
-    rows += efficiency_case(loop, sch, reps)
+    done(efficiency_case(loop, sch, reps))
+    if quick:
+        return rows
+    # DiT-XL/2 at 16x16 latents
+    _threads(small=False)
+    dit = build_model("dit-xl-2")
+    loop = Loop("dit-xl-2", dit, calls, batch=1, latent_hw=16)
+    shape = loop.sample_shape
+    sch = {"fora(3)": fora(dit, calls, 3, sample_shape=shape), "fora(5)": fora(dit, calls, 5, sample_shape=shape),
+           "skip_steps(4)": skip_steps(dit, calls, count=4, granularity="fine", sample_shape=shape)}
+    done(efficiency_case(loop, sch, reps))
+    del dit, loop
+    # SD-1.5 architecture, 32x32 latents
+    unet = build_model("sd-1.5")
+    loop = Loop("sd-1.5", unet, calls, batch=1, latent_hw=32)
+    shape = loop.sample_shape
+    sch = {"deepcache(3,0)": deepcache(unet, calls, 3, 0, sample_shape=shape),
+           "deepcache(5,0)": deepcache(unet, calls, 5, 0, sample_shape=shape),
+           "skip_steps(4)": skip_steps(unet, calls, count=4, granularity="fine", sample_shape=shape)}
+    done(efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}))
     return rows
 
 
@@ -280,14 +288,18 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dipgo.json"))
     a = p.parse_args(argv)
     doc = {"environment": environment(), "quick": a.quick}
-    print(json.dumps(doc["environment"]["diffusers_cache_hooks"]))
-    if a.part in ("efficiency", "all"):
-        doc["efficiency"] = efficiency(a.quick)
-    if a.part in ("quality", "all"):
-        doc["quality"] = quality(a.quick)
+    print(json.dumps(doc["environment"]["diffusers_cache_hooks"]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+
+    def sink(rows, key="efficiency"):
+        doc[key] = rows
+        out.write_text(json.dumps(doc, indent=1))
+
+    if a.part in ("efficiency", "all"):
+        sink(efficiency(a.quick, sink))
+    if a.part in ("quality", "all"):
+        sink(quality(a.quick), "quality")
     print(f"wrote {out}")
     return doc
 
