@@ -298,13 +298,14 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
         gen.set_state(state["generator"])
         result.history = state["history"]
         start = state["iteration"]
-    t0 = time.perf_counter() - (result.history[-1]["seconds"] if result.history else 0.0)
     with torch.no_grad():  # each rank samples its share of the bank
         part = slice(rank * cfg.bank_size // world, (rank + 1) * cfg.bank_size // world)
         bank_full = full_samples(net, scheduler, bank_noise[part], bank_labels[part], cfg.guidance, chain.null)
         if world > 1:
             bank_full = _all_gather_rows(bank_full, world)
     log = open(log_path, "a") if log_path and rank == 0 else None
+    # training seconds: the bank of full samples is set-up, not training
+    t0 = time.perf_counter() - (result.history[-1]["seconds"] if result.history else 0.0)
     bar = tqdm(range(start, cfg.iters), desc=f"dipgo {cfg.mode}", disable=not progress or rank > 0, initial=start,
                total=cfg.iters)
     try:
