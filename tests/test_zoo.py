@@ -51,7 +51,7 @@ def test_digits_split_fixed_disjoint_stratified():
 
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_load(name, loaded):
-    model, sched_cfg, info = loaded[name]
+    (model, sched_cfg), info = loaded[name], loaded[name].info
     assert info["name"] == name
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
@@ -122,7 +122,7 @@ def test_classifier_test_accuracy(loaded):
 @pytest.mark.parametrize("name", DIFFUSION)
 def test_sample_recognisable(name, loaded):
     """Two samples per digit, 20 DDIM steps, guidance 3: nearly all recognised."""
-    model, cfg, _ = loaded[name]
+    model, cfg = loaded[name]
     labels = torch.arange(10).repeat(2)
     x = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=20, guidance=3.0, seed=1, progress=False)
     assert x.shape == (20, 1, 16, 16) and torch.isfinite(x).all()
@@ -132,7 +132,7 @@ def test_sample_recognisable(name, loaded):
 
 @pytest.mark.parametrize("name", DIFFUSION)
 def test_sample_deterministic_and_batch_independent(name, loaded):
-    model, cfg, _ = loaded[name]
+    model, cfg = loaded[name]
     labels = [1, 7, 4, 10]
     a = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, seed=5, batch_size=4, progress=False)
     b = zoo.sample(model, zoo.make_scheduler(cfg), labels, steps=4, seed=5, batch_size=3, progress=False)
@@ -149,7 +149,7 @@ def test_sample_deterministic_and_batch_independent(name, loaded):
                                  "PNDMScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler",
                                  "UniPCMultistepScheduler", "LMSDiscreteScheduler"])
 def test_sample_any_scheduler(cls, loaded):
-    model, cfg, _ = loaded["digits-unet"]
+    model, cfg = loaded["digits-unet"]
     sched = zoo.make_scheduler(cfg, cls)
     assert type(sched).__name__ == cls
     labels = torch.arange(10)
@@ -160,7 +160,7 @@ def test_sample_any_scheduler(cls, loaded):
 
 
 def test_sample_bad_inputs(loaded):
-    model, cfg, _ = loaded["digits-unet"]
+    model, cfg = loaded["digits-unet"]
     sched = zoo.make_scheduler(cfg)
     with pytest.raises(ValueError, match="labels"):
         zoo.sample(model, sched, [0, 11], steps=2, progress=False)
@@ -234,21 +234,97 @@ def test_class_accuracy_checks_labels():
 
 # ---------------------------------------------------------------- training script
 
-def test_train_writes_loadable_deterministic_weights(tmp_path):
-    """A few iterations of the real recipe: loadable by ``zoo.load``, bit-identical on rerun."""
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+MEASURED = {"wall_seconds", "torch", "final_loss_ema", "test_accuracy"}  # outcomes, not inputs
+
+
+def test_train_script_is_deterministic_and_writes_the_record(tmp_path, restore_threads):
+    """A few iterations of the real recipe through the script's command line: loadable by
+    ``zoo.load``, bit-identical weights and the same record on rerun, and the record has
+    exactly the fields of the shipped one."""
     from safetensors.torch import load_file
 
     from shortcut_kernels.zoo import train
 
-    a = train.train("digits-dit", iters=3, out=tmp_path / "a", progress=False, threads=1)
-    b = train.train("digits-dit", iters=3, out=tmp_path / "b", progress=False, threads=1)
-    sa, sb = load_file(str(a)), load_file(str(b))
+    note = "a short run in the tests"
+    for out in ("a", "b"):
+        train.main(["digits-unet", "--iters", "3", "--out", str(tmp_path / out), "--no-progress", "--note", note])
+    sa, sb = (load_file(str(tmp_path / out / "digits-unet.safetensors")) for out in ("a", "b"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    model, cfg, info = zoo.load("digits-dit", weights_dir=tmp_path / "a")
-    assert info["training"]["iters"] == 3 and "stop_at" not in info["training"]
-    assert cfg == zoo.models.SCHEDULER_CONFIG
+    model, cfg = zoo.load("digits-unet", weights_dir=tmp_path / "a")
+    record = zoo.info("digits-unet", weights_dir=tmp_path / "a")
+    rerun = zoo.info("digits-unet", weights_dir=tmp_path / "b")
+    assert record["training"].pop("wall_seconds") > 0 and rerun["training"].pop("wall_seconds") > 0
+    assert record == rerun
+    training = record["training"]
+    assert training["iters"] == 3 and "stop_at" not in training and training["note"] == note
+    assert training["threads"] == 1 and cfg == zoo.models.SCHEDULER_CONFIG
+    shipped = zoo.info("digits-unet")
+    assert set(training) | {"wall_seconds", "stop_at"} == set(shipped["training"])
+    assert {k: v for k, v in record.items() if k != "training"} == \
+        {k: v for k, v in shipped.items() if k not in ("training", "metrics")}
     # 3 iterations moved the weights away from the shipped ones
-    shipped = zoo.load("digits-dit").model.state_dict()
-    assert any(not torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    shipped_weights = zoo.load("digits-unet").model.state_dict()
+    assert any(not torch.equal(v, shipped_weights[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="digits-unet"):
         train.train("digits-gan", out=tmp_path)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_shipped_records_are_what_the_script_writes(name):
+    """Every input field of a shipped training record is the recipe's (the command that
+    reproduces it is `python -m shortcut_kernels.zoo.train NAME`, plus `--note` when the
+    record has one); the other fields are measured outcomes."""
+    from shortcut_kernels.zoo import train
+
+    kind, recipe = train.RECIPES[name]
+    record = zoo.info(name)
+    assert record["kind"] == kind
+    inputs = {k: v for k, v in record["training"].items() if k not in MEASURED | {"note"}}
+    assert inputs == recipe
+
+
+def test_classifier_training_reproduces_the_shipped_weights(tmp_path, restore_threads):
+    """The whole classifier recipe (2,000 iterations, ~1 min on 2 cores), as
+    `python -m shortcut_kernels.zoo.train digits-classifier` runs it: the shipped weights
+    to within 1e-4 absolute (bit for bit on the machine that trained them; the tolerance
+    leaves room for another CPU's summation order) and the same test accuracy."""
+    from safetensors.torch import load_file
+
+    from shortcut_kernels.zoo import train
+
+    train.main(["digits-classifier", "--out", str(tmp_path), "--no-progress"])
+    got, shipped = load_file(str(tmp_path / "digits-classifier.safetensors")), \
+        load_file(str(zoo.weights_path("digits-classifier")))
+    assert got.keys() == shipped.keys()
+    worst = max((got[k].double() - shipped[k].double()).abs().max().item() for k in got)
+    assert worst <= 1e-4, f"weights differ by up to {worst:.3g}"
+    record, shipped_record = zoo.info("digits-classifier", weights_dir=tmp_path), zoo.info("digits-classifier")
+    for key in ("wall_seconds", "torch"):
+        record["training"].pop(key), shipped_record["training"].pop(key)
+    assert record["training"] == shipped_record["training"]
+
+
+def test_memorisation_check_tells_copies_from_new_digits():
+    xtr, _ = zoo.load_digits("train")
+    xte, _ = zoo.load_digits("test")
+    copies = metrics.memorisation(xtr[:200])
+    held_out = metrics.memorisation(xte)
+    assert copies["nn_train_distance_median"] == 0.0 and copies["fraction_closer_than_held_out_p5"] == 1.0
+    assert held_out["nn_distance_ratio"] == pytest.approx(1.0)
+    noise = metrics.memorisation(torch.rand(50, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["nn_distance_ratio"] > 2
+
+
+def test_documented_load_form_unpacks():
+    model, scheduler_config = zoo.load("digits-unet")
+    assert scheduler_config == zoo.info("digits-unet")["scheduler_config"]
+    loaded = zoo.load("digits-classifier")
+    assert loaded.scheduler_config is None and loaded.info["kind"] == "classifier"
+    assert loaded.model is loaded[0]

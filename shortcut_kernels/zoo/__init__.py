@@ -34,12 +34,21 @@ __all__ = [
 ]
 
 
-class ZooModel(NamedTuple):
-    """What ``load`` returns; unpacks as ``model, scheduler_config``."""
-
+class _ModelAndScheduler(NamedTuple):
     model: torch.nn.Module
     scheduler_config: dict | None  # None for the classifier
-    info: dict  # the model's JSON: name, kind, configs, training record
+
+
+class ZooModel(_ModelAndScheduler):
+    """What ``load`` returns: unpacks as ``model, scheduler_config``; ``.info`` is the
+    model's JSON record (kind, configs, training record, measured metrics)."""
+
+    info: dict
+
+    def __new__(cls, model: torch.nn.Module, scheduler_config: dict | None, info: dict):
+        self = super().__new__(cls, model, scheduler_config)
+        self.info = info
+        return self
 
 
 def _check_name(name: str) -> str:
@@ -66,7 +75,8 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
          weights_dir: str | Path | None = None) -> ZooModel:
     """Load zoo model ``name`` (one of ``NAMES``) in eval mode.
 
-    Returns ``ZooModel(model, scheduler_config, info)``. Diffusion models are called as
+    Returns ``ZooModel``, which unpacks as ``model, scheduler_config`` and carries the
+    JSON record as ``.info``. Diffusion models are called as
     ``model(x, t, labels) -> eps`` (``model.backbone`` is the plain diffusers model);
     the classifier as ``model(x) -> logits`` and ``model.features(x)``.
     Raises ValueError for an unknown name (listing the valid ones) and FileNotFoundError,

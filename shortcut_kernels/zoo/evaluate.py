@@ -3,8 +3,10 @@
 
 Reports the classifier's test accuracy, the digits-FD of the real train split against the
 test split (the reference point), and for each diffusion model: the class accuracy of
-``per-class`` conditional samples per digit, their digits-FD against the test split, and
-the time to load the model and sample 64 digits. ``--record`` writes the numbers into the
+``per-class`` conditional samples per digit, their digits-FD against the test split, the
+memorisation check (distance of each sample to its nearest training image against the
+same for the held-out test digits, metrics.memorisation), and the time to load the model
+and sample 64 digits. ``--record`` writes the numbers into the
 model JSONs under "metrics".
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ def evaluate(names=("digits-unet", "digits-dit"), per_class=100, steps=50, guida
     out["reference"] = {"fd_train_vs_test": metrics.digits_fd(xtr, "test")}
     for name in names:
         t0 = time.perf_counter()
-        model, cfg, _ = load(name)
+        model, cfg = load(name)
         x64 = sample(model, make_scheduler(cfg, scheduler), torch.arange(64) % 10, steps=steps,
                      guidance=guidance, seed=seed, progress=False)
         t_load_sample64 = time.perf_counter() - t0
@@ -44,6 +46,7 @@ def evaluate(names=("digits-unet", "digits-dit"), per_class=100, steps=50, guida
             "class_accuracy": (pred == labels).float().mean().item(),
             "class_accuracy_per_digit": [round(a, 3) for a in per_digit],
             "digits_fd_vs_test": metrics.digits_fd(x, "test"),
+            "memorisation": metrics.memorisation(x),
             "seconds_load_and_sample_64": round(t_load_sample64, 2),
             "seconds_sample_all": round(t_sample, 1),
             "accuracy_of_first_64": metrics.class_accuracy(x64, torch.arange(64) % 10),

@@ -4,6 +4,9 @@
   their class.
 - ``digits_fd``: Fréchet distance between the zoo classifier's penultimate features of a
   set of images and those of a reference set (default: the real test split).
+- ``memorisation``: how close samples lie to their nearest training image, against the
+  same distance for held-out real digits (a model that copies its training set puts its
+  samples much closer than new real digits are).
 - ``psnr``: peak signal-to-noise ratio of a sample against a reference sample (e.g. a
   pruned/cached sampler vs. the full one, from the same noise); ``inf`` for identical images.
 """
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["classifier", "predict", "features", "class_accuracy", "frechet_distance", "digits_fd",
-           "reference_features", "psnr"]
+           "reference_features", "nearest_train_distance", "memorisation", "psnr"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,8 +120,9 @@ def digits_fd(images: torch.Tensor, reference: str | torch.Tensor = "test",
               model: torch.nn.Module | None = None) -> float:
     """Digits Fréchet distance of ``images`` against ``reference``: a split name of the
     real digits (default "test", 360 images) or a tensor of reference images. Lower is
-    better; the real train split scores about 1-2 against the test split (see the model
-    JSONs' ``metrics``)."""
+    better. The real train split scores 0.28 against the test split (measured,
+    ``reference_fd_train_vs_test`` in the model JSONs' ``metrics``); the zoo diffusion
+    models' samples 1.1 (UNet) and 1.9 (DiT) at 50 DDIM steps, guidance 3."""
     f = features(images, model)
     if isinstance(reference, str) and model is None:
         ref = reference_features(reference)
@@ -129,6 +133,33 @@ def digits_fd(images: torch.Tensor, reference: str | torch.Tensor = "test",
     else:
         ref = features(reference, model)
     return frechet_distance(f, ref)
+
+
+def nearest_train_distance(images: torch.Tensor) -> torch.Tensor:
+    """(N,) RMS pixel distance of each image to its nearest image of the training split."""
+    from .data import load_digits
+
+    x = _check_images(images).detach().double().cpu().flatten(1)
+    train = load_digits("train")[0].double().flatten(1)
+    return (torch.cdist(x, train).min(1).values / math.sqrt(x.shape[1])).float()
+
+
+def memorisation(images: torch.Tensor) -> dict:
+    """Nearest-training-image distances of ``images`` against those of the held-out test
+    digits (real digits the models never saw): the medians of both, their ratio (about 1
+    or above for a model that generalises, well below 1 for one that copies), and the
+    fraction of samples closer to a training image than the closest 5% of held-out digits."""
+    from .data import load_digits
+
+    samples = nearest_train_distance(images)
+    held_out = nearest_train_distance(load_digits("test")[0])
+    near = torch.quantile(held_out, 0.05)
+    return {
+        "nn_train_distance_median": samples.median().item(),
+        "nn_train_distance_median_held_out": held_out.median().item(),
+        "nn_distance_ratio": (samples.median() / held_out.median()).item(),
+        "fraction_closer_than_held_out_p5": (samples < near).float().mean().item(),
+    }
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0,

@@ -1,12 +1,17 @@
 """Reproduce the zoo weights: ``python -m shortcut_kernels.zoo.train NAME [--iters N] [--out DIR]``.
 
 NAME is one of digits-classifier, digits-unet, digits-dit. Training is seeded (seed 0: batch order,
-augmentation, label dropout, noise and timesteps) and runs on the CPU
-with ``--threads`` torch threads (default 2): about 1 min for the classifier and about
+augmentation, label dropout, noise and timesteps) and runs on the CPU with the recipe's
+torch thread count (``--threads`` overrides it): about 1 min for the classifier and about
 25-30 min for each diffusion model on 2 uncontended cores. Writes ``DIR/NAME.safetensors``
 (the EMA weights for the diffusion models) and ``DIR/NAME.json`` (configs + training
-record; default DIR: the package's ``weights`` folder). Another thread count or machine
-can change the weights through floating-point summation order, not their quality.
+record; default DIR: the package's ``weights`` folder). The record holds the recipe (thread
+count included) and ``--note`` (free text on the circumstances of the run, e.g. a
+contended machine behind ``wall_seconds``), so that the command reproduces the shipped
+files, record and weights: the same weights bit for bit on the same machine, torch version and thread
+count (tests/test_zoo.py checks it on the classifier and on short diffusion runs). Another
+thread count or machine can change the weights through floating-point summation order,
+not their quality.
 """
 from __future__ import annotations
 
@@ -27,14 +32,16 @@ from .data import augment, load_digits
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # name -> (kind, default training hyper-parameters)
+# `threads` is part of the recipe: it fixes the floating-point summation order.
 RECIPES = {
-    "digits-classifier": ("classifier", {"iters": 2000, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4, "seed": 0}),
+    "digits-classifier": ("classifier", {"iters": 2000, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4, "seed": 0,
+                                         "threads": 2}),
     # The shipped diffusion models stop at 2,000 of their 3,000-iteration schedules (the CPU
-    # was shared while they trained); both already sample at >= 90% class accuracy there.
+    # was shared while they trained, one thread each); both sample at >= 99% class accuracy.
     "digits-unet": ("unet", {"iters": 3000, "stop_at": 2000, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2,
-                             "warmup": 100, "ema": 0.999, "null_prob": 0.1, "seed": 0}),
+                             "warmup": 100, "ema": 0.999, "null_prob": 0.1, "seed": 0, "threads": 1}),
     "digits-dit": ("dit", {"iters": 3000, "stop_at": 2000, "batch_size": 128, "lr": 5e-4, "weight_decay": 1e-2, "warmup": 200,
-                           "ema": 0.999, "null_prob": 0.1, "seed": 0}),
+                           "ema": 0.999, "null_prob": 0.1, "seed": 0, "threads": 1}),
 }
 
 
@@ -126,8 +133,10 @@ def train_diffusion(kind: str, hp: dict, progress: bool = True, name: str = "", 
 
 
 def train(name: str, iters: int | None = None, out: str | Path | None = None, progress: bool = True,
-          save_every: int = 0, threads: int = 2, stop_at: int | None = None) -> Path:
-    """Train zoo model ``name`` and write its weights and JSON; returns the weights path."""
+          save_every: int = 0, threads: int | None = None, stop_at: int | None = None,
+          note: str | None = None) -> Path:
+    """Train zoo model ``name`` and write its weights and JSON; returns the weights path.
+    ``note`` (free text on the circumstances of the run) goes into the record."""
     from safetensors.torch import save_file
 
     if name not in RECIPES:
@@ -139,7 +148,9 @@ def train(name: str, iters: int | None = None, out: str | Path | None = None, pr
         hp.pop("stop_at", None)
     if stop_at is not None:
         hp["stop_at"] = int(stop_at)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        hp["threads"] = int(threads)
+    torch.set_num_threads(hp["threads"])
     out = Path(out) if out is not None else WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -155,7 +166,8 @@ def train(name: str, iters: int | None = None, out: str | Path | None = None, pr
             "scheduler_config": M.SCHEDULER_CONFIG if kind != "classifier" else None,
             "null_label": M.NULL_LABEL if kind != "classifier" else None,
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            "training": {**hp, "wall_seconds": round(wall, 1), "threads": threads, "torch": torch.__version__, **info},
+            "training": {**hp, "wall_seconds": round(wall, 1), "torch": torch.__version__, **info,
+                         **({"note": note} if note else {})},
         }
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
         return wall
@@ -177,10 +189,12 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=0, help="also write the EMA weights every N iterations")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after N iterations (the learning-rate schedule still spans --iters)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the recipe's)")
+    p.add_argument("--note", default=None, help="free text on the circumstances of the run, kept in the record")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    train(a.name, a.iters, a.out, progress=not a.no_progress, save_every=a.save_every, threads=a.threads, stop_at=a.stop_at)
+    train(a.name, a.iters, a.out, progress=not a.no_progress, save_every=a.save_every, threads=a.threads,
+          stop_at=a.stop_at, note=a.note)
 
 
 if __name__ == "__main__":
