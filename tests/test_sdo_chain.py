@@ -201,6 +201,18 @@ def test_memory_light_stores_one_latent():
     assert len(saved) == 1 and saved[0].shape == x_T.shape
 
 
+def test_explicit_kept_calls_equal_fixed():
+    sched, _ = scheduler("dpm2m")
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    _, gx_fixed, _ = grads(model, sched, x_T, "fixed:3", None, 0.0, True, 0)
+    _, gx_list, _ = grads(model, sched, x_T, [3, 3], None, 0.0, True, 0)
+    torch.testing.assert_close(gx_list, gx_fixed, rtol=0, atol=0)
+    _, gx_mixed, _ = grads(model, sched, x_T, torch.tensor([3, 1]), None, 0.0, True, 0)
+    _, gx_ref, _ = grads(model, sched, x_T, torch.tensor([3, 1]), None, 0.0, False, 0)
+    assert rel_err(gx_mixed, gx_ref) <= 1e-5
+
+
 def test_per_sample_keeps_different_calls():
     sched, _ = scheduler("ddim", 20)
     model = Tiny()
@@ -248,4 +260,8 @@ def test_bad_inputs():
         sdo.shortcut_sample(model, sched, x.detach().numpy(), "first")
     with pytest.raises(ValueError, match="calls"):
         sdo.warmup(model, sched, x, calls=STEPS)
+    with pytest.raises(ValueError, match="out of range"):
+        sdo.shortcut_sample(model, sched, x, [0, STEPS])
+    with pytest.raises(ValueError, match="batch"):
+        sdo.shortcut_sample(model, sched, x, [0, 1, 2])
     assert torch.equal(x.detach(), before) and x.grad is None

@@ -118,3 +118,38 @@ def test_finetune_bad_reward_leaves_weights():
         sdo.finetune(model, sched, lambda x0: x0.mean(), lora=2, iters=1, batch_size=2, progress=False)
     with pytest.raises(FileNotFoundError):
         sdo.finetune(model, sched, sdo.digits_reward(1), lora=2, iters=1, resume=True, progress=False)
+
+
+def _ddp_rank(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, sched = fresh()
+        sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
+                     progress=False)
+        torch.save(lora_state(model), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+    """Two CPU ranks on gloo: identical LoRA weights on both, equal (max abs diff <= 1e-6) to one
+    process running the same global batch. SGD: the update is linear in the averaged gradient
+    (Adam would divide tiny fp32 rounding differences by tiny second moments)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    model, sched = fresh()
+    sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
+                 progress=False)
+    single = lora_state(model)
+    assert r0.keys() == single.keys()
+    moved = 0
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), k
+        assert (r0[k] - single[k]).abs().max().item() <= 1e-6, k
+        moved += int("lora_B" in k and single[k].abs().max().item() > 0)
+    assert moved > 0  # the adapters did train

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .chain import ClassConditional, Plan, shortcut_sample
+from .policy import parse_policy
 from .rewards import RewardError, check_reward
 
 __all__ = ["finetune", "FinetuneResult", "add_lora", "save_lora", "load_lora", "trainable_parameters",
@@ -128,6 +129,7 @@ def finetune(
     batch_size: int = 8,
     grad_accum: int = 1,
     lr: float = 3e-3,
+    optimizer: str = "adamw",
     policy: str = "per-sample",
     guidance: float | None = None,
     grad_clip: float | None = 1.0,
@@ -152,12 +154,18 @@ def finetune(
     lora: LoRA rank (adapters on ``lora_targets`` of the diffusers backbone, peft), or None to
         train all weights.
     scheduler: with ``set_timesteps`` called (the number of calls of every chain).
+    optimizer: ``adamw`` (default, no weight decay) or ``sgd``.
     policy: ``per-sample`` (default), ``random``, ``first``, ``fixed:k`` or a baseline.
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
     checkpoint_dir / save_every / resume: the trainable weights, optimiser, generator and
         history are saved there; ``resume=True`` continues from the saved iteration.
     time_budget: stop after this many training seconds.
+    Distributed: when ``torch.distributed`` is initialised (``torchrun``, ``accelerate launch``,
+    or your own ``init_process_group``), ``batch_size`` is the global batch; every rank draws
+    the same global noise and kept calls (same ``seed``) and runs its slice, and the gradients
+    are averaged with ``all_reduce`` before each step: the weights stay identical on every rank
+    and equal one process running the whole batch. Checkpoints are written by rank 0.
     Raises ``RewardError`` (the weights are not updated with a bad reward).
     """
     if iters < 0 or batch_size < 1 or grad_accum < 1:
@@ -165,6 +173,13 @@ def finetune(
     if not callable(reward):
         raise TypeError(f"reward must be callable x0 -> [B], got {type(reward).__name__}")
     plan = Plan(scheduler)
+    world, rank = 1, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} (the global batch) must divide by the world size {world}")
+    local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    pol = parse_policy(policy)
     shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
     if model_fn is None:
         null = getattr(model, "null_label", None)
@@ -181,7 +196,12 @@ def finetune(
         model.requires_grad_(True)
         params = trainable_parameters(model)
     model.eval()  # deterministic forward: the kept call is recomputed at backward
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     gen = torch.Generator().manual_seed(int(seed))
     result = FinetuneResult()
     start_iter, train_seconds = 0, 0.0
@@ -199,7 +219,7 @@ def finetune(
         start_iter, train_seconds = state["iteration"], state["seconds"]
 
     def save():
-        if ckpt is None:
+        if ckpt is None or rank != 0:
             return
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
@@ -226,25 +246,39 @@ def finetune(
         opt.zero_grad(set_to_none=True)
         rewards = []
         for _ in range(grad_accum):
-            noise = torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+            # the global batch's noise and kept calls, the same on every rank; this rank's slice
+            noise = torch.randn((batch_size, *shape), generator=gen)[local].to(device=device, dtype=dtype)
             run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
-            x0 = shortcut_sample(model_fn, scheduler, noise, policy, guidance=guidance, generator=run_gen,
+            run_policy = pol
+            if pol.one_call:
+                run_policy = pol.kept_calls(0, plan.n, batch_size, run_gen)[local]
+            x0 = shortcut_sample(model_fn, scheduler, noise, run_policy, guidance=guidance, generator=run_gen,
                                  params=params, memory_light=memory_light, autocast=autocast, plan=plan)
             try:
-                r = check_reward(reward(x0), batch_size)
+                r = check_reward(reward(x0), noise.shape[0])
             except RewardError as err:
                 opt.zero_grad(set_to_none=True)
                 err.result = result
                 raise
-            (-r.mean() / grad_accum).backward()
+            (-r.sum() / (batch_size * grad_accum)).backward()  # this rank's share of the global mean
             rewards.append(r.detach())
+        rd = torch.cat(rewards)
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)  # sum of the shares = the global mean
+            total = rd.sum().reshape(1)
+            torch.distributed.all_reduce(total)
+            reward_mean = float(total) / (batch_size * grad_accum)
+        else:
+            reward_mean = float(rd.mean())
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         train_seconds += time.perf_counter() - t0
         result.iterations = it + 1
-        rd = torch.cat(rewards)
-        entry = {"iter": it + 1, "reward_mean": float(rd.mean()), "seconds": train_seconds}
+        entry = {"iter": it + 1, "reward_mean": reward_mean, "seconds": train_seconds}
         result.history.append(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
         if eval_noise is not None and ((it + 1) % eval_every == 0 or it + 1 == iters):

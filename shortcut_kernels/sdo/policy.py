@@ -4,7 +4,8 @@ SDO policies keep exactly one call per sample:
   ``first``       the first call of the (re-run) chain: the published code;
   ``fixed:k``     call k (an index into ``scheduler.timesteps``; negative counts from the end);
   ``random``      one call drawn uniformly per run (from ``generator``);
-  ``per-sample``  one uniform call per sample of the batch (each sample its own).
+  ``per-sample``  one uniform call per sample of the batch (each sample its own);
+  a list/tensor of ints: the kept call of each sample, given (``explicit``).
 Baselines keep several calls (same API, for like-with-like comparisons):
   ``full``        every call (per-call activation checkpointing): the exact gradient;
   ``draft:K``     the last K calls (DRaFT-K);
@@ -27,15 +28,18 @@ BASELINES = ("full", "draft:K", "alignprop")
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # first | fixed | random | per-sample | full | draft | alignprop
+    kind: str  # first | fixed | random | per-sample | explicit | full | draft | alignprop
     arg: int | None = None
+    calls: tuple[int, ...] | None = None  # explicit: the kept call of each sample
 
     @property
     def one_call(self) -> bool:
         """Exactly one kept call per sample: the SDO shortcut (memory-light path possible)."""
-        return self.kind in ("first", "fixed", "random", "per-sample")
+        return self.kind in ("first", "fixed", "random", "per-sample", "explicit")
 
     def __str__(self) -> str:
+        if self.kind == "explicit":
+            return f"explicit{list(self.calls)}"
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
     def kept_calls(self, start: int, n: int, batch: int, generator: torch.Generator | None,
@@ -58,6 +62,13 @@ class Policy:
             return torch.full((batch,), k, dtype=torch.long)
         if self.kind == "per-sample":
             return start + torch.randint(calls, (batch,), generator=generator)
+        if self.kind == "explicit":
+            ks = torch.tensor(self.calls, dtype=torch.long)
+            if ks.numel() != batch:
+                raise ValueError(f"policy: {ks.numel()} kept calls given for a batch of {batch}")
+            if bool(((ks < start) | (ks >= n)).any()):
+                raise ValueError(f"policy: kept call out of range {start}..{n - 1}: {ks.tolist()}")
+            return ks
         if self.kind == "full":
             return torch.arange(start, n)
         if self.kind == "draft":
@@ -73,6 +84,11 @@ def parse_policy(policy) -> Policy:
     """A Policy from its name (see the module docstring) or a Policy."""
     if isinstance(policy, Policy):
         return policy
+    if isinstance(policy, (torch.Tensor, list, tuple)):  # one kept call per sample, given
+        calls = torch.as_tensor(policy).flatten()
+        if calls.is_floating_point() or calls.numel() == 0:
+            raise ValueError("policy given as calls must be a non-empty list/tensor of ints (one per sample)")
+        return Policy("explicit", calls=tuple(int(c) for c in calls.tolist()))
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a string such as 'first' or 'fixed:3', got {type(policy).__name__}")
     name, _, arg = policy.strip().lower().partition(":")
