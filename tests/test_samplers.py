@@ -188,7 +188,7 @@ def test_zoo_sample_same_images_as_scheduler_step(cls, unet):
 
 
 def test_guided_step_loop_compiles_once():
-    """50 DDIM calls with (a, b) as 0-d tensors that change every call: one dynamo frame."""
+    """50 DDIM calls with (a, b, w) as 0-d tensors that change every call: one dynamo frame."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from shortcut_kernels import guided_step
@@ -197,16 +197,17 @@ def test_guided_step_loop_compiles_once():
     counter = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(backend=counter, fullgraph=True)
-    def update(x, eu, ec, a, b):
-        return guided_step(x, eu, ec, a, b, 3.0)
+    def update(x, eu, ec, a, b, w):
+        return guided_step(x, eu, ec, a, b, w)
 
     sched = make("DDIMScheduler", {}, "epsilon", 50)
     steps = linear_steps(sched)
     x = torch.randn(2, 1, 8, 8)
     eu, ec = torch.randn_like(x), torch.randn_like(x)
     ref = x
-    for st in steps:
-        x = update(x, eu, ec, torch.tensor(st.a), torch.tensor(st.b))
-        ref = st.a * ref + st.b * (eu + 3.0 * (ec - eu))
+    for i, st in enumerate(steps):
+        w = 3.0 - 0.02 * i  # a guidance schedule: w changes too
+        x = update(x, eu, ec, torch.tensor(st.a), torch.tensor(st.b), torch.tensor(w))
+        ref = st.a * ref + st.b * (eu + w * (ec - eu))
     assert counter.frame_count == 1
     torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
