@@ -241,10 +241,46 @@ def part_latents(args) -> dict:
             "digits_reaching_90pct": sum(ok), "rows": rows}
 
 
+def part_finetune(args) -> dict:
+    """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr,
+    held-out reward on 32 fixed noises (evaluation time excluded) against training seconds."""
+    runs = []
+    eval_noise = zoo.initial_noise(32, seed=12345)
+    methods = sorted(args.methods, key=lambda m: m != "full")  # full first: it sets the time budget
+    budget = None
+    for method in methods:
+        for lr in args.lrs:
+            model, sched = setup(args.steps)
+            # full runs --ft-iters iterations; the others may run more, up to full's training time
+            iters = args.ft_iters if method == "full" or budget is None else 20 * args.ft_iters
+            res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
+                               batch_size=args.batch, lr=lr, policy=method, eval_noise=eval_noise,
+                               eval_every=args.eval_every, seed=args.seed, progress=False,
+                               time_budget=None if method == "full" else budget)
+            if method == "full":
+                budget = max(budget or 0.0, res.eval_history[-1]["seconds"])
+            runs.append({"method": method, "lr": lr, "eval": res.eval_history,
+                         "final": res.eval_history[-1]["reward_mean"]})
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "eval"}), flush=True)
+    best = {}
+    for r in runs:
+        if r["method"] not in best or r["final"] > best[r["method"]]["final"]:
+            best[r["method"]] = r
+    summary = {}
+    if "full" in best:
+        goal = best["full"]["final"]  # the reward full reaches after --ft-iters iterations
+        full_s = best["full"]["eval"][-1]["seconds"]
+        for m, r in best.items():
+            hit = next((e for e in r["eval"] if e["reward_mean"] >= goal), None)
+            summary[m] = {"lr": r["lr"], "final": r["final"], "seconds_to_full_final": hit and hit["seconds"],
+                          "fraction_of_full_time": hit and hit["seconds"] / full_s}
+    return {"steps": args.steps, "batch": args.batch, "target": args.target, "runs": runs, "best": summary}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
-                    choices=["fidelity", "cost", "memory", "latents"])
+                    choices=["fidelity", "cost", "memory", "latents", "finetune"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--target", type=int, default=7)
@@ -256,6 +292,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.25)
     ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
+    ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
+                    help="finetune: policies compared")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="finetune: learning rates")
+    ap.add_argument("--ft-iters", type=int, default=50, help="finetune: iterations per run")
+    ap.add_argument("--eval-every", type=int, default=5, help="finetune: held-out evaluation interval")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_sdo.json")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -267,7 +308,8 @@ def main(argv=None) -> int:
     record = {"bench": "sdo", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
               "python": platform.python_version(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
-    parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents}
+    parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents,
+             "finetune": part_finetune}
     for name in args.part:
         t0 = time.perf_counter()
         record[name] = parts[name](args)
