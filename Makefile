@@ -10,7 +10,8 @@
 # builds against that torch (no venv, no downloads; pure-Python wheels carried in WHEELS
 # are installed first), runs the whole suite with the GPU tests, records the run in
 # shortcut_kernels/gpu_validation.json (commit it: `auto` uses the CUDA/Triton kernels only
-# once a passing run is recorded), then the benchmarks with their GPU rows.
+# once a passing run is recorded), then the benchmarks with their GPU rows
+# (BENCH_ARGS='-k "not compile"' trims them to fit a short GPU lease).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -64,7 +65,7 @@ test: install
 bench: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest bench -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-json=$(BENCH_OUT)/bench.json \
-		--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+		--benchmark-columns=median,iqr,rounds --benchmark-sort=name $(BENCH_ARGS)
 	$(PY) bench/report.py $(BENCH_OUT)/bench.json --md $(BENCH_OUT)/report.md --json-out $(BENCH_OUT)/summary.json \
 		--compact $(BENCH_OUT)/readme_table.md
 
