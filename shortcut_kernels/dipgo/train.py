@@ -66,6 +66,7 @@ class TrainConfig:
     sparsity_weight: float = 1.0
     consistency: str = "mse"
     consistency_weight: float = 100.0  # MSE on [-1, 1] images is ~1e-2: bring it to the sparsity's scale
+    gumbel_tau: float | None = None  # Gumbel noise on the gates (None: none, as the paper)
     guidance: float = 3.0
     bank_size: int = 64
     seed: int = 0
@@ -296,6 +297,7 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
         opt.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # Gumbel noise continues where it stopped
         result.history = state["history"]
         start = state["iteration"]
     with torch.no_grad():  # each rank samples its share of the bank
@@ -313,7 +315,7 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             # the global batch (the same draws on every rank), then this rank's slice
             idx = torch.randperm(cfg.bank_size, generator=gen)[:cfg.batch_size][local]
             x_T, labels, target = bank_noise[idx], bank_labels[idx], bank_full[idx]
-            gates = pruner()
+            gates = pruner(cfg.gumbel_tau)
             sparsity = sparsity_loss(gates, net.graph, cfg.target)
             if cfg.mode == "exact":
                 x0 = chain.run(x_T, labels, gates, grad="exact")
@@ -352,6 +354,7 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
                 tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
                 torch.save({"config": asdict(cfg), "pruner": pruner.state_dict(), "optimizer": opt.state_dict(),
                             "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state(),
+                            "torch_rng": torch.get_rng_state(),
                             "history": result.history, "iteration": it + 1}, tmp)
                 tmp.replace(ckpt)  # never a half-written checkpoint
             if done:
