@@ -92,6 +92,9 @@ def test_pruner_round_trip_and_refuses_another_model(graphs, tmp_path):
     s = q.to_schedule(0.5)
     assert s.block_names == graphs["unet-fine"].names and s.calls == 5 and s.macs_kept <= 0.5 + 1e-9
     assert torch.equal(s.keep, p.to_schedule(0.5).keep)
+    from shortcut_kernels.dipgo import Schedule
+
+    assert Schedule.from_pruner(q, 0.5) == s
     with pytest.raises(ValueError, match="granularity"):
         q.check_compatible(graphs["unet-coarse"])
     with pytest.raises(ValueError, match="model class"):

@@ -332,6 +332,12 @@ class Schedule:
             raise ValueError(f"schedule has {self.calls} denoiser calls but the run makes {calls}; "
                              f"use schedule.resize({calls})")
 
+    @classmethod
+    def from_pruner(cls, pruner, target_macs: float, **kw) -> "Schedule":
+        """A learned schedule: a trained :class:`~shortcut_kernels.dipgo.pruner.Pruner`'s reuse
+        probabilities through DiP-GO's post-processing (:func:`from_scores`) at ``target_macs``."""
+        return pruner.to_schedule(target_macs, **kw)
+
     # ------------------------------------------------------------------ resize
     def resize(self, calls: int) -> "Schedule":
         """The same schedule for ``calls`` denoiser calls.
