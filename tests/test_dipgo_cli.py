@@ -48,3 +48,17 @@ def test_sample_command_with_schedule(tmp_path, capsys):
     assert "resize" in capsys.readouterr().err
     # a UNet schedule on the DiT is refused
     assert main(["sample", "--model", "digits-dit", "--schedule", str(s), "--steps", "8", "-o", str(grid)]) == 2
+
+
+def test_prune_command_learns_a_schedule_that_sample_uses(tmp_path, capsys):
+    out = tmp_path / "learned.json"
+    assert main(["prune", "--model", "digits-unet", "--steps", "6", "--target", "0.5", "--iters", "2",
+                 "--batch-size", "2", "--granularity", "coarse", "--quiet", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.calls == 6 and s.name == "from_scores" and s.macs_kept <= 0.5 + 1e-9
+    assert out.with_suffix(".pruner.pt").is_file() and len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 2
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", "digits-unet", "--schedule", str(out), "--steps", "6", "--per-class", "1",
+                 "-o", str(grid), "--quiet"]) == 0
+    assert main(["prune", "--model", "digits-unet", "--target", "1.5", "-o", str(out)]) == 2
+    assert "--target" in capsys.readouterr().err

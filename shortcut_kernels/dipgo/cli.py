@@ -6,6 +6,7 @@
     shortcut-kernels schedule full --model sd-1.5 --calls 50 -o s.json
     shortcut-kernels schedule show s.json [--plot map.png] [--shape 2 4 64 64]
     shortcut-kernels sample --model digits-unet --schedule s.json --steps 50 -o grid.png [--compare]
+    shortcut-kernels prune --model digits-unet --steps 50 --target 0.4 --mode shortcut -o s.json [--iters 150]
 
 Models: the zoo's ``digits-unet`` / ``digits-dit`` (trained weights), or a bundled
 architecture (``sd-1.5``, ``sd-2.1``, ``sdxl``, ``dit-xl-2``; schedules only, built on the
@@ -140,8 +141,37 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    import torch
+
+    from .. import zoo
+    from .train import train
+
+    if args.model not in ZOO_MODELS:
+        print(f"error: prune trains on the zoo models ({', '.join(ZOO_MODELS)}); got {args.model!r}", file=sys.stderr)
+        return 2
+    if not 0 < args.target <= 1:
+        print(f"error: --target is the kept-MAC fraction in (0, 1], got {args.target}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads) if args.threads else None
+    model, cfg = _load_model(args.model)
+    scheduler = zoo.make_scheduler(cfg, args.scheduler)
+    scheduler.set_timesteps(args.steps)
+    out = Path(args.output)
+    result = train(model, scheduler, mode=args.mode, target=args.target, iters=args.iters,
+                   batch_size=args.batch_size, lr=args.lr, guidance=args.guidance, granularity=args.granularity,
+                   seed=args.seed, checkpoint_path=out.with_suffix(".pruner.pt"), resume=args.resume,
+                   log_path=out.with_suffix(".log.jsonl"), progress=not args.quiet, time_budget=args.time_budget)
+    s = result.pruner.to_schedule(args.target)
+    s.save(out)
+    print(s.summary())
+    print(f"wrote {out} ({result.seconds:.0f} s of training, {len(result.history)} iterations; "
+          f"pruner {out.with_suffix('.pruner.pt')}, log {out.with_suffix('.log.jsonl')})")
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    """Register ``schedule`` and ``sample``."""
+    """Register ``schedule``, ``sample`` and ``prune``."""
     sp = subparsers.add_parser("schedule", help="build, inspect and save DiP-GO schedules")
     sub = sp.add_subparsers(dest="builder", required=True)
 
@@ -195,6 +225,25 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-o", "--output", default="grid.png")
     p.set_defaults(run=_cmd_sample)
+
+    p = subparsers.add_parser("prune", help="learn a schedule with DiP-GO (train a pruner) on a zoo model")
+    p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS)
+    p.add_argument("--steps", type=int, default=50, help="denoiser calls of the sampler")
+    p.add_argument("--scheduler", default="DDIMScheduler")
+    p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
+    p.add_argument("--mode", choices=["shortcut", "exact"], default="shortcut")
+    p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--granularity", choices=["coarse", "fine"], default="fine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT's .pruner.pt checkpoint")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-o", "--output", default="learned.json")
+    p.set_defaults(run=_cmd_prune)
 
 
 if __name__ == "__main__":  # pragma: no cover
