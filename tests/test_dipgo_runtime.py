@@ -62,6 +62,7 @@ def test_full_is_bit_identical_and_remove_restores(name, gran):
     got = _calls(model, 3)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     h.remove()
+    assert not h.state.cached_tensors() and not h.active
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not any(hasattr(m, "_sk_slot") or "forward" in m.__dict__ for m in model.modules())
     assert not model._forward_pre_hooks and not model._forward_hooks
@@ -226,7 +227,7 @@ def test_pipeline_full_identity_runs_memory_and_to():
             run_pipe(pipe, 7)
         pipe.to(torch.float64)
         out64 = run_pipe(pipe, 5)
-    h.remove()
+    assert h.state.cached_tensors() == []  # after remove() (the with block): nothing held
     assert out64.dtype == torch.float64
     with accelerate(pipe, s):
         assert torch.equal(run_pipe(pipe, 5), out64)
