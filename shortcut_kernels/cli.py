@@ -34,6 +34,7 @@ def info() -> str:
                      f"{len(cuda)} with CUDA kernels")
     else:
         lines.append(f"extension shortcut_kernels._C: NOT loaded ({_ext.load_error()})")
+    lines.append(backends.gpu_status())  # why auto keeps CUDA tensors on torch until a GPU run is recorded
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     forced = backends.requested()
     lines.append(f"backend requested: {forced} ({backends.ENV_VAR})")
