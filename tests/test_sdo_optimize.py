@@ -66,6 +66,8 @@ def test_optimize_latents_raises_reward(unet):
     assert torch.equal(x_T, keep)  # never modified in place
     assert len(res.history) == 6 and not res.stopped_early
     assert not torch.equal(res.latents, x_T)
+    # project=True: each latent keeps its starting norm (stays on the Gaussian shell)
+    torch.testing.assert_close(res.latents.flatten(1).norm(dim=1), x_T.flatten(1).norm(dim=1), rtol=1e-5, atol=0)
     with torch.no_grad():
         final = reward(sdo.shortcut_sample(fn, sched, res.latents, "first")).mean().item()
     assert final > res.history[0]["reward_mean"] + 0.1

@@ -69,6 +69,7 @@ def optimize_latents(
     guidance: float | None = None,
     eta: float = 0.0,
     shell_weight: float = 0.01,
+    project: bool = True,
     stop_at: float | None = None,
     stop_fraction: float = 1.0,
     warmup_calls: int = 0,
@@ -86,6 +87,10 @@ def optimize_latents(
 
     policy: which call keeps its graph (``first``, ``fixed:k``, ``random``, ``per-sample``) or a
         baseline (``full``, ``draft:K``, ``alignprop``); ``sdo`` = ``first``.
+    project: after each step, rescale each sample's latent back to its starting norm (on the
+        Gaussian shell for noise): measured on digits-unet at lr 0.25, without it the norm
+        doubles in 30 iterations and the samples drift off the digits an independent
+        classifier recognises. ``shell_weight`` adds the soft penalty as well.
     warmup_calls: run the first calls once and optimise the latent after them (the published
         style-guidance setting); ``result.latents`` is then that latent.
     stop_at: stop once a ``stop_fraction`` of the samples has reward >= ``stop_at``.
@@ -111,6 +116,7 @@ def optimize_latents(
         warm = warmup(model_fn, scheduler, latent, warmup_calls, guidance=guidance, eta=eta, generator=gen,
                       autocast=autocast, plan=plan)
         latent = warm.x.detach().clone()
+    norms0 = latent.flatten(1).norm(dim=1).view(-1, *([1] * (latent.dim() - 1)))
     latent.requires_grad_(True)
     opt = torch.optim.Adam([latent], lr=lr, betas=betas)
     use_scaler = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
@@ -154,6 +160,9 @@ def optimize_latents(
             scaler.update()
         else:
             opt.step()
+        if project:
+            with torch.no_grad():
+                latent.mul_(norms0 / latent.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(norms0))
         result.latents = latent.detach().clone()
         if time_budget is not None and time.perf_counter() - start >= time_budget:
             result.stopped_early = True
