@@ -321,3 +321,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_sdo_quick(tmp_path):
+    """`make bench`'s SDO section: fidelity, cost and memory on a short chain (the full
+    measurements: `python bench/bench_sdo.py --part ... --out FILE`)."""
+    out = tmp_path / "sdo.json"
+    assert main(["--part", "fidelity", "cost", "memory", "--steps", "6", "--batch", "2", "--draws", "1",
+                 "--rounds", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert {"fidelity", "cost", "memory"} <= set(record)
