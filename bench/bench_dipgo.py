@@ -207,19 +207,28 @@ def efficiency(quick=False, sink=None, models=("zoo", "dit-xl-2", "sd-1.5")):
     return rows
 
 
+def _unet_schedules(unet, calls, shape):
+    """The UNet rows of the efficiency section: DeepCache (3, 0), (5, 0), whole-call reuse."""
+    return {"deepcache(3,0)": deepcache(unet, calls, 3, 0, sample_shape=shape),
+            "deepcache(5,0)": deepcache(unet, calls, 5, 0, sample_shape=shape),
+            "skip_steps(4)": skip_steps(unet, calls, count=4, granularity="fine", sample_shape=shape)}
+
+
+def _transformer_schedules(dit, calls, shape):
+    """The transformer rows: FORA 3 and 5, whole-call reuse."""
+    return {"fora(3)": fora(dit, calls, 3, sample_shape=shape), "fora(5)": fora(dit, calls, 5, sample_shape=shape),
+            "skip_steps(4)": skip_steps(dit, calls, count=4, granularity="fine", sample_shape=shape)}
+
+
+PACKAGE_ROWS = {"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}  # the DeepCache package side by side
+
+
 def _zoo_efficiency(m, calls, reps, done):
     loop = Loop("zoo-unet", m, calls, batch=20, latent_hw=16)
-    shape = loop.sample_shape
-    sch = {"deepcache(3,0)": deepcache(m, calls, 3, 0, sample_shape=shape),
-           "deepcache(5,0)": deepcache(m, calls, 5, 0, sample_shape=shape),
-           "skip_steps(4)": skip_steps(m, calls, count=4, granularity="fine", sample_shape=shape)}
-    done(efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}))
+    done(efficiency_case(loop, _unet_schedules(m, calls, loop.sample_shape), reps, package=PACKAGE_ROWS))
     d = zoo.load("digits-dit").model.transformer
     loop = Loop("zoo-dit", d, calls, batch=20, latent_hw=16)
-    shape = loop.sample_shape
-    sch = {"fora(3)": fora(d, calls, 3, sample_shape=shape), "fora(5)": fora(d, calls, 5, sample_shape=shape),
-           "skip_steps(4)": skip_steps(d, calls, count=4, granularity="fine", sample_shape=shape)}
-    done(efficiency_case(loop, sch, reps))
+    done(efficiency_case(loop, _transformer_schedules(d, calls, loop.sample_shape), reps))
 
 
 def _dit_efficiency(calls, reps, done):
@@ -227,10 +236,7 @@ def _dit_efficiency(calls, reps, done):
     _threads(small=False)
     dit = build_model("dit-xl-2")
     loop = Loop("dit-xl-2", dit, calls, batch=1, latent_hw=16)
-    shape = loop.sample_shape
-    sch = {"fora(3)": fora(dit, calls, 3, sample_shape=shape), "fora(5)": fora(dit, calls, 5, sample_shape=shape),
-           "skip_steps(4)": skip_steps(dit, calls, count=4, granularity="fine", sample_shape=shape)}
-    done(efficiency_case(loop, sch, reps))
+    done(efficiency_case(loop, _transformer_schedules(dit, calls, loop.sample_shape), reps))
 
 
 def _sd_efficiency(calls, reps, done):
@@ -238,11 +244,7 @@ def _sd_efficiency(calls, reps, done):
     _threads(small=False)
     unet = build_model("sd-1.5")
     loop = Loop("sd-1.5", unet, calls, batch=1, latent_hw=32)
-    shape = loop.sample_shape
-    sch = {"deepcache(3,0)": deepcache(unet, calls, 3, 0, sample_shape=shape),
-           "deepcache(5,0)": deepcache(unet, calls, 5, 0, sample_shape=shape),
-           "skip_steps(4)": skip_steps(unet, calls, count=4, granularity="fine", sample_shape=shape)}
-    done(efficiency_case(loop, sch, reps, package={"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}))
+    done(efficiency_case(loop, _unet_schedules(unet, calls, loop.sample_shape), reps, package=PACKAGE_ROWS))
 
 
 # ----------------------------------------------------------------------------- quality

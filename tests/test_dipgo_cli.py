@@ -8,12 +8,7 @@ from shortcut_kernels.cli import main
 from shortcut_kernels.dipgo import Schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
 
 def test_schedule_commands(tmp_path, capsys):

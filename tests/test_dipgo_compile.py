@@ -7,12 +7,7 @@ from shortcut_kernels.dipgo import accelerate, deepcache, fora, skip_steps
 from _dipgo_models import tiny_dit, tiny_sd15_unet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
 
 def _kw(model, seed, batch=2):

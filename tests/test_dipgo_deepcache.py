@@ -16,14 +16,6 @@ CALLS = 10
 GRID = [(n, b) for n in (2, 3, 5) for b in (0, 1, 2, 5)]
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 

@@ -8,12 +8,7 @@ from shortcut_kernels.dipgo import accelerate, deepcache, full
 from _dipgo_models import deepcache_package, prompt_embeds, tiny_sd_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
 
 def _image(seed=3):

@@ -13,12 +13,7 @@ from _dipgo_models import (cfg_loop, run_pipe, tiny_dit, tiny_pixart, tiny_sd15_
                            zoo_unet_inputs)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
 
 def _kwargs(model, seed, batch=2):

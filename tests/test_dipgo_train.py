@@ -11,6 +11,8 @@ from shortcut_kernels.samplers import guided_update
 from shortcut_kernels.sdo.chain import Plan
 from shortcut_kernels.zoo.sampling import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
+
 
 def _tiny_unet_double():
     from shortcut_kernels.zoo import models

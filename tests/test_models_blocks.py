@@ -256,15 +256,6 @@ def _inputs(model, seed):
                 class_labels=torch.tensor([seed % 10]))
 
 
-@pytest.fixture
-def one_thread():
-    """Toy models run ~100x faster on one thread than with OpenMP on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("make", [tiny_sd_unet, tiny_unet2d, tiny_dit], ids=["unet_cond", "unet2d", "dit"])
 def test_cascade_matches_real_dataflow(make, fresh_seed, one_thread):
     """Reusing what the cascade adds changes nothing; every block the cascade keeps matters."""

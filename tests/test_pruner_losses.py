@@ -8,6 +8,8 @@ from shortcut_kernels.dipgo.losses import consistency_loss, kept_macs_fraction, 
 from shortcut_kernels.dipgo.pruner import Pruner, straight_through
 from shortcut_kernels.models import block_graph
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
+
 
 @pytest.fixture(scope="module")
 def graphs():

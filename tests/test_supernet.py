@@ -8,6 +8,8 @@ from shortcut_kernels.dipgo import Schedule, accelerate
 from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.zoo.sampling import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
+
 
 @pytest.fixture(scope="module", params=["digits-unet", "digits-dit"])
 def zoo_model(request):
