@@ -179,9 +179,10 @@ def efficiency_case(loop, schedules, reps, package=()):
     return rows
 
 
-def efficiency(quick=False, sink=None, models=("zoo", "dit-xl-2", "sd-1.5")):
-    """Zoo models first (fast), then DiT-XL/2, then SD-1.5; ``sink(rows)`` after each model."""
-    reps = 2 if quick else 5
+def efficiency(quick=False, sink=None, models=("zoo", "dit-xl-2", "sd-1.5"), reps=None):
+    """Zoo models first (fast), then DiT-XL/2, then SD-1.5; ``sink(rows)`` after each model.
+    ``reps`` interleaved runs per provider (default 5, 2 when quick); the median is reported."""
+    reps = reps or (2 if quick else 5)
     calls = 12
     rows = []
 
@@ -312,6 +313,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dipgo.json"))
     p.add_argument("--models", nargs="+", default=["zoo", "dit-xl-2", "sd-1.5"],
                    choices=["zoo", "dit-xl-2", "sd-1.5"], help="efficiency: which models")
+    p.add_argument("--reps", type=int, default=None,
+                   help="efficiency: interleaved runs per provider (default 5; more on a noisy machine)")
     a = p.parse_args(argv)
     doc = {"environment": environment(), "quick": a.quick}
     print(json.dumps(doc["environment"]["diffusers_cache_hooks"]), flush=True)
@@ -323,7 +326,7 @@ def main(argv=None):
         out.write_text(json.dumps(doc, indent=1))
 
     if a.part in ("efficiency", "all"):
-        sink(efficiency(a.quick, sink, tuple(a.models)))
+        sink(efficiency(a.quick, sink, tuple(a.models), a.reps))
     if a.part in ("quality", "all"):
         sink(quality(a.quick), "quality")
     print(f"wrote {out}")

@@ -473,18 +473,32 @@ class Accelerated:
             return out
         if mode == READ and slot.first and st.runs[b]:
             caches = [st.cache[c] for c in st.runs[b]]
-            if st.check_finite and not torch.compiler.is_compiling():
-                for c in st.runs[b]:
-                    if st.cache[c] is None:
-                        raise RuntimeError(f"block {self.schedule.graph.names[c]!r} has no cached residual at "
-                                           f"call {st.call}")
-                    if st.unchecked[c]:
-                        mod = next(m for m in self._swapped if m._sk_slot.block == c)
-                        self._check(mod._sk_slot, [st.cache[c]])
+            missing = [c for c, t in zip(st.runs[b], caches) if t is None]
+            if missing:
+                raise RuntimeError(f"block {self.schedule.graph.names[missing[0]]!r} has no cached residual at "
+                                   f"call {st.call}")
             from ..ops.cache_residual import cache_residual
 
-            return cache_residual(x, caches)
+            out = cache_residual(x, caches)
+            if st.check_finite and not torch.compiler.is_compiling():
+                self._check_run(st.runs[b], out)
+            return out
         return x  # inside a run: the run's first block added every delta
+
+    def _check_run(self, run, out) -> None:
+        """A NaN or inf in any cached residual reaches the run's output, so one check of the
+        output stands for all of them; only when it fails are the caches searched for the culprit
+        (a non-finite input alone is not the cache's fault)."""
+        st = self.state
+        fresh = [c for c in run if st.unchecked[c]]
+        if not fresh:
+            return
+        if not bool(torch.isfinite(out).all()):
+            for c in fresh:
+                mod = next(m for m in self._swapped if m._sk_slot.block == c)
+                self._check(mod._sk_slot, [st.cache[c]])
+        for c in fresh:
+            st.unchecked[c] = False
 
     # ------------------------------------------------------------------ compile
     def compile(self, **options) -> "Accelerated":
