@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from shortcut_kernels.dipgo import DEAD, READ, Schedule, deepcache, fora, from_scores, full, skip_steps
+from shortcut_kernels.dipgo import DEAD, READ, Schedule, deepcache, fora, from_ranking, from_scores, full, skip_steps
 from shortcut_kernels.dipgo.schedule import COMPUTE
 from shortcut_kernels.models import block_graph, build_model, skip_keep
 
@@ -123,6 +123,33 @@ def test_from_scores_threshold_descent(sd):
         from_scores(sd, scores * 2, 0.5)
     with pytest.raises(ValueError, match="target_macs"):
         from_scores(sd, scores, 0)
+
+
+def test_from_ranking_meets_the_budget_by_rank(sd):
+    g = block_graph(sd, "coarse")
+    calls = 9
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    scores = torch.rand(calls, len(g), generator=gen)
+    smallest = min(g.block_macs) / (calls * g.total_macs)
+    for target in [0.95, 0.7, 0.45]:
+        s = from_ranking(sd, scores, target)
+        # met, and by at most what the last reuse saved (its cascade included): not overshot by more
+        assert s.macs_kept <= target + 1e-12
+        assert s.keep[0].all()
+    # whole calls scored highest go first, most confident first
+    scores = torch.zeros(calls, len(g))
+    scores[[2, 5, 7]] = torch.tensor([0.5, 0.9, 0.7]).view(3, 1)
+    one_call = (g.total_macs - g.overhead_macs) / (calls * g.total_macs)
+    s = from_ranking(sd, scores, 1 - 2 * one_call + smallest / 2)
+    reused_calls = [t for t in range(calls) if not s.keep[t].any()]
+    assert reused_calls == [5, 7]
+    assert s.keep[[t for t in range(calls) if t not in (5, 7)]].all()
+    with pytest.raises(ValueError, match="finite"):
+        from_ranking(sd, torch.full((calls, len(g)), float("nan")), 0.5)
+    with pytest.raises(ValueError, match=r"scores must be \[calls"):
+        from_ranking(sd, scores[:, :-1], 0.5)
+    with pytest.raises(ValueError, match="target_macs"):
+        from_ranking(sd, scores, 1.5)
 
 
 def test_json_roundtrip_and_validation(sd, tmp_path):

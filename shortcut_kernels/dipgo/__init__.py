@@ -9,7 +9,7 @@
 This module stays light: importing it loads no model.
 """
 from .runtime import Accelerated, CacheState, accelerate
-from .schedule import COMPUTE, DEAD, READ, Schedule, deepcache, fora, from_scores, full, skip_steps
+from .schedule import COMPUTE, DEAD, READ, Schedule, deepcache, fora, from_ranking, from_scores, full, skip_steps
 
 __all__ = ["Schedule", "accelerate", "Accelerated", "CacheState", "full", "deepcache", "skip_steps", "fora",
-           "from_scores", "COMPUTE", "READ", "DEAD"]
+           "from_scores", "from_ranking", "COMPUTE", "READ", "DEAD"]

@@ -121,15 +121,31 @@ class Pruner(nn.Module):
         """``[calls, blocks]`` reuse probabilities, what DiP-GO's post-processing ranks."""
         return 1 - self.keep_probs()
 
-    def to_schedule(self, target_macs: float, **kw):
+    def to_schedule(self, target_macs: float, *, ranked: bool = False, **kw):
         """DiP-GO's post-processing of this pruner's reuse probabilities into a
         :class:`~shortcut_kernels.dipgo.Schedule` keeping ``target_macs`` of the MACs
-        (:func:`~shortcut_kernels.dipgo.from_scores`; ``kw``: its threshold options)."""
-        from .schedule import from_scores
+        (:func:`~shortcut_kernels.dipgo.from_scores`; ``kw``: its threshold options), or with
+        ``ranked`` by rank (:func:`~shortcut_kernels.dipgo.from_ranking`, the rule the
+        budgeted training mode trains with)."""
+        from .schedule import from_ranking, from_scores
 
         if self.graph is None:
             raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
+        if ranked:
+            return from_ranking(self.graph, self.reuse_scores(), target_macs)
         return from_scores(self.graph, self.reuse_scores(), target_macs, **kw)
+
+    def budget_gates(self, target_macs: float) -> Tensor:
+        """``[calls, blocks]`` straight-through gates that meet a MAC budget: the forward value
+        is the ranked keep-mask (:func:`~shortcut_kernels.dipgo.schedule.budget_rows` of the
+        reuse probabilities), the gradient that of the keep probabilities."""
+        from .schedule import budget_rows
+
+        if self.graph is None:
+            raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
+        soft = self.keep_probs()
+        hard = torch.tensor(budget_rows(self.graph, 1 - soft.detach(), target_macs), dtype=soft.dtype)
+        return hard - soft.detach() + soft
 
     # ---- identity ---------------------------------------------------------------------
     def get_extra_state(self) -> dict:

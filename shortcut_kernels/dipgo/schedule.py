@@ -55,7 +55,8 @@ MODE_NAMES = ("compute", "read", "dead")
 FORMAT = "shortcut_kernels.dipgo.schedule"
 VERSION = 1
 
-__all__ = ["Schedule", "full", "deepcache", "skip_steps", "fora", "from_scores", "graph_of",
+__all__ = ["Schedule", "full", "deepcache", "skip_steps", "fora", "from_scores", "from_ranking", "budget_rows",
+           "graph_of",
            "COMPUTE", "READ", "DEAD"]
 
 
@@ -351,7 +352,7 @@ class Schedule:
         if calls == self.calls:
             return self
         builder = _BUILDERS.get(self.name)
-        if builder is not None and self.name != "from_scores":
+        if builder is not None and self.name not in ("from_scores", "from_ranking"):
             params = dict(self.params)
             if self.name == "skip_steps" and params.get("compute") is not None:
                 # explicit calls: map them proportionally
@@ -561,6 +562,50 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
     return Schedule(rows, g, name="from_scores",
                     params=dict(target_macs=target_macs, threshold=threshold, step=step,
                                 final_threshold=max(thr, 0.0)))
+
+
+def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool]]:
+    """Keep rows meeting a MAC budget by rank: reuse the (call > 0, block) pairs in decreasing
+    order of ``scores`` (ties: the output side first, then earlier calls), each with its
+    cascade, until at most ``target_macs`` of the MACs are kept (or nothing is left to reuse).
+    Unlike :func:`from_scores` no threshold is involved, so the budget is met to within one
+    block; the budgeted training mode (:mod:`.train`) uses the same rule at every iteration."""
+    s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    calls, n = s.shape
+    macs, total = graph.block_macs, calls * graph.total_macs
+    rows = [[True] * n for _ in range(calls)]
+    row_macs = [graph.total_macs] * calls
+    spent = sum(row_macs)
+    # candidates in the tie order, then a stable sort by decreasing score
+    cand = [(t, b) for b in reversed(range(n)) for t in range(1, calls)]
+    order = sorted(range(len(cand)), key=lambda i: -float(s[cand[i]]))
+    for i in order:
+        if spent / total <= target_macs + 1e-12:
+            break
+        t, b = cand[i]
+        if not rows[t][b]:
+            continue  # already reused by a cascade
+        rows[t][b] = False
+        rows[t] = graph.cascade(rows[t])
+        new = graph.overhead_macs + sum(m for m, k in zip(macs, rows[t]) if k)
+        spent += new - row_macs[t]
+        row_macs[t] = new
+    return rows
+
+
+def from_ranking(model, scores, target_macs: float, *, granularity: str | None = None,
+                 sample_shape=None) -> Schedule:
+    """A schedule at a MAC budget from ``[calls, blocks]`` reuse scores by rank
+    (:func:`budget_rows`): the post-processing that matches the budgeted training mode."""
+    g = graph_of(model, granularity or "coarse", sample_shape)
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    if s.ndim != 2 or s.shape[1] != len(g) or s.shape[0] < 1:
+        raise ValueError(f"scores must be [calls, {len(g)}], got {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("scores must be finite")
+    if not 0 < target_macs <= 1:
+        raise ValueError(f"target_macs must be a fraction in (0, 1], got {target_macs}")
+    return Schedule(budget_rows(g, s, target_macs), g, name="from_ranking", params=dict(target_macs=target_macs))
 
 
 _BUILDERS = {"full": full, "deepcache": deepcache, "skip_steps": skip_steps, "fora": fora}

@@ -71,6 +71,12 @@ class TrainConfig:
     bank_size: int = 64
     seed: int = 0
     granularity: str = "fine"
+    # "penalty": the paper's sparsity loss; "anneal": no sparsity loss, the gates are the
+    # ranked keep-mask at a MAC budget (Pruner.budget_gates) that falls linearly from 1 to
+    # ``target`` over the first ``anneal`` share of the iterations, so the forward always
+    # meets the budget and the gradient only has to rank the decisions
+    budget: str = "penalty"
+    anneal: float = 0.5
     pruner_dim: int = 64
     pruner_hidden: int = 32
     checkpoint_every: int = 25
@@ -239,6 +245,12 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def _annealed_target(cfg: TrainConfig, it: int) -> float:
+    """The budgeted mode's MAC budget at iteration ``it``: 1 -> ``target`` linearly."""
+    span = max(1, round(cfg.anneal * cfg.iters))
+    return 1.0 - (1.0 - cfg.target) * min(1.0, (it + 1) / span)
+
+
 def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, *, pruner: Pruner | None = None,
           checkpoint_path: str | Path | None = None, resume: bool = False, progress: bool = True,
           log_path: str | Path | None = None, time_budget: float | None = None,
@@ -261,6 +273,8 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.budget not in ("penalty", "anneal"):
+        raise ValueError(f"budget must be 'penalty' or 'anneal', got {cfg.budget!r}")
     if getattr(scheduler, "timesteps", None) is None or not len(scheduler.timesteps):
         raise ValueError("call scheduler.set_timesteps(calls) first: the pruner has one gate row per call")
     from ..sdo.chain import Plan
@@ -315,8 +329,12 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             # the global batch (the same draws on every rank), then this rank's slice
             idx = torch.randperm(cfg.bank_size, generator=gen)[:cfg.batch_size][local]
             x_T, labels, target = bank_noise[idx], bank_labels[idx], bank_full[idx]
-            gates = pruner(cfg.gumbel_tau)
-            sparsity = sparsity_loss(gates, net.graph, cfg.target)
+            if cfg.budget == "anneal":
+                gates = pruner.budget_gates(_annealed_target(cfg, it))
+                sparsity = torch.zeros(())
+            else:
+                gates = pruner(cfg.gumbel_tau)
+                sparsity = sparsity_loss(gates, net.graph, cfg.target)
             if cfg.mode == "exact":
                 x0 = chain.run(x_T, labels, gates, grad="exact")
                 consistency = consistency_loss(x0, target, cfg.consistency).mean()
