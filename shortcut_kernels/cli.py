@@ -45,7 +45,7 @@ def info() -> str:
     return "\n".join(lines)
 
 
-COMMAND_MODULES = ("shortcut_kernels.dipgo.cli", "shortcut_kernels.sdo.cli")
+COMMAND_MODULES = ("shortcut_kernels.dipgo.cli", "shortcut_kernels.sdo.cli", "shortcut_kernels.report.cli")
 
 
 def _print_info(args) -> int:

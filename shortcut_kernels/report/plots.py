@@ -1,0 +1,206 @@
+"""The report's PNG plots, each drawn from section JSON only (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# file name: what it shows (the report links the ones that were drawn)
+PLOTS = {
+    "speedup_vs_macs.png": "measured speedup against the share of MACs kept, every schedule and peer",
+    "dipgo_samples.png": "samples from the same noise: full model, learned and hand-made schedules",
+    "learned_schedule.png": "the learned schedule: denoiser calls x blocks",
+    "dipgo_training.png": "training the pruner: consistency loss and kept MACs per iteration",
+    "sdo_reward_vs_time.png": "latent optimisation: reward against wall-clock, per method",
+    "sdo_samples.png": "SDO latent optimisation: samples before and after, per method",
+    "sdo_finetune.png": "LoRA fine-tuning: held-out reward against training seconds, per method",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ok(doc: dict | None) -> bool:
+    return bool(doc) and "error" not in doc and "skipped" not in doc
+
+
+def speedup_vs_macs(sections: dict, path: Path) -> bool:
+    """Every measured (MACs kept, speedup) pair of the run, with the MAC-ideal curve 1/x."""
+    series = []  # (label, marker, [(macs, speedup, name)])
+    eff = sections.get("dipgo")
+    if _ok(eff):
+        for model in dict.fromkeys(r["model"] for r in eff["rows"]):
+            rows = [r for r in eff["rows"] if r["model"] == model]
+            series.append((f"{model}: ours", "o", [(r["macs_kept"], r["speedup"], r["schedule"]) for r in rows]))
+            pkg = [(r["macs_kept"], r["package_speedup"], r["schedule"]) for r in rows if "package_speedup" in r]
+            if pkg:
+                series.append((f"{model}: DeepCache package", "s", pkg))
+    learn = sections.get("dipgo-learn")
+    if _ok(learn):
+        series.append((f"{learn['model']}: equal-MAC comparison", "*",
+                       [(r["macs_kept"], r["speedup"], r["schedule"]) for r in learn["timing"]]))
+    gpu = sections.get("gpu")
+    if _ok(gpu):
+        for model in dict.fromkeys(r["model"] for r in gpu["rows"]):
+            series.append((f"{model} (GPU, {gpu['rows'][0]['dtype']})", "D",
+                           [(r["macs_kept"], r["speedup"], r["schedule"]) for r in gpu["rows"] if r["model"] == model]))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    lo = min(m for _, _, pts in series for m, _, _ in pts)
+    xs = np.linspace(max(0.05, lo * 0.8), 1.0, 200)
+    ax.plot(100 * xs, 1 / xs, "k--", lw=1, label="MAC-ideal (1 / MACs kept)")
+    for label, marker, pts in series:
+        ax.scatter([100 * m for m, _, _ in pts], [s for _, s, _ in pts], marker=marker, s=60, label=label)
+        for m, s, name in pts:
+            ax.annotate(name, (100 * m, s), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MACs kept (% of the full model)")
+    ax.set_ylabel("measured speedup over the full model (x)")
+    ax.set_title("Cache schedules: wall-clock speedup against MACs kept (this run)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def image_grid(rows: list[tuple[str, list]], path: Path, title: str, col_labels=None) -> bool:
+    """Rows of 0..255 images (nested lists [N][H][W]), one labelled row each."""
+    rows = [(name, np.asarray(imgs, dtype=np.uint8)) for name, imgs in rows if imgs]
+    if not rows:
+        return False
+    plt = _pyplot()
+    cols = max(len(imgs) for _, imgs in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.9 * cols + 1.6, 0.95 * len(rows) + 0.6), squeeze=False)
+    for i, (name, imgs) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                ax.imshow(imgs[j], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.axis("off")
+            if i == 0 and col_labels is not None and j < len(col_labels):
+                ax.set_title(str(col_labels[j]), fontsize=8)
+        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def dipgo_samples(sections: dict, path: Path) -> bool:
+    learn = sections.get("dipgo-learn")
+    if not _ok(learn) or "samples" not in learn:
+        return False
+    s = learn["samples"]
+    rows = [(k, v) for k, v in s.items() if k != "labels"]
+    return image_grid(rows, path, f"{learn['model']}, {learn['calls']} calls, same noise per column",
+                      col_labels=s.get("labels"))
+
+
+def learned_schedule(sections: dict, path: Path) -> bool:
+    learn = sections.get("dipgo-learn")
+    if not _ok(learn):
+        return False
+    from ..dipgo.schedule import Schedule
+
+    s = Schedule.from_dict(learn["schedules"][learn["learned"]])
+    s.plot(path, title=f"learned on {learn['model']} in this run: {100 * s.macs_kept:.1f}% MACs kept, "
+                       f"ideal {s.ideal_speedup:.2f}x (blue compute, orange cached)")
+    return True
+
+
+def dipgo_training(sections: dict, path: Path) -> bool:
+    learn = sections.get("dipgo-learn")
+    if not _ok(learn) or not learn["train"]["history"]:
+        return False
+    h = learn["train"]["history"]
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    it = [r["iteration"] for r in h]
+    a1.plot(it, [r["consistency"] for r in h])
+    a1.set_yscale("log")
+    a1.set_xlabel("iteration")
+    a1.set_ylabel("consistency loss (MSE to full)")
+    a2.plot(it, [100 * r["kept_macs"] for r in h])
+    a2.axhline(100 * learn["train"]["settings"]["target"], color="k", ls="--", lw=1, label="target")
+    a2.set_xlabel("iteration")
+    a2.set_ylabel("MACs kept by the hard gates (%)")
+    a2.legend(fontsize=7)
+    fig.suptitle(f"pruner training on {learn['model']} ({learn['train']['settings']['mode']} mode)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def sdo_reward_vs_time(sections: dict, path: Path) -> bool:
+    sdo = sections.get("sdo")
+    if not _ok(sdo) or "curves" not in sdo:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, rec in sdo["curves"]["methods"].items():
+        c = rec["curve"]
+        ax.plot([p["seconds"] for p in c], [p["reward_mean"] for p in c], marker=".", label=m)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_ylabel(f"reward: mean log p(digit {sdo['target']} | sample)")
+    ax.set_title(f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def sdo_samples(sections: dict, path: Path) -> bool:
+    sdo = sections.get("sdo")
+    if not _ok(sdo) or "curves" not in sdo:
+        return False
+    rows = list(sdo["curves"]["samples"].items())
+    return image_grid(rows, path, f"target digit {sdo['target']}: samples of the starting noise (before) and of "
+                                  f"the optimised latents, per method")
+
+
+def sdo_finetune(sections: dict, path: Path) -> bool:
+    sdo = sections.get("sdo")
+    if not _ok(sdo) or "finetune" not in sdo:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in sdo["finetune"]["runs"]:
+        ev = run["eval"]
+        ax.plot([e["seconds"] for e in ev], [e["reward_mean"] for e in ev], marker=".",
+                label=f"{run['method']} lr {run['lr']:g}")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("held-out reward")
+    ax.set_title("LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+_DRAW = {"speedup_vs_macs.png": speedup_vs_macs, "dipgo_samples.png": dipgo_samples,
+         "learned_schedule.png": learned_schedule, "dipgo_training.png": dipgo_training,
+         "sdo_reward_vs_time.png": sdo_reward_vs_time, "sdo_samples.png": sdo_samples,
+         "sdo_finetune.png": sdo_finetune}
+
+
+def make_plots(sections: dict, directory: Path) -> list[str]:
+    """Draw every plot the sections have data for; returns the file names written."""
+    return [name for name, draw in _DRAW.items() if draw(sections, directory / name)]

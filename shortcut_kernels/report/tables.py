@@ -1,0 +1,285 @@
+"""report.md: the machine at the top, then one part per section, every claim beside the
+baseline measured in the same run. Numbers come from the section JSON only."""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+from .plots import PLOTS
+
+
+def num(x, spec: str = ".2f", missing: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return missing
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+def pct(x, spec: str = ".1f") -> str:
+    return "-" if x is None else f"{100 * x:{spec}}%"
+
+
+def table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def image(plots: list[str], name: str) -> list[str]:
+    return [f"![{PLOTS[name]}]({name})", ""] if name in plots else []
+
+
+def _problem(doc: dict) -> list[str] | None:
+    """The lines that replace a section's tables when it did not produce any."""
+    if "skipped" in doc:
+        return [f"Skipped: {doc['skipped']}.", ""]
+    if "error" in doc:
+        last = doc["error"].strip().splitlines()[-1]
+        return [f"**This section failed**: `{last}` (the traceback is in `{doc['section']}.json`).", ""]
+    return None
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def header(env: dict, sections: dict) -> list[str]:
+    lines = ["# Benchmark report", ""]
+    if env:
+        gpu = f"; GPU: {env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else "; no GPU"
+        lines += [f"Measured {env.get('date_utc', '?')} on {env.get('cpu', '?')} ({env.get('cores', '?')} cores, "
+                  f"torch default threads {env.get('torch_threads', '?')}{gpu}), {env.get('machine', '?')}.",
+                  f"python {env.get('python', '?')}, torch {env.get('torch', '?')}, diffusers "
+                  f"{env.get('diffusers', '?')}, shortcut_kernels {env.get('shortcut_kernels', '?')}"
+                  + (f" (commit {env['commit']})" if env.get("commit") else "") + ". "
+                  + ("Long run (`make bench FULL=1`)." if env.get("full") else "Quick run (`make bench`)."), ""]
+    lines += ["Every number below was measured in this run and is read from the JSON files beside this "
+              "report; `shortcut-kernels report <this directory>` rebuilds the report and the plots from them.", ""]
+    rows, total = [], 0.0
+    for name, doc in sections.items():
+        wall = doc.get("wall_s") or 0.0
+        total += wall
+        budget = doc.get("budget_s")
+        status = "skipped" if "skipped" in doc else "FAILED" if "error" in doc else \
+            "ok" if budget is None or wall <= budget else "ok, over budget"
+        rows.append([name, f"{wall / 60:.1f} min", f"{budget / 60:.1f} min" if budget else "-", status])
+    rows.append(["all sections", f"{total / 60:.1f} min", "", ""])
+    return lines + table(["section", "wall time", "budget", "status"], rows) + [""]
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+OURS = ("cpu", "cuda", "triton")
+
+
+def ops_part(doc: dict, plots) -> list[str]:
+    lines = ["## Ops: fused kernels against the eager composite and torch.compile", ""]
+    bad = _problem(doc)
+    if bad:
+        return lines + bad
+    groups = defaultdict(dict)
+    for r in doc["rows"]:
+        groups[(r["op"], r["mode"], r["size"], r["dtype"])][r["provider"]] = r
+    has_copy = any("copy" in g for g in groups.values())
+    rows, vs_eager, vs_compile = [], [], []
+    for key in sorted(groups):
+        same = groups[key]
+        for provider in OURS:
+            if provider not in same:
+                continue
+            r = same[provider]
+            base = {b: num(same[b]["median_s"] * 1e6, ".1f") if b in same else "-" for b in ("eager", "compile")}
+            row = list(key) + [base["eager"], base["compile"], f"{num(r['median_s'] * 1e6, '.1f')} ({provider})",
+                               num(r.get("speedup_vs_eager")), num(r.get("speedup_vs_compile"))]
+            if has_copy:
+                row += [num(r["gb_per_s"], ".1f"), num(same["copy"]["gb_per_s"], ".1f") if "copy" in same else "-",
+                        num(r.get("pct_of_copy"), ".0f")]
+            rows.append(row)
+            if r.get("speedup_vs_eager"):
+                vs_eager.append(r["speedup_vs_eager"])
+            if r.get("speedup_vs_compile"):
+                vs_compile.append(r["speedup_vs_compile"])
+    first = doc["rows"][0] if doc["rows"] else {}
+    lines += [f"Device {first.get('device', '?')}; microseconds per call, "
+              f"median of {first.get('rounds', '?')} rounds. `x eager` / `x compile`: the eager composite's / "
+              "torch.compile's time over ours (above 1: ours is faster), from rows of this run. "
+              f"Rows: {doc.get('selection', 'every row')}.", ""]
+    if vs_eager or vs_compile:
+        lines += [f"Ours is faster than eager in {sum(x > 1 for x in vs_eager)} of {len(vs_eager)} rows (median "
+                  f"{num(statistics.median(vs_eager) if vs_eager else None)}x) and faster than torch.compile in "
+                  f"{sum(x > 1 for x in vs_compile)} of {len(vs_compile)} rows (median "
+                  f"{num(statistics.median(vs_compile) if vs_compile else None)}x).", ""]
+    head = ["op", "mode", "size", "dtype", "eager us", "compile us", "ours us", "x eager", "x compile"]
+    if has_copy:
+        head += ["GB/s ours", "GB/s copy", "% of copy"]
+    return lines + table(head, rows, right_from=4) + [""]
+
+
+# ----------------------------------------------------------------------------- DiP-GO
+
+
+def dipgo_part(doc: dict, plots) -> list[str]:
+    lines = ["## DiP-GO: cache schedules against the full model (wall-clock and MAC-ideal)", ""]
+    bad = _problem(doc)
+    if bad:
+        return lines + bad
+    rows = doc["rows"]
+    r0 = rows[0] if rows else {}
+    lines += [f"{doc.get('calls', '?')} denoiser calls per run, {r0.get('batch_per_call', '?')} samples per call "
+              f"(guidance batched), {r0.get('threads', '?')} thread(s); median of {r0.get('reps', '?')} interleaved "
+              "runs; the full model is timed in the same runs. Ideal = total MACs / kept MACs.", ""]
+    body = []
+    for r in rows:
+        body.append([r["model"], r["schedule"], pct(r["macs_kept"]), num(r["mac_ideal"]), num(r["speedup"]),
+                     pct(r["fraction_of_ideal"], ".0f"), num(r["full_s"], ".3f"), num(r["ours_s"], ".3f"),
+                     num(r.get("package_speedup")), num(r.get("package_s"), ".3f")])
+    lines += table(["model", "schedule", "MACs kept", "ideal x", "measured x", "of ideal", "full s", "ours s",
+                    "DeepCache package x", "package s"], body, right_from=2) + [""]
+    if doc.get("quality"):
+        q = [[r["model"], r["schedule"], pct(r["macs_kept"]), pct(r["class_accuracy"]), num(r["digits_fd"]),
+              num(r["psnr_vs_full"])] for r in doc["quality"]]
+        lines += [f"Quality ({doc['quality'][0].get('n_samples', '?')} samples per schedule, "
+                  f"{doc['quality'][0].get('calls', '?')} calls):", ""]
+        lines += table(["model", "schedule", "MACs kept", "class acc.", "FD", "PSNR vs full dB"], q, 2) + [""]
+    return lines + image(plots, "speedup_vs_macs.png")
+
+
+def learn_part(doc: dict, plots) -> list[str]:
+    lines = ["## DiP-GO: a schedule learned in this run against hand-made ones at equal MACs", ""]
+    bad = _problem(doc)
+    if bad:
+        return lines + bad
+    tr, eq = doc["train"], doc["equal_macs"]
+    st = tr["settings"]
+    last = tr["history"][-1] if tr["history"] else {}
+    lines += [f"Training: `{doc['model']}`, {doc['calls']} DDIM calls, `{st['mode']}` mode, target "
+              f"{pct(st['target'])} of the MACs, {st['optimizer']} lr {st['lr']:g}, sparsity weight "
+              f"{st['sparsity_weight']:g}, batch {st['batch_size']}: {tr['iterations']} iterations in "
+              f"{num(tr['train_seconds'], '.0f')} s of training (budget {num(tr['time_budget_s'], '.0f')} s; "
+              f"{num(tr['wall_s'], '.0f')} s with the bank of full samples). Last iteration: consistency "
+              f"{num(last.get('consistency'), '.4f')}, hard gates keep {pct(last.get('kept_macs'))}.", ""]
+    macs = ", ".join(f"`{k}` {pct(v, '.2f')}" for k, v in eq["macs_kept"].items())
+    lines += [f"Equal MACs: {macs}; largest relative gap {pct(eq['max_relative_gap'], '.2f')} "
+              f"({'within' if eq['holds'] else '**not within**'} the {pct(eq['tolerance'], '.0f')} tolerance).", ""]
+    quality = {r["schedule"]: r for r in doc["quality"]}
+    timing = {r["schedule"]: r for r in doc["timing"]}
+    t0 = doc["timing"][0] if doc["timing"] else {}
+    full_q = quality.get("full", {})
+    body = [["full", pct(1.0), num(1.0), num(1.0), num(t0.get("full_s"), ".3f"), pct(full_q.get("class_accuracy")),
+             num(full_q.get("digits_fd")), "-"]]
+    for key in [doc["learned"], doc["deepcache"], doc["skip_steps"]]:
+        q, t = quality.get(key, {}), timing.get(key, {})
+        body.append([key, pct(q.get("macs_kept", t.get("macs_kept")), ".2f"), num(t.get("mac_ideal")),
+                     num(t.get("speedup")), num(t.get("ours_s"), ".3f"), pct(q.get("class_accuracy")),
+                     num(q.get("digits_fd")), num(q.get("psnr_vs_full"))])
+    n = full_q.get("n_samples", "?")
+    lines += [f"Wall-clock: one sampling run of {doc['calls']} calls at {t0.get('batch_per_call', '?')} samples per "
+              f"call, median of {t0.get('reps', '?')} interleaved runs with the full model. Quality: {n} held-out "
+              "samples per schedule from the same noise; PSNR against the full model's samples.", ""]
+    lines += table(["schedule", "MACs kept", "ideal x", "measured x", "wall s", "class acc.", "FD",
+                    "PSNR vs full dB"], body) + [""]
+    lines += verdict(doc, quality) + [""]
+    for name in ("dipgo_samples.png", "learned_schedule.png", "dipgo_training.png"):
+        lines += image(plots, name)
+    return lines
+
+
+def verdict(doc: dict, quality: dict) -> list[str]:
+    """The learned schedule against the best hand-made one, in this run's numbers."""
+    mine = quality.get(doc["learned"])
+    hand = [quality[k] for k in (doc["deepcache"], doc["skip_steps"]) if k in quality]
+    if not mine or not hand:
+        return []
+    best = max(hand, key=lambda r: r["psnr_vs_full"])
+    diff = mine["psnr_vs_full"] - best["psnr_vs_full"]
+    word = "ahead of" if diff > 0 else "behind"
+    return [f"In this run the learned schedule is {num(abs(diff))} dB {word} the best hand-made schedule at "
+            f"equal MACs (`{best['schedule']}`: {num(best['psnr_vs_full'])} dB against {num(mine['psnr_vs_full'])} "
+            f"dB PSNR vs full; class accuracy {pct(best['class_accuracy'])} against {pct(mine['class_accuracy'])})."]
+
+
+# ----------------------------------------------------------------------------- SDO
+
+
+def sdo_part(doc: dict, plots) -> list[str]:
+    lines = ["## SDO: the gradient shortcut against full backprop, DRaFT-K and AlignProp", ""]
+    bad = _problem(doc)
+    if bad:
+        return lines + bad
+    fid = {r["policy"]: r for r in doc.get("fidelity", {}).get("rows", [])}
+    cost, mem = doc.get("cost", {}), doc.get("memory", {})
+    curves = doc.get("curves", {})
+    full_s = cost.get("full", {}).get("median_s")
+    full_mib = mem.get("full", {}).get("delta_mib")
+    lines += [f"`digits-unet`, {doc['steps']} DDIM steps, batch {doc['batch']}, {doc.get('threads', '?')} thread; "
+              f"reward: log p(digit {doc['target']} | sample) by the zoo classifier. `full` is exact backprop "
+              "(per-call checkpointing); `draft:K` keeps the last K calls, `alignprop` a random number of last "
+              "calls; `first` and `per-sample` are SDO (one call keeps its graph). Time: median of "
+              f"{cost.get('full', {}).get('rounds', '?')} interleaved rounds of one iteration (chain, reward, "
+              "backward). Memory: peak RSS over one iteration in a fresh process, the loaded model subtracted. "
+              "Cosine: to the exact gradient, w.r.t. the starting noise and w.r.t. LoRA weights.", ""]
+    if curves:
+        lines += [f"Reward: latent optimisation (Adam, lr {curves['lr']:g}) from the same noise for "
+                  f"{num(curves['budget_s'], '.0f')} s per method; before: reward {num(curves['before']['reward'])}, "
+                  f"{pct(curves['before']['target_fraction'], '.0f')} classed as {doc['target']}.", ""]
+    body = []
+    for m in doc["methods"]:
+        c, r, f, cv = cost.get(m, {}), mem.get(m, {}), fid.get(m, {}), curves.get("methods", {}).get(m, {})
+        body.append([m, num(c.get("median_s"), ".3f"),
+                     num(full_s / c["median_s"] if full_s and c.get("median_s") else None),
+                     num(r.get("delta_mib"), ".1f"),
+                     num(full_mib / r["delta_mib"] if full_mib and r.get("delta_mib") else None),
+                     num(f.get("cos_xT"), ".3f"), num(f.get("cos_lora"), ".3f"), str(cv.get("iterations", "-")),
+                     num(cv.get("reward_final")), pct(cv.get("target_fraction"), ".0f")])
+    lines += table(["method", "s / iteration", "x faster than full", "peak MiB", "x less memory than full",
+                    "cos x_T", "cos LoRA", "iterations in budget", "reward after", f"classed as {doc['target']}"],
+                   body) + [""]
+    if "one_call" in mem:
+        lines += [f"For scale: one denoiser call's forward and backward peaks at {num(mem['one_call']['delta_mib'], '.1f')}"
+                  " MiB.", ""]
+    others = [r for p, r in fid.items() if p not in doc["methods"]]
+    if others:
+        lines += ["Gradient fidelity of the other policies:", ""]
+        lines += table(["policy", "cos x_T", "cos x_T per sample", "cos LoRA", "s"],
+                       [[r["policy"], num(r.get("cos_xT"), ".3f"), num(r.get("cos_xT_per_sample"), ".3f"),
+                         num(r.get("cos_lora"), ".3f"), num(r.get("seconds"), ".3f")] for r in others]) + [""]
+    if doc.get("finetune", {}).get("best"):
+        ft = doc["finetune"]["best"]
+        lines += ["LoRA fine-tuning (best learning rate per method; time to reach `full`'s final reward):", ""]
+        lines += table(["method", "lr", "final held-out reward", "seconds to full's final", "of full's time"],
+                       [[m, f"{r['lr']:g}", num(r["final"]), num(r["seconds_to_full_final"], ".0f"),
+                         pct(r["fraction_of_full_time"], ".0f")] for m, r in ft.items()]) + [""]
+    for name in ("sdo_reward_vs_time.png", "sdo_samples.png", "sdo_finetune.png"):
+        lines += image(plots, name)
+    return lines
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def gpu_part(doc: dict, plots) -> list[str]:
+    lines = ["## GPU: SD-1.5 and DiT-XL/2 architectures (random weights) with cache schedules", ""]
+    bad = _problem(doc)
+    if bad:
+        return lines + bad
+    r0 = doc["rows"][0] if doc["rows"] else {}
+    lines += [f"{doc.get('device', '?')}, {r0.get('dtype', '?')}, {r0.get('calls', '?')} DDIM calls, guidance "
+              f"batched, median of {r0.get('reps', '?')} runs; the full model timed in the same runs. The op "
+              "roofline (GB/s against a copy of the same bytes) is in the ops table above.", ""]
+    body = [[r["model"], f"{r['latent']}x{r['latent']}", r["schedule"], pct(r["macs_kept"]), num(r["mac_ideal"]),
+             num(r["speedup"]), num(r["full_s"], ".3f"), num(r["ours_s"], ".3f")] for r in doc["rows"]]
+    return lines + table(["model", "latent", "schedule", "MACs kept", "ideal x", "measured x", "full s", "ours s"],
+                         body, right_from=3) + [""]
+
+
+PARTS = {"ops": ops_part, "dipgo": dipgo_part, "dipgo-learn": learn_part, "sdo": sdo_part, "gpu": gpu_part}
+
+
+def markdown(env: dict, sections: dict, plots: list[str]) -> str:
+    lines = header(env, sections)
+    for name, part in PARTS.items():
+        if name in sections:
+            lines += part(sections[name], plots)
+    return "\n".join(lines).rstrip() + "\n"

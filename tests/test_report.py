@@ -1,0 +1,183 @@
+"""shortcut_kernels.report: report.md and the plots from section JSON shaped like what
+`make bench` (bench/run.py) writes. The numbers are made up here and looked for in the report."""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from shortcut_kernels.cli import main
+from shortcut_kernels.models.graph import EXTERNAL
+
+rng = random.Random(0)
+
+
+def r2(lo, hi):  # values with two decimals: their formatting in the report is unambiguous
+    return round(rng.uniform(lo, hi), 2)
+
+
+def images(n):
+    return [[[rng.randrange(256) for _ in range(16)] for _ in range(16)] for _ in range(n)]
+
+
+def schedule_dict(calls=6):
+    """A learned-schedule JSON (Schedule.to_dict) over a made-up 4-block residual chain."""
+    from shortcut_kernels.dipgo.schedule import Schedule
+    from shortcut_kernels.models.graph import BlockGraph
+
+    n = 4
+    graph = BlockGraph.from_dict({"model_class": "DiTTransformer2DModel", "granularity": "fine", "total_macs": 1000,
+                                  "input_shapes": {}, "blocks": [
+                                      {"name": f"transformer_blocks.{i}", "module_paths": [f"transformer_blocks.{i}"],
+                                       "macs": 200, "consumers": [i + 1] if i < n - 1 else [EXTERNAL],
+                                       "producers": [i - 1] if i else [], "residual": True, "stage": "chain"}
+                                      for i in range(n)]})
+    keep = [[1] * n] + [[rng.random() < 0.5 for _ in range(n)] for _ in range(calls - 1)]
+    return Schedule(keep, graph, name="from_scores").to_dict()
+
+
+def op_rows():
+    rows = []
+    for op, size in [("gated_blend", "(2, 320, 64, 64)"), ("guided_step", "(2, 4096, 1152)")]:
+        t = {"eager": r2(100, 900) * 1e-6, "compile": r2(50, 400) * 1e-6, "cpu": r2(20, 300) * 1e-6}
+        for p, s in t.items():
+            rows.append(dict(op=op, mode="fwd", size=size, dtype="float32", provider=p, median_s=s, p20_s=s,
+                             p80_s=s, rounds=20, gb_per_s=r2(1, 50), device="x86_64 (2 threads)", threads=2,
+                             speedup_vs_eager=t["eager"] / s, speedup_vs_compile=t["compile"] / s, pct_of_copy=None))
+    return rows
+
+
+def sections():
+    env = {"date_utc": "2031-02-03 04:05:06 UTC", "machine": "Linux x86_64", "cpu": "Test CPU 9000", "cores": 2,
+           "torch_threads": 2, "gpu": None, "cuda": None, "python": "3.11.7", "torch": "2.99.0",
+           "diffusers": "0.99.1", "shortcut_kernels": "0.1.0", "commit": "abc1234", "full": False}
+    eff = [dict(model="zoo-unet", schedule=f"deepcache({i},0)", calls=12, batch_per_call=40, threads=1, reps=2,
+                macs_kept=r2(0.2, 0.6), mac_ideal=r2(1.5, 4), full_s=r2(2, 4), ours_s=r2(0.5, 1.5), speedup=r2(1.5, 4),
+                fraction_of_ideal=r2(0.5, 1.2), package_s=r2(0.5, 1.5), package_speedup=r2(1.5, 4))
+           for i in (3, 5)]
+    learned, dc, ss = "learned(shortcut)", "deepcache(10,skip=1)", "skip_steps(7,power1.5)"
+    macs = {learned: r2(0.34, 0.36), dc: r2(0.34, 0.36), ss: r2(0.34, 0.36)}
+    quality = [dict(model="digits-unet", schedule=k, calls=20, macs_kept=m, ideal_speedup=1 / m,
+                    class_accuracy=r2(0.8, 1), digits_fd=r2(1, 3), psnr_vs_full=r2(20, 40), seconds=r2(1, 9),
+                    n_samples=100) for k, m in macs.items()]
+    quality.append(dict(model="digits-unet", schedule="full", calls=20, macs_kept=1.0, ideal_speedup=1.0,
+                        class_accuracy=r2(0.9, 1), digits_fd=r2(1, 2), psnr_vs_full=float("inf"),
+                        seconds=float("nan"), n_samples=100))
+    timing = [dict(model="zoo-unet", schedule=k, calls=20, batch_per_call=40, threads=1, reps=3, macs_kept=m,
+                   mac_ideal=1 / m, full_s=r2(2, 3), ours_s=r2(0.5, 1.5), speedup=r2(1.5, 3.5),
+                   fraction_of_ideal=r2(0.6, 1.1)) for k, m in macs.items()]
+    history = [dict(iteration=i + 1, consistency=r2(0.01, 0.1), sparsity=r2(0, 1), kept_macs=r2(0.2, 1),
+                    seconds=1.5 * (i + 1)) for i in range(12)]
+    learn = {"section": "dipgo-learn", "wall_s": 300.0, "budget_s": 390, "model": "digits-unet", "calls": 6,
+             "learned": learned, "deepcache": dc, "skip_steps": ss,
+             "train": {"settings": dict(mode="shortcut", target=0.35, iters=100, batch_size=8, bank_size=64,
+                                        optimizer="sgd", lr=0.2, sparsity_weight=10.0),
+                       "time_budget_s": 150.0, "iterations": 12, "train_seconds": 18.0, "wall_s": 30.0,
+                       "history": history},
+             "equal_macs": {"macs_kept": macs, "max_relative_gap": max(macs.values()) / min(macs.values()) - 1,
+                            "tolerance": 0.02, "holds": True},
+             "schedules": {learned: schedule_dict()}, "quality": quality, "timing": timing,
+             "samples": {"labels": list(range(10)), "full": images(10), learned: images(10), dc: images(10),
+                         ss: images(10)}}
+    methods = ["full", "draft:1", "alignprop", "first"]
+    sdo = {"section": "sdo", "wall_s": 200.0, "budget_s": 360, "steps": 20, "batch": 4, "target": 7, "threads": 1,
+           "methods": methods,
+           "fidelity": {"rows": [dict(policy=m, cos_xT=r2(0, 1), cos_lora=r2(0, 1), seconds=r2(0.1, 2))
+                                 for m in methods + ["random"]]},
+           "cost": {m: {"median_s": r2(0.2, 2), "min_s": 0.1, "rounds": 2} for m in methods},
+           "memory": {m: {"base_kib": 1000, "peak_kib": 2000, "delta_mib": r2(5, 80)} for m in ["one_call"] + methods},
+           "curves": {"budget_s": 20.0, "lr": 0.25, "before": {"reward": r2(-5, -1), "target_fraction": 0.25},
+                      "methods": {m: {"iterations": rng.randrange(5, 40), "reward_final": r2(-1, 0),
+                                      "target_fraction": 0.75,
+                                      "curve": [{"seconds": 2.0 * i, "reward_mean": r2(-5, 0)} for i in range(8)]}
+                                  for m in methods},
+                      "samples": {"before": images(4), **{m: images(4) for m in methods}}},
+           "finetune": {"runs": [{"method": m, "lr": 0.003, "final": r2(-3, 0),
+                                  "eval": [{"seconds": 3.0 * i, "reward_mean": r2(-5, 0)} for i in range(5)]}
+                                 for m in methods],
+                        "best": {m: {"lr": 0.003, "final": r2(-3, 0), "seconds_to_full_final": r2(5, 50),
+                                     "fraction_of_full_time": r2(0.1, 1)} for m in methods}}}
+    return env, {
+        "ops": {"section": "ops", "wall_s": 150.0, "budget_s": 180, "selection": "real sizes", "rows": op_rows()},
+        "dipgo": {"section": "dipgo", "wall_s": 80.0, "budget_s": 90, "calls": 12, "rows": eff},
+        "dipgo-learn": learn, "sdo": sdo,
+        "gpu": {"section": "gpu", "wall_s": 0.0, "budget_s": None, "skipped": "no CUDA device visible in this test"},
+    }
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_run")
+    env, docs = sections()
+    (d / "environment.json").write_text(json.dumps(env))
+    for name, doc in docs.items():
+        (d / f"{name}.json").write_text(json.dumps(doc))
+    assert main(["report", str(d)]) == 0  # the `shortcut-kernels report DIR` command
+    return d, env, docs, (d / "report.md").read_text()
+
+
+def test_report_has_machine_and_every_number(built):
+    _, env, docs, md = built
+    for key in ("date_utc", "cpu", "torch", "diffusers", "python", "commit"):
+        assert env[key] in md
+    expect = []
+    for r in docs["ops"]["rows"]:
+        expect.append(f"{r['median_s'] * 1e6:.1f}")
+        if r["provider"] == "cpu":
+            expect += [f"{r['speedup_vs_eager']:.2f}", f"{r['speedup_vs_compile']:.2f}"]
+    for r in docs["dipgo"]["rows"]:
+        expect += [f"{r['speedup']:.2f}", f"{r['mac_ideal']:.2f}", f"{100 * r['macs_kept']:.1f}%",
+                   f"{r['package_speedup']:.2f}", f"{r['ours_s']:.3f}"]
+    learn = docs["dipgo-learn"]
+    for r in learn["quality"]:
+        expect += [f"{r['digits_fd']:.2f}", f"{100 * r['class_accuracy']:.1f}%"]
+        if r["schedule"] != "full":
+            expect += [f"{r['psnr_vs_full']:.2f}", f"{100 * r['macs_kept']:.2f}%"]
+    for r in learn["timing"]:
+        expect += [f"{r['speedup']:.2f}", f"{r['ours_s']:.3f}"]
+    expect += [f"{100 * learn['equal_macs']['max_relative_gap']:.2f}%", f"{learn['train']['iterations']} iterations"]
+    sdo = docs["sdo"]
+    for m in sdo["methods"]:
+        expect += [f"{sdo['cost'][m]['median_s']:.3f}", f"{sdo['memory'][m]['delta_mib']:.1f}",
+                   f"{sdo['curves']['methods'][m]['reward_final']:.2f}",
+                   f"{sdo['cost']['full']['median_s'] / sdo['cost'][m]['median_s']:.2f}"]
+    for r in sdo["fidelity"]["rows"]:
+        expect += [f"{r['cos_xT']:.3f}", f"{r['cos_lora']:.3f}"]
+    for b in sdo["finetune"]["best"].values():
+        expect.append(f"{b['final']:.2f}")
+    missing = [e for e in expect if e not in md]
+    assert not missing, f"numbers of the JSON missing from report.md: {missing}"
+    assert docs["gpu"]["skipped"] in md  # the GPU section says why it did not run
+
+
+def test_verdict_follows_the_numbers(built):
+    _, _, docs, md = built
+    learn = docs["dipgo-learn"]
+    q = {r["schedule"]: r["psnr_vs_full"] for r in learn["quality"]}
+    best = max(q[learn["deepcache"]], q[learn["skip_steps"]])
+    word = "ahead of" if q[learn["learned"]] > best else "behind"
+    assert f"{abs(q[learn['learned']] - best):.2f} dB {word} the best hand-made" in md
+
+
+def test_every_plot_decodes_and_is_not_blank(built):
+    import matplotlib.image
+
+    d, _, _, md = built
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert {"speedup_vs_macs.png", "dipgo_samples.png", "learned_schedule.png", "sdo_reward_vs_time.png",
+            "sdo_samples.png", "sdo_finetune.png", "dipgo_training.png"} <= set(linked)
+    for name in linked:
+        pixels = np.asarray(matplotlib.image.imread(d / name))
+        assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50, name
+        assert pixels[..., :3].std() > 0, f"{name} is blank"
+
+
+def test_failed_section_is_reported(tmp_path):
+    (tmp_path / "sdo.json").write_text(json.dumps({"section": "sdo", "wall_s": 1.0, "budget_s": 360,
+                                                   "error": "Traceback ...\nRuntimeError: out of budget 42"}))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "RuntimeError: out of budget 42" in md and "FAILED" in md
