@@ -35,6 +35,24 @@ def test_pruner_starts_by_keeping_everything(graphs):
     assert (p.keep_probs() > 0.7).all()
 
 
+@pytest.mark.parametrize("builder", ["skip_steps", "deepcache"])
+def test_pruner_from_a_schedule_starts_at_it(graphs, builder):
+    from shortcut_kernels.dipgo import deepcache, skip_steps
+
+    g = graphs["unet-fine"]
+    s = (skip_steps(g, 12, count=5, placement="power", exponent=1.5) if builder == "skip_steps"
+         else deepcache(g, 12, 3, 0))
+    p = Pruner.from_schedule(s, dim=16, hidden=8)
+    gates = p.budget_gates(s.macs_kept)
+    assert torch.equal(gates.detach().bool(), s.keep)  # the budgeted mode starts at the schedule
+    assert torch.equal(p().detach().bool(), s.keep)  # and so do the plain straight-through gates
+    assert p.to_schedule(s.macs_kept, ranked=True) == s
+    # the gradient reaches every decision's logits (call 0 always computes: none there)
+    (gates * torch.rand(gates.shape)).sum().backward()
+    grad = p.head.biases[-1].grad[:, 1].view(12, len(g))
+    assert grad[1:].abs().min() > 0 and not grad[0].any()
+
+
 def test_straight_through_is_hard_forward_and_softmax_backward():
     logits = torch.randn(5, 4, 2, requires_grad=True)
     weight = torch.randn(5, 4)

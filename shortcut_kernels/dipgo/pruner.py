@@ -101,6 +101,19 @@ class Pruner(nn.Module):
         return cls(calls, len(graph), block_names=graph.names, model_class=graph.model_class,
                    granularity=graph.granularity, graph=graph, **kw)
 
+    @classmethod
+    def from_schedule(cls, schedule, margin: float = 1.0, **kw) -> "Pruner":
+        """A pruner that starts from ``schedule`` instead of "keep everything": its keep logits
+        are ``+margin`` where the schedule computes and ``-margin`` where it reuses, so a
+        budgeted training run at the schedule's MACs starts exactly at the schedule and the
+        gradient only has to find better swaps (a hand-made schedule as the starting point)."""
+        p = cls.for_graph(schedule.graph, schedule.calls, **kw)
+        keep = torch.as_tensor(schedule.keep, dtype=torch.float32).reshape(-1)
+        with torch.no_grad():
+            p.head.biases[-1][:, 0].zero_()
+            p.head.biases[-1][:, 1].copy_(margin * (2 * keep - 1))
+        return p
+
     def logits(self) -> Tensor:
         """``[calls, blocks, 2]`` logits [reuse, keep]."""
         h = self.encoder(self.queries.unsqueeze(0)).squeeze(0)
