@@ -241,6 +241,38 @@ def part_latents(args) -> dict:
             "digits_reaching_90pct": sum(ok), "rows": rows}
 
 
+def part_latents_fd(args) -> dict:
+    """Are the optimised samples still digits? ``--fd-samples`` latents optimised for ``--target``
+    (null class, guidance 1, as ``latents``), their digits FD against the real digits of that
+    class, beside the FD of the model's own conditional samples of the class from other noise
+    (guidance 1 and the zoo's 3). The bar: within 2x of the conditional samples' FD."""
+    model, sched = setup(args.steps)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    digit, n = args.target, args.fd_samples
+    x, y = zoo.load_digits("all")
+    real = x[y == digit]
+    reward = sdo.digits_reward(digit)
+    x_T = zoo.initial_noise(n, seed=5000 + digit)
+    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="first",
+                               stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit, progress=True)
+    with torch.no_grad():
+        before = sdo.shortcut_sample(fn, sched, x_T, "first").clamp(-1, 1)
+        after = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
+    row = {"target": digit, "samples": n, "real_reference_images": int(real.shape[0]),
+           "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
+           "target_fraction_after": zoo.metrics.class_accuracy(after, digit),
+           "fd_optimised": zoo.metrics.digits_fd(after, real),
+           "fd_null_class_before": zoo.metrics.digits_fd(before, real)}
+    for w in (1.0, 3.0):
+        cond = zoo.sample(model, sched, digit, steps=args.steps, guidance=w, n=n, seed=7000 + digit, progress=False)
+        row[f"fd_conditional_guidance_{w:g}"] = zoo.metrics.digits_fd(cond, real)
+    ref = min(row["fd_conditional_guidance_1"], row["fd_conditional_guidance_3"])
+    row["fd_ratio_to_best_conditional"] = row["fd_optimised"] / ref
+    row["holds_2x"] = row["fd_ratio_to_best_conditional"] <= 2.0
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def part_finetune(args) -> dict:
     """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr,
     held-out reward on 32 fixed noises (evaluation time excluded) against training seconds."""
@@ -280,7 +312,7 @@ def part_finetune(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
-                    choices=["fidelity", "cost", "memory", "latents", "finetune"])
+                    choices=["fidelity", "cost", "memory", "latents", "latents-fd", "finetune"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--target", type=int, default=7)
@@ -291,6 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--lr", type=float, default=0.25)
     ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
+    ap.add_argument("--fd-samples", type=int, default=256, help="latents-fd: optimised samples")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
     ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
                     help="finetune: policies compared")
@@ -309,6 +342,7 @@ def main(argv=None) -> int:
               "python": platform.python_version(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
     parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents,
+             "latents-fd": part_latents_fd,
              "finetune": part_finetune}
     for name in args.part:
         t0 = time.perf_counter()
