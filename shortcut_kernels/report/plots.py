@@ -170,8 +170,7 @@ def sdo_samples(sections: dict, path: Path) -> bool:
     if not _ok(sdo) or "curves" not in sdo:
         return False
     rows = list(sdo["curves"]["samples"].items())
-    return image_grid(rows, path, f"target digit {sdo['target']}: samples of the starting noise (before) and of "
-                                  f"the optimised latents, per method")
+    return image_grid(rows, path, f"target {sdo['target']}: before, and after\nlatent optimisation per method")
 
 
 def sdo_finetune(sections: dict, path: Path) -> bool:

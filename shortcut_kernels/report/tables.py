@@ -154,9 +154,9 @@ def learn_part(doc: dict, plots) -> list[str]:
     tr, eq = doc["train"], doc["equal_macs"]
     st = tr["settings"]
     last = tr["history"][-1] if tr["history"] else {}
+    how = ", ".join(f"{k} {v}" for k, v in st.items() if k not in ("mode", "target", "iters"))
     lines += [f"Training: `{doc['model']}`, {doc['calls']} DDIM calls, `{st['mode']}` mode, target "
-              f"{pct(st['target'])} of the MACs, {st['optimizer']} lr {st['lr']:g}, sparsity weight "
-              f"{st['sparsity_weight']:g}, batch {st['batch_size']}: {tr['iterations']} iterations in "
+              f"{pct(st['target'])} of the MACs ({how}): {tr['iterations']} iterations in "
               f"{num(tr['train_seconds'], '.0f')} s of training (budget {num(tr['time_budget_s'], '.0f')} s; "
               f"{num(tr['wall_s'], '.0f')} s with the bank of full samples). Last iteration: consistency "
               f"{num(last.get('consistency'), '.4f')}, hard gates keep {pct(last.get('kept_macs'))}.", ""]

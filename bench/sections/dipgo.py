@@ -1,0 +1,137 @@
+"""DiP-GO sections.
+
+``dipgo``: wall-clock of hand-made schedules and of the DeepCache package on the zoo models
+against the full model in the same run, beside the MAC-ideal speedup (bench/bench_dipgo.py;
+FULL adds DiT-XL/2, SD-1.5 and the quality part).
+
+``dipgo-learn``: a schedule learned in this run on ``digits-unet`` (shortcut mode, a time
+budget), then full vs. learned vs. ``deepcache`` vs. ``skip_steps`` at equal MACs (their
+kept-MAC fractions within 2% of each other; the gap is measured and reported): interleaved
+wall-clock, ideal speedup, class accuracy, FD and PSNR against full on held-out noise, and a
+sample grid per schedule.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from .common import images_to_json
+
+MODEL = "digits-unet"
+EQUAL_MACS = 0.02  # largest relative gap between kept-MAC fractions called "equal"
+# Training settings (TrainConfig fields; the target is the equal-MAC anchor, iters the quick
+# run's): those of docs/dipgo_learning.md's measurement (SGD: with Adam every gate flips at
+# once). budget="anneal" switches to the budgeted mode; its schedules are then read by rank.
+TRAIN = dict(mode="shortcut", batch_size=8, bank_size=64, optimizer="sgd", lr=0.2, sparsity_weight=10.0)
+
+
+def efficiency_section(out_dir, full: bool = False) -> dict:
+    import bench_dipgo
+
+    doc = {"calls": 12, "diffusers_cache_hooks": bench_dipgo.diffusers_cache_support()}
+    if full:
+        doc["rows"] = bench_dipgo.efficiency(quick=False)
+        doc["quality"] = bench_dipgo.quality()
+    else:
+        doc["rows"] = bench_dipgo.efficiency(quick=True, models=("zoo",))
+    return doc
+
+
+# ----------------------------------------------------------------------------- equal MACs
+
+
+def relative_gap(a: float, b: float) -> float:
+    return abs(a - b) / min(a, b)
+
+
+def matched_handmade(model, calls: int, target: float = 0.4):
+    """The (deepcache, skip_steps) pair whose kept MACs agree best, near ``target``: pairs
+    within half the equal-MAC tolerance first, then the one nearest the target. skip_steps
+    keeps whole calls, so its MACs move in steps of 1/calls; the deepcache variants
+    (interval x skip x placement) fill in between."""
+    from shortcut_kernels.dipgo import skip_steps
+    from shortcut_kernels.dipgo.evaluate import handmade
+
+    caches = {k: s for k, s in handmade(model, calls).items() if k.startswith("deepcache")}
+    skips = {f"skip_steps({c},power1.5)": skip_steps(model, calls, count=c, placement="power", exponent=1.5)
+             for c in range(2, calls)}
+
+    def score(pair):
+        d, s = caches[pair[0]].macs_kept, skips[pair[1]].macs_kept
+        return relative_gap(d, s) > EQUAL_MACS / 2, abs(d - target), "non-uniform" in pair[0]
+
+    dk, sk = min(((d, s) for d in caches for s in skips), key=score)
+    return (dk, caches[dk]), (sk, skips[sk])
+
+
+def learned_at(pruner, macs: float, ranked: bool = False):
+    """The pruner's schedule nearest ``macs``: the post-processing stops at or just below its
+    target, so a few targets slightly above are tried too."""
+    kw = {"ranked": True} if ranked else {}
+    tries = [pruner.to_schedule(min(1.0, macs * (1 + e)), **kw) for e in (0, 0.005, 0.01, 0.015, 0.02, 0.03)]
+    return min(tries, key=lambda s: abs(s.macs_kept - macs))
+
+
+def equal_macs_check(schedules: dict) -> dict:
+    macs = {k: s.macs_kept for k, s in schedules.items()}
+    gap = max(macs.values()) / min(macs.values()) - 1
+    return {"macs_kept": macs, "max_relative_gap": gap, "tolerance": EQUAL_MACS, "holds": gap <= EQUAL_MACS}
+
+
+# ----------------------------------------------------------------------------- the section
+
+
+def learn_section(out_dir, full: bool = False) -> dict:
+    import bench_dipgo
+
+    from shortcut_kernels import zoo
+    from shortcut_kernels.dipgo import accelerate
+    from shortcut_kernels.dipgo.evaluate import EVAL_SEED, evaluate
+    from shortcut_kernels.dipgo.train import train
+
+    torch.set_num_threads(1)  # the toy model runs fastest on one thread on a shared 2-core box
+    calls = 50 if full else 20
+    budget = 1800.0 if full else 150.0  # training seconds
+    z = zoo.load(MODEL)
+    model, cfg = z.model, z.scheduler_config
+    (dk, dc), (sk, ss) = matched_handmade(model, calls)
+    anchor = dc.macs_kept
+    print(f"equal-MAC anchor: {dk} keeps {100 * anchor:.1f}%, {sk} {100 * ss.macs_kept:.1f}%", flush=True)
+
+    scheduler = zoo.make_scheduler(cfg)
+    scheduler.set_timesteps(calls)
+    settings = dict(TRAIN, target=anchor, iters=150 if full else 100)
+    t0 = time.perf_counter()
+    result = train(model, scheduler, time_budget=budget, progress=True, **settings)
+    train_wall = time.perf_counter() - t0
+    learned = learned_at(result.pruner, anchor, ranked=settings.get("budget") == "anneal")
+    lk = "learned(shortcut)"
+    schedules = {lk: learned, dk: dc, sk: ss}
+    check = equal_macs_check(schedules)
+    print(f"equal MACs: largest gap {100 * check['max_relative_gap']:.2f}% "
+          f"({'within' if check['holds'] else 'OUTSIDE'} {100 * EQUAL_MACS:.0f}%)", flush=True)
+
+    quality = evaluate(MODEL, schedules, per_class=20 if full else 10)
+    loop = bench_dipgo.Loop("zoo-unet", model.unet, calls, batch=20, latent_hw=16)
+    timing = bench_dipgo.efficiency_case(loop, schedules, 5 if full else 3)
+
+    grid_sched = zoo.make_scheduler(cfg)
+    samples = {"labels": list(range(10))}
+    for key, s in [("full", None)] + list(schedules.items()):
+        if s is None:
+            x = zoo.sample(model, grid_sched, labels=range(10), steps=calls, seed=EVAL_SEED, progress=False)
+        else:
+            with accelerate(model, s, scheduler=grid_sched):
+                x = zoo.sample(model, grid_sched, labels=range(10), steps=calls, seed=EVAL_SEED, progress=False)
+        samples[key] = images_to_json(x)
+
+    history = [{k: h[k] for k in ("iteration", "consistency", "sparsity", "kept_macs", "seconds")}
+               for h in result.history]
+    return {"model": MODEL, "calls": calls, "learned": lk, "deepcache": dk, "skip_steps": sk,
+            "train": {"settings": settings, "config": asdict(result.config), "time_budget_s": budget,
+                      "iterations": len(history), "train_seconds": result.seconds, "wall_s": train_wall,
+                      "history": history},
+            "equal_macs": check, "schedules": {k: s.to_dict() for k, s in schedules.items()},
+            "quality": quality, "timing": timing, "samples": samples}
