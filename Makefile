@@ -1,6 +1,9 @@
 # The two commands of a fresh machine:
 #   make test    build (CPU + CUDA kernels when nvcc and a CUDA torch are there) and run the tests
-#   make bench   build and run the benchmarks on the embedded default models, then the report
+#   make bench   build, then measure every claim in one run (ops, DiP-GO, SDO; the GPU suite
+#                where a GPU is visible) into bench/results/<UTC timestamp>/: one JSON per
+#                section, report.md and PNG plots (bench/run.py). FULL=1: the long versions;
+#                BENCH_OUT=dir: write there; `shortcut-kernels report DIR` rebuilds the report.
 # Both create .venv and install what they need; nothing is downloaded at run time. The
 # package is installed into .venv in editable mode (`import shortcut_kernels` and the
 # `shortcut-kernels` command work from any directory).
@@ -11,7 +14,8 @@
 # are installed first), runs the whole suite with the GPU tests, records the run in
 # shortcut_kernels/gpu_validation.json (commit it: `auto` uses the CUDA/Triton kernels only
 # once a passing run is recorded), then the benchmarks with their GPU rows
-# (BENCH_ARGS='-k "not compile"' trims them to fit a short GPU lease).
+# (BENCH_ARGS='-k "not compile"', passed to the op benchmarks' pytest, trims them to fit a
+# short GPU lease).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +34,8 @@ TORCH_SPEC ?= torch==2.14.1
 DEPS := triton diffusers numpy safetensors scikit-learn tqdm ninja setuptools wheel \
         pytest pytest-benchmark hypothesis expecttest matplotlib peft accelerate transformers DeepCache pytorch-msssim
 STAMP := $(VENV)/.deps-installed
-BENCH_OUT ?= bench/results
+BENCH_OUT ?=
+FULL ?=
 ifeq ($(SYSTEM_PYTHON),)
 SETUP := $(STAMP)
 endif
@@ -63,11 +68,7 @@ test: install
 		$(PY) -m shortcut_kernels.gpu_record build/junit.xml; exit $$status
 
 bench: install
-	mkdir -p $(BENCH_OUT)
-	$(PY) -m pytest bench -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-json=$(BENCH_OUT)/bench.json \
-		--benchmark-columns=median,iqr,rounds --benchmark-sort=name $(BENCH_ARGS)
-	$(PY) bench/report.py $(BENCH_OUT)/bench.json --md $(BENCH_OUT)/report.md --json-out $(BENCH_OUT)/summary.json \
-		--compact $(BENCH_OUT)/readme_table.md
+	$(PY) bench/run.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(if $(FULL),--full) $(if $(BENCH_ARGS),-- $(BENCH_ARGS))
 
 info: install
 	$(PY) -m shortcut_kernels info

@@ -48,5 +48,15 @@ def run(out_dir, full: bool = False, pytest_args: tuple[str, ...] = ()) -> dict:
     rows = add_ratios(load_rows([raw])) if raw.is_file() else []
     if rc not in (0, 5) or not rows:  # 5: nothing selected
         raise RuntimeError(f"the op benchmarks failed (pytest exit {rc}, {len(rows)} rows)")
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "selection": chosen or "every row",
-            "pytest_args": list(pytest_args), "raw": raw.name, "rows": rows}
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "selection": describe(full),
+            "pytest_k": chosen, "pytest_args": list(pytest_args), "raw": raw.name, "rows": rows}
+
+
+def describe(full: bool) -> str:
+    if full:
+        return "every row (all sizes, dtypes, modes and providers)"
+    if torch.cuda.is_available():
+        return "all but the 512-element call-overhead size (`make bench FULL=1` adds it)"
+    return ("real UNet/DiT activation sizes, fp32 and bf16, forward and forward+backward, eager / compile / ours "
+            "(`make bench FULL=1` adds the 512-element call-overhead size, the largest size and a copy of the "
+            "same bytes)")

@@ -130,7 +130,6 @@ def dipgo_training(sections: dict, path: Path) -> bool:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     it = [r["iteration"] for r in h]
     a1.plot(it, [r["consistency"] for r in h])
-    a1.set_yscale("log")
     a1.set_xlabel("iteration")
     a1.set_ylabel("consistency loss (MSE to full)")
     a2.plot(it, [100 * r["kept_macs"] for r in h])

@@ -92,6 +92,7 @@ def ops_part(doc: dict, plots) -> list[str]:
             r = same[provider]
             base = {b: num(same[b]["median_s"] * 1e6, ".1f") if b in same else "-" for b in ("eager", "compile")}
             row = list(key) + [base["eager"], base["compile"], f"{num(r['median_s'] * 1e6, '.1f')} ({provider})",
+                               f"{num(r['p20_s'] * 1e6, '.1f')}-{num(r['p80_s'] * 1e6, '.1f')}",
                                num(r.get("speedup_vs_eager")), num(r.get("speedup_vs_compile"))]
             if has_copy:
                 row += [num(r["gb_per_s"], ".1f"), num(same["copy"]["gb_per_s"], ".1f") if "copy" in same else "-",
@@ -104,14 +105,15 @@ def ops_part(doc: dict, plots) -> list[str]:
     first = doc["rows"][0] if doc["rows"] else {}
     lines += [f"Device {first.get('device', '?')}; microseconds per call, "
               f"median of {first.get('rounds', '?')} rounds. `x eager` / `x compile`: the eager composite's / "
-              "torch.compile's time over ours (above 1: ours is faster), from rows of this run. "
-              f"Rows: {doc.get('selection', 'every row')}.", ""]
+              "torch.compile's time over ours (above 1: ours is faster), from rows of this run; a wide p20-p80 "
+              f"range means the machine was busy. Rows: {doc.get('selection', 'every row')}.", ""]
     if vs_eager or vs_compile:
         lines += [f"Ours is faster than eager in {sum(x > 1 for x in vs_eager)} of {len(vs_eager)} rows (median "
                   f"{num(statistics.median(vs_eager) if vs_eager else None)}x) and faster than torch.compile in "
                   f"{sum(x > 1 for x in vs_compile)} of {len(vs_compile)} rows (median "
                   f"{num(statistics.median(vs_compile) if vs_compile else None)}x).", ""]
-    head = ["op", "mode", "size", "dtype", "eager us", "compile us", "ours us", "x eager", "x compile"]
+    head = ["op", "mode", "size", "dtype", "eager us", "compile us", "ours us", "ours p20-p80", "x eager",
+            "x compile"]
     if has_copy:
         head += ["GB/s ours", "GB/s copy", "% of copy"]
     return lines + table(head, rows, right_from=4) + [""]
