@@ -181,3 +181,20 @@ def test_failed_section_is_reported(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "RuntimeError: out of budget 42" in md and "FAILED" in md
+
+
+def test_gpu_op_rows_show_the_roofline(tmp_path):
+    """On a GPU the ops section keeps a copy of the same bytes: ours in GB/s beside the copy's."""
+    rows = []
+    for p in ("eager", "compile", "cuda", "triton", "copy"):
+        rows.append(dict(op="gated_blend", mode="fwd", size="(16, 1280, 64, 64)", dtype="bfloat16", provider=p,
+                         median_s=r2(10, 90) * 1e-6, p20_s=1e-6, p80_s=2e-6, rounds=100, gb_per_s=r2(500, 4000),
+                         device="GPU 1", threads=1, speedup_vs_eager=r2(1, 5), speedup_vs_compile=r2(0.5, 2),
+                         pct_of_copy=r2(50, 99)))
+    (tmp_path / "ops.json").write_text(json.dumps({"section": "ops", "wall_s": 1.0, "budget_s": None, "rows": rows}))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    copy = rows[-1]
+    for r in rows[2:4]:
+        assert f"{r['gb_per_s']:.1f}" in md and f"{r['pct_of_copy']:.0f}" in md
+    assert f"{copy['gb_per_s']:.1f}" in md and "GB/s copy" in md
