@@ -84,6 +84,27 @@ def test_optimize_latents_early_stop_and_baselines(unet):
         assert len(res.history) == 2 and not torch.equal(res.latents, x_T)
 
 
+def test_reached_samples_keep_their_latent(unet):
+    """With stop_at, a sample whose reward reaches it is frozen: its latent is the one that
+    reached it, while the others keep moving (and without freeze_reached all move)."""
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(4, seed=6)
+    base = sdo.digits_reward(int(torch.randint(0, 10, ())))
+
+    def reward(x0):  # sample 1 counts as reached from the start, the others never
+        r = base(x0)
+        return torch.where(torch.arange(4) == 1, r.detach() * 0 + 1.0, r.clamp_max(0.5))
+
+    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, progress=False)
+    assert len(res.history) == 3 and not res.stopped_early
+    assert torch.equal(res.latents[1], x_T[1])
+    assert all(not torch.equal(res.latents[i], x_T[i]) for i in (0, 2, 3))
+    free = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, freeze_reached=False,
+                                progress=False)
+    torch.testing.assert_close(free.latents[[0, 2, 3]], res.latents[[0, 2, 3]])
+
+
 def test_optimize_latents_bad_reward_changes_nothing(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
