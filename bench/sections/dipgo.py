@@ -93,7 +93,7 @@ def learn_section(out_dir, full: bool = False) -> dict:
 
     torch.set_num_threads(1)  # the toy model runs fastest on one thread on a shared 2-core box
     calls = 50 if full else 20
-    budget = 1800.0 if full else 150.0  # training seconds
+    budget = 1800.0 if full else 120.0  # training seconds
     z = zoo.load(MODEL)
     model, cfg = z.model, z.scheduler_config
     (dk, dc), (sk, ss) = matched_handmade(model, calls)
