@@ -96,12 +96,12 @@ def test_reached_samples_keep_their_latent(unet):
         r = base(x0)
         return torch.where(torch.arange(4) == 1, r.detach() * 0 + 1.0, r.clamp_max(0.5))
 
-    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, progress=False)
+    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, freeze_reached=True,
+                               progress=False)
     assert len(res.history) == 3 and not res.stopped_early
     assert torch.equal(res.latents[1], x_T[1])
     assert all(not torch.equal(res.latents[i], x_T[i]) for i in (0, 2, 3))
-    free = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, freeze_reached=False,
-                                progress=False)
+    free = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, progress=False)
     torch.testing.assert_close(free.latents[[0, 2, 3]], res.latents[[0, 2, 3]])
 
 
