@@ -26,6 +26,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, dpi: int, suptitle: str | None = None) -> None:
+    """Title, lay out, write and close a figure (a closed figure frees its memory)."""
+    if suptitle is not None:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _ok(doc: dict | None) -> bool:
     return bool(doc) and "error" not in doc and "skipped" not in doc
 
@@ -66,9 +75,7 @@ def speedup_vs_macs(sections: dict, path: Path) -> bool:
     ax.set_title("Cache schedules: wall-clock speedup against MACs kept (this run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
@@ -92,10 +99,7 @@ def image_grid(rows: list[tuple[str, list]], path: Path, title: str, col_labels=
             if i == 0 and col_labels is not None and j < len(col_labels):
                 ax.set_title(str(col_labels[j]), fontsize=8)
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110, suptitle=title)
     return True
 
 
@@ -137,10 +141,8 @@ def dipgo_training(sections: dict, path: Path) -> bool:
     a2.set_xlabel("iteration")
     a2.set_ylabel("MACs kept by the hard gates (%)")
     a2.legend(fontsize=7)
-    fig.suptitle(f"pruner training on {learn['model']} ({learn['train']['settings']['mode']} mode)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    mode = learn["train"]["settings"]["mode"]
+    _save(plt, fig, path, dpi=110, suptitle=f"pruner training on {learn['model']} ({mode} mode)")
     return True
 
 
@@ -158,9 +160,7 @@ def sdo_reward_vs_time(sections: dict, path: Path) -> bool:
     ax.set_title(f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
@@ -187,9 +187,7 @@ def sdo_finetune(sections: dict, path: Path) -> bool:
     ax.set_title("LoRA fine-tuning")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
