@@ -26,6 +26,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+    """Labels, grid and legend of a one-axes plot, then :func:`_save`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    _save(plt, fig, path, dpi=120)
+
+
 def _save(plt, fig, path: Path, dpi: int, suptitle: str | None = None) -> None:
     """Title, lay out, write and close a figure (a closed figure frees its memory)."""
     if suptitle is not None:
@@ -70,12 +80,9 @@ def speedup_vs_macs(sections: dict, path: Path) -> bool:
         ax.scatter([100 * m for m, _, _ in pts], [s for _, s, _ in pts], marker=marker, s=60, label=label)
         for m, s, name in pts:
             ax.annotate(name, (100 * m, s), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("MACs kept (% of the full model)")
-    ax.set_ylabel("measured speedup over the full model (x)")
-    ax.set_title("Cache schedules: wall-clock speedup against MACs kept (this run)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(plt, fig, path, dpi=120)
+    _finish(plt, fig, ax, path, xlabel="MACs kept (% of the full model)",
+            ylabel="measured speedup over the full model (x)",
+            title="Cache schedules: wall-clock speedup against MACs kept (this run)", legend_size=7)
     return True
 
 
@@ -155,12 +162,10 @@ def sdo_reward_vs_time(sections: dict, path: Path) -> bool:
     for m, rec in sdo["curves"]["methods"].items():
         c = rec["curve"]
         ax.plot([p["seconds"] for p in c], [p["reward_mean"] for p in c], marker=".", label=m)
-    ax.set_xlabel("wall-clock seconds")
-    ax.set_ylabel(f"reward: mean log p(digit {sdo['target']} | sample)")
-    ax.set_title(f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, path, dpi=120)
+    _finish(plt, fig, ax, path, xlabel="wall-clock seconds",
+            ylabel=f"reward: mean log p(digit {sdo['target']} | sample)",
+            title=f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method",
+            legend_size=8)
     return True
 
 
@@ -182,12 +187,8 @@ def sdo_finetune(sections: dict, path: Path) -> bool:
         ev = run["eval"]
         ax.plot([e["seconds"] for e in ev], [e["reward_mean"] for e in ev], marker=".",
                 label=f"{run['method']} lr {run['lr']:g}")
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("held-out reward")
-    ax.set_title("LoRA fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(plt, fig, path, dpi=120)
+    _finish(plt, fig, ax, path, xlabel="training seconds", ylabel="held-out reward",
+            title="LoRA fine-tuning", legend_size=7)
     return True
 
 
