@@ -56,8 +56,7 @@ FORMAT = "shortcut_kernels.dipgo.schedule"
 VERSION = 1
 
 __all__ = ["Schedule", "full", "deepcache", "skip_steps", "fora", "from_scores", "from_ranking", "budget_rows",
-           "graph_of",
-           "COMPUTE", "READ", "DEAD"]
+           "graph_of", "COMPUTE", "READ", "DEAD"]
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -538,7 +537,6 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
     if not 0 < target_macs <= 1:
         raise ValueError(f"target_macs must be a fraction in (0, 1], got {target_macs}")
     calls = s.shape[0]
-    macs = g.block_macs
     total = calls * g.total_macs
     rows = [[True] * len(g) for _ in range(calls)]
     row_macs = [g.total_macs] * calls
@@ -551,17 +549,22 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
                 if spent / total <= target_macs + 1e-12:
                     break
                 if rows[t][b] and s[t, b] > thr:
-                    rows[t][b] = False
-                    rows[t] = g.cascade(rows[t])
-                    new = g.overhead_macs + sum(m for m, k in zip(macs, rows[t]) if k)
-                    spent += new - row_macs[t]
-                    row_macs[t] = new
+                    spent += _reuse(g, rows, row_macs, t, b)
         if thr <= 0:
             break
         thr = round(thr - step, 10)
     return Schedule(rows, g, name="from_scores",
                     params=dict(target_macs=target_macs, threshold=threshold, step=step,
                                 final_threshold=max(thr, 0.0)))
+
+
+def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: int, b: int) -> int:
+    """Reuse block ``b`` at call ``t`` with its cascade, in place; returns the MACs this changes."""
+    rows[t][b] = False
+    rows[t] = graph.cascade(rows[t])
+    new = graph.overhead_macs + sum(m for m, k in zip(graph.block_macs, rows[t]) if k)
+    delta, row_macs[t] = new - row_macs[t], new
+    return delta
 
 
 def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool]]:
@@ -572,7 +575,7 @@ def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool
     block; the budgeted training mode (:mod:`.train`) uses the same rule at every iteration."""
     s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
     calls, n = s.shape
-    macs, total = graph.block_macs, calls * graph.total_macs
+    total = calls * graph.total_macs
     rows = [[True] * n for _ in range(calls)]
     row_macs = [graph.total_macs] * calls
     spent = sum(row_macs)
@@ -585,11 +588,7 @@ def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool
         t, b = cand[i]
         if not rows[t][b]:
             continue  # already reused by a cascade
-        rows[t][b] = False
-        rows[t] = graph.cascade(rows[t])
-        new = graph.overhead_macs + sum(m for m, k in zip(macs, rows[t]) if k)
-        spent += new - row_macs[t]
-        row_macs[t] = new
+        spent += _reuse(graph, rows, row_macs, t, b)
     return rows
 
 
