@@ -214,7 +214,7 @@ def part_latents(args) -> dict:
     for digit in args.digits:
         reward = sdo.digits_reward(digit)
         x_T = zoo.initial_noise(args.batch, seed=100 + digit)
-        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="first",
+        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
                                    stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit,
                                    progress=False)
         with torch.no_grad():
@@ -236,7 +236,7 @@ def part_latents(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     ok = [r["judged_target_fraction"] >= 0.9 for r in rows]
-    return {"steps": args.steps, "batch": args.batch, "iters": args.iters, "lr": args.lr,
+    return {"steps": args.steps, "batch": args.batch, "iters": args.iters, "lr": args.lr, "policy": args.policy,
             "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
             "digits_reaching_90pct": sum(ok), "rows": rows}
 
@@ -288,7 +288,7 @@ def part_finetune(args) -> dict:
             res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
                                batch_size=args.batch, lr=lr, policy=method, eval_noise=eval_noise,
                                eval_every=args.eval_every, seed=args.seed, progress=False,
-                               time_budget=None if method == "full" else budget)
+                               time_budget=None if method == "full" else budget * args.budget_fraction)
             if method == "full":
                 budget = max(budget or 0.0, res.eval_history[-1]["seconds"])
             runs.append({"method": method, "lr": lr, "eval": res.eval_history,
@@ -328,6 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
                     help="finetune: policies compared")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="finetune: learning rates")
+    ap.add_argument("--policy", default="first", help="latents: the kept-call policy, or a baseline (full, draft:K)")
+    ap.add_argument("--budget-fraction", type=float, default=1.0,
+                    help="finetune: the other methods train for this fraction of full's time")
     ap.add_argument("--ft-iters", type=int, default=50, help="finetune: iterations per run")
     ap.add_argument("--eval-every", type=int, default=5, help="finetune: held-out evaluation interval")
     ap.add_argument("--threads", type=int, default=1)

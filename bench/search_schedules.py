@@ -1,0 +1,65 @@
+"""Searched schedules against every hand-made one at the same MACs, on held-out noise.
+
+    python bench/search_schedules.py --models digits-unet digits-dit --counts 10 20 --time-budget 420
+
+For each model and budget (the MACs of ``count`` whole calls): score the hand-made schedules
+within 2% of those MACs on the training bank (seeds 10,000+), start the search from the best,
+then evaluate the searched schedule and the same hand-made ones on the 200 evaluation samples
+(20 per class, seed 1234) that the search never saw. JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from shortcut_kernels import zoo
+from shortcut_kernels.dipgo import skip_steps
+from shortcut_kernels.dipgo.evaluate import evaluate, handmade
+from shortcut_kernels.dipgo.search import local_search, zoo_sampler
+
+
+def run(name: str, count: int, args) -> dict:
+    model = zoo.load(name).model
+    macs = skip_steps(model, args.calls, count=count).macs_kept
+    window = {k: s for k, s in handmade(name, args.calls).items() if macs * 0.98 <= s.macs_kept <= macs * 1.02}
+    sample = zoo_sampler(name, n=args.bank, calls=args.calls)
+    ref = sample(None)
+    bank = {k: zoo.metrics.psnr(sample(s), ref) for k, s in window.items()}
+    start_key = max(bank, key=bank.get)
+    res = local_search(window[start_key], sample, radius=args.radius, time_budget=args.time_budget)
+    rows = evaluate(name, {"searched": res.schedule, **window}, per_class=args.per_class, progress=False)
+    searched = next(r for r in rows if r["schedule"] == "searched")
+    hand = [r for r in rows if r["schedule"] not in ("searched", "full")]
+    best = max(hand, key=lambda r: r["psnr_vs_full"])
+    out = dict(model=name, count=count, start=start_key, bank_psnr_start=res.start_psnr, bank_psnr=res.psnr,
+               evaluations=res.evaluations, search_seconds=res.seconds, computed_calls=res.schedule.computed_calls(),
+               bank_handmade=bank, rows=rows, best_handmade=best["schedule"],
+               gain_db=searched["psnr_vs_full"] - best["psnr_vs_full"])
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "bank_handmade")}), flush=True)
+    for r in rows:
+        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB  acc {r['class_accuracy']:.3f}"
+              f"  FD {r['digits_fd']:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit"])
+    ap.add_argument("--counts", type=int, nargs="+", default=[10, 20], help="budgets, as whole calls of --calls")
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--bank", type=int, default=30, help="training samples the search scores on")
+    ap.add_argument("--radius", type=int, default=2)
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of search per model and budget")
+    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--out", default="search_schedules.json")
+    args = ap.parse_args()
+    t0 = time.time()
+    results = [run(m, c, args) for m in args.models for c in args.counts]
+    json.dump({"command": vars(args), "wall_s": time.time() - t0, "results": results}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
