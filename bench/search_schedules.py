@@ -17,6 +17,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
+from shortcut_kernels.dipgo.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.evaluate import evaluate, handmade
 from shortcut_kernels.dipgo.search import local_search, zoo_sampler
 
@@ -36,9 +37,33 @@ def run(name: str, count: int, args) -> dict:
     best = max(hand, key=lambda r: r["psnr_vs_full"])
     out = dict(model=name, count=count, start=start_key, bank_psnr_start=res.start_psnr, bank_psnr=res.psnr,
                evaluations=res.evaluations, search_seconds=res.seconds, computed_calls=res.schedule.computed_calls(),
+               keep=res.schedule.keep.int().tolist(), granularity=res.schedule.granularity,
                bank_handmade=bank, rows=rows, best_handmade=best["schedule"],
                gain_db=searched["psnr_vs_full"] - best["psnr_vs_full"])
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "bank_handmade")}), flush=True)
+    for r in rows:
+        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB  acc {r['class_accuracy']:.3f}"
+              f"  FD {r['digits_fd']:.3f}", flush=True)
+    return out
+
+
+def transfer(result: dict, args) -> dict:
+    """The searched schedule ``resize``d to --transfer-calls and run with --transfer-scheduler,
+    against that sampler's full model and the hand-made schedules at the same MACs (within 2%)."""
+    name = result["model"]
+    model = zoo.load(name).model
+    if "keep" in result:
+        searched = Schedule(torch.tensor(result["keep"]), graph_of(model, result["granularity"]), name="searched")
+    else:  # whole-call rows: the computed calls say it all
+        searched = skip_steps(model, args.calls, compute=result["computed_calls"])
+    resized = searched.resize(args.transfer_calls)
+    window = {k: s for k, s in handmade(name, args.transfer_calls).items()
+              if resized.macs_kept * 0.98 <= s.macs_kept <= resized.macs_kept * 1.02}
+    rows = evaluate(name, {"searched": resized, **window}, per_class=args.per_class, progress=False,
+                    scheduler_cls=args.transfer_scheduler)
+    out = dict(model=name, count=result["count"], calls=args.transfer_calls, scheduler=args.transfer_scheduler,
+               computed_calls=resized.computed_calls(), rows=rows)
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
     for r in rows:
         print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB  acc {r['class_accuracy']:.3f}"
               f"  FD {r['digits_fd']:.3f}", flush=True)
@@ -54,10 +79,17 @@ def main() -> None:
     ap.add_argument("--radius", type=int, default=2)
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of search per model and budget")
     ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--transfer", metavar="JSON", help="only evaluate the searched schedules of this output, "
+                    "resized to --transfer-calls with --transfer-scheduler")
+    ap.add_argument("--transfer-calls", type=int, default=25)
+    ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler")
     ap.add_argument("--out", default="search_schedules.json")
     args = ap.parse_args()
     t0 = time.time()
-    results = [run(m, c, args) for m in args.models for c in args.counts]
+    if args.transfer:
+        results = [transfer(r, args) for r in json.load(open(args.transfer))["results"]]
+    else:
+        results = [run(m, c, args) for m in args.models for c in args.counts]
     json.dump({"command": vars(args), "wall_s": time.time() - t0, "results": results}, open(args.out, "w"), indent=1)
 
 

@@ -57,3 +57,12 @@ def test_prune_command_learns_a_schedule_that_sample_uses(tmp_path, capsys):
                  "-o", str(grid), "--quiet"]) == 0
     assert main(["prune", "--model", "digits-unet", "--target", "1.5", "-o", str(out)]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_prune_search_mode_starts_from_the_best_handmade_and_keeps_the_budget(tmp_path, capsys):
+    out = tmp_path / "searched.json"
+    assert main(["prune", "--model", "digits-unet", "--steps", "8", "--target", "0.5", "--mode", "search",
+                 "--bank", "4", "--time-budget", "5", "--quiet", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.calls == 8 and s.macs_kept <= 0.5 + 1e-9
+    assert "best hand-made start" in capsys.readouterr().out

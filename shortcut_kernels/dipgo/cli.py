@@ -7,6 +7,7 @@
     shortcut-kernels schedule show s.json [--plot map.png] [--shape 2 4 64 64]
     shortcut-kernels sample --model digits-unet --schedule s.json --steps 50 -o grid.png [--compare]
     shortcut-kernels prune --model digits-unet --steps 50 --target 0.4 --mode shortcut -o s.json [--iters 150]
+    shortcut-kernels prune --model digits-unet --steps 50 --target 0.2 --mode search -o s.json [--time-budget 300]
 
 Models: the zoo's ``digits-unet`` / ``digits-dit`` (trained weights), or a bundled
 architecture (``sd-1.5``, ``sd-2.1``, ``sdxl``, ``dit-xl-2``; schedules only, built on the
@@ -158,6 +159,16 @@ def _cmd_prune(args) -> int:
     scheduler = zoo.make_scheduler(cfg, args.scheduler)
     scheduler.set_timesteps(args.steps)
     out = Path(args.output)
+    if args.mode == "search":
+        from .search import search
+
+        found = search(model, scheduler, args.target, calls=args.steps, bank=args.bank, guidance=args.guidance,
+                       time_budget=args.time_budget, progress=not args.quiet)
+        found.schedule.save(out)
+        print(found.schedule.summary())
+        print(f"wrote {out} ({found.seconds:.0f} s of search, {found.evaluations} schedules sampled; training-bank "
+              f"PSNR {found.start_psnr:.2f} dB at the best hand-made start -> {found.psnr:.2f} dB)")
+        return 0
     result = train(model, scheduler, mode=args.mode, target=args.target, iters=args.iters,
                    batch_size=args.batch_size, lr=args.lr, guidance=args.guidance, granularity=args.granularity,
                    seed=args.seed, checkpoint_path=out.with_suffix(".pruner.pt"), resume=args.resume,
@@ -231,7 +242,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoiser calls of the sampler")
     p.add_argument("--scheduler", default="DDIMScheduler")
     p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
-    p.add_argument("--mode", choices=["shortcut", "exact"], default="shortcut")
+    p.add_argument("--mode", choices=["shortcut", "exact", "search"], default="shortcut",
+                   help="train the pruner (exact: the published full-chain backprop; shortcut: SDO) or search: "
+                        "validated local search from the best hand-made schedule")
+    p.add_argument("--bank", type=int, default=30, help="search: training samples each candidate is scored on")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.01)

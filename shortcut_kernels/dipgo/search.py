@@ -139,3 +139,23 @@ def local_search(start: Schedule, sample: Callable[[Schedule | None], Tensor], *
     result.schedule, result.psnr = best, best_score
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: int = 30, guidance: float = 3.0,
+           radius: int = 2, time_budget: float | None = None, progress: bool = True) -> SearchResult:
+    """A zoo model's schedule keeping at most ``target`` of the MACs: score the hand-made
+    schedules within that budget (the top 10% of it) on the training bank, then
+    :func:`local_search` from the best of them. ``result.start_psnr`` is that start's PSNR."""
+    from .evaluate import handmade
+
+    if not 0 < target <= 1:
+        raise ValueError(f"target is the kept-MAC fraction in (0, 1], got {target}")
+    options = {k: s for k, s in handmade(name_or_model, calls).items() if s.macs_kept <= target + 1e-9}
+    if not options:
+        raise ValueError(f"no hand-made schedule keeps <= {target:.1%} of the MACs at {calls} calls")
+    top = max(s.macs_kept for s in options.values())
+    options = {k: s for k, s in options.items() if s.macs_kept >= 0.9 * top}
+    sample = zoo_sampler(name_or_model, scheduler, n=bank, calls=calls, guidance=guidance)
+    ref = sample(None)
+    start = max(options.values(), key=lambda s: _psnr(sample(s), ref))
+    return local_search(start, sample, radius=radius, time_budget=time_budget, progress=progress)
