@@ -70,6 +70,26 @@ def transfer(result: dict, args) -> dict:
     return out
 
 
+def speed(result: dict, args) -> dict:
+    """Wall-clock of the searched schedule against the full model (interleaved reps, batch 20
+    with CFG, --calls DDIM calls; bench_dipgo's efficiency rows) and its MAC-ideal speedup."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_dipgo import Loop, efficiency_case
+
+    torch.set_num_threads(2)
+    name = result["model"]
+    backbone = zoo.load(name).model.backbone
+    loop = Loop(f"zoo-{name.split('-')[1]}", backbone, args.calls, batch=20, latent_hw=16)
+    keep = result.get("keep")
+    s = (Schedule(torch.tensor(keep), graph_of(backbone, result["granularity"], loop.sample_shape), name="searched")
+         if keep else skip_steps(backbone, args.calls, compute=result["computed_calls"], sample_shape=loop.sample_shape))
+    (row,) = efficiency_case(loop, {f"searched({result['count']})": s}, args.reps)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit"])
@@ -83,10 +103,14 @@ def main() -> None:
                     "resized to --transfer-calls with --transfer-scheduler")
     ap.add_argument("--transfer-calls", type=int, default=25)
     ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler")
+    ap.add_argument("--speed", metavar="JSON", help="only time the searched schedules of this output against full")
+    ap.add_argument("--reps", type=int, default=5, help="--speed: interleaved reps")
     ap.add_argument("--out", default="search_schedules.json")
     args = ap.parse_args()
     t0 = time.time()
-    if args.transfer:
+    if args.speed:
+        results = [speed(r, args) for r in json.load(open(args.speed))["results"]]
+    elif args.transfer:
         results = [transfer(r, args) for r in json.load(open(args.transfer))["results"]]
     else:
         results = [run(m, c, args) for m in args.models for c in args.counts]

@@ -5,7 +5,9 @@ against the full model in the same run, beside the MAC-ideal speedup (bench/benc
 FULL adds DiT-XL/2, SD-1.5 and the quality part).
 
 ``dipgo-learn``: a schedule learned in this run on ``digits-unet`` (shortcut mode, a time
-budget), then full vs. learned vs. ``deepcache`` vs. ``skip_steps`` at equal MACs (their
+budget) and one found by ``dipgo.search.local_search`` from the ``skip_steps`` schedule (a
+time budget, training noise only), then full vs. learned vs. searched vs. ``deepcache`` vs.
+``skip_steps`` at equal MACs (their
 kept-MAC fractions within 2% of each other; the gap is measured and reported): interleaved
 wall-clock, ideal speedup, class accuracy, FD and PSNR against full on held-out noise, and a
 sample grid per schedule.
@@ -89,6 +91,7 @@ def learn_section(out_dir, full: bool = False) -> dict:
     from shortcut_kernels import zoo
     from shortcut_kernels.dipgo import accelerate
     from shortcut_kernels.dipgo.evaluate import EVAL_SEED, evaluate
+    from shortcut_kernels.dipgo.search import local_search, zoo_sampler
     from shortcut_kernels.dipgo.train import train
 
     torch.set_num_threads(1)  # the toy model runs fastest on one thread on a shared 2-core box
@@ -108,7 +111,10 @@ def learn_section(out_dir, full: bool = False) -> dict:
     train_wall = time.perf_counter() - t0
     learned = learned_at(result.pruner, anchor, ranked=settings.get("budget") == "anneal")
     lk = "learned(shortcut)"
-    schedules = {lk: learned, dk: dc, sk: ss}
+    search_budget = 600.0 if full else 60.0
+    found = local_search(ss, zoo_sampler(model, scheduler, n=20, calls=calls), time_budget=search_budget)
+    fk = "searched"
+    schedules = {lk: learned, fk: found.schedule, dk: dc, sk: ss}
     check = equal_macs_check(schedules)
     print(f"equal MACs: largest gap {100 * check['max_relative_gap']:.2f}% "
           f"({'within' if check['holds'] else 'OUTSIDE'} {100 * EQUAL_MACS:.0f}%)", flush=True)
@@ -129,7 +135,10 @@ def learn_section(out_dir, full: bool = False) -> dict:
 
     history = [{k: h[k] for k in ("iteration", "consistency", "sparsity", "kept_macs", "seconds")}
                for h in result.history]
-    return {"model": MODEL, "calls": calls, "learned": lk, "deepcache": dk, "skip_steps": sk,
+    return {"model": MODEL, "calls": calls, "learned": lk, "searched": fk, "deepcache": dk, "skip_steps": sk,
+            "search": {"start": sk, "time_budget_s": search_budget, "seconds": found.seconds,
+                       "evaluations": found.evaluations, "moves": len(found.history), "bank_samples": 20,
+                       "bank_psnr_start": found.start_psnr, "bank_psnr": found.psnr},
             "train": {"settings": settings, "config": asdict(result.config), "time_budget_s": budget,
                       "iterations": len(history), "train_seconds": result.seconds, "wall_s": train_wall,
                       "history": history},

@@ -171,7 +171,13 @@ def learn_part(doc: dict, plots) -> list[str]:
     full_q = quality.get("full", {})
     body = [["full", pct(1.0), num(1.0), num(1.0), num(t0.get("full_s"), ".3f"), pct(full_q.get("class_accuracy")),
              num(full_q.get("digits_fd")), "-"]]
-    for key in [doc["learned"], doc["deepcache"], doc["skip_steps"]]:
+    if doc.get("search"):
+        se = doc["search"]
+        lines += [f"Search: `dipgo.search.local_search` from `{se['start']}`, {se['evaluations']} candidate "
+                  f"schedules sampled on {se['bank_samples']} training samples in {num(se['seconds'], '.0f')} s "
+                  f"(budget {num(se['time_budget_s'], '.0f')} s), {se['moves']} moves kept; training-bank PSNR "
+                  f"{num(se['bank_psnr_start'])} -> {num(se['bank_psnr'])} dB.", ""]
+    for key in [k for k in (doc["learned"], doc.get("searched"), doc["deepcache"], doc["skip_steps"]) if k]:
         q, t = quality.get(key, {}), timing.get(key, {})
         body.append([key, pct(q.get("macs_kept", t.get("macs_kept")), ".2f"), num(t.get("mac_ideal")),
                      num(t.get("speedup")), num(t.get("ours_s"), ".3f"), pct(q.get("class_accuracy")),
@@ -189,17 +195,23 @@ def learn_part(doc: dict, plots) -> list[str]:
 
 
 def verdict(doc: dict, quality: dict) -> list[str]:
-    """The learned schedule against the best hand-made one, in this run's numbers."""
-    mine = quality.get(doc["learned"])
+    """The learned and searched schedules against the best hand-made one, in this run's numbers."""
     hand = [quality[k] for k in (doc["deepcache"], doc["skip_steps"]) if k in quality]
-    if not mine or not hand:
+    if not hand:
         return []
     best = max(hand, key=lambda r: r["psnr_vs_full"])
-    diff = mine["psnr_vs_full"] - best["psnr_vs_full"]
-    word = "ahead of" if diff > 0 else "behind"
-    return [f"In this run the learned schedule is {num(abs(diff))} dB {word} the best hand-made schedule at "
-            f"equal MACs (`{best['schedule']}`: {num(best['psnr_vs_full'])} dB against {num(mine['psnr_vs_full'])} "
-            f"dB PSNR vs full; class accuracy {pct(best['class_accuracy'])} against {pct(mine['class_accuracy'])})."]
+    out = []
+    for what, key in (("learned", doc["learned"]), ("searched", doc.get("searched"))):
+        mine = quality.get(key)
+        if not mine:
+            continue
+        diff = mine["psnr_vs_full"] - best["psnr_vs_full"]
+        word = "ahead of" if diff > 0 else "behind"
+        out.append(f"In this run the {what} schedule is {num(abs(diff))} dB {word} the best hand-made schedule at "
+                   f"equal MACs (`{best['schedule']}`: {num(best['psnr_vs_full'])} dB against "
+                   f"{num(mine['psnr_vs_full'])} dB PSNR vs full; class accuracy {pct(best['class_accuracy'])} "
+                   f"against {pct(mine['class_accuracy'])}).")
+    return [" ".join(out)] if out else []
 
 
 # ----------------------------------------------------------------------------- SDO
