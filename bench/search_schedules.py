@@ -57,7 +57,8 @@ def transfer(result: dict, args) -> dict:
     else:  # whole-call rows: the computed calls say it all
         searched = skip_steps(model, args.calls, compute=result["computed_calls"])
     resized = searched.resize(args.transfer_calls)
-    window = {k: s for k, s in handmade(name, args.transfer_calls).items()
+    every_count = range(2, args.transfer_calls // 2 + 1)
+    window = {k: s for k, s in handmade(name, args.transfer_calls, counts=every_count).items()
               if resized.macs_kept * 0.98 <= s.macs_kept <= resized.macs_kept * 1.02}
     rows = evaluate(name, {"searched": resized, **window}, per_class=args.per_class, progress=False,
                     scheduler_cls=args.transfer_scheduler)

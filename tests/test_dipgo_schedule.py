@@ -187,12 +187,18 @@ def test_resize(sd):
     assert r.calls == 25 and r.computed_calls(0) == list(range(0, 25, 3))
     e = skip_steps(sd, 50, compute=[10, 20, 40])
     assert e.resize(25).computed_calls() == [0, 5, 10, 20]
-    custom = Schedule(e.keep, e.graph)  # no builder: rows resampled
+    custom = Schedule(e.keep, e.graph)  # no builder, whole calls: the same share at the quantiles
     rc = custom.resize(99)
     assert rc.calls == 99 and bool(rc.keep[0].all())
-    assert len(rc.computed_calls()) / 99 == pytest.approx(len(custom.computed_calls()) / 50, abs=0.01)
-    down = custom.resize(20)
-    assert down.computed_calls() == [0, 4, 8, 16]
+    assert len(rc.computed_calls()) == 8 and rc.computed_calls()[-1] == 80  # 4 of 50 -> 8 of 99; 40/49 -> 80/98
+    assert custom.resize(20).computed_calls() == [0, 16]  # 4 of 50 -> 2 of 20: the first and the last
+    early = Schedule(skip_steps(sd, 50, compute=[0, 1, 2, 3, 4, 5, 30, 49]).keep, e.graph).resize(25)
+    assert early.computed_calls() == [0, 1, 2, 24]  # 8 of 50 -> 4 of 25, still early-dense
+    up = Schedule(skip_steps(sd, 3, compute=[0, 1]).keep, e.graph).resize(7)
+    assert up.computed_calls() == [0, 1, 2, 3, 4]  # rounded positions 0, 1, 2, 2, 3: collisions pushed apart
+    dc = deepcache(sd, 50, 3, 0)
+    partial = Schedule(dc.keep, dc.graph).resize(20)  # partial rows: resampled row by row
+    assert partial.calls == 20 and bool(partial.keep[0].all())
 
 
 def test_summary_cache_memory_and_plot(sd, tmp_path):

@@ -343,9 +343,11 @@ class Schedule:
         """The same schedule for ``calls`` denoiser calls.
 
         Schedules made by a builder are rebuilt with the same arguments (a deepcache(3)
-        schedule stays interval 3); others are resampled row by row (call ``t`` of the
-        new schedule takes row ``floor(t * T / calls)``, so the fraction of each kind of row
-        is kept), call 0 full.
+        schedule stays interval 3). Other schedules of whole calls keep the same share of
+        computed calls, placed at the quantiles of the old ones (an early-dense schedule
+        stays early-dense); the rest are resampled row by row (call ``t`` of the new
+        schedule takes row ``floor(t * T / calls)``, so the fraction of each kind of row is
+        kept), call 0 full.
         """
         calls = _check_calls(calls)
         if calls == self.calls:
@@ -360,11 +362,36 @@ class Schedule:
                 params["compute"] = new
                 params["count"] = None
             return builder(self.graph, calls, **params)
+        if bool((self.keep.all(1) | ~self.keep.any(1)).all()):  # whole-call rows: keep their density
+            keep = torch.zeros(calls, self.keep.shape[1], dtype=torch.bool)
+            keep[_requantile(self.computed_calls(), self.calls, calls)] = True
+            return Schedule(keep, self.graph, name=self.name, params={**self.params, "resized_from": self.calls},
+                            sampler=self.sampler)
         idx = [min(self.calls - 1, (t * self.calls) // calls) for t in range(calls)]
         keep = self.keep[idx].clone()
         keep[0] = True
         return Schedule(keep, self.graph, name=self.name, params={**self.params, "resized_from": self.calls},
                         sampler=self.sampler)
+
+
+def _requantile(computed: list[int], old: int, new: int) -> list[int]:
+    """``round(len(computed) * new / old)`` calls of ``new`` placed at the quantiles of
+    ``computed`` (positions of ``old``): the same share of computed calls, with the same
+    density along the trajectory (early-dense stays early-dense)."""
+    n = max(1, min(new, round(len(computed) * new / old)))
+    pos = []
+    for j in range(n):
+        q = j * (len(computed) - 1) / max(1, n - 1)
+        lo = int(q)
+        hi = min(lo + 1, len(computed) - 1)
+        t = computed[lo] + (q - lo) * (computed[hi] - computed[lo])
+        pos.append(round(t * (new - 1) / max(1, old - 1)))
+    out = []
+    for p in pos:  # strictly increasing, then pulled back inside 0..new-1
+        out.append(max(p, out[-1] + 1) if out else 0)
+    for i in range(n - 1, -1, -1):
+        out[i] = min(out[i], new - n + i)
+    return out
 
 
 def _group_size(graph: BlockGraph) -> int:
