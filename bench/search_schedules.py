@@ -55,7 +55,8 @@ def transfer(result: dict, args) -> dict:
     if "keep" in result:
         searched = Schedule(torch.tensor(result["keep"]), graph_of(model, result["granularity"]), name="searched")
     else:  # whole-call rows: the computed calls say it all
-        searched = skip_steps(model, args.calls, compute=result["computed_calls"])
+        rows = skip_steps(model, args.calls, compute=result["computed_calls"])
+        searched = Schedule(rows.keep, rows.graph, name="searched")  # resized as a custom schedule
     resized = searched.resize(args.transfer_calls)
     every_count = range(2, args.transfer_calls // 2 + 1)
     window = {k: s for k, s in handmade(name, args.transfer_calls, counts=every_count).items()
