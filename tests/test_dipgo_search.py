@@ -77,3 +77,15 @@ def test_bad_arguments_are_named(unet):
         local_search(skip_steps(unet, 8, count=2), _distance_sampler([0, 4]), radius=0)
     with pytest.raises(ValueError, match="scheduler"):
         zoo_sampler(unet)
+
+
+def test_zoo_sampler_samples_the_full_model_once(unet, monkeypatch):
+    sched = zoo.make_scheduler(zoo.info("digits-unet")["scheduler_config"])
+    sample = zoo_sampler(unet, sched, n=2, calls=3)
+    calls = []
+    real = zoo.sample
+    monkeypatch.setattr(zoo, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = sample(None)
+    assert sample(None) is first and len(calls) == 1
+    sample(skip_steps(unet, 3, count=2))
+    assert len(calls) == 2

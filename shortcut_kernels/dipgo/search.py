@@ -48,7 +48,7 @@ def zoo_sampler(name_or_model, scheduler=None, *, n: int = 30, calls: int = 50, 
                 seed: int = TRAIN_SEED) -> Callable[[Schedule | None], Tensor]:
     """``sample(schedule) -> images`` for a zoo model: ``n`` images (labels 0..9 in turn) from
     the noise of ``seed``, through ``accelerate(model, schedule)``; ``sample(None)`` is the
-    full model."""
+    full model, sampled once and then reused."""
     from .. import zoo
 
     if isinstance(name_or_model, str):
@@ -59,11 +59,15 @@ def zoo_sampler(name_or_model, scheduler=None, *, n: int = 30, calls: int = 50, 
         if scheduler is None:
             raise ValueError("give the scheduler for a model passed as a module")
     labels = torch.arange(n) % 10
+    full_samples: list[Tensor] = []  # the reference, sampled once: every caller asks for it first
 
     @torch.no_grad()
     def sample(schedule: Schedule | None) -> Tensor:
         if schedule is None:
-            return zoo.sample(model, scheduler, labels, steps=calls, guidance=guidance, seed=seed, progress=False)
+            if not full_samples:
+                full_samples.append(zoo.sample(model, scheduler, labels, steps=calls, guidance=guidance, seed=seed,
+                                               progress=False))
+            return full_samples[0]
         with accelerate(model, schedule, scheduler=scheduler, auto_resize=False):
             return zoo.sample(model, scheduler, labels, steps=calls, guidance=guidance, seed=seed, progress=False)
 
