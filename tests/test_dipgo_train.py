@@ -63,6 +63,52 @@ def test_shortcut_gradient_equals_the_one_kept_call_chain(scheduler_cls):
     assert torch.equal(ours[others], torch.zeros_like(ours[others]))  # only the kept calls' gates learn
 
 
+def _tiny_dit_double():
+    from shortcut_kernels.zoo import models
+
+    info = zoo.info("digits-dit")
+    cfg = dict(info["model_config"], num_layers=3, num_attention_heads=2, attention_head_dim=8)
+    torch.manual_seed(0)
+    return models.build(info["kind"], cfg).double().eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("build", [_tiny_unet_double, _tiny_dit_double])
+def test_the_no_graph_run_skips_reused_blocks_and_changes_nothing(build):
+    """With hard, cascaded gates the shortcut's no-graph run goes through the runtime, which
+    skips reused blocks: the same loss and the same gradient as the SuperNet, which computes
+    them all (fp64; the DiT's reused residuals round differently: x + c - x)."""
+    from shortcut_kernels.dipgo.schedule import from_ranking
+
+    model = build()
+    net = SuperNet(model, "fine")
+    scheduler = make_scheduler(zoo.info("digits-unet")["scheduler_config"])
+    scheduler.set_timesteps(8)
+    chain = _Chain(net, scheduler, guidance=3.0, null_label=10)
+    gen = torch.Generator().manual_seed(2)
+    schedule = from_ranking(model, torch.rand(8, net.num_blocks, generator=gen), 0.5, granularity="fine")
+    gates = schedule.keep.double()
+    assert chain.schedule_of(gates) == schedule and 0.3 < schedule.macs_kept <= 0.5
+    assert chain.schedule_of(0.9 * gates) is None and chain.schedule_of(torch.ones_like(gates)) is None
+    x_T = torch.randn(3, 1, 16, 16, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([2, 5, 9])
+    target = full_samples(net, scheduler, x_T, labels, 3.0, 10)
+    kept = _stratified_calls(chain.n, 3, gen)
+    runs = {}
+    for skip in (True, False):
+        g = gates.clone().requires_grad_()
+        run = chain.run
+        chain.run = lambda *a, **k: run(*a, skip_reused=skip, **k)
+        try:
+            surrogate, loss = _shortcut_loss(chain, x_T, labels, target, g, "mse", kept, Plan(scheduler))
+        finally:
+            chain.run = run
+        runs[skip] = (loss, torch.autograd.grad(surrogate, g)[0])
+    assert runs[True][0] > 0
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-7, atol=1e-12)
+    assert runs[True][1].abs().sum() > 0
+
+
 def test_stratified_calls_cover_the_chain():
     gen = torch.Generator().manual_seed(1)
     for n, b in [(50, 8), (10, 10), (6, 3), (50, 1)]:

@@ -204,11 +204,12 @@ def _cached_class(cls: type) -> type:
 class _Plan:
     """Per call: the modes of the blocks and, for transformer chains, the runs of reused blocks."""
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, store_all: bool = False):
         g = schedule.graph
         self.schedule = schedule
         self.modes = [tuple(row) for row in schedule.modes]
-        self.store = tuple(b in set(schedule.cached_blocks) for b in range(len(g)))
+        cached = set(range(len(g))) if store_all else set(schedule.cached_blocks)
+        self.store = tuple(b in cached for b in range(len(g)))
         self.runs = []
         for row in self.modes:
             runs = [()] * len(g)
@@ -233,14 +234,15 @@ class Accelerated:
     """Handle of an accelerated model (see :func:`accelerate`). Context manager; ``remove()``."""
 
     def __init__(self, target: Any, model: nn.Module, schedule: Schedule, scheduler: Any = None,
-                 check_finite: bool = True, auto_resize: bool = False):
+                 check_finite: bool = True, auto_resize: bool = False, store_all: bool = False):
         self.target = target
         self.model = model
         self.schedule = schedule
         self.check_finite = check_finite
         self.auto_resize = auto_resize
+        self.store_all = store_all
         self._scheduler_source = scheduler
-        self._plans: dict[int, _Plan] = {schedule.calls: _Plan(schedule)}
+        self._plans: dict[int, _Plan] = {schedule.calls: _Plan(schedule, store_all)}
         self._plan = self._plans[schedule.calls]
         self.state = CacheState(len(schedule.graph))
         self._explicit = False
@@ -347,7 +349,7 @@ class Accelerated:
                 raise ValueError(f"schedule has {self.schedule.calls} denoiser calls but this run makes {calls} "
                                  f"({why}); use schedule.resize({calls}) or accelerate(..., auto_resize=True)")
             if calls not in self._plans:
-                self._plans[calls] = _Plan(self.schedule.resize(calls))
+                self._plans[calls] = _Plan(self.schedule.resize(calls), self.store_all)
             self._plan = self._plans[calls]
             for mod in self._swapped:  # store flags follow the plan
                 mod._sk_slot.store = self._plan.store[mod._sk_slot.block]
@@ -531,7 +533,7 @@ class Accelerated:
 
 
 def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None, check_finite: bool = True,
-               auto_resize: bool = False) -> Accelerated:
+               auto_resize: bool = False, store_all: bool = False) -> Accelerated:
     """Sample with ``schedule``: blocks reuse their cached outputs where it says so.
 
     Args:
@@ -543,6 +545,8 @@ def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None,
         check_finite: raise at the first reuse of a cached tensor holding NaN/inf.
         auto_resize: when a run makes another number of calls than the schedule, use
             ``schedule.resize(calls)`` instead of raising.
+        store_all: keep every computed block's output in ``handle.state.cache``, not only
+            those a later call reads (DiP-GO's shortcut training reads them all; costs memory).
     Returns the :class:`Accelerated` handle (``remove()``, context manager, ``run()``,
     ``compile()``).
     """
@@ -557,6 +561,6 @@ def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None,
                                   "PixArt and UNets")
     schedule.validate(pipe_or_model)
     handle = Accelerated(pipe_or_model, model, schedule, scheduler=scheduler, check_finite=check_finite,
-                         auto_resize=auto_resize)
+                         auto_resize=auto_resize, store_all=store_all)
     handle._install()
     return handle

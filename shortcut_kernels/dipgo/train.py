@@ -39,7 +39,9 @@ from ..ops.guided_step import guided_step
 from ..samplers import guided_update, history_indices, initial_scale, linear_steps
 from .losses import consistency_loss, kept_macs_fraction, sparsity_loss
 from .pruner import Pruner
-from .supernet import SuperNet
+from .runtime import accelerate
+from .schedule import Schedule
+from .supernet import SuperNet, _flatten
 
 __all__ = ["TrainConfig", "TrainResult", "train", "full_samples", "MODES"]
 
@@ -107,19 +109,52 @@ class _Chain:
         self.null = null_label
         self.n = len(self.steps)
 
+    def _cfg_inputs(self, x: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Classifier-free guidance as one call on a doubled batch: unconditional half first."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(labels, self.null), labels])
+
     def call(self, x: Tensor, t: Tensor, labels: Tensor, gates: Tensor, caches):
         """One guided denoiser call on ``x`` (already input-scaled): (eps_u, eps_c, caches)."""
-        b = x.shape[0]
-        t = t.expand(b) if t.dim() == 0 else t
         g = gates if gates.dim() == 1 else torch.cat([gates, gates])  # per-sample rows: both halves
-        out, caches = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(labels, self.null),
-                                                                              labels]), gates=g, caches=caches)
+        out, caches = self.net(*self._cfg_inputs(x, t, labels), gates=g, caches=caches)
         eu, ec = out.chunk(2)
         return eu, ec, caches
 
-    def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None):
+    def schedule_of(self, gates: Tensor) -> Schedule | None:
+        """The schedule that hard, cascade-normalised gates describe (None for any other gates:
+        soft values, per-sample rows, call 0 not computing, or nothing reused)."""
+        if gates.dim() != 2 or not bool(((gates == 0) | (gates == 1)).all()) or bool(gates.all()):
+            return None
+        keep = gates.detach().cpu() > 0.5
+        if not bool(keep[0].all()) or not torch.equal(self.net.graph.cascade(keep), keep):
+            return None
+        return Schedule(keep, self.net.graph)
+
+    def _run_skipping(self, x_T: Tensor, labels: Tensor, schedule: Schedule, on_call: Callable | None):
+        """The no-graph run through the runtime (:func:`.accelerate`): reused blocks are not
+        computed, so the run costs the kept MACs. With hard cascade-normalised gates the
+        SuperNet computes the same sample (it computes every block and then discards the
+        reused ones) and leaves the same caches, which ``on_call`` receives in its format."""
+        x = x_T * self.init_scale
+        xs, outs = {}, {}
+        with accelerate(self.net.model, schedule, store_all=on_call is not None) as handle, handle.run():
+            for st in self.steps:
+                i = st.index
+                if on_call is not None:
+                    on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
+                eu, ec = self.net.model(*self._cfg_inputs(st.input_scale * x, self.timesteps[i], labels)).chunk(2)
+                x = guided_update(st, x, eu, ec, self.w, xs, outs, self.uses_x, self.uses_out)
+        return x
+
+    def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
+            skip_reused: bool = True):
         """The final sample. ``grad``: ``"none"`` (no graph), ``"exact"`` (graph through every
-        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs."""
+        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs.
+        Without a graph and with hard gates (``skip_reused``) reused blocks are skipped."""
+        schedule = self.schedule_of(gates) if skip_reused and grad == "none" and not torch.is_grad_enabled() else None
+        if schedule is not None:
+            return self._run_skipping(x_T, labels, schedule, on_call)
         x = x_T * self.init_scale
         xs, outs, caches = {}, {}, None
         for st in self.steps:
@@ -335,6 +370,10 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             else:
                 gates = pruner(cfg.gumbel_tau)
                 sparsity = sparsity_loss(gates, net.graph, cfg.target)
+            # the chain runs what the schedule will: a block whose consumers all reuse is not
+            # computed and keeps its cache (exact on 0/1 gates, differentiable; a no-op for the
+            # budgeted gates, which are cascaded already), so the shortcut's no-graph run can skip it
+            gates = net.graph.cascade(gates)
             if cfg.mode == "exact":
                 x0 = chain.run(x_T, labels, gates, grad="exact")
                 consistency = consistency_loss(x0, target, cfg.consistency).mean()
