@@ -187,15 +187,17 @@ def test_resize(sd):
     assert r.calls == 25 and r.computed_calls(0) == list(range(0, 25, 3))
     e = skip_steps(sd, 50, compute=[10, 20, 40])
     assert e.resize(25).computed_calls() == [0, 5, 10, 20]
-    custom = Schedule(e.keep, e.graph)  # no builder, whole calls: the same share at the quantiles
-    rc = custom.resize(99)
+    custom = Schedule(e.keep, e.graph)  # no builder, whole calls: the same share, the same density
+    rc = custom.resize(99)  # 4 of 50 -> 8 of 99: each reuse segment (0-10, 10-20, 20-40, 40-50) split in two
     assert rc.calls == 99 and bool(rc.keep[0].all())
-    assert len(rc.computed_calls()) == 8 and rc.computed_calls()[-1] == 80  # 4 of 50 -> 8 of 99; 40/49 -> 80/98
-    assert custom.resize(20).computed_calls() == [0, 16]  # 4 of 50 -> 2 of 20: the first and the last
+    assert rc.computed_calls() == [0, 10, 20, 30, 40, 59, 79, 89]  # 0, 5, ..., 45 of 50, scaled by 99/50
+    assert custom.resize(20).computed_calls() == [0, 8]  # 4 of 50 -> 2 of 20: segments merged in pairs
     early = Schedule(skip_steps(sd, 50, compute=[0, 1, 2, 3, 4, 5, 30, 49]).keep, e.graph).resize(25)
-    assert early.computed_calls() == [0, 1, 2, 24]  # 8 of 50 -> 4 of 25, still early-dense
+    assert early.computed_calls() == [0, 1, 2, 15]  # 8 of 50 -> 4 of 25: calls 0, 2, 4, 30, still early-dense
+    uniform = Schedule(skip_steps(sd, 50, count=10).keep, e.graph)
+    assert uniform.resize(25).computed_calls() == [0, 5, 10, 15, 20]  # uniform stays uniform
     up = Schedule(skip_steps(sd, 3, compute=[0, 1]).keep, e.graph).resize(7)
-    assert up.computed_calls() == [0, 1, 2, 3, 4]  # rounded positions 0, 1, 2, 2, 3: collisions pushed apart
+    assert up.computed_calls() == [0, 1, 2, 3, 5]  # 0, 0.4, 0.8, 1.4, 2.2 of 3, scaled by 7/3
     dc = deepcache(sd, 50, 3, 0)
     partial = Schedule(dc.keep, dc.graph).resize(20)  # partial rows: resampled row by row
     assert partial.calls == 20 and bool(partial.keep[0].all())

@@ -344,8 +344,8 @@ class Schedule:
 
         Schedules made by a builder are rebuilt with the same arguments (a deepcache(3)
         schedule stays interval 3). Other schedules of whole calls keep the same share of
-        computed calls, placed at the quantiles of the old ones (an early-dense schedule
-        stays early-dense); the rest are resampled row by row (call ``t`` of the new
+        computed calls with the same density along the trajectory (halving merges pairs of
+        adjacent reuse segments; an early-dense schedule stays early-dense); the rest are resampled row by row (call ``t`` of the new
         schedule takes row ``floor(t * T / calls)``, so the fraction of each kind of row is
         kept), call 0 full.
         """
@@ -375,17 +375,18 @@ class Schedule:
 
 
 def _requantile(computed: list[int], old: int, new: int) -> list[int]:
-    """``round(len(computed) * new / old)`` calls of ``new`` placed at the quantiles of
-    ``computed`` (positions of ``old``): the same share of computed calls, with the same
-    density along the trajectory (early-dense stays early-dense)."""
+    """``round(len(computed) * new / old)`` calls of ``new`` with the same density along the
+    trajectory. Each computed call starts a segment that lasts until the next one (the last
+    until the end); the new calls sit at the ``j / n`` quantiles of that segment density,
+    then scale to the new length. Halving merges pairs of adjacent segments, doubling splits
+    each in two, a uniform schedule stays uniform and an early-dense one early-dense."""
     n = max(1, min(new, round(len(computed) * new / old)))
+    ends = list(computed) + [old]
     pos = []
     for j in range(n):
-        q = j * (len(computed) - 1) / max(1, n - 1)
-        lo = int(q)
-        hi = min(lo + 1, len(computed) - 1)
-        t = computed[lo] + (q - lo) * (computed[hi] - computed[lo])
-        pos.append(round(t * (new - 1) / max(1, old - 1)))
+        x = j * len(computed) / n
+        k = int(x)
+        pos.append(round((ends[k] + (x - k) * (ends[k + 1] - ends[k])) * new / old))
     out = []
     for p in pos:  # strictly increasing, then pulled back inside 0..new-1
         out.append(max(p, out[-1] + 1) if out else 0)
