@@ -19,7 +19,16 @@ from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
 from shortcut_kernels.dipgo.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.evaluate import evaluate, handmade
-from shortcut_kernels.dipgo.search import local_search, zoo_sampler
+from shortcut_kernels.dipgo.search import branch_patterns, local_search, whole_calls_on, zoo_sampler
+
+
+def _resumed(name: str, count: int, path: str):
+    """(schedule, record) of an earlier output's searched schedule for this model and budget."""
+    for r in json.load(open(path))["results"]:
+        if r["model"] == name and r["count"] == count:
+            model = zoo.load(name).model
+            return Schedule(torch.tensor(r["keep"]), graph_of(model, r.get("granularity", "coarse"))), r
+    raise SystemExit(f"{path} has no searched schedule for {name} at {count} calls")
 
 
 def run(name: str, count: int, args) -> dict:
@@ -30,13 +39,24 @@ def run(name: str, count: int, args) -> dict:
     ref = sample(None)
     bank = {k: zoo.metrics.psnr(sample(s), ref) for k, s in window.items()}
     start_key = max(bank, key=bank.get)
-    res = local_search(window[start_key], sample, radius=args.radius, time_budget=args.time_budget)
+    start, before = window[start_key], None
+    if args.resume:  # continue an earlier search (its seconds are reported beside this one's)
+        start, before = _resumed(name, count, args.resume)
+        start_key = f"searched({before['start']})"
+    fine = graph_of(model, "fine")
+    patterns = branch_patterns(fine) if args.trades else []
+    if patterns and start.granularity != "fine":
+        start = whole_calls_on(start, fine)
+    res = local_search(start, sample, radius=args.radius, time_budget=args.time_budget, patterns=patterns)
     rows = evaluate(name, {"searched": res.schedule, **window}, per_class=args.per_class, progress=False)
     searched = next(r for r in rows if r["schedule"] == "searched")
     hand = [r for r in rows if r["schedule"] not in ("searched", "full")]
     best = max(hand, key=lambda r: r["psnr_vs_full"])
     out = dict(model=name, count=count, start=start_key, bank_psnr_start=res.start_psnr, bank_psnr=res.psnr,
                evaluations=res.evaluations, search_seconds=res.seconds, computed_calls=res.schedule.computed_calls(),
+               trades=bool(patterns), moves=res.history,
+               resumed=None if before is None else dict(from_file=args.resume, search_seconds=before["search_seconds"],
+                                                        evaluations=before["evaluations"]),
                keep=res.schedule.keep.int().tolist(), granularity=res.schedule.granularity,
                bank_handmade=bank, rows=rows, best_handmade=best["schedule"],
                gain_db=searched["psnr_vs_full"] - best["psnr_vs_full"])
@@ -101,6 +121,8 @@ def main() -> None:
     ap.add_argument("--radius", type=int, default=2)
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds of search per model and budget")
     ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--trades", action="store_true", help="UNets: also trade whole calls for DeepCache-branch rows")
+    ap.add_argument("--resume", metavar="JSON", help="start from the searched schedules of an earlier output")
     ap.add_argument("--transfer", metavar="JSON", help="only evaluate the searched schedules of this output, "
                     "resized to --transfer-calls with --transfer-scheduler")
     ap.add_argument("--transfer-calls", type=int, default=25)

@@ -6,7 +6,8 @@ import torch
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
 from shortcut_kernels.dipgo.schedule import deepcache
-from shortcut_kernels.dipgo.search import local_search, zoo_sampler
+from shortcut_kernels.dipgo.schedule import graph_of
+from shortcut_kernels.dipgo.search import branch_patterns, local_search, whole_calls_on, zoo_sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
@@ -37,6 +38,33 @@ def test_search_finds_the_known_optimum_and_keeps_the_budget(unet, radius):
     assert res.schedule.macs_kept <= start.macs_kept + 1e-12
     assert res.psnr > res.start_psnr
     assert [h["score"] for h in res.history] == sorted(h["score"] for h in res.history)
+
+
+def test_trades_give_a_whole_call_to_partial_rows_when_that_helps(unet):
+    fine = graph_of(unet, "fine")
+    patterns = branch_patterns(fine)
+    assert patterns and patterns[0] == [len(fine) - 1]  # DeepCache's cheapest branch: the last up block
+    assert all(fine.macs_kept([b in p for b in range(len(fine))]) <= 0.5 * fine.total_macs for p in patterns)
+    assert branch_patterns(graph_of(unet, "coarse")) == []
+    start = whole_calls_on(skip_steps(unet, 16, compute=[0, 4, 8, 12]), fine)
+    assert start.granularity == "fine" and start.computed_calls() == [0, 4, 8, 12]
+
+    def sample(schedule):  # the error falls with the number of calls that compute anything
+        if schedule is None:
+            return torch.zeros(2, 1, 4, 4)
+        busy = int(schedule.keep.any(1).sum())
+        return torch.full((2, 1, 4, 4), 0.1 / busy)
+
+    res = local_search(start, sample, radius=1, patterns=patterns[:1], progress=False)
+    assert res.psnr > res.start_psnr and res.schedule.macs_kept <= start.macs_kept + 1e-12
+    traded = [h for h in res.history if "traded" in h]
+    assert traded and traded[0]["pattern"] == patterns[0]
+    whole = [c for c in range(16) if bool(res.schedule.keep[c].all())]
+    partial = [c for c in range(16) if bool(res.schedule.keep[c].any()) and c not in whole]
+    assert len(whole) < 4 and partial  # a computed call became partial rows
+    assert all(res.schedule.keep[c].nonzero().flatten().tolist() == patterns[0] for c in partial)
+    with pytest.raises(ValueError, match="whole-call"):
+        whole_calls_on(deepcache(unet, 12, 3, 0), fine)
 
 
 def test_search_stops_at_max_evals_and_moves_partial_rows(unet):

@@ -14,7 +14,11 @@ against the full model's samples of the same training noise.
 A move swaps the rows of two calls a few steps apart (``radius``): a computed call moves
 earlier or later, a partial row (e.g. DeepCache's shallow branch) moves with its pattern. The
 MAC budget of the start schedule is never exceeded. The first improving move of a sweep is
-taken; the search stops when a whole sweep finds none, or at ``max_evals`` / ``time_budget``.
+taken. When a whole sweep finds none, the search tries *trades* (given ``patterns``, the
+partial rows of a UNet's DeepCache branches, :func:`branch_patterns`): one computed call
+gives its MACs to partial rows of a pattern placed just after the computed calls; the best
+trade that helps is taken and the sweeps go on. The search stops when neither helps, or at
+``max_evals`` / ``time_budget``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from tqdm import tqdm
 from .runtime import accelerate
 from .schedule import Schedule
 
-__all__ = ["local_search", "zoo_sampler", "SearchResult", "TRAIN_SEED"]
+__all__ = ["local_search", "search", "zoo_sampler", "branch_patterns", "whole_calls_on", "SearchResult",
+           "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; evaluation (dipgo.evaluate) uses seed 1234
 
@@ -83,19 +88,64 @@ def _psnr(x: Tensor, ref: Tensor) -> float:
 def _swapped(s: Schedule, a: int, b: int) -> Schedule:
     keep = s.keep.clone()
     keep[[a, b]] = keep[[b, a]]
+    return _as_searched(s, keep)
+
+
+def branch_patterns(graph, max_share: float = 0.5) -> list[list[int]]:
+    """The partial rows of DeepCache's skip branches on a fine UNet graph (the shallow blocks
+    that still compute when the deep ones reuse), cheapest first, each costing at most
+    ``max_share`` of a call; none for graphs without DeepCache numbering (transformers)."""
+    from ..models.deepcache import num_skips
+    from .schedule import deepcache
+
+    if graph.granularity != "fine" or not graph.blocks or graph.blocks[0].deepcache is None:
+        return []
+    out = []
+    for skip in range(num_skips(graph)):
+        row = deepcache(graph, 2, 2, None, skip=skip).keep[1]
+        if graph.macs_kept(row.tolist()) <= max_share * graph.total_macs:
+            out.append(row.nonzero().flatten().tolist())
+    return out
+
+
+def _traded(s: Schedule, drop: int, pattern: list[int]) -> Schedule | None:
+    """``s`` without the whole call ``drop``, its MACs given to partial rows of ``pattern`` at
+    the reused calls just after the computed ones (1 after each, then 2 after, ...)."""
+    keep = s.keep.clone()
+    keep[drop] = False
+    whole = [c for c in range(s.calls) if bool(keep[c].all())]
+    budget = s.macs_kept + 1e-9
+    added = 0
+    for d in range(1, s.calls):
+        for c in whole:
+            t = c + d
+            if t >= s.calls or bool(keep[t].any()) or any(t == w for w in whole):
+                continue
+            keep[t, pattern] = True
+            if Schedule(keep, s.graph).macs_kept > budget:
+                keep[t, pattern] = False
+                return _as_searched(s, keep) if added else None
+            added += 1
+    return _as_searched(s, keep) if added else None
+
+
+def _as_searched(s: Schedule, keep: Tensor) -> Schedule:
     return Schedule(keep, s.graph, name="searched", params={"start": s.params.get("start", s.name)},
                     sampler=s.sampler, steps=s.steps)
 
 
 def local_search(start: Schedule, sample: Callable[[Schedule | None], Tensor], *, radius: int = 2,
                  min_gain: float = 0.02, max_evals: int | None = None, time_budget: float | None = None,
-                 metric: Callable[[Tensor, Tensor], float] = _psnr, progress: bool = True) -> SearchResult:
+                 metric: Callable[[Tensor, Tensor], float] = _psnr, patterns=(), progress: bool = True
+                 ) -> SearchResult:
     """Improve ``start`` (same MACs or fewer) by moving its rows; see the module docstring.
 
     sample: ``sample(schedule) -> images`` on training noise; ``sample(None)`` the full model
         (:func:`zoo_sampler` builds one for the zoo models).
     radius: a row may move up to this many calls.
     min_gain: a move must raise ``metric`` (PSNR in dB by default) by more than this.
+    patterns: partial rows (block indices of ``start.graph``) for trades, e.g.
+        ``branch_patterns(graph_of(model, "fine"))``; none: only moves.
     """
     if not isinstance(start, Schedule):
         raise TypeError(f"start must be a Schedule, got {type(start).__name__}")
@@ -139,18 +189,54 @@ def local_search(start: Schedule, sample: Callable[[Schedule | None], Tensor], *
                 break
         since_last = 0 if accepted else since_last + 1
         a = a % (best.calls - 1) + 1  # 1..calls-1: call 0 always computes everything
+        if since_last == best.calls - 1 and patterns and not out_of_time():  # no move helps: trade
+            trades = [(c, i) for c in best.computed_calls() if c > 0 and bool(best.keep[c].all())
+                      for i in range(len(patterns))]
+            scored = []
+            for c, i in trades:
+                cand = _traded(best, c, list(patterns[i]))
+                if cand is None:
+                    continue
+                scored.append((metric(sample(cand), ref), c, i, cand))
+                result.evaluations += 1
+                bar.update(1)
+                if out_of_time():
+                    break
+            if scored:
+                score, c, i, cand = max(scored, key=lambda x: x[0])
+                if score > best_score + min_gain:
+                    best, best_score, since_last = cand, score, 0
+                    result.history.append(dict(evaluations=result.evaluations, traded=c, pattern=patterns[i],
+                                               score=score, seconds=time.perf_counter() - t0))
+                    bar.set_postfix(psnr=f"{score:.2f}")
     bar.close()
     result.schedule, result.psnr = best, best_score
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def whole_calls_on(schedule: Schedule, graph) -> Schedule:
+    """A schedule of whole-call rows rebuilt on another graph of the same model (e.g. the fine
+    one, where partial rows can be traded in)."""
+    rows = schedule.keep
+    if not bool((rows.all(1) | ~rows.any(1)).all()):
+        raise ValueError("only schedules of whole-call rows can change graph")
+    keep = rows.all(1, keepdim=True).expand(-1, len(graph)).clone()
+    return Schedule(keep, graph, name=schedule.name, params=schedule.params, sampler=schedule.sampler,
+                    steps=schedule.steps)
+
+
 def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: int = 30, guidance: float = 3.0,
-           radius: int = 2, time_budget: float | None = None, progress: bool = True) -> SearchResult:
+           radius: int = 2, trades: bool = True, time_budget: float | None = None, progress: bool = True
+           ) -> SearchResult:
     """A zoo model's schedule keeping at most ``target`` of the MACs: score the hand-made
     schedules within that budget (the top 10% of it) on the training bank, then
-    :func:`local_search` from the best of them. ``result.start_psnr`` is that start's PSNR."""
+    :func:`local_search` from the best of them (with ``trades`` on a UNet: on its fine graph,
+    trading whole calls for DeepCache-branch partial rows). ``result.start_psnr`` is that
+    start's PSNR."""
+    from .. import zoo
     from .evaluate import handmade
+    from .schedule import graph_of
 
     if not 0 < target <= 1:
         raise ValueError(f"target is the kept-MAC fraction in (0, 1], got {target}")
@@ -162,4 +248,9 @@ def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: in
     sample = zoo_sampler(name_or_model, scheduler, n=bank, calls=calls, guidance=guidance)
     ref = sample(None)
     start = max(options.values(), key=lambda s: _psnr(sample(s), ref))
-    return local_search(start, sample, radius=radius, time_budget=time_budget, progress=progress)
+    model = zoo.load(name_or_model).model if isinstance(name_or_model, str) else name_or_model
+    patterns = branch_patterns(graph_of(model, "fine")) if trades else []
+    if patterns and start.granularity != "fine":
+        start = whole_calls_on(start, graph_of(model, "fine"))
+    return local_search(start, sample, radius=radius, time_budget=time_budget, patterns=patterns,
+                        progress=progress)
