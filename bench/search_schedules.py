@@ -52,6 +52,7 @@ def run(name: str, count: int, args) -> dict:
     searched = next(r for r in rows if r["schedule"] == "searched")
     hand = [r for r in rows if r["schedule"] not in ("searched", "full")]
     best = max(hand, key=lambda r: r["psnr_vs_full"])
+    best_mean = max(hand, key=lambda r: r["psnr_image_mean"])
     out = dict(model=name, count=count, start=start_key, bank_psnr_start=res.start_psnr, bank_psnr=res.psnr,
                evaluations=res.evaluations, search_seconds=res.seconds, computed_calls=res.schedule.computed_calls(),
                trades=bool(patterns), moves=res.history,
@@ -59,11 +60,13 @@ def run(name: str, count: int, args) -> dict:
                                                         evaluations=before["evaluations"]),
                keep=res.schedule.keep.int().tolist(), granularity=res.schedule.granularity,
                bank_handmade=bank, rows=rows, best_handmade=best["schedule"],
-               gain_db=searched["psnr_vs_full"] - best["psnr_vs_full"])
+               gain_db=searched["psnr_vs_full"] - best["psnr_vs_full"],
+               best_handmade_image_mean=best_mean["schedule"],
+               gain_db_image_mean=searched["psnr_image_mean"] - best_mean["psnr_image_mean"])
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "bank_handmade")}), flush=True)
     for r in rows:
-        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB  acc {r['class_accuracy']:.3f}"
-              f"  FD {r['digits_fd']:.3f}", flush=True)
+        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB (image mean "
+              f"{r['psnr_image_mean']:6.2f})  acc {r['class_accuracy']:.3f}  FD {r['digits_fd']:.3f}", flush=True)
     return out
 
 
@@ -87,8 +90,8 @@ def transfer(result: dict, args) -> dict:
                computed_calls=resized.computed_calls(), rows=rows)
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
     for r in rows:
-        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB  acc {r['class_accuracy']:.3f}"
-              f"  FD {r['digits_fd']:.3f}", flush=True)
+        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB (image mean "
+              f"{r['psnr_image_mean']:6.2f})  acc {r['class_accuracy']:.3f}  FD {r['digits_fd']:.3f}", flush=True)
     return out
 
 

@@ -199,8 +199,19 @@ def test_resize(sd):
     up = Schedule(skip_steps(sd, 3, compute=[0, 1]).keep, e.graph).resize(7)
     assert up.computed_calls() == [0, 1, 2, 3, 5]  # 0, 0.4, 0.8, 1.4, 2.2 of 3, scaled by 7/3
     dc = deepcache(sd, 50, 3, 0)
-    partial = Schedule(dc.keep, dc.graph).resize(20)  # partial rows: resampled row by row
+    partial = Schedule(dc.keep, dc.graph).resize(20)  # every kind of row keeps its share
     assert partial.calls == 20 and bool(partial.keep[0].all())
+    assert len(partial.computed_calls(dc.graph.names[0])) == 7 and abs(partial.macs_kept - dc.macs_kept) < 0.03
+    # whole calls and partial rows of one pattern: each kind keeps its density, whole calls first
+    keep = torch.zeros(50, len(dc.graph), dtype=torch.bool)
+    keep[list(range(0, 50, 5))] = True
+    pattern = dc.keep[1]
+    keep[[2, 12, 22, 32, 42, 47]] = pattern
+    mixed = Schedule(keep, dc.graph).resize(25)
+    whole = [c for c in range(25) if bool(mixed.keep[c].all())]
+    rows = [c for c in range(25) if bool(mixed.keep[c].any()) and c not in whole]
+    assert whole == [0, 5, 10, 15, 20]
+    assert rows == [1, 11, 21] and all(torch.equal(mixed.keep[c], pattern) for c in rows)  # 2, 22, 42 halved
 
 
 def test_summary_cache_memory_and_plot(sd, tmp_path):

@@ -55,7 +55,7 @@ def evaluate(name: str, schedules: Mapping[str, Schedule], *, per_class: int = 2
              guidance: float = 3.0, scheduler_cls=None, progress: bool = True) -> list[dict]:
     """Sample ``per_class`` images of each digit with every schedule (and the full model)
     from the same noise; one row per schedule: ``macs_kept``, ``class_accuracy``,
-    ``digits_fd``, ``psnr_vs_full`` (dB), ``seconds``."""
+    ``digits_fd``, ``psnr_vs_full`` and ``psnr_image_mean`` (dB), ``seconds``."""
     z = zoo.load(name)
     model = z.model
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -77,10 +77,12 @@ def evaluate(name: str, schedules: Mapping[str, Schedule], *, per_class: int = 2
         rows.append(dict(model=name, schedule=key, calls=steps, macs_kept=s.macs_kept,
                          ideal_speedup=s.ideal_speedup, class_accuracy=zoo.metrics.class_accuracy(x, labels),
                          digits_fd=zoo.metrics.digits_fd(x), psnr_vs_full=zoo.metrics.psnr(x, ref),
+                         psnr_image_mean=float(zoo.metrics.psnr(x, ref, per_image=True).mean()),
                          seconds=time.perf_counter() - t0, n_samples=len(labels)))
     rows.append(dict(model=name, schedule="full", calls=steps, macs_kept=1.0, ideal_speedup=1.0,
                      class_accuracy=zoo.metrics.class_accuracy(ref, labels), digits_fd=zoo.metrics.digits_fd(ref),
-                     psnr_vs_full=float("inf"), seconds=float("nan"), n_samples=len(labels)))
+                     psnr_vs_full=float("inf"), psnr_image_mean=float("inf"), seconds=float("nan"),
+                     n_samples=len(labels)))
     return rows
 
 

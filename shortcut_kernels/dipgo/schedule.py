@@ -343,11 +343,10 @@ class Schedule:
         """The same schedule for ``calls`` denoiser calls.
 
         Schedules made by a builder are rebuilt with the same arguments (a deepcache(3)
-        schedule stays interval 3). Other schedules of whole calls keep the same share of
-        computed calls with the same density along the trajectory (halving merges pairs of
-        adjacent reuse segments; an early-dense schedule stays early-dense); the rest are resampled row by row (call ``t`` of the new
-        schedule takes row ``floor(t * T / calls)``, so the fraction of each kind of row is
-        kept), call 0 full.
+        schedule stays interval 3). Other schedules keep, for each kind of row (whole calls,
+        and each pattern of partial rows), the same share of calls with the same density along
+        the trajectory (halving merges pairs of adjacent segments; an early-dense schedule
+        stays early-dense); whole calls are placed first, call 0 among them.
         """
         calls = _check_calls(calls)
         if calls == self.calls:
@@ -362,25 +361,18 @@ class Schedule:
                 params["compute"] = new
                 params["count"] = None
             return builder(self.graph, calls, **params)
-        if bool((self.keep.all(1) | ~self.keep.any(1)).all()):  # whole-call rows: keep their density
-            keep = torch.zeros(calls, self.keep.shape[1], dtype=torch.bool)
-            keep[_requantile(self.computed_calls(), self.calls, calls)] = True
-            return Schedule(keep, self.graph, name=self.name, params={**self.params, "resized_from": self.calls},
-                            sampler=self.sampler)
-        idx = [min(self.calls - 1, (t * self.calls) // calls) for t in range(calls)]
-        keep = self.keep[idx].clone()
-        keep[0] = True
-        return Schedule(keep, self.graph, name=self.name, params={**self.params, "resized_from": self.calls},
-                        sampler=self.sampler)
+        return Schedule(_resized_rows(self.keep, calls), self.graph, name=self.name,
+                        params={**self.params, "resized_from": self.calls}, sampler=self.sampler)
 
 
-def _requantile(computed: list[int], old: int, new: int) -> list[int]:
-    """``round(len(computed) * new / old)`` calls of ``new`` with the same density along the
+def _requantile(computed: list[int], old: int, new: int, pin_first: bool = True) -> list[int]:
+    """``len(computed) * new / old`` calls of ``new`` (rounded) with the same density along the
     trajectory. Each computed call starts a segment that lasts until the next one (the last
     until the end); the new calls sit at the ``j / n`` quantiles of that segment density,
     then scale to the new length. Halving merges pairs of adjacent segments, doubling splits
-    each in two, a uniform schedule stays uniform and an early-dense one early-dense."""
-    n = max(1, min(new, round(len(computed) * new / old)))
+    each in two, a uniform schedule stays uniform and an early-dense one early-dense.
+    ``pin_first``: the first call is call 0 (whole calls)."""
+    n = max(1, min(new, math.floor(len(computed) * new / old + 0.5)))  # half up: 4.5 calls -> 5
     ends = list(computed) + [old]
     pos = []
     for j in range(n):
@@ -389,9 +381,34 @@ def _requantile(computed: list[int], old: int, new: int) -> list[int]:
         pos.append(round((ends[k] + (x - k) * (ends[k + 1] - ends[k])) * new / old))
     out = []
     for p in pos:  # strictly increasing, then pulled back inside 0..new-1
-        out.append(max(p, out[-1] + 1) if out else 0)
+        out.append(max(p, out[-1] + 1) if out else (0 if pin_first else min(p, new - 1)))
     for i in range(n - 1, -1, -1):
         out[i] = min(out[i], new - n + i)
+    return out
+
+
+def _resized_rows(keep: torch.Tensor, calls: int) -> torch.Tensor:
+    """``keep`` for ``calls`` calls: each kind of row (whole calls first, then each partial
+    pattern, most frequent first) keeps its density (:func:`_requantile`); a row that lands
+    on a taken call moves to the nearest free one, and the rest reuse."""
+    old, n = keep.shape
+    kinds: dict[tuple, list[int]] = {}
+    for c in range(old):
+        if bool(keep[c].any()):
+            kinds.setdefault(tuple(keep[c].tolist()), []).append(c)
+    whole = tuple([True] * n)
+    order = sorted(kinds, key=lambda k: (k != whole, -len(kinds[k])))
+    out = torch.zeros(calls, n, dtype=torch.bool)
+    taken: set[int] = set()
+    for kind in order:
+        for p in _requantile(kinds[kind], old, calls, pin_first=kind == whole):
+            free = [q for q in range(calls) if q not in taken]
+            if not free:
+                break
+            q = min(free, key=lambda q: (abs(q - p), q))
+            out[q] = torch.tensor(kind)
+            taken.add(q)
+    out[0] = True
     return out
 
 
