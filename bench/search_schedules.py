@@ -22,11 +22,13 @@ from shortcut_kernels.dipgo.evaluate import evaluate, handmade
 from shortcut_kernels.dipgo.search import branch_patterns, local_search, whole_calls_on, zoo_sampler
 
 
-def _resumed(name: str, count: int, path: str):
+def _resumed(name: str, count: int, calls: int, path: str):
     """(schedule, record) of an earlier output's searched schedule for this model and budget."""
     for r in json.load(open(path))["results"]:
         if r["model"] == name and r["count"] == count:
             model = zoo.load(name).model
+            if "keep" not in r:  # whole calls: the computed calls say it all
+                return skip_steps(model, calls, compute=r["computed_calls"]), r
             return Schedule(torch.tensor(r["keep"]), graph_of(model, r.get("granularity", "coarse"))), r
     raise SystemExit(f"{path} has no searched schedule for {name} at {count} calls")
 
@@ -41,7 +43,7 @@ def run(name: str, count: int, args) -> dict:
     start_key = max(bank, key=bank.get)
     start, before = window[start_key], None
     if args.resume:  # continue an earlier search (its seconds are reported beside this one's)
-        start, before = _resumed(name, count, args.resume)
+        start, before = _resumed(name, count, args.calls, args.resume)
         start_key = f"searched({before['start']})"
     fine = graph_of(model, "fine")
     patterns = branch_patterns(fine) if args.trades else []
@@ -82,8 +84,11 @@ def transfer(result: dict, args) -> dict:
         searched = Schedule(rows.keep, rows.graph, name="searched")  # resized as a custom schedule
     resized = searched.resize(args.transfer_calls)
     every_count = range(2, args.transfer_calls // 2 + 1)
-    window = {k: s for k, s in handmade(name, args.transfer_calls, counts=every_count).items()
-              if resized.macs_kept * 0.98 <= s.macs_kept <= resized.macs_kept * 1.02}
+    options = handmade(name, args.transfer_calls, counts=every_count)
+    window = {k: s for k, s in options.items() if resized.macs_kept * 0.98 <= s.macs_kept <= resized.macs_kept * 1.02}
+    if not window:  # between two MAC levels: the hand-made ones at the nearest level above (they keep more)
+        level = min(s.macs_kept for s in options.values() if s.macs_kept >= resized.macs_kept)
+        window = {k: s for k, s in options.items() if level <= s.macs_kept <= level * 1.02}
     rows = evaluate(name, {"searched": resized, **window}, per_class=args.per_class, progress=False,
                     scheduler_cls=args.transfer_scheduler)
     out = dict(model=name, count=result["count"], calls=args.transfer_calls, scheduler=args.transfer_scheduler,

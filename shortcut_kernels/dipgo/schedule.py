@@ -343,8 +343,8 @@ class Schedule:
         """The same schedule for ``calls`` denoiser calls.
 
         Schedules made by a builder are rebuilt with the same arguments (a deepcache(3)
-        schedule stays interval 3). Other schedules keep, for each kind of row (whole calls,
-        and each pattern of partial rows), the same share of calls with the same density along
+        schedule stays interval 3). Other schedules keep the MAC share nearest theirs and, for
+        each kind of row (whole calls, and each pattern of partial rows), their density along
         the trajectory (halving merges pairs of adjacent segments; an early-dense schedule
         stays early-dense); whole calls are placed first, call 0 among them.
         """
@@ -361,18 +361,20 @@ class Schedule:
                 params["compute"] = new
                 params["count"] = None
             return builder(self.graph, calls, **params)
-        return Schedule(_resized_rows(self.keep, calls), self.graph, name=self.name,
+        return Schedule(_resized_rows(self.keep, calls, self.graph), self.graph, name=self.name,
                         params={**self.params, "resized_from": self.calls}, sampler=self.sampler)
 
 
-def _requantile(computed: list[int], old: int, new: int, pin_first: bool = True) -> list[int]:
-    """``len(computed) * new / old`` calls of ``new`` (rounded) with the same density along the
-    trajectory. Each computed call starts a segment that lasts until the next one (the last
-    until the end); the new calls sit at the ``j / n`` quantiles of that segment density,
-    then scale to the new length. Halving merges pairs of adjacent segments, doubling splits
-    each in two, a uniform schedule stays uniform and an early-dense one early-dense.
-    ``pin_first``: the first call is call 0 (whole calls)."""
-    n = max(1, min(new, math.floor(len(computed) * new / old + 0.5)))  # half up: 4.5 calls -> 5
+def _requantile(computed: list[int], old: int, new: int, pin_first: bool = True, n: int | None = None) -> list[int]:
+    """``n`` calls of ``new`` (default: ``len(computed) * new / old``, rounded half up) with the
+    same density along the trajectory. Each computed call starts a segment that lasts until
+    the next one (the last until the end); the new calls sit at the ``j / n`` quantiles of that
+    segment density, then scale to the new length. Halving merges pairs of adjacent segments,
+    doubling splits each in two, a uniform schedule stays uniform and an early-dense one
+    early-dense. ``pin_first``: the first call is call 0 (whole calls)."""
+    if n is None:
+        n = math.floor(len(computed) * new / old + 0.5)
+    n = max(1, min(new, n))
     ends = list(computed) + [old]
     pos = []
     for j in range(n):
@@ -387,21 +389,36 @@ def _requantile(computed: list[int], old: int, new: int, pin_first: bool = True)
     return out
 
 
-def _resized_rows(keep: torch.Tensor, calls: int) -> torch.Tensor:
-    """``keep`` for ``calls`` calls: each kind of row (whole calls first, then each partial
-    pattern, most frequent first) keeps its density (:func:`_requantile`); a row that lands
-    on a taken call moves to the nearest free one, and the rest reuse."""
+def _resized_rows(keep: torch.Tensor, calls: int, graph: BlockGraph) -> torch.Tensor:
+    """``keep`` for ``calls`` calls with the MAC share nearest the old one and, for each kind of
+    row (whole calls, each pattern of partial rows), the same density (:func:`_requantile`).
+    Counts: each kind's share of the new calls rounded down, then one more row of a kind (the
+    largest remainder first, partial rows before whole calls on a tie: they are the finer step)
+    where that brings the MAC share nearer the old one. Whole calls are placed first, call 0
+    among them; a row that lands on a taken call moves to the nearest free one."""
     old, n = keep.shape
     kinds: dict[tuple, list[int]] = {}
     for c in range(old):
         if bool(keep[c].any()):
             kinds.setdefault(tuple(keep[c].tolist()), []).append(c)
     whole = tuple([True] * n)
-    order = sorted(kinds, key=lambda k: (k != whole, -len(kinds[k])))
+    cost = {k: sum(m for m, on in zip(graph.block_macs, k) if on) for k in kinds}
+    target = sum(cost[k] * len(v) for k, v in kinds.items()) / old * calls  # MACs of the new rows
+    exact = {k: len(v) * calls / old for k, v in kinds.items()}
+    count = {k: math.floor(x) for k, x in exact.items()}
+    count[whole] = max(1, count[whole])
+    spent = sum(cost[k] * count[k] for k in kinds)
+    for k in sorted(kinds, key=lambda k: (-(exact[k] - math.floor(exact[k])), k == whole)):
+        if (count[k] < math.ceil(exact[k]) and sum(count.values()) < calls
+                and abs(spent + cost[k] - target) < abs(spent - target)):
+            count[k] += 1
+            spent += cost[k]
     out = torch.zeros(calls, n, dtype=torch.bool)
     taken: set[int] = set()
-    for kind in order:
-        for p in _requantile(kinds[kind], old, calls, pin_first=kind == whole):
+    for kind in sorted(kinds, key=lambda k: (k != whole, -len(kinds[k]))):
+        if not count[kind]:
+            continue
+        for p in _requantile(kinds[kind], old, calls, pin_first=kind == whole, n=count[kind]):
             free = [q for q in range(calls) if q not in taken]
             if not free:
                 break
