@@ -244,7 +244,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
     p.add_argument("--mode", choices=["shortcut", "exact", "search"], default="shortcut",
                    help="train the pruner (exact: the published full-chain backprop; shortcut: SDO) or search: "
-                        "validated local search from the best hand-made schedule")
+                        "validated local search from the best hand-made schedule (UNets: with trades of whole "
+                        "calls for DeepCache-branch rows)")
     p.add_argument("--bank", type=int, default=30, help="search: training samples each candidate is scored on")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
