@@ -19,7 +19,7 @@ from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
 from shortcut_kernels.dipgo.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.evaluate import evaluate, handmade
-from shortcut_kernels.dipgo.search import branch_patterns, local_search, whole_calls_on, zoo_sampler
+from shortcut_kernels.dipgo.search import local_search, with_trades, zoo_sampler
 
 
 def _resumed(name: str, count: int, calls: int, path: str):
@@ -45,10 +45,7 @@ def run(name: str, count: int, args) -> dict:
     if args.resume:  # continue an earlier search (its seconds are reported beside this one's)
         start, before = _resumed(name, count, args.calls, args.resume)
         start_key = f"searched({before['start']})"
-    fine = graph_of(model, "fine")
-    patterns = branch_patterns(fine) if args.trades else []
-    if patterns and start.granularity != "fine":
-        start = whole_calls_on(start, fine)
+    start, patterns = with_trades(model, start) if args.trades else (start, [])
     res = local_search(start, sample, radius=args.radius, time_budget=args.time_budget, patterns=patterns)
     rows = evaluate(name, {"searched": res.schedule, **window}, per_class=args.per_class, progress=False)
     searched = next(r for r in rows if r["schedule"] == "searched")

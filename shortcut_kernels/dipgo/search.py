@@ -33,8 +33,8 @@ from tqdm import tqdm
 from .runtime import accelerate
 from .schedule import Schedule
 
-__all__ = ["local_search", "search", "zoo_sampler", "branch_patterns", "whole_calls_on", "SearchResult",
-           "TRAIN_SEED"]
+__all__ = ["local_search", "search", "zoo_sampler", "branch_patterns", "whole_calls_on", "with_trades",
+           "SearchResult", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; evaluation (dipgo.evaluate) uses seed 1234
 
@@ -119,7 +119,7 @@ def _traded(s: Schedule, drop: int, pattern: list[int]) -> Schedule | None:
     for d in range(1, s.calls):
         for c in whole:
             t = c + d
-            if t >= s.calls or bool(keep[t].any()) or any(t == w for w in whole):
+            if t >= s.calls or bool(keep[t].any()):  # whole calls and placed rows are taken
                 continue
             keep[t, pattern] = True
             if Schedule(keep, s.graph).macs_kept > budget:
@@ -226,6 +226,19 @@ def whole_calls_on(schedule: Schedule, graph) -> Schedule:
                     steps=schedule.steps)
 
 
+def with_trades(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
+    """``(start, patterns)`` for a search with trades: on a UNet the DeepCache-branch patterns
+    of its fine graph and ``start`` on that graph (whole-call schedules move there); on other
+    models ``start`` unchanged and no patterns."""
+    from .schedule import graph_of
+
+    fine = graph_of(model, "fine")
+    patterns = branch_patterns(fine)
+    if patterns and start.granularity != "fine":
+        start = whole_calls_on(start, fine)
+    return start, patterns
+
+
 def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: int = 30, guidance: float = 3.0,
            radius: int = 2, trades: bool = True, time_budget: float | None = None, progress: bool = True
            ) -> SearchResult:
@@ -236,7 +249,6 @@ def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: in
     start's PSNR."""
     from .. import zoo
     from .evaluate import handmade
-    from .schedule import graph_of
 
     if not 0 < target <= 1:
         raise ValueError(f"target is the kept-MAC fraction in (0, 1], got {target}")
@@ -249,8 +261,6 @@ def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: in
     ref = sample(None)
     start = max(options.values(), key=lambda s: _psnr(sample(s), ref))
     model = zoo.load(name_or_model).model if isinstance(name_or_model, str) else name_or_model
-    patterns = branch_patterns(graph_of(model, "fine")) if trades else []
-    if patterns and start.granularity != "fine":
-        start = whole_calls_on(start, graph_of(model, "fine"))
+    start, patterns = with_trades(model, start) if trades else (start, [])
     return local_search(start, sample, radius=radius, time_budget=time_budget, patterns=patterns,
                         progress=progress)
