@@ -214,6 +214,33 @@ def test_resize(sd):
     assert rows == [1, 11, 21] and all(torch.equal(mixed.keep[c], pattern) for c in rows)  # 2, 22, 42 halved
 
 
+def test_resize_keeps_the_nearest_mac_share_and_breaks_ties_for_whole_calls(sd):
+    """9 whole calls and 3 partial rows of 50, halved: rounding each kind on its own (4 or 5 whole,
+    1 or 2 partial) misses the share; 5 + 0 and 4 + 3 are nearer, and equally near."""
+    dc = deepcache(sd, 50, 3, 0)
+    pattern = dc.keep[1]
+    share = pattern.float() @ torch.tensor(dc.graph.block_macs, dtype=torch.float) / sum(dc.graph.block_macs)
+    assert share < 1 / 3  # the premise: (5, 0) and (4, 3) are the nearest counts
+    keep = torch.zeros(50, len(dc.graph), dtype=torch.bool)
+    keep[[0, 4, 7, 11, 16, 22, 29, 38, 45]] = True
+    keep[[1, 2, 9]] = pattern
+    s = Schedule(keep, dc.graph)
+
+    def share_of(whole: int, partial: int) -> float:
+        k = torch.zeros(25, len(dc.graph), dtype=torch.bool)
+        k[:whole] = True
+        k[whole:whole + partial] = pattern
+        return Schedule(k, dc.graph).macs_kept
+
+    r = s.resize(25)
+    whole = sum(bool(r.keep[c].all()) for c in range(25))
+    partial = sum(bool(r.keep[c].any()) and not bool(r.keep[c].all()) for c in range(25))
+    assert (whole, partial) == (5, 0)
+    error = abs(r.macs_kept - s.macs_kept)
+    assert all(error <= abs(share_of(w, p) - s.macs_kept) + 1e-9 for w in (3, 4, 5, 6) for p in (0, 1, 2, 3))
+    assert error < min(abs(share_of(w, p) - s.macs_kept) for w in (4, 5) for p in (1, 2)) - 1e-3
+
+
 def test_summary_cache_memory_and_plot(sd, tmp_path):
     s = deepcache(sd, 6, 2, 0)
     txt = s.summary(sample_shape=(2, 4, 16, 16))
