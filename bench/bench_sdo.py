@@ -273,6 +273,20 @@ def part_latents_fd(args) -> dict:
     return row
 
 
+def chain_of(method: str, model, steps: int):
+    """``POLICY+deepcache:N`` runs the one-call POLICY with its no-graph chain through
+    ``deepcache(interval=N, branch=0)``; a plain policy name has no chain schedule."""
+    policy, _, chain = method.partition("+")
+    if not chain:
+        return policy, None
+    kind, _, n = chain.partition(":")
+    if kind != "deepcache" or not n.isdigit():
+        raise SystemExit(f"--methods: expected POLICY or POLICY+deepcache:N, got {method!r}")
+    from shortcut_kernels import dipgo
+
+    return policy, dipgo.deepcache(model, steps, interval=int(n), branch=0)
+
+
 def part_finetune(args) -> dict:
     """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr,
     held-out reward on 32 fixed noises (evaluation time excluded) against training seconds."""
@@ -283,15 +297,17 @@ def part_finetune(args) -> dict:
     for method in methods:
         for lr in args.lrs:
             model, sched = setup(args.steps)
+            policy, chain = chain_of(method, model, args.steps)
             # full runs --ft-iters iterations; the others may run more, up to full's training time
             iters = args.ft_iters if method == "full" or budget is None else 20 * args.ft_iters
             res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
-                               batch_size=args.batch, lr=lr, policy=method, eval_noise=eval_noise,
-                               eval_every=args.eval_every, seed=args.seed, progress=False,
+                               batch_size=args.batch, lr=lr, policy=policy, chain_schedule=chain,
+                               eval_noise=eval_noise, eval_every=args.eval_every, seed=args.seed, progress=False,
                                time_budget=None if method == "full" else budget * args.budget_fraction)
             if method == "full":
                 budget = max(budget or 0.0, res.eval_history[-1]["seconds"])
-            runs.append({"method": method, "lr": lr, "eval": res.eval_history,
+            runs.append({"method": method, "lr": lr, "chain_macs_kept": chain and chain.macs_kept,
+                         "iterations": res.iterations, "eval": res.eval_history,
                          "final": res.eval_history[-1]["reward_mean"]})
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "eval"}), flush=True)
     best = {}
@@ -304,8 +320,10 @@ def part_finetune(args) -> dict:
         full_s = best["full"]["eval"][-1]["seconds"]
         for m, r in best.items():
             hit = next((e for e in r["eval"] if e["reward_mean"] >= goal), None)
+            at_fifth = [e for e in r["eval"] if e["seconds"] <= full_s / 5]
             summary[m] = {"lr": r["lr"], "final": r["final"], "seconds_to_full_final": hit and hit["seconds"],
-                          "fraction_of_full_time": hit and hit["seconds"] / full_s}
+                          "fraction_of_full_time": hit and hit["seconds"] / full_s,
+                          "reward_at_fifth_of_full_time": at_fifth[-1]["reward_mean"]}
     return {"steps": args.steps, "batch": args.batch, "target": args.target, "runs": runs, "best": summary}
 
 
@@ -326,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fd-samples", type=int, default=256, help="latents-fd: optimised samples")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
     ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
-                    help="finetune: policies compared")
+                    help="finetune: policies compared (POLICY+deepcache:N: the chain through deepcache)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="finetune: learning rates")
     ap.add_argument("--policy", default="first", help="latents: the kept-call policy, or a baseline (full, draft:K)")
     ap.add_argument("--budget-fraction", type=float, default=1.0,

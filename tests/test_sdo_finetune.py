@@ -153,3 +153,25 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
         assert (r0[k] - single[k]).abs().max().item() <= 1e-6, k
         moved += int("lora_B" in k and single[k].abs().max().item() > 0)
     assert moved > 0  # the adapters did train
+
+
+def test_finetune_chain_schedule_runs_the_chain_through_the_schedule():
+    from shortcut_kernels import dipgo
+
+    kwargs = dict(lora=2, iters=2, batch_size=2, lr=1e-2, seed=3, progress=False, policy="random")
+    trained = {}
+    for name in ("none", "full", "deepcache"):
+        model, sched = fresh()
+        chain = {"none": None, "full": dipgo.full(model, STEPS),
+                 "deepcache": dipgo.deepcache(model, STEPS, interval=2, branch=0)}[name]
+        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=chain, **kwargs)
+        trained[name] = lora_state(model)
+    for k in trained["none"]:  # an all-compute schedule changes nothing
+        torch.testing.assert_close(trained["full"][k], trained["none"][k], rtol=0, atol=0)
+    assert any(not torch.equal(trained["deepcache"][k], trained["none"][k]) for k in trained["none"])
+    model, sched = fresh()
+    with pytest.raises(ValueError, match="chain_schedule"):
+        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=dipgo.full(model, STEPS),
+                     **dict(kwargs, policy="full"))
+    with pytest.raises(ValueError, match="resize"):
+        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=dipgo.full(model, STEPS + 1), **kwargs)

@@ -135,6 +135,7 @@ def finetune(
     grad_clip: float | None = 1.0,
     autocast: torch.dtype | None = None,
     memory_light: bool | None = None,
+    chain_schedule=None,
     sample_shape: tuple[int, ...] | None = None,
     eval_noise: Tensor | None = None,
     eval_every: int = 5,
@@ -156,6 +157,11 @@ def finetune(
     scheduler: with ``set_timesteps`` called (the number of calls of every chain).
     optimizer: ``adamw`` (default, no weight decay) or ``sgd``.
     policy: ``per-sample`` (default), ``random``, ``first``, ``fixed:k`` or a baseline.
+    chain_schedule: a DiP-GO ``Schedule`` for the no-graph chain of the one-call policies (see
+        ``shortcut_sample``): the calls no sample keeps reuse cached blocks, so an iteration
+        costs less. ``random`` keeps one call for the whole batch, so only one row is made full;
+        ``per-sample`` makes the row of every call some sample keeps full. The held-out reward
+        is always evaluated with the full model.
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
     checkpoint_dir / save_every / resume: the trainable weights, optimiser, generator and
@@ -180,6 +186,8 @@ def finetune(
             raise ValueError(f"batch_size {batch_size} (the global batch) must divide by the world size {world}")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     pol = parse_policy(policy)
+    if chain_schedule is not None and not pol.one_call:
+        raise ValueError(f"chain_schedule applies to the one-call policies, not {policy!r}")
     shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
     if model_fn is None:
         null = getattr(model, "null_label", None)
@@ -253,7 +261,8 @@ def finetune(
             if pol.one_call:
                 run_policy = pol.kept_calls(0, plan.n, batch_size, run_gen)[local]
             x0 = shortcut_sample(model_fn, scheduler, noise, run_policy, guidance=guidance, generator=run_gen,
-                                 params=params, memory_light=memory_light, autocast=autocast, plan=plan)
+                                 params=params, memory_light=memory_light, autocast=autocast, plan=plan,
+                                 chain_schedule=chain_schedule)
             try:
                 r = check_reward(reward(x0), noise.shape[0])
             except RewardError as err:
