@@ -206,6 +206,16 @@ def independent_classifier():
     return clf, acc
 
 
+def latent_statistics(latents, x_T) -> dict:
+    """How Gaussian the optimised latents still look (sdo.gaussian_prior: 0 for typical noise,
+    fixed orders) and how far they moved (cosine to their start)."""
+    g = torch.Generator().manual_seed(0)
+    prior = sdo.gaussian_prior(latents, generator=g)
+    return {"latent_prior_mean": prior.mean().item(), "latent_prior_flagged": (prior > 0).float().mean().item(),
+            "start_prior_mean": sdo.gaussian_prior(x_T, generator=torch.Generator().manual_seed(0)).mean().item(),
+            "cosine_to_start": torch.nn.functional.cosine_similarity(latents.flatten(1), x_T.flatten(1)).mean().item()}
+
+
 def part_latents(args) -> dict:
     model, sched = setup(args.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
@@ -215,6 +225,7 @@ def part_latents(args) -> dict:
         reward = sdo.digits_reward(digit)
         x_T = zoo.initial_noise(args.batch, seed=100 + digit)
         res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
+                                   prior_weight=args.prior_weight,
                                    stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit,
                                    progress=False)
         with torch.no_grad():
@@ -225,10 +236,12 @@ def part_latents(args) -> dict:
                "reward_first": res.history[0]["reward_mean"], "reward_final": r_sdo,
                "judged_target_fraction": judged,
                "reward_classifier_target_fraction": zoo.metrics.class_accuracy(x0, digit),
-               "latent_norm_mean": res.latents.flatten(1).norm(dim=1).mean().item()}
+               "latent_norm_mean": res.latents.flatten(1).norm(dim=1).mean().item(),
+               **latent_statistics(res.latents, x_T)}
         if args.compare_full:
             budget = row["seconds"]
             full = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="full",
+                                        prior_weight=args.prior_weight,
                                         time_budget=budget, seed=digit, progress=False)
             with torch.no_grad():
                 r_full = reward(sdo.shortcut_sample(fn, sched, full.latents, "first")).mean().item()
@@ -237,8 +250,31 @@ def part_latents(args) -> dict:
         print(json.dumps(row), flush=True)
     ok = [r["judged_target_fraction"] >= 0.9 for r in rows]
     return {"steps": args.steps, "batch": args.batch, "iters": args.iters, "lr": args.lr, "policy": args.policy,
+            "prior_weight": args.prior_weight,
             "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
             "digits_reaching_90pct": sum(ok), "rows": rows}
+
+
+def part_judge_agreement(args) -> dict:
+    """Do the reward's CNN and the judge agree on the model's own samples? 320 null-class
+    samples (guidance 1, --steps DDIM calls, noise that latent optimisation never uses); the
+    judge's agreement with the CNN's class, over all samples and where the CNN is confident."""
+    model, sched = setup(args.steps)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    judge, _ = independent_classifier()
+    x_T = zoo.initial_noise(320, seed=4242)
+    with torch.no_grad():
+        x0 = torch.cat([sdo.shortcut_sample(fn, sched, x_T[i:i + 64], "first") for i in range(0, 320, 64)])
+        log_p = torch.stack([sdo.digits_reward(d)(x0.clamp(-1, 1)) for d in range(10)], 1)
+    cnn, p = log_p.argmax(1).numpy(), log_p.max(1).values.exp().numpy()
+    svm = judge.predict(x0.clamp(-1, 1).flatten(1).numpy())
+    out = {"samples": 320, "agree_all": float((svm == cnn).mean())}
+    for thr in (0.5, 0.9):
+        m = p >= thr
+        out[f"cnn_p_ge_{thr:g}"] = int(m.sum())
+        out[f"agree_where_cnn_p_ge_{thr:g}"] = float((svm[m] == cnn[m]).mean())
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def part_latents_fd(args) -> dict:
@@ -254,11 +290,13 @@ def part_latents_fd(args) -> dict:
     reward = sdo.digits_reward(digit)
     x_T = zoo.initial_noise(n, seed=5000 + digit)
     res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="first",
-                               stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit, progress=True)
+                               prior_weight=args.prior_weight, stop_at=math.log(args.stop_prob), stop_fraction=1.0,
+                               seed=digit, progress=True)
     with torch.no_grad():
         before = sdo.shortcut_sample(fn, sched, x_T, "first").clamp(-1, 1)
         after = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
     row = {"target": digit, "samples": n, "real_reference_images": int(real.shape[0]),
+           "prior_weight": args.prior_weight,
            "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
            "target_fraction_after": zoo.metrics.class_accuracy(after, digit),
            "fd_optimised": zoo.metrics.digits_fd(after, real),
@@ -330,7 +368,7 @@ def part_finetune(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
-                    choices=["fidelity", "cost", "memory", "latents", "latents-fd", "finetune"])
+                    choices=["fidelity", "cost", "memory", "latents", "latents-fd", "judge-agreement", "finetune"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--target", type=int, default=7)
@@ -340,6 +378,8 @@ def main(argv=None) -> int:
     ap.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--lr", type=float, default=0.25)
+    ap.add_argument("--prior-weight", type=float, default=0.0,
+                    help="latents: weight of sdo.gaussian_prior (keeps the noise's statistics Gaussian)")
     ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
     ap.add_argument("--fd-samples", type=int, default=256, help="latents-fd: optimised samples")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
@@ -363,7 +403,7 @@ def main(argv=None) -> int:
               "python": platform.python_version(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
     parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents,
-             "latents-fd": part_latents_fd,
+             "latents-fd": part_latents_fd, "judge-agreement": part_judge_agreement,
              "finetune": part_finetune}
     for name in args.part:
         t0 = time.perf_counter()

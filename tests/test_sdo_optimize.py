@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shortcut_kernels import sdo, zoo
-from shortcut_kernels.sdo.optimize import clip_per_sample_, gaussian_shell
+from shortcut_kernels.sdo.optimize import clip_per_sample_, gaussian_prior, gaussian_shell
 from shortcut_kernels.sdo.rewards import RewardError, check_reward
 
 
@@ -56,6 +56,31 @@ def test_shell_and_clip():
     torch.testing.assert_close(g[0], before[0])  # under the limit: untouched
 
 
+def test_gaussian_prior_is_quiet_on_noise_and_penalises_structure():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(400, 1, 16, 16, generator=g)
+    quiet = gaussian_prior(noise, generator=g)
+    assert quiet.shape == (400,) and (quiet == 0).float().mean() > 0.8 and quiet.mean() < 0.1
+
+    def on_shell(x):
+        return x / x.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 16.0
+
+    # the same norm, with structure no Gaussian draw has: smooth patches, an offset
+    smooth = on_shell(torch.nn.functional.avg_pool2d(noise[:50], 3, 1, padding=1, count_include_pad=False))
+    offset = on_shell(noise[:50] + 0.8)
+    assert (gaussian_prior(smooth, generator=g) > 1.0).all()
+    assert (gaussian_prior(offset, generator=g) > 1.0).all()
+    # its gradient leads back towards typical noise
+    x = smooth.clone().requires_grad_(True)
+    before = gaussian_prior(x, shuffles=0).sum()
+    before.backward()
+    with torch.no_grad():
+        after = gaussian_prior(x - 0.01 * x.grad, shuffles=0).sum()
+    assert after < before
+    with pytest.raises(ValueError, match="block"):
+        gaussian_prior(noise[:2], block=200)
+
+
 def test_optimize_latents_raises_reward(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
@@ -79,6 +104,8 @@ def test_optimize_latents_early_stop_and_baselines(unet):
     x_T = zoo.initial_noise(2, seed=4)
     res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=5, stop_at=-1e9, progress=False)
     assert res.stopped_early and len(res.history) == 1 and torch.equal(res.latents, x_T)
+    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=2, prior_weight=1.0, progress=False)
+    assert len(res.history) == 2 and not torch.equal(res.latents, x_T)
     for policy in ["full", "draft:2", "alignprop", "per-sample", "random"]:
         res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=2, policy=policy, progress=False)
         assert len(res.history) == 2 and not torch.equal(res.latents, x_T)

@@ -393,8 +393,9 @@ def _requantile(computed: list[int], old: int, new: int, pin_first: bool = True,
 def _resized_rows(keep: torch.Tensor, calls: int, graph: BlockGraph) -> torch.Tensor:
     """``keep`` for ``calls`` calls with the MAC share nearest the old one and, for each kind of
     row (whole calls, each pattern of partial rows), the same density (:func:`_requantile`).
-    Counts: the combination whose MACs come nearest the old share (:func:`_nearest_counts`). Whole calls are placed first, call 0
-    among them; a row that lands on a taken call moves to the nearest free one."""
+    Counts: the combination whose MACs come nearest the old share (:func:`_nearest_counts`).
+    Whole calls are placed first, call 0 among them; a row that lands on a taken call moves to
+    the nearest free one."""
     old, n = keep.shape
     kinds: dict[tuple, list[int]] = {}
     for c in range(old):
