@@ -11,7 +11,8 @@ from shortcut_kernels.cli import main
 def test_sdo_command(tmp_path, capsys):
     out = tmp_path / "grid.png"
     rc = main(["sdo", "--model", "digits-unet", "--target-class", "7", "--iters", "2", "--steps", "3",
-               "--batch", "3", "-o", str(out), "--json", str(tmp_path / "h.json"), "--no-progress"])
+               "--batch", "3", "-o", str(out), "--json", str(tmp_path / "h.json"), "--no-progress",
+               "--prior-weight", "1"])
     assert rc == 0
     assert out.stat().st_size > 1000 and (tmp_path / "grid_reward.png").stat().st_size > 1000
     record = json.loads((tmp_path / "h.json").read_text())

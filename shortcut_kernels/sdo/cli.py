@@ -27,6 +27,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.25)
     p.add_argument("--policy", default="first", help="first, fixed:k, random, per-sample, full, draft:K, alignprop")
     p.add_argument("--shell-weight", type=float, default=0.01)
+    p.add_argument("--prior-weight", type=float, default=0.0,
+                   help="weight of sdo.gaussian_prior: keeps the noise's statistics those of Gaussian noise")
     p.add_argument("--stop-at", type=float, default=None, help="stop when every sample's reward reaches this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -95,8 +97,8 @@ def run(args) -> int:
     with torch.no_grad():
         before = shortcut_sample(fn, sched, x_T, "first", guidance=guidance).clamp(-1, 1)
     res = optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
-                           guidance=guidance, shell_weight=args.shell_weight, stop_at=args.stop_at,
-                           seed=args.seed, progress=not args.no_progress)
+                           guidance=guidance, shell_weight=args.shell_weight, prior_weight=args.prior_weight,
+                           stop_at=args.stop_at, seed=args.seed, progress=not args.no_progress)
     with torch.no_grad():
         after = shortcut_sample(fn, sched, res.latents, "first", guidance=guidance).clamp(-1, 1)
     out = Path(args.output)
