@@ -86,7 +86,14 @@ def transfer(result: dict, args) -> dict:
     if not window:  # between two MAC levels: the hand-made ones at the nearest level above (they keep more)
         level = min(s.macs_kept for s in options.values() if s.macs_kept >= resized.macs_kept)
         window = {k: s for k, s in options.items() if level <= s.macs_kept <= level * 1.02}
-    rows = evaluate(name, {"searched": resized, **window}, per_class=args.per_class, progress=False,
+    candidates = {"searched": resized}
+    if args.transfer_search:  # search again from the resized schedule, on training noise of the target sampler
+        z = zoo.load(name)
+        bank = zoo_sampler(name, zoo.make_scheduler(z.scheduler_config, args.transfer_scheduler), n=args.bank,
+                           calls=args.transfer_calls)
+        again = local_search(resized, bank, radius=args.radius, time_budget=args.transfer_search, progress=False)
+        candidates["searched, resized, searched again"] = again.schedule
+    rows = evaluate(name, {**candidates, **window}, per_class=args.per_class, progress=False,
                     scheduler_cls=args.transfer_scheduler)
     out = dict(model=name, count=result["count"], calls=args.transfer_calls, scheduler=args.transfer_scheduler,
                computed_calls=resized.computed_calls(), rows=rows)
@@ -132,6 +139,9 @@ def main() -> None:
                     "resized to --transfer-calls with --transfer-scheduler")
     ap.add_argument("--transfer-calls", type=int, default=25)
     ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler")
+    ap.add_argument("--transfer-search", type=float, default=0.0, metavar="SECONDS",
+                    help="transfer: also search again from the resized schedule for this long, on "
+                         "--bank training samples of the target sampler")
     ap.add_argument("--speed", metavar="JSON", help="only time the searched schedules of this output against full")
     ap.add_argument("--reps", type=int, default=5, help="--speed: interleaved reps")
     ap.add_argument("--out", default="search_schedules.json")
