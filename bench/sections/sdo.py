@@ -34,7 +34,7 @@ def settings(full: bool) -> argparse.Namespace:
                               draws=4 if full else 2, rounds=3 if full else 2, threads=1,
                               curve_seconds=60.0 if full else 15.0, lr=0.25,
                               methods=["per-sample", "full", "draft:1", "alignprop"], lrs=[3e-3],
-                              ft_iters=50, eval_every=5)
+                              ft_iters=50, eval_every=5, budget_fraction=1.0, prior_weight=0.0)
 
 
 def method_cost(args) -> dict:

@@ -1,0 +1,21 @@
+"""The `make bench` sections hand bench_sdo's part functions a namespace of their own: every
+attribute those parts read must be in it (FULL=1 runs the LoRA part, which no quick run reaches)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_sdo  # noqa: E402
+from sections import sdo as sdo_section  # noqa: E402
+
+
+def test_full_sdo_settings_run_the_finetune_part(one_thread):
+    args = sdo_section.settings(full=True)
+    args.steps, args.batch, args.ft_iters, args.eval_every = 2, 2, 1, 1
+    args.methods = ["full", "per-sample+deepcache:2"]
+    out = bench_sdo.part_finetune(args)
+    assert [r["method"] for r in out["runs"]] == ["full", "per-sample+deepcache:2"]
+    assert out["runs"][1]["chain_macs_kept"] < 1.0 and set(out["best"]) == {"full", "per-sample+deepcache:2"}
