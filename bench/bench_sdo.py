@@ -264,10 +264,10 @@ def part_judge_agreement(args) -> dict:
     judge, _ = independent_classifier()
     x_T = zoo.initial_noise(320, seed=4242)
     with torch.no_grad():
-        x0 = torch.cat([sdo.shortcut_sample(fn, sched, x_T[i:i + 64], "first") for i in range(0, 320, 64)])
-        log_p = torch.stack([sdo.digits_reward(d)(x0.clamp(-1, 1)) for d in range(10)], 1)
+        x0 = torch.cat([sdo.shortcut_sample(fn, sched, x_T[i:i + 64], "first") for i in range(0, 320, 64)]).clamp(-1, 1)
+        log_p = torch.stack([sdo.digits_reward(d)(x0) for d in range(10)], 1)
     cnn, p = log_p.argmax(1).numpy(), log_p.max(1).values.exp().numpy()
-    svm = judge.predict(x0.clamp(-1, 1).flatten(1).numpy())
+    svm = judge.predict(x0.flatten(1).numpy())
     out = {"samples": 320, "agree_all": float((svm == cnn).mean())}
     for thr in (0.5, 0.9):
         m = p >= thr

@@ -73,7 +73,8 @@ def transfer(result: dict, args) -> dict:
     """The searched schedule ``resize``d to --transfer-calls and run with --transfer-scheduler,
     against that sampler's full model and the hand-made schedules at the same MACs (within 2%)."""
     name = result["model"]
-    model = zoo.load(name).model
+    z = zoo.load(name)
+    model = z.model
     if "keep" in result:
         searched = Schedule(torch.tensor(result["keep"]), graph_of(model, result["granularity"]), name="searched")
     else:  # whole-call rows: the computed calls say it all
@@ -88,7 +89,6 @@ def transfer(result: dict, args) -> dict:
         window = {k: s for k, s in options.items() if level <= s.macs_kept <= level * 1.02}
     candidates = {"searched": resized}
     if args.transfer_search:  # search again from the resized schedule, on training noise of the target sampler
-        z = zoo.load(name)
         bank = zoo_sampler(name, zoo.make_scheduler(z.scheduler_config, args.transfer_scheduler), n=args.bank,
                            calls=args.transfer_calls)
         again = local_search(resized, bank, radius=args.radius, time_budget=args.transfer_search, progress=False)

@@ -175,3 +175,4 @@ def test_finetune_chain_schedule_runs_the_chain_through_the_schedule():
                      **dict(kwargs, policy="full"))
     with pytest.raises(ValueError, match="resize"):
         sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=dipgo.full(model, STEPS + 1), **kwargs)
+    assert not lora_state(model)  # refused before any adapter was added

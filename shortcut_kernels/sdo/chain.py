@@ -396,6 +396,19 @@ def _kept_calls_full(schedule, model, plan: Plan, pol: Policy, kept: Tensor, war
     """Check ``schedule`` against the model and the run; return it with the kept calls' rows full."""
     from ..dipgo import Schedule
 
+    check_chain_schedule(schedule, model, plan, pol, warm_start)
+    keep = schedule.keep.clone()
+    keep[sorted(set(kept.tolist()))] = True
+    full = Schedule(keep, schedule.graph, name=schedule.name, params=schedule.params,
+                    sampler=schedule.sampler, steps=schedule.steps)
+    return model, full
+
+
+def check_chain_schedule(schedule, model, plan: Plan, pol: Policy, warm_start=None) -> None:
+    """Raise unless ``schedule`` can run the chain of ``model`` under ``plan`` and policy ``pol``
+    (callers that change the model first, like ``finetune``, check before they do)."""
+    from ..dipgo import Schedule
+
     if not isinstance(schedule, Schedule):
         raise TypeError(f"chain_schedule must be a dipgo Schedule, got {type(schedule).__name__}")
     if not pol.one_call:
@@ -408,11 +421,6 @@ def _kept_calls_full(schedule, model, plan: Plan, pol: Policy, kept: Tensor, war
         raise ValueError(f"chain_schedule has {schedule.calls} denoiser calls, the scheduler's run makes {plan.n}; "
                          f"use schedule.resize({plan.n})")
     schedule.validate(model, plan.n)  # another model's schedule raises here
-    keep = schedule.keep.clone()
-    keep[sorted(set(kept.tolist()))] = True
-    full = Schedule(keep, schedule.graph, name=schedule.name, params=schedule.params,
-                    sampler=schedule.sampler, steps=schedule.steps)
-    return model, full
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .chain import ClassConditional, Plan, shortcut_sample
+from .chain import ClassConditional, Plan, check_chain_schedule, shortcut_sample
 from .policy import parse_policy
 from .rewards import RewardError, check_reward
 
@@ -186,8 +186,8 @@ def finetune(
             raise ValueError(f"batch_size {batch_size} (the global batch) must divide by the world size {world}")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     pol = parse_policy(policy)
-    if chain_schedule is not None and not pol.one_call:
-        raise ValueError(f"chain_schedule applies to the one-call policies, not {policy!r}")
+    if chain_schedule is not None:  # before the model gets adapters: a bad schedule changes nothing
+        check_chain_schedule(chain_schedule, model, plan, pol)
     shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
     if model_fn is None:
         null = getattr(model, "null_label", None)
