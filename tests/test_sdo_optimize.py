@@ -184,3 +184,52 @@ def test_warmup_calls(unet):
     res = sdo.optimize_latents(fn, sched, sdo.digits_reward(4), x_T, iters=2, warmup_calls=4, progress=False)
     assert res.warm_start is not None and res.warm_start.index == 4
     assert res.latents.shape == x_T.shape and not torch.equal(res.latents, res.warm_start.x)
+
+
+def test_normalized_ascent_steps_every_sample_by_the_same_length():
+    """Each sample's step is lr * sqrt(d) along its own gradient, whatever the gradient's scale;
+    momentum adds the previous normalised direction."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    p = x.clone().requires_grad_(True)
+    opt = sdo.NormalizedAscent([p], lr=0.3, momentum=0.5)
+    g1 = torch.randn(3, 2, 5, dtype=torch.float64) * torch.tensor([1e-6, 1.0, 1e4], dtype=torch.float64).view(3, 1, 1)
+    p.grad = g1.clone()
+    opt.step()
+    unit1 = g1.flatten(1) / g1.flatten(1).norm(dim=1, keepdim=True)
+    step1 = (p.detach() - x).flatten(1)
+    torch.testing.assert_close(step1, -0.3 * math.sqrt(10) * unit1)
+    g2 = torch.randn(3, 2, 5, dtype=torch.float64)
+    p.grad = g2.clone()
+    before = p.detach().clone()
+    opt.step()
+    unit2 = g2.flatten(1) / g2.flatten(1).norm(dim=1, keepdim=True)
+    torch.testing.assert_close((p.detach() - before).flatten(1), -0.3 * math.sqrt(10) * (0.5 * unit1 + unit2))
+    with pytest.raises(ValueError, match="momentum"):
+        sdo.NormalizedAscent([p], lr=0.1, momentum=1.0)
+
+
+def test_each_sample_keeps_its_best_latent(unet):
+    """keep_best: every sample ends at the latent with its highest (exact) reward over the run,
+    and result.x0 is that latent's sample; keep_best=False ends at the last step."""
+    model, sched = unet
+    fn = sdo.ClassConditional(model, [10])
+    x_T = zoo.initial_noise(4, seed=8)
+    reward = sdo.digits_reward(int(torch.randint(0, 10, ())))
+    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=5, lr=0.3, decay_to=1.0, progress=False)
+    per_iter = torch.tensor([h["reward"] for h in res.history])
+    with torch.no_grad():
+        x0 = sdo.shortcut_sample(fn, sched, res.latents, "first")
+    torch.testing.assert_close(reward(x0), per_iter.max(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.x0, x0)
+    last = sdo.optimize_latents(fn, sched, reward, x_T, iters=5, lr=0.3, decay_to=1.0, keep_best=False,
+                                progress=False)
+    # without it: the latent after the last step, and x0 the last evaluated sample
+    assert not torch.equal(last.latents, res.latents)
+    torch.testing.assert_close(reward(last.x0), torch.tensor(last.history[-1]["reward"]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        sdo.optimize_latents(fn, sched, reward, x_T, iters=1, optimizer="sgd", progress=False)
+    with pytest.raises(ValueError, match="decay_to"):
+        sdo.optimize_latents(fn, sched, reward, x_T, iters=1, decay_to=0.0, progress=False)
+    adam = sdo.optimize_latents(fn, sched, reward, x_T, iters=2, optimizer="adam", keep_best=False, progress=False)
+    assert not torch.equal(adam.latents, x_T)

@@ -32,7 +32,7 @@ def settings(full: bool) -> argparse.Namespace:
     """bench_sdo's argument namespace (its part_* functions read it)."""
     return argparse.Namespace(steps=50 if full else 20, batch=8 if full else 4, target=TARGET, seed=0,
                               draws=4 if full else 2, rounds=3 if full else 2, threads=1,
-                              curve_seconds=60.0 if full else 15.0, lr=0.25,
+                              curve_seconds=60.0 if full else 15.0, lr=None,
                               methods=["per-sample", "full", "draft:1", "alignprop"], lrs=[3e-3],
                               ft_iters=50, eval_every=5, budget_fraction=1.0, prior_weight=0.0)
 

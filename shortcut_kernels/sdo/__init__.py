@@ -16,7 +16,7 @@ _EXPORTS = {
     "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
     "ClassifierReward": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",
-    "gaussian_prior": "optimize",
+    "gaussian_prior": "optimize", "NormalizedAscent": "optimize",
     "finetune": "finetuning", "FinetuneResult": "finetuning", "add_lora": "finetuning",
     "save_lora": "finetuning", "load_lora": "finetuning",
 }

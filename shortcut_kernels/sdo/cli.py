@@ -24,7 +24,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler calls")
     p.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--optimizer", default="normalized", choices=["normalized", "adam"],
+                   help="per-sample normalised steps (default) or Adam")
+    p.add_argument("--lr", type=float, default=None, help="step size (default 0.2 normalized, 0.25 adam)")
     p.add_argument("--policy", default="first", help="first, fixed:k, random, per-sample, full, draft:K, alignprop")
     p.add_argument("--shell-weight", type=float, default=0.01)
     p.add_argument("--prior-weight", type=float, default=0.0,
@@ -96,8 +98,8 @@ def run(args) -> int:
     x_T = zoo.initial_noise(args.batch, seed=args.seed)
     with torch.no_grad():
         before = shortcut_sample(fn, sched, x_T, "first", guidance=guidance).clamp(-1, 1)
-    res = optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
-                           guidance=guidance, shell_weight=args.shell_weight, prior_weight=args.prior_weight,
+    res = optimize_latents(fn, sched, reward, x_T, iters=args.iters, optimizer=args.optimizer, lr=args.lr,
+                           policy=args.policy, guidance=guidance, shell_weight=args.shell_weight, prior_weight=args.prior_weight,
                            stop_at=args.stop_at, seed=args.seed, progress=not args.no_progress)
     with torch.no_grad():
         after = shortcut_sample(fn, sched, res.latents, "first", guidance=guidance).clamp(-1, 1)
