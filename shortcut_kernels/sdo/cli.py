@@ -99,7 +99,8 @@ def run(args) -> int:
     with torch.no_grad():
         before = shortcut_sample(fn, sched, x_T, "first", guidance=guidance).clamp(-1, 1)
     res = optimize_latents(fn, sched, reward, x_T, iters=args.iters, optimizer=args.optimizer, lr=args.lr,
-                           policy=args.policy, guidance=guidance, shell_weight=args.shell_weight, prior_weight=args.prior_weight,
+                           policy=args.policy, guidance=guidance, shell_weight=args.shell_weight,
+                           prior_weight=args.prior_weight,
                            stop_at=args.stop_at, seed=args.seed, progress=not args.no_progress)
     with torch.no_grad():
         after = shortcut_sample(fn, sched, res.latents, "first", guidance=guidance).clamp(-1, 1)

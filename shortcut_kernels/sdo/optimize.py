@@ -94,7 +94,7 @@ class NormalizedAscent(torch.optim.Optimizer):
     (docs/sdo.md).
     """
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.5):
+    def __init__(self, params, lr: float = 0.2, momentum: float = 0.5):
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"lr must be > 0 and momentum in [0, 1), got lr={lr}, momentum={momentum}")
         super().__init__(params, {"lr": lr, "momentum": momentum})
