@@ -91,7 +91,8 @@ def sections():
                                  for m in methods + ["random"]]},
            "cost": {m: {"median_s": r2(0.2, 2), "min_s": 0.1, "rounds": 2} for m in methods},
            "memory": {m: {"base_kib": 1000, "peak_kib": 2000, "delta_mib": r2(5, 80)} for m in ["one_call"] + methods},
-           "curves": {"budget_s": 20.0, "lr": 0.25, "before": {"reward": r2(-5, -1), "target_fraction": 0.25},
+           "curves": {"budget_s": 20.0, "optimizer": rng.choice(["normalized", "adam"]), "lr": r2(0.1, 0.3),
+                      "before": {"reward": r2(-5, -1), "target_fraction": 0.25},
                       "methods": {m: {"iterations": rng.randrange(5, 40), "reward_final": r2(-1, 0),
                                       "target_fraction": 0.75,
                                       "curve": [{"seconds": 2.0 * i, "reward_mean": r2(-5, 0)} for i in range(8)]}
@@ -148,6 +149,8 @@ def test_report_has_machine_and_every_number(built):
                    f"{sdo['cost']['full']['median_s'] / sdo['cost'][m]['median_s']:.2f}"]
     for r in sdo["fidelity"]["rows"]:
         expect += [f"{r['cos_xT']:.3f}", f"{r['cos_lora']:.3f}"]
+    step = {"normalized": "normalised steps", "adam": "Adam"}[sdo["curves"]["optimizer"]]
+    expect.append(f"({step}, lr {sdo['curves']['lr']:g})")
     for b in sdo["finetune"]["best"].values():
         expect.append(f"{b['final']:.2f}")
     missing = [e for e in expect if e not in md]

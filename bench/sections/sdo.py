@@ -32,7 +32,7 @@ def settings(full: bool) -> argparse.Namespace:
     """bench_sdo's argument namespace (its part_* functions read it)."""
     return argparse.Namespace(steps=50 if full else 20, batch=8 if full else 4, target=TARGET, seed=0,
                               draws=4 if full else 2, rounds=3 if full else 2, threads=1,
-                              curve_seconds=60.0 if full else 15.0, lr=None,
+                              curve_seconds=60.0 if full else 15.0, lr=0.2, optimizer="normalized",
                               methods=["per-sample", "full", "draft:1", "alignprop"], lrs=[3e-3],
                               ft_iters=50, eval_every=5, budget_fraction=1.0, prior_weight=0.0)
 
@@ -110,13 +110,14 @@ def latent_curves(args) -> dict:
         return x0, reward(x0).mean().item(), zoo.metrics.class_accuracy(x0, args.target)
 
     x0, r0, acc0 = final(x_T)
-    out = {"budget_s": args.curve_seconds, "lr": args.lr, "before": {"reward": r0, "target_fraction": acc0},
-           "methods": {}, "samples": {"before": images_to_json(x0)}}
+    out = {"budget_s": args.curve_seconds, "optimizer": args.optimizer, "lr": args.lr,
+           "before": {"reward": r0, "target_fraction": acc0}, "methods": {}, "samples": {"before": images_to_json(x0)}}
     for m in METHODS:
         # the budget stops the run; iters (from the cost part's seconds per iteration) sizes the bar
         per_iter = getattr(args, "cost", {}).get(m, {}).get("median_s")
         iters = int(1.5 * args.curve_seconds / per_iter) + 10 if per_iter else 10_000
-        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=iters, lr=args.lr, policy=m, seed=0,
+        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=iters, optimizer=args.optimizer, lr=args.lr,
+                                   policy=m, seed=0,
                                    time_budget=args.curve_seconds, progress=True)
         x0, r, acc = final(res.latents)
         out["methods"][m] = {"iterations": len(res.history), "reward_final": r, "target_fraction": acc,

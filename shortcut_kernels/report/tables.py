@@ -237,7 +237,8 @@ def sdo_part(doc: dict, plots) -> list[str]:
               "backward). Memory: peak RSS over one iteration in a fresh process, the loaded model subtracted. "
               "Cosine: to the exact gradient, w.r.t. the starting noise and w.r.t. LoRA weights.", ""]
     if curves:
-        lines += [f"Reward: latent optimisation (Adam, lr {curves['lr']:g}) from the same noise for "
+        step = {"normalized": "normalised steps", "adam": "Adam"}[curves.get("optimizer", "adam")]
+        lines += [f"Reward: latent optimisation ({step}, lr {num(curves.get('lr'), 'g')}) from the same noise for "
                   f"{num(curves['budget_s'], '.0f')} s per method; before: reward {num(curves['before']['reward'])}, "
                   f"{pct(curves['before']['target_fraction'], '.0f')} classed as {doc['target']}.", ""]
     body = []
