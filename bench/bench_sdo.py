@@ -209,7 +209,7 @@ def independent_classifier():
 def independent_cnn():
     """A second judge: a small CNN of another design than the reward's (5x5 then 3x3 convolutions,
     GELU, average pooling), trained here from its own seed with +-1 px shifts. The SVM reads
-    pixels and rejects digits drawn with heavier strokes than the real ones; this one does not.
+    pixels; in tuning it rejected digit-3 samples drawn with heavier strokes that this one accepted.
     Returns ``(predict, test accuracy)``; ``predict`` takes images ``[N, 1, 16, 16]``."""
     x, y = zoo.load_digits("train")
     xt, yt = zoo.load_digits("test")
@@ -239,6 +239,12 @@ def independent_cnn():
     return predict, float((predict(xt) == yt.numpy()).mean())
 
 
+def judged_fractions(images, digit: int, svm, cnn) -> dict:
+    """Fraction of ``images`` each independent judge (the SVM, the CNN) assigns to ``digit``."""
+    return {"judged_target_fraction": float((svm.predict(images.flatten(1).numpy()) == digit).mean()),
+            "judged_target_fraction_cnn": float((cnn(images) == digit).mean())}
+
+
 def latent_statistics(latents, x_T) -> dict:
     """How Gaussian the optimised latents still look (sdo.gaussian_prior: 0 for typical noise,
     fixed orders) and how far they moved (cosine to their start)."""
@@ -266,11 +272,9 @@ def part_latents(args) -> dict:
         with torch.no_grad():
             x0 = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
             r_sdo = reward(x0).mean().item()
-        judged = float((judge.predict(x0.flatten(1).numpy()) == digit).mean())
         row = {"digit": digit, "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
                "reward_first": res.history[0]["reward_mean"], "reward_final": r_sdo,
-               "judged_target_fraction": judged,
-               "judged_target_fraction_cnn": float((judge_cnn(x0) == digit).mean()),
+               **judged_fractions(x0, digit, judge, judge_cnn),
                "reward_classifier_target_fraction": zoo.metrics.class_accuracy(x0, digit),
                "latent_norm_mean": res.latents.flatten(1).norm(dim=1).mean().item(),
                **latent_statistics(res.latents, x_T)}
@@ -350,9 +354,7 @@ def part_latents_fd(args) -> dict:
            "prior_weight": args.prior_weight,
            "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
            "target_fraction_after": zoo.metrics.class_accuracy(after, digit),
-           "judged_target_fraction": float((independent_classifier()[0].predict(after.flatten(1).numpy())
-                                            == digit).mean()),
-           "judged_target_fraction_cnn": float((independent_cnn()[0](after) == digit).mean()),
+           **judged_fractions(after, digit, independent_classifier()[0], independent_cnn()[0]),
            "fd_optimised": zoo.metrics.digits_fd(after, real),
            "fd_null_class_before": zoo.metrics.digits_fd(before, real)}
     for w in (1.0, 3.0):
