@@ -125,6 +125,24 @@ def test_from_scores_threshold_descent(sd):
         from_scores(sd, scores, 0)
 
 
+def test_from_scores_slack_lands_within_the_window(sd):
+    # without slack the last reuse may take a whole cascade and land far below the target;
+    # with it, reuses that would leave the window are passed over for smaller ones
+    g = block_graph(sd, "coarse")
+    gen = torch.Generator().manual_seed(1)
+    plain_misses = 0
+    for target in (0.25, 0.35, 0.5, 0.65):
+        scores = torch.rand(12, len(g), generator=gen)
+        plain = from_scores(sd, scores, target)
+        fitted = from_scores(sd, scores, target, slack=0.01)
+        assert target * 0.99 - 1e-9 <= fitted.macs_kept <= target + 1e-9
+        assert fitted.params["slack"] == 0.01 and not fitted.keep[0].logical_not().any()
+        plain_misses += plain.macs_kept < target * 0.99
+    assert plain_misses > 0  # the case the option exists for does occur on these scores
+    with pytest.raises(ValueError, match="slack"):
+        from_scores(sd, scores, 0.5, slack=1.5)
+
+
 def test_from_ranking_meets_the_budget_by_rank(sd):
     g = block_graph(sd, "coarse")
     calls = 9

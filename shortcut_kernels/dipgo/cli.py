@@ -173,7 +173,7 @@ def _cmd_prune(args) -> int:
                    batch_size=args.batch_size, lr=args.lr, guidance=args.guidance, granularity=args.granularity,
                    seed=args.seed, checkpoint_path=out.with_suffix(".pruner.pt"), resume=args.resume,
                    log_path=out.with_suffix(".log.jsonl"), progress=not args.quiet, time_budget=args.time_budget)
-    s = result.pruner.to_schedule(args.target)
+    s = result.pruner.to_schedule(args.target, slack=args.slack)
     s.save(out)
     print(s.summary())
     print(f"wrote {out} ({result.seconds:.0f} s of training, {len(result.history)} iterations; "
@@ -242,6 +242,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoiser calls of the sampler")
     p.add_argument("--scheduler", default="DDIMScheduler")
     p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
+    p.add_argument("--slack", type=float, default=0.01,
+                   help="the learned schedule keeps between TARGET*(1-SLACK) and TARGET of the MACs when some "
+                        "reuse allows it (DiP-GO's post-processing may otherwise overshoot by a whole cascade)")
     p.add_argument("--mode", choices=["shortcut", "exact", "search"], default="shortcut",
                    help="train the pruner (exact: the published full-chain backprop; shortcut: SDO) or search: "
                         "validated local search from the best hand-made schedule (UNets: with trades of whole "

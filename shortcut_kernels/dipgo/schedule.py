@@ -603,7 +603,7 @@ def fora(model, calls: int, interval: int = 3, *, granularity: str = "fine", sam
 
 
 def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, step: float = 0.05,
-                granularity: str | None = None, sample_shape=None) -> Schedule:
+                slack: float | None = None, granularity: str | None = None, sample_shape=None) -> Schedule:
     """DiP-GO's post-processing: reuse probabilities -> a schedule at a MAC budget.
 
     Args:
@@ -614,6 +614,11 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
         threshold, step: start at ``threshold``; walking the blocks from the output side,
             reuse every (call > 0, block) whose probability exceeds it (with its cascade)
             until the target is met; if it is not met, lower the threshold by ``step``.
+        slack: if given, a reuse that would take the kept MACs below ``target_macs * (1 - slack)``
+            is passed over (the walk goes on to the next candidate), so the schedule lands
+            within ``slack`` of the target whenever some small enough reuse is left. Without
+            it the last reuse may overshoot by a whole cascade (an outer block of a UNet takes
+            its inner blocks with it), which breaks equal-MAC comparisons.
     """
     s = torch.as_tensor(scores, dtype=torch.float64)
     if granularity is None:
@@ -625,8 +630,11 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
         raise ValueError("scores must be probabilities in [0, 1]")
     if not 0 < target_macs <= 1:
         raise ValueError(f"target_macs must be a fraction in (0, 1], got {target_macs}")
+    if slack is not None and not 0 <= slack < 1:
+        raise ValueError(f"slack must be a fraction in [0, 1), got {slack}")
     calls = s.shape[0]
     total = calls * g.total_macs
+    floor = -1.0 if slack is None else target_macs * (1 - slack) - 1e-12
     rows = [[True] * len(g) for _ in range(calls)]
     row_macs = [g.total_macs] * calls
     spent = sum(row_macs)
@@ -638,12 +646,17 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
                 if spent / total <= target_macs + 1e-12:
                     break
                 if rows[t][b] and s[t, b] > thr:
-                    spent += _reuse(g, rows, row_macs, t, b)
+                    before = rows[t][:], row_macs[t]
+                    delta = _reuse(g, rows, row_macs, t, b)
+                    if (spent + delta) / total < floor:
+                        rows[t], row_macs[t] = before  # overshoots the window: try a smaller one
+                        continue
+                    spent += delta
         if thr <= 0:
             break
         thr = round(thr - step, 10)
     return Schedule(rows, g, name="from_scores",
-                    params=dict(target_macs=target_macs, threshold=threshold, step=step,
+                    params=dict(target_macs=target_macs, threshold=threshold, step=step, slack=slack,
                                 final_threshold=max(thr, 0.0)))
 
 
