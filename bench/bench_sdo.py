@@ -255,6 +255,22 @@ def latent_statistics(latents, x_T) -> dict:
             "cosine_to_start": torch.nn.functional.cosine_similarity(latents.flatten(1), x_T.flatten(1)).mean().item()}
 
 
+def latent_objective(args, digit: int):
+    """The reward optimised for ``digit`` and optimize_latents' stopping options: the zoo
+    classifier's log p (``--reward-shift S``: averaged over the shifts of up to S pixels,
+    ``sdo.ShiftAveraged``, the digits' background shifted in), stopping once every sample has
+    p >= ``--stop-prob``, or with ``--freeze-prob P`` each sample frozen once it has p >= P."""
+    reward = sdo.digits_reward(digit)
+    if args.reward_shift:
+        reward = sdo.ShiftAveraged(reward, args.reward_shift, fill=-1.0)
+    p = args.freeze_prob if args.freeze_prob is not None else args.stop_prob
+    return reward, dict(stop_at=math.log(p), stop_fraction=1.0, freeze_reached=args.freeze_prob is not None)
+
+
+def objective_record(args) -> dict:
+    return {"reward_shift": args.reward_shift, "freeze_prob": args.freeze_prob, "stop_prob": args.stop_prob}
+
+
 def part_latents(args) -> dict:
     model, sched = setup(args.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
@@ -262,13 +278,12 @@ def part_latents(args) -> dict:
     judge_cnn, judge_cnn_acc = independent_cnn()
     rows = []
     for digit in args.digits:
-        reward = sdo.digits_reward(digit)
+        reward = sdo.digits_reward(digit)  # reported: the plain log p
+        objective, stopping = latent_objective(args, digit)
         x_T = zoo.initial_noise(args.batch, seed=args.noise_seed + digit)
-        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
-                                   optimizer=args.optimizer,
-                                   prior_weight=args.prior_weight,
-                                   stop_at=math.log(args.stop_prob), stop_fraction=1.0, seed=digit,
-                                   progress=False)
+        res = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
+                                   optimizer=args.optimizer, prior_weight=args.prior_weight, seed=digit,
+                                   progress=False, **stopping)
         with torch.no_grad():
             x0 = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
             r_sdo = reward(x0).mean().item()
@@ -280,10 +295,11 @@ def part_latents(args) -> dict:
                **latent_statistics(res.latents, x_T)}
         if args.compare_full:
             budget = row["seconds"]
-            full = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="full",
-                                        optimizer=args.optimizer,
-                                        prior_weight=args.prior_weight,
-                                        time_budget=budget, seed=digit, progress=False)
+            full = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy="full",
+                                        optimizer=args.optimizer, prior_weight=args.prior_weight,
+                                        time_budget=budget, seed=digit, progress=False,
+                                        freeze_reached=stopping["freeze_reached"],
+                                        stop_at=stopping["stop_at"] if stopping["freeze_reached"] else None)
             with torch.no_grad():
                 r_full = reward(sdo.shortcut_sample(fn, sched, full.latents, "first")).mean().item()
             row.update({"full_iterations_at_equal_time": len(full.history), "full_reward_final": r_full})
@@ -294,7 +310,7 @@ def part_latents(args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "iters": args.iters, "lr": args.lr, "optimizer": args.optimizer,
             "noise_seed": args.noise_seed,
             "policy": args.policy,
-            "prior_weight": args.prior_weight,
+            "prior_weight": args.prior_weight, **objective_record(args),
             "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
             "judge_cnn": "bench_sdo.independent_cnn", "judge_cnn_test_accuracy": judge_cnn_acc,
             "digits_reaching_90pct": sum(ok), "digits_reaching_90pct_cnn_judge": sum(ok_cnn), "rows": rows}
@@ -341,17 +357,16 @@ def part_latents_fd(args) -> dict:
     digit, n = args.target, args.fd_samples
     x, y = zoo.load_digits("all")
     real = x[y == digit]
-    reward = sdo.digits_reward(digit)
-    x_T = zoo.initial_noise(n, seed=5000 + digit)
-    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=args.iters, lr=args.lr, policy="first",
-                               optimizer=args.optimizer,
-                               prior_weight=args.prior_weight, stop_at=math.log(args.stop_prob), stop_fraction=1.0,
-                               seed=digit, progress=True)
+    objective, stopping = latent_objective(args, digit)
+    x_T = zoo.initial_noise(n, seed=args.fd_noise_seed + digit)
+    res = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy="first",
+                               optimizer=args.optimizer, prior_weight=args.prior_weight, seed=digit, progress=True,
+                               **stopping)
     with torch.no_grad():
         before = sdo.shortcut_sample(fn, sched, x_T, "first").clamp(-1, 1)
         after = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
     row = {"target": digit, "samples": n, "real_reference_images": int(real.shape[0]),
-           "prior_weight": args.prior_weight,
+           "prior_weight": args.prior_weight, **objective_record(args), "noise_seed": args.fd_noise_seed + digit,
            "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
            "target_fraction_after": zoo.metrics.class_accuracy(after, digit),
            **judged_fractions(after, digit, independent_classifier()[0], independent_cnn()[0]),
@@ -441,7 +456,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prior-weight", type=float, default=0.0,
                     help="latents: weight of sdo.gaussian_prior (keeps the noise's statistics Gaussian)")
     ap.add_argument("--stop-prob", type=float, default=0.9, help="latents: early stop at this target probability")
+    ap.add_argument("--freeze-prob", type=float, default=None,
+                    help="latents: freeze each sample once the reward's CNN gives it this probability")
+    ap.add_argument("--reward-shift", type=int, default=0,
+                    help="latents: optimise log p averaged over shifts of up to this many pixels (sdo.ShiftAveraged)")
     ap.add_argument("--fd-samples", type=int, default=256, help="latents-fd: optimised samples")
+    ap.add_argument("--fd-noise-seed", type=int, default=5000,
+                    help="latents-fd: the noise is zoo.initial_noise(seed=FD_NOISE_SEED + target)")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
     ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
                     help="finetune: policies compared (POLICY+deepcache:N: the chain through deepcache)")

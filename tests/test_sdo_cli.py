@@ -23,3 +23,18 @@ def test_sdo_command(tmp_path, capsys):
 def test_sdo_command_bad_target(tmp_path):
     with pytest.raises(SystemExit, match="target-class"):
         main(["sdo", "--target-class", "12", "--iters", "1", "-o", str(tmp_path / "x.png")])
+
+
+def test_sdo_command_shifted_reward_and_freeze(tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sdo", "--target-class", "3", "--iters", "2", "--steps", "3", "--batch", "2", "-o", str(out),
+                 "--json", str(tmp_path / "h.json"), "--no-progress", "--reward-shift", "1",
+                 "--freeze-prob", "0.97"]) == 0
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["args"]["reward_shift"] == 1 and "fraction_reached" in record["history"][0]
+    with pytest.raises(SystemExit, match="freeze-prob"):
+        main(["sdo", "--target-class", "3", "--freeze-prob", "0.9", "--stop-at", "-0.1", "-o", str(out)])
+    with pytest.raises(SystemExit, match="freeze-prob"):
+        main(["sdo", "--target-class", "3", "--freeze-prob", "1.5", "-o", str(out)])
+    with pytest.raises(SystemExit, match="reward-shift"):
+        main(["sdo", "--target-class", "3", "--reward-shift", "-1", "-o", str(out)])

@@ -34,6 +34,35 @@ def test_digits_reward_is_classifier_log_prob():
         sdo.digits_reward(10)
 
 
+def test_shift_averaged_reward_is_the_mean_over_shifted_views():
+    weight = torch.randn(1, 13, 11)  # a reward that depends on where the pixels are
+
+    def base(x):
+        return (x * weight).flatten(1).sum(1) + x.flatten(1).pow(2).mean(1)
+
+    x = torch.rand(4, 1, 13, 11) * 2 - 1  # odd, non-square
+    torch.testing.assert_close(sdo.ShiftAveraged(base, 0)(x), base(x))
+    # reference: each shifted view built by rolling a padded copy, for a constant fill and the edge
+    for fill in (-1.0, None):
+        padded = (torch.nn.functional.pad(x, (2, 2, 2, 2), value=fill) if fill is not None
+                  else torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate"))
+        views = [padded[..., 2 + dy:2 + dy + 13, 2 + dx:2 + dx + 11] for dy in (-2, -1, 0, 1, 2) for dx in (-2, -1, 0, 1, 2)]
+        want = torch.stack([base(v) for v in views]).mean(0)
+        torch.testing.assert_close(sdo.ShiftAveraged(base, 2, fill=fill)(x), want)
+    assert not torch.allclose(sdo.ShiftAveraged(base, 1)(x), base(x))
+    xg = (torch.rand(4, 1, 16, 16) * 2 - 1).requires_grad_()
+    sdo.ShiftAveraged(sdo.digits_reward(3), 1, fill=-1.0)(xg).sum().backward()
+    assert xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shift"):
+        sdo.ShiftAveraged(base, -1)
+    with pytest.raises(ValueError, match="shift"):
+        sdo.ShiftAveraged(base, 1.5)
+    with pytest.raises(TypeError, match="reward"):
+        sdo.ShiftAveraged(None)
+    with pytest.raises(ValueError, match="x0"):
+        sdo.ShiftAveraged(base, 1)(torch.zeros(4, 11))
+
+
 def test_check_reward():
     assert check_reward(torch.zeros(3), 3).shape == (3,)
     with pytest.raises(RewardError, match="shape"):

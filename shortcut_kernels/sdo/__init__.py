@@ -14,7 +14,7 @@ import importlib
 _EXPORTS = {
     "shortcut_sample": "chain", "warmup": "chain", "WarmStart": "chain", "ClassConditional": "chain",
     "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
-    "ClassifierReward": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
+    "ClassifierReward": "rewards", "ShiftAveraged": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",
     "gaussian_prior": "optimize", "NormalizedAscent": "optimize",
     "finetune": "finetuning", "FinetuneResult": "finetuning", "add_lora": "finetuning",

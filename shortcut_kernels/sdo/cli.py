@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -32,6 +33,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--prior-weight", type=float, default=0.0,
                    help="weight of sdo.gaussian_prior: keeps the noise's statistics those of Gaussian noise")
     p.add_argument("--stop-at", type=float, default=None, help="stop when every sample's reward reaches this")
+    p.add_argument("--freeze-prob", type=float, default=None,
+                   help="freeze each sample once the classifier gives the target this probability (e.g. 0.97, "
+                        "about what real digits get: pushing further leaves the real digits' features)")
+    p.add_argument("--reward-shift", type=int, default=0,
+                   help="optimise log p averaged over shifts of the sample by up to this many pixels "
+                        "(sdo.ShiftAveraged; 1 makes the samples digits an independent judge accepts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("-o", "--output", default="sdo.png", help="before/after grid PNG")
@@ -81,12 +88,16 @@ def run(args) -> int:
     import torch
 
     from .. import zoo
-    from . import ClassConditional, digits_reward, optimize_latents, shortcut_sample
+    from . import ClassConditional, ShiftAveraged, digits_reward, optimize_latents, shortcut_sample
 
     if not 0 <= args.target_class <= 9:
         raise SystemExit(f"--target-class must be 0..9, got {args.target_class}")
     if not 0 <= args.label <= 10:
         raise SystemExit(f"--label must be 0..10 (10 = unconditional), got {args.label}")
+    if args.freeze_prob is not None and (args.stop_at is not None or not 0 < args.freeze_prob < 1):
+        raise SystemExit("--freeze-prob must be a probability in (0, 1), and not given with --stop-at")
+    if args.reward_shift < 0:
+        raise SystemExit(f"--reward-shift must be >= 0 pixels, got {args.reward_shift}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, cfg = zoo.load(args.model)
@@ -95,13 +106,15 @@ def run(args) -> int:
     guidance = args.guidance if args.label != 10 else None
     fn = ClassConditional(model, [args.label], guidance=guidance is not None)
     reward = digits_reward(args.target_class)
+    objective = ShiftAveraged(reward, args.reward_shift, fill=-1.0) if args.reward_shift else reward
+    stop_at = math.log(args.freeze_prob) if args.freeze_prob is not None else args.stop_at
     x_T = zoo.initial_noise(args.batch, seed=args.seed)
     with torch.no_grad():
         before = shortcut_sample(fn, sched, x_T, "first", guidance=guidance).clamp(-1, 1)
-    res = optimize_latents(fn, sched, reward, x_T, iters=args.iters, optimizer=args.optimizer, lr=args.lr,
+    res = optimize_latents(fn, sched, objective, x_T, iters=args.iters, optimizer=args.optimizer, lr=args.lr,
                            policy=args.policy, guidance=guidance, shell_weight=args.shell_weight,
-                           prior_weight=args.prior_weight,
-                           stop_at=args.stop_at, seed=args.seed, progress=not args.no_progress)
+                           prior_weight=args.prior_weight, stop_at=stop_at, freeze_reached=args.freeze_prob is not None,
+                           seed=args.seed, progress=not args.no_progress)
     with torch.no_grad():
         after = shortcut_sample(fn, sched, res.latents, "first", guidance=guidance).clamp(-1, 1)
     out = Path(args.output)

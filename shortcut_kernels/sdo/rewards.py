@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Callable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Reward", "ClassifierReward", "digits_reward", "check_reward", "RewardError"]
+__all__ = ["Reward", "ClassifierReward", "ShiftAveraged", "digits_reward", "check_reward", "RewardError"]
 
 
 class Reward(Protocol):
@@ -73,6 +74,44 @@ class ClassifierReward(torch.nn.Module):
         elif target.numel() != x0.shape[0]:
             raise ValueError(f"{target.numel()} targets for a batch of {x0.shape[0]}")
         return logp.gather(1, target[:, None]).squeeze(1).to(x0.dtype)
+
+
+class ShiftAveraged(torch.nn.Module):
+    """``reward`` averaged over every translation of ``x0`` by up to ``shift`` pixels (the
+    ``(2 shift + 1)^2`` shifts of the last two dims; ``fill``: the value shifted in, or None to
+    repeat the edge). A classifier's score can be raised by a pixel pattern that only works
+    where it is; the average over shifts cannot, so the optimisation moves the shape instead:
+    the same idea as the random augmentations of CLIP-guided sampling, made deterministic so
+    that the reward of a latent stays exact (``optimize_latents`` keeps each sample's best).
+
+    Measured on digits-unet (docs/sdo.md): latent optimisation for a digit with the zoo
+    classifier's log-probability, shift 1, each sample frozen at p = 0.97: independent judges
+    accept more samples, and the samples' FD against real digits falls to that of the model's
+    own class samples. It costs ``(2 shift + 1)^2`` reward evaluations (cheap for a small
+    classifier; for a CLIP scorer on a decoded image, weigh it against the sampler)."""
+
+    def __init__(self, reward: Callable, shift: int = 1, fill: float | None = None):
+        super().__init__()
+        if not callable(reward):
+            raise TypeError(f"reward must be callable x0 -> [B], got {type(reward).__name__}")
+        if int(shift) != shift or shift < 0:
+            raise ValueError(f"shift must be a whole number of pixels >= 0, got {shift}")
+        self.reward, self.shift, self.fill = reward, int(shift), fill
+
+    def forward(self, x0: Tensor) -> Tensor:
+        s = self.shift
+        if s == 0:
+            return self.reward(x0)
+        if x0.dim() < 3:
+            raise ValueError(f"x0 must be images [B, ..., H, W], got shape {tuple(x0.shape)}")
+        h, w = x0.shape[-2:]
+        if self.fill is None:
+            lead = x0.shape[:-2]
+            padded = F.pad(x0.reshape(-1, 1, h, w), (s, s, s, s), mode="replicate").reshape(*lead, h + 2 * s, w + 2 * s)
+        else:
+            padded = F.pad(x0, (s, s, s, s), value=float(self.fill))
+        views = [padded[..., s + dy:s + dy + h, s + dx:s + dx + w] for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+        return torch.stack([self.reward(v) for v in views]).mean(0)
 
 
 def digits_reward(target: int | Sequence[int] | Tensor, classifier: torch.nn.Module | None = None) -> ClassifierReward:
