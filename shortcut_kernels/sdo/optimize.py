@@ -187,8 +187,8 @@ def optimize_latents(
     stop_at: stop once a ``stop_fraction`` of the samples has reward >= ``stop_at``.
     freeze_reached: with ``stop_at``, a sample whose latent reaches it keeps that latent (no
         further steps for it). Use it to stop at the reward real data gets: pushed past it, the
-        samples leave the real data's features (digits-unet, digit 7: FD 7.9 against 1.0 frozen
-        at p = 0.97, with a ``ShiftAveraged`` reward; docs/sdo.md). Alone, with a plain
+        samples leave the real data's features (digits-unet, digit 7, a ``ShiftAveraged`` reward:
+        FD 8.4 pushed on, 1.0 frozen at p = 0.97; docs/sdo.md). Alone, with a plain
         classifier reward, freezing leaves more samples that only the reward accepts.
     autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
         (``torch.amp.GradScaler``) unless ``loss_scale=False``.
