@@ -298,6 +298,7 @@ def part_latents(args) -> dict:
             full = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy="full",
                                         optimizer=args.optimizer, prior_weight=args.prior_weight,
                                         time_budget=budget, seed=digit, progress=False,
+                                        # full runs its whole budget (as in the earlier runs), freezing as SDO does
                                         freeze_reached=stopping["freeze_reached"],
                                         stop_at=stopping["stop_at"] if stopping["freeze_reached"] else None)
             with torch.no_grad():

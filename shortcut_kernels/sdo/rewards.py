@@ -111,6 +111,7 @@ class ShiftAveraged(torch.nn.Module):
         else:
             padded = F.pad(x0, (s, s, s, s), value=float(self.fill))
         views = [padded[..., s + dy:s + dy + h, s + dx:s + dx + w] for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+        # one call per view, not one call on a 9x batch: a reward may hold one target per sample
         return torch.stack([self.reward(v) for v in views]).mean(0)
 
 
