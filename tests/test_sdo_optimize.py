@@ -46,7 +46,8 @@ def test_shift_averaged_reward_is_the_mean_over_shifted_views():
     for fill in (-1.0, None):
         padded = (torch.nn.functional.pad(x, (2, 2, 2, 2), value=fill) if fill is not None
                   else torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate"))
-        views = [padded[..., 2 + dy:2 + dy + 13, 2 + dx:2 + dx + 11] for dy in (-2, -1, 0, 1, 2) for dx in (-2, -1, 0, 1, 2)]
+        offsets = (-2, -1, 0, 1, 2)
+        views = [padded[..., 2 + dy:2 + dy + 13, 2 + dx:2 + dx + 11] for dy in offsets for dx in offsets]
         want = torch.stack([base(v) for v in views]).mean(0)
         torch.testing.assert_close(sdo.ShiftAveraged(base, 2, fill=fill)(x), want)
     assert not torch.allclose(sdo.ShiftAveraged(base, 1)(x), base(x))

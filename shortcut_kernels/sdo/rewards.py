@@ -110,7 +110,8 @@ class ShiftAveraged(torch.nn.Module):
             padded = F.pad(x0.reshape(-1, 1, h, w), (s, s, s, s), mode="replicate").reshape(*lead, h + 2 * s, w + 2 * s)
         else:
             padded = F.pad(x0, (s, s, s, s), value=float(self.fill))
-        views = [padded[..., s + dy:s + dy + h, s + dx:s + dx + w] for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+        offsets = range(-s, s + 1)
+        views = [padded[..., s + dy:s + dy + h, s + dx:s + dx + w] for dy in offsets for dx in offsets]
         # one call per view, not one call on a 9x batch: a reward may hold one target per sample
         return torch.stack([self.reward(v) for v in views]).mean(0)
 
