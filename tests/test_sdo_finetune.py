@@ -34,17 +34,72 @@ def test_gradient_reaches_lora_parameters_only():
         for p in params:
             p.add_(torch.randn_like(p) * 0.01)
     grads = {}
-    for light in (True, False):
+    # memory-light with the chain's adapters merged (the default) and apart; the reference chain
+    for light, merge in ((True, True), (True, False), (False, True)):
         for p in params:
             p.grad = None
         gen = torch.Generator().manual_seed(0)
         x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1).double(), "per-sample", params=params,
-                                 generator=gen, memory_light=light)
+                                 generator=gen, memory_light=light, merge_adapters=merge)
         sdo.digits_reward(3)(x0).sum().backward()
-        grads[light] = [p.grad.clone() for p in params]
-    assert sum(g.abs().sum() for g in grads[True]) > 0
-    a, b = torch.cat([g.flatten() for g in grads[True]]), torch.cat([g.flatten() for g in grads[False]])
-    assert ((a - b).norm() / b.norm()).item() <= 1e-5  # fp64
+        grads[light, merge] = torch.cat([p.grad.flatten() for p in params])
+    ref = grads[False, True]
+    assert ref.abs().sum() > 0
+    for key in ((True, True), (True, False)):
+        assert ((grads[key] - ref).norm() / ref.norm()).item() <= 1e-5, key  # fp64
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def test_merged_adapters_are_exact_and_restored():
+    from shortcut_kernels.sdo.adapters import merged_adapters
+
+    model, sched = fresh(torch.float64)
+    params = add_lora(model, rank=3)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    x, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor(500)
+    labels = torch.full((3,), zoo.NULL_LABEL)
+    with torch.no_grad():
+        apart = model(x, t, labels)
+        for _ in range(7):  # many cycles: no drift
+            with merged_adapters(model):
+                assert all(m.merged for m in _lora_layers(model))
+                merged = model(x, t, labels)
+    torch.testing.assert_close(merged, apart, rtol=1e-10, atol=1e-12)
+    assert not any(m.merged for m in _lora_layers(model))
+    assert all(torch.equal(base[n], p) for n, p in model.named_parameters() if "lora_" not in n)
+    with pytest.raises(RuntimeError, match="inside"):  # an error inside restores them too
+        with merged_adapters(model):
+            raise RuntimeError("inside")
+    assert not any(m.merged for m in _lora_layers(model))
+    assert all(torch.equal(base[n], p) for n, p in model.named_parameters() if "lora_" not in n)
+    with merged_adapters(None), merged_adapters(fresh()[0]):  # nothing to merge: a no-op
+        pass
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_shortcut_chain_runs_merged_kept_call_apart(merge):
+    """With merge_adapters, the adapters run only in the backward recompute of the kept call."""
+    model, sched = fresh()
+    params = add_lora(model, rank=2)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    calls = []
+    hooks = [m.lora_A["default"].register_forward_hook(lambda *a: calls.append(1)) for m in _lora_layers(model)]
+    x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1), "first", params=params, merge_adapters=merge)
+    in_chain = len(calls)
+    x0.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert in_chain == (0 if merge else STEPS * len(hooks))
+    assert len(calls) - in_chain == len(hooks)  # the kept call's recompute: adapters apart
+    assert all(p.grad is not None for p in params)
 
 
 def test_finetune_lora_resume_and_save(tmp_path):

@@ -12,7 +12,8 @@ implementations of that one gradient:
   ``torch.inference_mode()`` and stores only the kept call's input; ``_Shortcut`` recomputes
   that call at backward time and applies the exact linear map of the rest of the chain, as
   scalar recurrences over the scheduler's coefficients (a product for one-step samplers;
-  the history terms of DPM-Solver++ 2M and PLMS enter the same recurrence).
+  the history terms of DPM-Solver++ 2M and PLMS enter the same recurrence). LoRA adapters
+  are merged into their base weights for that chain (``sdo.adapters``).
 
 Every update is ``guided_step(x, eps_uncond, eps_cond, a, b, w)`` (CFG fused with the
 update) plus, for multistep samplers, the earlier calls' terms.
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from ..ops.guided_step import guided_step
 from ..samplers import LinearStep, guided_update, history_indices, initial_scale, linear_steps
+from .adapters import merged_adapters
 from .policy import Policy, parse_policy
 
 __all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "Plan"]
@@ -135,6 +137,7 @@ class _Runner:
         self.progress = progress
         self.checkpoint_kept = checkpoint_kept
         self.chain_schedule = None  # (model, Schedule) set by shortcut_sample
+        self.adapters: torch.nn.Module | None = None  # whose LoRA adapters the no-graph chain merges
         self.params: list[Tensor] = []
 
     def chain_context(self):
@@ -216,7 +219,7 @@ class _Runner:
 
     # (b) memory-light ----------------------------------------------------
     def light_forward(self, x_start: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.inference_mode(), self.chain_context(), self.bar() as bar:
+        with merged_adapters(self.adapters), torch.inference_mode(), self.chain_context(), self.bar() as bar:
             x, xs, outs = self.first_latent(x_start.detach())
             kept_x = torch.empty_like(x)
             kept = self.kept.to(x.device)
@@ -319,6 +322,7 @@ def shortcut_sample(
     plan: Plan | None = None,
     chain_schedule=None,
     chain_model: torch.nn.Module | None = None,
+    merge_adapters: bool = True,
     progress: bool = False,
     return_kept: bool = False,
 ):
@@ -347,6 +351,10 @@ def shortcut_sample(
         calls reuse cached blocks as it says, the kept calls compute everything (their rows are
         made full) and the backward recompute runs the full model. ``chain_model`` is the
         model the schedule applies to (default: ``model_fn.model`` or ``model_fn``).
+    merge_adapters: the calls that keep no graph run with the model's LoRA adapters (peft)
+        merged into their base weights, restored bit-exactly after (``sdo.adapters``); the kept
+        call keeps them apart, so the gradient reaches them. The model is ``chain_model`` or
+        ``model_fn`` when it is a Module. False runs every call with the adapters apart.
     return_kept: also return the kept call(s) (``[B]`` for one-call policies).
     Returns the final sample ``x_0`` (same dtype as ``x_T``).
     """
@@ -380,9 +388,12 @@ def shortcut_sample(
     if chain_schedule is not None:
         runner.chain_schedule = _kept_calls_full(chain_schedule, chain_model or getattr(model_fn, "model", model_fn),
                                                  plan, pol, kept, warm_start)
+    if merge_adapters:
+        owner = chain_model if chain_model is not None else model_fn
+        runner.adapters = owner if isinstance(owner, torch.nn.Module) else None
     grad_wanted = torch.is_grad_enabled() and (x_T.requires_grad or bool(ps))
     if not grad_wanted:
-        with torch.no_grad():
+        with torch.no_grad(), merged_adapters(runner.adapters):
             x0 = runner.autograd_chain(x_T, pol.one_call)
     elif memory_light:
         runner.params = ps
