@@ -13,6 +13,12 @@ Parts:
             batch that an independent classifier (an RBF SVM trained here on the real digits,
             not the reward's CNN) assigns to the target, and optionally `full` at equal
             wall-clock.
+  finetune  LoRA fine-tuning curves of every method at every learning rate.
+  direct-sum  the ceiling of the one-call policies: the cosine to the exact gradient of the sum
+            of every call's shortcut gradient (what `per-sample` averages to), and of the best
+            weighting of the calls (least squares on the exact gradient: an upper bound).
+  adapter-merge  seconds per LoRA fine-tuning iteration with the no-graph chain's adapters
+            merged (the default) and apart, interleaved rounds.
 Run it under `flock /tmp/sk_heavy.lock` on a shared machine.
 """
 from __future__ import annotations
@@ -437,10 +443,58 @@ def part_finetune(args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "target": args.target, "runs": runs, "best": summary}
 
 
+def part_direct_sum(args) -> dict:
+    """Cosine to the exact gradient of sum_k g_k, g_k the shortcut gradient keeping call k."""
+    model, sched = setup(args.steps)
+    params = add_lora(model, rank=4, seed=0)
+    with torch.no_grad():  # as in part_fidelity
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
+    reward = sdo.digits_reward(args.target)
+    x_T = zoo.initial_noise(args.batch, seed=args.seed)
+    gx_exact, gp_exact, _ = grad_of(fn, sched, x_T, reward, "full", params, 0)
+    per_call = [grad_of(fn, sched, x_T, reward, f"fixed:{k}", params, 0) for k in range(args.steps)]
+    gp = torch.stack([c[1] for c in per_call]).double()
+    w = torch.linalg.lstsq(gp.T, gp_exact.double()[:, None]).solution
+    out = {"steps": args.steps, "batch": args.batch,
+           "cos_lora_each_call": [cos(c[1], gp_exact) for c in per_call],
+           "cos_xT_each_call": [cos(c[0], gx_exact) for c in per_call],
+           "cos_lora_sum": cos(gp.sum(0), gp_exact),
+           "cos_xT_sum": cos(sum(c[0] for c in per_call), gx_exact),
+           "cos_lora_best_weights": cos(gp.T @ w, gp_exact)}
+    print(json.dumps({k: v for k, v in out.items() if "each" not in k}), flush=True)
+    return out
+
+
+def part_adapter_merge(args) -> dict:
+    """Seconds per ``finetune`` iteration (LoRA rank 4) with ``merge_adapters`` on and off, in
+    interleaved rounds; each run's first iteration warms up and is left out."""
+    methods = [m for m in args.methods if m != "full"]
+    times = {f"{m} {state}": [] for m in methods for state in ("merged", "apart")}
+    for r in range(args.rounds):
+        for method in methods:
+            for merge in (True, False):
+                model, sched = setup(args.steps)
+                policy, chain = chain_of(method, model, args.steps)
+                res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=6,
+                                   batch_size=args.batch, lr=3e-3, policy=policy, chain_schedule=chain,
+                                   merge_adapters=merge, seed=r, progress=False)
+                secs = [b["seconds"] - a["seconds"] for a, b in zip(res.history, res.history[1:])]
+                times[f"{method} {'merged' if merge else 'apart'}"].extend(secs)
+    rows = {k: {"median_s": statistics.median(v), "min_s": min(v), "iterations": len(v)} for k, v in times.items()}
+    for m in methods:
+        rows[f"{m} speedup"] = rows[f"{m} apart"]["median_s"] / rows[f"{m} merged"]["median_s"]
+    print(json.dumps(rows), flush=True)
+    return {"steps": args.steps, "batch": args.batch, "rounds": args.rounds, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
-                    choices=["fidelity", "cost", "memory", "latents", "latents-fd", "judge-agreement", "finetune"])
+                    choices=["fidelity", "cost", "memory", "latents", "latents-fd", "judge-agreement", "finetune",
+                             "direct-sum", "adapter-merge"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--target", type=int, default=7)
@@ -486,7 +540,8 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
     parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents,
              "latents-fd": part_latents_fd, "judge-agreement": part_judge_agreement,
-             "finetune": part_finetune}
+             "finetune": part_finetune, "direct-sum": part_direct_sum,
+             "adapter-merge": part_adapter_merge}
     for name in args.part:
         t0 = time.perf_counter()
         record[name] = parts[name](args)

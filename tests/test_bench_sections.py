@@ -19,3 +19,11 @@ def test_full_sdo_settings_run_the_finetune_part(one_thread):
     out = bench_sdo.part_finetune(args)
     assert [r["method"] for r in out["runs"]] == ["full", "per-sample+deepcache:2"]
     assert out["runs"][1]["chain_macs_kept"] < 1.0 and set(out["best"]) == {"full", "per-sample+deepcache:2"}
+
+
+def test_adapter_merge_part_times_both_states(one_thread):
+    args = sdo_section.settings(full=False)
+    args.steps, args.batch, args.rounds, args.methods = 2, 2, 1, ["full", "per-sample"]
+    rows = bench_sdo.part_adapter_merge(args)["rows"]
+    assert rows["per-sample merged"]["iterations"] == rows["per-sample apart"]["iterations"] == 5
+    assert rows["per-sample speedup"] > 0 and not any(k.startswith("full") for k in rows)

@@ -107,6 +107,7 @@ def _sample_shape(model) -> tuple[int, ...]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, guidance=None, plan=None, batch_size=64) -> float:
     """Mean reward of the samples from fixed ``noise`` (no graph)."""
     vals = []
@@ -136,6 +137,7 @@ def finetune(
     autocast: torch.dtype | None = None,
     memory_light: bool | None = None,
     chain_schedule=None,
+    merge_adapters: bool = True,
     sample_shape: tuple[int, ...] | None = None,
     eval_noise: Tensor | None = None,
     eval_every: int = 5,
@@ -162,6 +164,8 @@ def finetune(
         costs less. ``random`` keeps one call for the whole batch, so only one row is made full;
         ``per-sample`` makes the row of every call some sample keeps full. The held-out reward
         is always evaluated with the full model.
+    merge_adapters: run the calls that keep no graph with the LoRA adapters merged into their
+        base weights (restored bit-exactly after each chain; see ``shortcut_sample``).
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
     checkpoint_dir / save_every / resume: the trainable weights, optimiser, generator and
@@ -262,7 +266,7 @@ def finetune(
                 run_policy = pol.kept_calls(0, plan.n, batch_size, run_gen)[local]
             x0 = shortcut_sample(model_fn, scheduler, noise, run_policy, guidance=guidance, generator=run_gen,
                                  params=params, memory_light=memory_light, autocast=autocast, plan=plan,
-                                 chain_schedule=chain_schedule)
+                                 chain_schedule=chain_schedule, merge_adapters=merge_adapters)
             try:
                 r = check_reward(reward(x0), noise.shape[0])
             except RewardError as err:
