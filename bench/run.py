@@ -38,7 +38,8 @@ SECTIONS = {
 
 def run_section(name: str, out_dir: Path, full: bool, pytest_args) -> bool:
     runner, budget = SECTIONS[name]
-    print(f"\n=== {name} (budget {budget or '-'} s{', FULL' if full else ''})", flush=True)
+    limit = "FULL: no budget" if full else f"budget {budget} s" if budget else "no budget"
+    print(f"\n=== {name} ({limit})", flush=True)
     t0 = time.perf_counter()
     try:
         doc = runner(out_dir, full, tuple(pytest_args)) if name == "ops" else runner(out_dir, full)
