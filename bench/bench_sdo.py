@@ -72,17 +72,25 @@ def per_sample_cos(a, b) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean().item()
 
 
-def part_fidelity(args) -> dict:
+def gradient_case(args):
+    """The fidelity parts' case: digits-unet with a rank-4 LoRA moved off its zero start (so both
+    factors get gradients), the null class, reward log p(target); and the exact gradient."""
     model, sched = setup(args.steps)
     params = add_lora(model, rank=4, seed=0)
-    with torch.no_grad():  # a LoRA away from its zero start, so both factors get gradients
+    with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
     reward = sdo.digits_reward(args.target)
     x_T = zoo.initial_noise(args.batch, seed=args.seed)
-    gx_exact, gp_exact, sec_exact = grad_of(fn, sched, x_T, reward, "full", params, 0)
+    exact = grad_of(fn, sched, x_T, reward, "full", params, 0)
+    return (fn, sched, x_T, reward, params), exact
+
+
+def part_fidelity(args) -> dict:
+    case, (gx_exact, gp_exact, sec_exact) = gradient_case(args)
+    fn, sched, x_T, reward, params = case
     n = args.steps
     policies = ["first", f"fixed:{n // 2}", "fixed:-1", "random", "per-sample", "draft:1", "draft:2", "alignprop"]
     rows = [{"policy": "full", "cos_xT": 1.0, "cos_lora": 1.0, "seconds": sec_exact}]
@@ -445,16 +453,8 @@ def part_finetune(args) -> dict:
 
 def part_direct_sum(args) -> dict:
     """Cosine to the exact gradient of sum_k g_k, g_k the shortcut gradient keeping call k."""
-    model, sched = setup(args.steps)
-    params = add_lora(model, rank=4, seed=0)
-    with torch.no_grad():  # as in part_fidelity
-        g = torch.Generator().manual_seed(1)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    reward = sdo.digits_reward(args.target)
-    x_T = zoo.initial_noise(args.batch, seed=args.seed)
-    gx_exact, gp_exact, _ = grad_of(fn, sched, x_T, reward, "full", params, 0)
+    case, (gx_exact, gp_exact, _) = gradient_case(args)
+    fn, sched, x_T, reward, params = case
     per_call = [grad_of(fn, sched, x_T, reward, f"fixed:{k}", params, 0) for k in range(args.steps)]
     gp = torch.stack([c[1] for c in per_call]).double()
     w = torch.linalg.lstsq(gp.T, gp_exact.double()[:, None]).solution
