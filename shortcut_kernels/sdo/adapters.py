@@ -5,7 +5,8 @@ and call: on ``digits-unet`` with rank-4 adapters on 78 layers, the no-graph cha
 ran 1.38x slower than with the adapters merged (CPU, batch 8). Only the kept call needs the
 adapters apart, for the gradient to reach them; the chain can run merged. The base weights are
 copied before and copied back after, so many merge cycles leave them bit-exact (peft's own
-unmerge subtracts the delta again and drifts by an ulp per cycle).
+unmerge subtracts the delta again and drifts by an ulp per cycle). The copies cost the adapted
+layers' weights in memory while the chain runs; ``merge_adapters=False`` avoids them.
 """
 from __future__ import annotations
 
