@@ -175,6 +175,38 @@ def test_finetune_bad_reward_leaves_weights():
         sdo.finetune(model, sched, sdo.digits_reward(1), lora=2, iters=1, resume=True, progress=False)
 
 
+def test_finetune_fp16_loss_scale_skips_overflowing_steps():
+    """fp16: a step whose gradients overflow is skipped (weights kept, scale lowered); without
+    the loss scale the same run writes non-finite weights; a sane reward trains."""
+    def overflowing(x0):  # finite rewards whose gradients overflow fp16
+        return sdo.digits_reward(7)(x0) * 1e30
+
+    runs = {}
+    for scale in (None, False):
+        model, sched = fresh()
+        add_lora(model, rank=2)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.01)
+        before = lora_state(model)
+        res = sdo.finetune(model, sched, overflowing, lora=2, iters=2 if scale is None else 1, batch_size=2,
+                           autocast=torch.float16, loss_scale=scale, progress=False)
+        runs[scale] = (before, lora_state(model), res)
+    before, after, res = runs[None]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert res.history[-1]["loss_scale"] < res.history[0]["loss_scale"] <= 2.0 ** 16
+    before, after, res = runs[False]
+    assert "loss_scale" not in res.history[0]
+    assert not all(torch.isfinite(v).all() for v in after.values())
+    model, sched = fresh()
+    res = sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=2, lr=1e-2,
+                       autocast=torch.float16, progress=False)
+    trained = lora_state(model)
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero
+
+
 def _ddp_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 

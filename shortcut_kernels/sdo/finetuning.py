@@ -135,6 +135,7 @@ def finetune(
     guidance: float | None = None,
     grad_clip: float | None = 1.0,
     autocast: torch.dtype | None = None,
+    loss_scale: bool | None = None,
     memory_light: bool | None = None,
     chain_schedule=None,
     merge_adapters: bool = True,
@@ -158,6 +159,9 @@ def finetune(
         train all weights.
     scheduler: with ``set_timesteps`` called (the number of calls of every chain).
     optimizer: ``adamw`` (default, no weight decay) or ``sgd``.
+    autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
+        (``torch.amp.GradScaler``: a step whose gradients overflow is skipped and the scale
+        lowered; the history logs ``loss_scale``) unless ``loss_scale=False``.
     policy: ``per-sample`` (default), ``random``, ``first``, ``fixed:k`` or a baseline.
     chain_schedule: a DiP-GO ``Schedule`` for the no-graph chain of the one-call policies (see
         ``shortcut_sample``): the calls no sample keeps reuse cached blocks, so an iteration
@@ -214,6 +218,8 @@ def finetune(
         opt = torch.optim.SGD(params, lr=lr)
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    use_scaler = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
+    scaler = torch.amp.GradScaler(params[0].device.type) if use_scaler else None
     gen = torch.Generator().manual_seed(int(seed))
     result = FinetuneResult()
     start_iter, train_seconds = 0, 0.0
@@ -227,6 +233,8 @@ def finetune(
                 p.copy_(v)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         result.history, result.eval_history = state["history"], state["eval_history"]
         start_iter, train_seconds = state["iteration"], state["seconds"]
 
@@ -236,7 +244,8 @@ def finetune(
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "history": result.history,
+                    "generator": gen.get_state(), "scaler": scaler.state_dict() if scaler else None,
+                    "history": result.history,
                     "eval_history": result.eval_history, "iteration": result.iterations,
                     "seconds": train_seconds, "policy": policy, "lora": lora, "lr": lr}, tmp)
         os.replace(tmp, ckpt)
@@ -273,7 +282,8 @@ def finetune(
                 opt.zero_grad(set_to_none=True)
                 err.result = result
                 raise
-            (-r.sum() / (batch_size * grad_accum)).backward()  # this rank's share of the global mean
+            loss = -r.sum() / (batch_size * grad_accum)  # this rank's share of the global mean
+            (scaler.scale(loss) if scaler else loss).backward()
             rewards.append(r.detach())
         rd = torch.cat(rewards)
         if world > 1:
@@ -286,12 +296,20 @@ def finetune(
             reward_mean = float(total) / (batch_size * grad_accum)
         else:
             reward_mean = float(rd.mean())
+        if scaler:  # after the all_reduce: every rank sees the same gradients, so skips the same steps
+            scaler.unscale_(opt)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         train_seconds += time.perf_counter() - t0
         result.iterations = it + 1
         entry = {"iter": it + 1, "reward_mean": reward_mean, "seconds": train_seconds}
+        if scaler:
+            entry["loss_scale"] = scaler.get_scale()
         result.history.append(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
         if eval_noise is not None and ((it + 1) % eval_every == 0 or it + 1 == iters):
