@@ -107,7 +107,6 @@ def _sample_shape(model) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, guidance=None, plan=None, batch_size=64) -> float:
     """Mean reward of the samples from fixed ``noise`` (no graph)."""
     vals = []
