@@ -156,13 +156,19 @@ def test_finetune_full_weights_and_eval():
     assert changed > 0
 
 
-def test_finetune_bad_reward_leaves_weights():
+def fresh_with_lora():
+    """A model with rank-2 adapters moved off their zero start (B = 0 would hide the adapters)."""
     model, sched = fresh()
     add_lora(model, rank=2)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.add_(0.01)
+    return model, sched
+
+
+def test_finetune_bad_reward_leaves_weights():
+    model, sched = fresh_with_lora()
     before = lora_state(model)
     with pytest.raises(RewardError, match="non-finite"):
         sdo.finetune(model, sched, lambda x0: x0.flatten(1).mean(1) * float("inf"), lora=2, iters=2,
@@ -183,12 +189,7 @@ def test_finetune_fp16_loss_scale_skips_overflowing_steps():
 
     runs = {}
     for scale in (None, False):
-        model, sched = fresh()
-        add_lora(model, rank=2)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.add_(0.01)
+        model, sched = fresh_with_lora()
         before = lora_state(model)
         res = sdo.finetune(model, sched, overflowing, lora=2, iters=2 if scale is None else 1, batch_size=2,
                            autocast=torch.float16, loss_scale=scale, progress=False)
