@@ -185,9 +185,11 @@ def sdo_finetune(sections: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in sdo["finetune"]["runs"]:
         ev = run["eval"]
-        ax.plot([e["seconds"] for e in ev], [e["reward_mean"] for e in ev], marker=".",
+        # -reward on a log axis: the methods part near log p = 0, where a linear axis shows one line
+        ax.plot([e["seconds"] for e in ev], [max(-e["reward_mean"], 1e-5) for e in ev], marker=".",
                 label=f"{run['method']} lr {run['lr']:g}")
-    _finish(plt, fig, ax, path, xlabel="training seconds", ylabel="held-out reward",
+    ax.set_yscale("log")
+    _finish(plt, fig, ax, path, xlabel="training seconds", ylabel="- held-out reward (log; lower is better)",
             title="LoRA fine-tuning", legend_size=7)
     return True
 

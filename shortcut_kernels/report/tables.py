@@ -265,9 +265,11 @@ def sdo_part(doc: dict, plots) -> list[str]:
     if doc.get("finetune", {}).get("best"):
         ft = doc["finetune"]["best"]
         lines += ["LoRA fine-tuning (best learning rate per method; time to reach `full`'s final reward):", ""]
-        lines += table(["method", "lr", "final held-out reward", "seconds to full's final", "of full's time"],
-                       [[m, f"{r['lr']:g}", num(r["final"]), num(r["seconds_to_full_final"], ".0f"),
-                         pct(r["fraction_of_full_time"], ".0f")] for m, r in ft.items()]) + [""]
+        lines += table(["method", "lr", "final held-out reward", "reward at 1/5 of full's time",
+                        "seconds to full's final", "of full's time"],
+                       [[m, f"{r['lr']:g}", num(r["final"], ".4f"), num(r.get("reward_at_fifth_of_full_time"), ".4f"),
+                         num(r["seconds_to_full_final"], ".0f"), pct(r["fraction_of_full_time"], ".0f")]
+                        for m, r in ft.items()]) + [""]
     for name in ("sdo_reward_vs_time.png", "sdo_samples.png", "sdo_finetune.png"):
         lines += image(plots, name)
     return lines
