@@ -208,6 +208,25 @@ def test_finetune_fp16_loss_scale_skips_overflowing_steps():
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_finetune_merge_switch_reaches_training_and_evaluation(monkeypatch, merge):
+    from shortcut_kernels.sdo import chain
+
+    merged_chains = []
+    real = chain.merged_adapters
+
+    def spy(module):
+        merged_chains.append(module is not None)
+        return real(module)
+
+    monkeypatch.setattr(chain, "merged_adapters", spy)
+    model, sched = fresh()
+    sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=1, batch_size=2, merge_adapters=merge,
+                 eval_noise=zoo.initial_noise(2, seed=4), eval_every=1, progress=False)
+    # one chain per training iteration and per evaluation (before and after the iteration)
+    assert merged_chains == [merge] * 3
+
+
 def _ddp_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
 

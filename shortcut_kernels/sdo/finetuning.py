@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .chain import ClassConditional, Plan, check_chain_schedule, shortcut_sample
+from .optimize import loss_scaler
 from .policy import parse_policy
 from .rewards import RewardError, check_reward
 
@@ -107,11 +108,13 @@ def _sample_shape(model) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, guidance=None, plan=None, batch_size=64) -> float:
+def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, guidance=None, plan=None, batch_size=64,
+                    merge_adapters: bool = True) -> float:
     """Mean reward of the samples from fixed ``noise`` (no graph)."""
     vals = []
     for i in range(0, noise.shape[0], batch_size):
-        x0 = shortcut_sample(model_fn, scheduler, noise[i:i + batch_size], "first", guidance=guidance, plan=plan)
+        x0 = shortcut_sample(model_fn, scheduler, noise[i:i + batch_size], "first", guidance=guidance, plan=plan,
+                             merge_adapters=merge_adapters)
         vals.append(check_reward(reward(x0), x0.shape[0]).float())
     return float(torch.cat(vals).mean())
 
@@ -167,8 +170,9 @@ def finetune(
         costs less. ``random`` keeps one call for the whole batch, so only one row is made full;
         ``per-sample`` makes the row of every call some sample keeps full. The held-out reward
         is always evaluated with the full model.
-    merge_adapters: run the calls that keep no graph with the LoRA adapters merged into their
-        base weights (restored bit-exactly after each chain; see ``shortcut_sample``).
+    merge_adapters: run the calls that keep no graph (and the held-out evaluation) with the LoRA
+        adapters merged into their base weights (restored bit-exactly after each chain; see
+        ``shortcut_sample``).
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
     checkpoint_dir / save_every / resume: the trainable weights, optimiser, generator and
@@ -217,8 +221,7 @@ def finetune(
         opt = torch.optim.SGD(params, lr=lr)
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    use_scaler = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
-    scaler = torch.amp.GradScaler(params[0].device.type) if use_scaler else None
+    scaler = loss_scaler(autocast, loss_scale, params[0].device)
     gen = torch.Generator().manual_seed(int(seed))
     result = FinetuneResult()
     start_iter, train_seconds = 0, 0.0
@@ -253,7 +256,8 @@ def finetune(
         if eval_noise is not None:
             result.eval_history.append({"iter": it, "seconds": train_seconds,
                                         "reward_mean": evaluate_reward(model_fn, scheduler, reward, eval_noise,
-                                                                       guidance, plan)})
+                                                                       guidance, plan,
+                                                                       merge_adapters=merge_adapters)})
 
     device = params[0].device
     dtype = params[0].dtype

@@ -34,6 +34,13 @@ __all__ = ["optimize_latents", "OptimizeResult", "NormalizedAscent", "gaussian_s
            "clip_per_sample_"]
 
 
+def loss_scaler(autocast: torch.dtype | None, loss_scale: bool | None, device) -> torch.amp.GradScaler | None:
+    """The dynamic loss scale of an fp16 run (``loss_scale=None``: on exactly when autocasting to
+    fp16), or None."""
+    use = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
+    return torch.amp.GradScaler(torch.device(device).type) if use else None
+
+
 def gaussian_shell(x: Tensor) -> Tensor:
     """Per-sample ``(||x|| - sqrt(d))^2``: 0 on the shell where ``N(0, I)`` samples concentrate."""
     d = x[0].numel()
@@ -222,8 +229,7 @@ def optimize_latents(
         lr = 0.2 if optimizer == "normalized" else 0.25
     opt = (NormalizedAscent([latent], lr=lr, momentum=momentum) if optimizer == "normalized"
            else torch.optim.Adam([latent], lr=lr, betas=betas))
-    use_scaler = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
-    scaler = torch.amp.GradScaler(latent.device.type) if use_scaler else None
+    scaler = loss_scaler(autocast, loss_scale, latent.device)
     result = OptimizeResult(latent.detach(), None, [], False, warm)
     best = None  # (reward, latent, x0) per sample
     start = time.perf_counter()
