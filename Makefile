@@ -9,13 +9,13 @@
 # `shortcut-kernels` command work from any directory).
 #
 # A GPU machine with its own python, torch and nvcc and no network:
-#   make gpu [GPU_PYTHON=python3] [WHEELS=dir]
-# builds against that torch (no venv, no downloads; pure-Python wheels carried in WHEELS
-# are installed first), runs the whole suite with the GPU tests, records the run in
-# shortcut_kernels/gpu_validation.json (commit it: `auto` uses the CUDA/Triton kernels only
-# once a passing run is recorded), then the benchmarks with their GPU rows
-# (BENCH_ARGS='-k "not compile"', passed to the op benchmarks' pytest, trims them to fit a
-# short GPU lease).
+#   make gpu [GPU_PYTHON=python3] [WHEELS=dir] [GPU_OUT=dir] [LEASE_SECONDS=540]
+# (bench/gpu_lease.sh) builds against that torch for that GPU (no venv, no downloads;
+# pure-Python wheels carried in WHEELS are installed into build/site first), runs the GPU tests
+# (every op on the cuda, triton and torch backends) and records them in
+# shortcut_kernels/gpu_validation.json (commit it: `auto` uses the CUDA/Triton kernels only once
+# a passing run is recorded), then the op roofline and the GPU section of `make bench`, each
+# stage under a time limit so that the whole fits a short GPU lease.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -74,8 +74,7 @@ info: install
 	$(PY) -m shortcut_kernels info
 
 gpu:
-	if [ -d "$(WHEELS)" ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target build/site $(WHEELS)/*.whl; fi
-	$(MAKE) test bench SYSTEM_PYTHON=$(GPU_PYTHON)
+	OUT=$(or $(GPU_OUT),build/gpu) GPU_PYTHON=$(GPU_PYTHON) WHEELS=$(WHEELS) bash bench/gpu_lease.sh
 
 wheel: $(SETUP)
 	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist

@@ -1,6 +1,7 @@
-"""Records a GPU run of the test suite: `python -m shortcut_kernels.gpu_record JUNIT_XML`.
+"""Records a GPU run of the test suite: `python -m shortcut_kernels.gpu_record JUNIT_XML...`.
 
-`make test` runs it after pytest (with --junitxml). Without a CUDA GPU it records
+`make test` runs it after pytest (with --junitxml); `make gpu` (bench/gpu_lease.sh) after the
+GPU tests, with every JUnit file of the run. Without a CUDA GPU it records
 nothing. With one it writes shortcut_kernels/gpu_validation.json: date, GPU, versions and
 the result; `passed` needs every test to pass and the GPU tests to have run. Until such a
 record is committed, `auto` keeps CUDA tensors on the torch reference
@@ -18,11 +19,12 @@ from pathlib import Path
 from .backends import GPU_RECORD
 
 
-def summarise(junit_xml: str | Path) -> dict:
-    """Test counts from a pytest JUnit XML file; `gpu_passed`: passed tests with a GPU
+def summarise(*junit_xmls: str | Path) -> dict:
+    """Test counts from pytest JUnit XML files; `gpu_passed`: passed tests with a GPU
     parameter (ids ending in -gpu, or marked by name)."""
     counts = dict(passed=0, failed=0, skipped=0, gpu_passed=0)
-    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+    cases = [case for junit in junit_xmls for case in ET.parse(junit).getroot().iter("testcase")]
+    for case in cases:
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
         counts[key] += 1
@@ -31,13 +33,15 @@ def summarise(junit_xml: str | Path) -> dict:
     return counts
 
 
-def record(junit_xml: str | Path, path: Path = GPU_RECORD) -> dict | None:
+def record(junit_xml: str | Path | list, path: Path = GPU_RECORD, selection: str | None = None) -> dict | None:
+    """``selection``: what ran, when not the whole suite (e.g. the GPU tests of a lease)."""
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_record: no CUDA GPU here, nothing recorded")
         return None
-    counts = summarise(junit_xml)
+    files = junit_xml if isinstance(junit_xml, (list, tuple)) else [junit_xml]
+    counts = summarise(*files)
     passed = counts["failed"] == 0 and counts["gpu_passed"] > 0
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -58,6 +62,7 @@ def record(junit_xml: str | Path, path: Path = GPU_RECORD) -> dict | None:
         "triton": triton_version,
         "commit": commit,
         "tests": counts,
+        "selection": selection or "the whole suite",
         "result": "passed" if passed else "failed",
     }
     path.write_text(json.dumps(entry, indent=2) + "\n")
@@ -66,6 +71,12 @@ def record(junit_xml: str | Path, path: Path = GPU_RECORD) -> dict | None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    selection = None
+    if "--selection" in args:
+        i = args.index("--selection")
+        selection = args[i + 1]
+        del args[i:i + 2]
+    if not args:
         sys.exit(__doc__)
-    record(sys.argv[1])
+    record(args, selection=selection)

@@ -3,7 +3,11 @@ attribute those parts read must be in it (FULL=1 runs the LoRA part, which no qu
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -27,3 +31,60 @@ def test_adapter_merge_part_times_both_states(one_thread):
     rows = bench_sdo.part_adapter_merge(args)["rows"]
     assert rows["per-sample merged"]["iterations"] == rows["per-sample apart"]["iterations"] == 5
     assert rows["per-sample speedup"] > 0 and not any(k.startswith("full") for k in rows)
+
+
+# ---- the GPU section's parts, on tiny versions of the architectures on the CPU ------------
+
+from sections import gpu as gpu_section  # noqa: E402
+
+TINY_SD = {"block_out_channels": [16, 16, 32, 32], "cross_attention_dim": 16, "norm_num_groups": 8,
+           "attention_head_dim": 4, "sample_size": 16}
+TINY_SDXL = {"block_out_channels": [16, 16, 32], "cross_attention_dim": 16, "norm_num_groups": 8,
+             "attention_head_dim": [2, 2, 4], "transformer_layers_per_block": [1, 1, 1], "sample_size": 16,
+             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 16 + 6 * 8}
+TINY_DIT = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8, "sample_size": 8, "in_channels": 4,
+            "out_channels": 8}
+
+
+def test_gpu_section_schedule_rows_with_the_deepcache_package(one_thread):
+    rows = gpu_section.model_rows("sd-1.5", 16, reps=1, dtype=torch.float32, device="cpu", overrides=TINY_SD, calls=6)
+    ours = {r["schedule"]: r for r in rows if r["by"] == "ours"}
+    assert set(ours) == {"deepcache(3,0)", "deepcache(5,0)", "skip_steps(10,power1.5)"}
+    package = [r for r in rows if r["by"] == "DeepCache package"]
+    assert {r["schedule"] for r in package} == {"deepcache(3,0)", "deepcache(5,0)"}
+    for r in package:  # the package's helper computes what our schedule computes
+        assert r["rel_diff_to_ours"] <= 1e-5 and r["macs_kept"] == ours[r["schedule"]]["macs_kept"] < 1
+    assert all(r["finite"] and r["speedup"] > 0 and r["full_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name,overrides", [("sdxl", TINY_SDXL), ("dit-xl-2", TINY_DIT)])
+def test_gpu_section_sdxl_and_dit_rows(name, overrides, one_thread):
+    rows = gpu_section.model_rows(name, 8, reps=1, dtype=torch.float32, device="cpu", overrides=overrides, calls=6)
+    kinds = {r["schedule"].split("(")[0] for r in rows if r["by"] == "ours"}
+    assert kinds == ({"deepcache", "skip_steps"} if name == "sdxl" else {"fora", "skip_steps"})
+    assert all(r["finite"] and 0 < r["macs_kept"] < 1 for r in rows)
+
+
+def test_gpu_section_sdo_cost_rows(one_thread):
+    doc = gpu_section.sdo_rows("sd-1.5", 16, rounds=1, dtype=torch.float32, device="cpu", overrides=TINY_SD, calls=8)
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {"full", "sdo", "sdo+deepcache(3,0)", "sdo+deepcache(5,0)"}
+    assert rows["full"]["full_over_this"] == 1.0 and rows["sdo"]["chain_macs_kept"] == 1.0
+    assert rows["sdo+deepcache(5,0)"]["chain_macs_kept"] < rows["sdo+deepcache(3,0)"]["chain_macs_kept"] < 1
+    assert all(r["grad_finite"] and r["seconds"] > 0 for r in rows.values())
+
+
+def test_gpu_section_compile_rows(one_thread):
+    rows = gpu_section.compile_rows("sd-1.5", 16, reps=1, dtype=torch.float32, device="cpu", overrides=TINY_SD,
+                                    calls=4, backend="eager")
+    assert [r["variant"] for r in rows] == ["compile(full)", "compile(deepcache(5,0))"]
+    assert rows[0]["speedup_over_compiled_full"] == 1.0 and rows[1]["macs_kept"] < 1
+
+
+def test_gpu_section_deadline_leaves_notes(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
+    monkeypatch.setenv("SHORTCUT_BENCH_DEADLINE", str(time.time() + 5))
+    doc = gpu_section.run(tmp_path)
+    assert doc["rows"] == [] and doc["sdo"] is None
+    assert len(doc["notes"]) == len(gpu_section.PART_SECONDS) and all("not run" in n for n in doc["notes"])

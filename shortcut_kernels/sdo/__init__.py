@@ -13,6 +13,7 @@ import importlib
 
 _EXPORTS = {
     "shortcut_sample": "chain", "warmup": "chain", "WarmStart": "chain", "ClassConditional": "chain",
+    "TextConditional": "chain",
     "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
     "ClassifierReward": "rewards", "ShiftAveraged": "rewards", "check_reward": "rewards", "digits_reward": "rewards",
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",

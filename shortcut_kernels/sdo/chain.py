@@ -35,7 +35,7 @@ from ..samplers import LinearStep, guided_update, history_indices, initial_scale
 from .adapters import merged_adapters
 from .policy import Policy, parse_policy
 
-__all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "Plan"]
+__all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "TextConditional", "Plan"]
 
 
 # ---------------------------------------------------------------- the chain's plan
@@ -119,6 +119,64 @@ class ClassConditional(torch.nn.Module):
         both = self.model(torch.cat([x, x]), t2, torch.cat([torch.full_like(labels, self.null_label), labels]))
         uncond, cond = both.chunk(2)
         return uncond, cond
+
+
+class TextConditional(torch.nn.Module):
+    """A diffusers text-conditioned UNet (``UNet2DConditionModel``: SD-1.x/2.x, SDXL) as an
+    SDO ``model_fn(x, t)``.
+
+    prompt_embeds: ``[1 or B, tokens, dim]`` from the pipeline's text encoder (e.g.
+        ``pipe.encode_prompt``); one row is broadcast over the batch.
+    negative_prompt_embeds: the unconditional embeddings; given, the call is one batched
+        pass returning ``(eps_uncond, eps_cond)`` for classifier-free guidance.
+    added_cond_kwargs: SDXL's ``{"text_embeds": [1 or B, d], "time_ids": [1 or B, 6]}``, for
+        the conditional half; ``negative_added_cond_kwargs`` for the unconditional one (default:
+        the same).
+    """
+
+    def __init__(self, unet: torch.nn.Module, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None = None,
+                 added_cond_kwargs: dict | None = None, negative_added_cond_kwargs: dict | None = None):
+        super().__init__()
+        self.model = unet
+        if prompt_embeds.dim() != 3:
+            raise ValueError(f"prompt_embeds must be [1 or B, tokens, dim], got shape {tuple(prompt_embeds.shape)}")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} does not match "
+                             f"prompt_embeds {tuple(prompt_embeds.shape)} after the batch dimension")
+        self.cond, self.uncond = prompt_embeds, negative_prompt_embeds
+        self.added = dict(added_cond_kwargs or {})
+        self.negative_added = dict(negative_added_cond_kwargs or self.added)
+        self.guidance = negative_prompt_embeds is not None
+
+    @staticmethod
+    def _rows(t: Tensor, batch: int, name: str) -> Tensor:
+        if t.shape[0] == batch:
+            return t
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch}: give 1 or {batch}")
+        return t.expand(batch, *t.shape[1:])
+
+    def _kwargs(self, embeds: Tensor, added: dict, batch: int, like: Tensor, which: str) -> dict:
+        kw = {"encoder_hidden_states": self._rows(embeds, batch, which).to(like.device)}
+        if added:
+            kw["added_cond_kwargs"] = {k: self._rows(v, batch, f"{which} {k}").to(like.device) for k, v in added.items()}
+        return kw
+
+    def forward(self, x: Tensor, t) -> Tensor | tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        cond = self._kwargs(self.cond, self.added, n, x, "prompt_embeds")
+        if not self.guidance:
+            return self.model(x, t, **cond, return_dict=False)[0]
+        uncond = self._kwargs(self.uncond, self.negative_added, n, x, "negative_prompt_embeds")
+        t = torch.as_tensor(t, device=x.device)
+        t2 = torch.cat([t, t]) if t.ndim else t
+        both = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
+        if "added_cond_kwargs" in cond:
+            both["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v])
+                                         for k, v in cond["added_cond_kwargs"].items()}
+        out = self.model(torch.cat([x, x]), t2, **both, return_dict=False)[0]
+        eu, ec = out.chunk(2)
+        return eu, ec
 
 
 # ---------------------------------------------------------------- one step
@@ -223,9 +281,10 @@ class _Runner:
             x, xs, outs = self.first_latent(x_start.detach())
             kept_x = torch.empty_like(x)
             kept = self.kept.to(x.device)
+            kept_steps = set(self.kept.tolist())  # decided on the host: no device sync per call
             for st in self.plan.steps[self.start:]:
-                mask = kept == st.index
-                if bool(mask.any()):
+                if st.index in kept_steps:
+                    mask = kept == st.index
                     kept_x[mask] = x[mask]
                 eu, ec = self.denoise(st.input_scale * x, self.plan.timesteps[st.index], x)
                 x = self.update(st, x, eu, ec, xs, outs)
@@ -330,8 +389,9 @@ def shortcut_sample(
 
     model_fn: ``model_fn(x, t) -> output`` (``t``: a 0-d timestep, or one per sample under
         ``per-sample``); with ``guidance``, it returns ``(output_uncond, output_cond)``
-        (``ClassConditional`` wraps a zoo model). Outputs are what the scheduler's
-        ``prediction_type`` says (eps, v, ...). Must be deterministic (recomputed at backward).
+        (``ClassConditional`` wraps a zoo model, ``TextConditional`` a diffusers text UNet).
+        Outputs are what the scheduler's ``prediction_type`` says (eps, v, ...). Must be
+        deterministic (recomputed at backward).
     scheduler: a diffusers scheduler with ``set_timesteps`` called (see
         ``shortcut_kernels.samplers`` for the supported ones). It is not mutated.
     x_T: unit Gaussian noise ``[B, ...]`` (scaled by ``init_noise_sigma`` here, as diffusers
