@@ -84,6 +84,11 @@ def _reasons(backend: str, device_type: str, dtype: torch.dtype, interpret: bool
     return tuple(reasons)
 
 
+# What the innermost use_backend() of the process forces: read instead of the context variable
+# when torch.compile traces an op on a torch whose dynamo cannot trace ContextVar.get (2.11).
+forced_in_process: str | None = None
+
+
 def forced() -> str | None:
     """The backend forced by use_backend() in this thread/task, or None."""
     return _forced.get()
@@ -174,11 +179,15 @@ def use_backend(name: str):
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
-    token = _forced.set(None if name == "auto" else name)
+    global forced_in_process
+    value, previous = (None if name == "auto" else name), forced_in_process
+    token = _forced.set(value)
+    forced_in_process = value
     try:
         yield
     finally:
         _forced.reset(token)
+        forced_in_process = previous
 
 
 def gpu_status() -> str:

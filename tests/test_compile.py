@@ -147,3 +147,31 @@ def test_compile_layouts(layout):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # sums of fp32 terms
     for g, e in zip(grads_got, grads_expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("traces_context_variables", [True, False], ids=["contextvar", "process-wide"])
+def test_use_backend_is_guarded_under_compile(monkeypatch, traces_context_variables):
+    """The backend chosen by use_backend() is baked into the traced graph and guarded:
+    switching it recompiles. `process-wide`: the path for a torch whose dynamo cannot trace
+    ContextVar.get (2.11; seen failing on the GPU machine), which reads the value use_backend()
+    keeps beside the context variable."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from shortcut_kernels.ops import _dispatch
+
+    if not traces_context_variables:
+        monkeypatch.setattr(_dispatch, "_dynamo_traces_context_variables", lambda: False)
+    elif not _dispatch._dynamo_traces_context_variables():
+        pytest.skip("this torch's dynamo cannot trace ContextVar.get")
+    torch._dynamo.reset()
+    recorder = EagerAndRecordGraphs()
+    compiled = torch.compile(block_step, fullgraph=True, backend=recorder)
+    inputs = make_inputs(requires_grad=False)
+    backends = [b for b in ("torch", "cpu") if not sk.backends.unavailable_reasons(b, "cpu", torch.float32)]
+    for backend in backends:
+        with sk.use_backend(backend):
+            torch.testing.assert_close(compiled(*inputs), block_step(*inputs))
+    assert sk.backends.forced_in_process is None  # restored on leaving the block
+    assert len(recorder.graphs) == len(backends)  # one graph per backend: guarded
+    for graph, backend in zip(recorder.graphs, backends):
+        assert f"'{backend}'" in graph.code and f"'{({'torch', 'cpu'} - {backend}).pop()}'" not in graph.code

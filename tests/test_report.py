@@ -205,3 +205,26 @@ def test_gpu_op_rows_show_the_roofline(tmp_path):
     for r in rows[2:4]:
         assert f"{r['gb_per_s']:.1f}" in md and f"{r['pct_of_copy']:.0f}" in md
     assert f"{copy['gb_per_s']:.1f}" in md and "GB/s copy" in md
+
+
+def test_gpu_section_tables(tmp_path):
+    """The GPU section: schedule rows (ours and the DeepCache package's), the SDO cost table and
+    the parts the deadline left out, every number from the JSON."""
+    row = lambda by, sched: dict(model="sd-1.5", schedule=sched, by=by, dtype="float16", calls=50, latent=64,  # noqa: E731
+                                 reps=3, macs_kept=r2(0.2, 0.5), mac_ideal=r2(2, 5), full_s=r2(1, 2),
+                                 ours_s=r2(0.3, 0.9), speedup=r2(1.5, 3.5), finite=True)
+    rows = [row("ours", "deepcache(3,0)"), dict(row("DeepCache package", "deepcache(3,0)"), rel_diff_to_ours=0.0)]
+    sdo = {"model": "sd-1.5", "dtype": "bfloat16", "batch": 1, "latent": 64, "calls": 50, "guidance": 7.5,
+           "rounds": 2, "rows": [dict(method=m, policy="x", chain_macs_kept=r2(0.2, 1), seconds=r2(0.5, 9),
+                                      full_over_this=r2(1, 13), peak_mib_over_weights=r2(400, 500), grad_finite=True)
+                                 for m in ("full", "sdo+deepcache(5,0)")]}
+    doc = {"section": "gpu", "wall_s": 1.0, "budget_s": None, "device": "GPU 1", "rows": rows, "sdo": sdo,
+           "compile": [], "notes": ["compile: not run, 12 s left before SHORTCUT_BENCH_DEADLINE"]}
+    (tmp_path / "gpu.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    for r in rows:
+        assert f"| {r['by']} |" in md and f"{r['speedup']:.2f}" in md and f"{r['ours_s']:.3f}" in md
+    for r in sdo["rows"]:
+        assert f"| {r['method']} |" in md and f"{r['seconds']:.3f}" in md and f"{r['full_over_this']:.2f}" in md
+    assert "compile: not run" in md

@@ -171,8 +171,10 @@ def model_rows(name: str, latent: int, reps: int, dtype=torch.float16, device="c
     times = {k: [] for k in variants}
     outputs = {}
     with torch.no_grad():
+        keys = list(variants)
         for rep in tqdm(range(reps + 1), desc=f"gpu {name}"):  # rep 0 warms up every variant
-            for key, how in variants.items():
+            for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:  # a new order each rep: no order bias
+                how = variants[key]
                 if how is None:
                     ctx, undo = None, None
                 elif how[0] == "ours":

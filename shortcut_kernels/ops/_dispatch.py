@@ -6,7 +6,8 @@
   another thread, where `use_backend` is not in force).
 - Under torch.compile the graph holds the registered custom op
   (torch.ops.shortcut_kernels.<op>). The backend is an argument of the op, chosen when
-  the function is traced: `use_backend` is guarded (changing it recompiles),
+  the function is traced: `use_backend` is guarded (changing it recompiles; on a torch whose
+  dynamo cannot trace context variables, through the process-wide value it keeps),
   SHORTCUT_KERNELS_BACKEND is read once.
 
 Both paths run the same `backward(ctx, kernels, *grads)` formula; `kernels` is the
@@ -30,9 +31,18 @@ from .. import _ext, backends
 def select_backend(t: torch.Tensor) -> str:
     """The backend that serves a call on `t`: use_backend(), the environment, or auto."""
     if torch.compiler.is_compiling():
-        # The context variable is read here, where dynamo guards on it.
-        return _backend_when_traced(backends.forced(), t.device.type, t.dtype)
+        # Read here, where dynamo guards on it: the context variable, or on a torch whose dynamo
+        # cannot trace ContextVar.get the process-wide value use_backend() keeps beside it.
+        forced = backends.forced() if _dynamo_traces_context_variables() else backends.forced_in_process
+        return _backend_when_traced(forced, t.device.type, t.dtype)
     return backends.select_for(t)
+
+
+@torch.compiler.assume_constant_result
+def _dynamo_traces_context_variables() -> bool:
+    from torch._dynamo import variables
+
+    return hasattr(variables, "ContextVarVariable")
 
 
 @torch.compiler.assume_constant_result

@@ -66,9 +66,10 @@ def speedup_vs_macs(sections: dict, path: Path) -> bool:
                        [(r["macs_kept"], r["speedup"], r["schedule"]) for r in learn["timing"]]))
     gpu = sections.get("gpu")
     if _ok(gpu):
-        for model in dict.fromkeys(r["model"] for r in gpu["rows"]):
-            series.append((f"{model} (GPU, {gpu['rows'][0]['dtype']})", "D",
-                           [(r["macs_kept"], r["speedup"], r["schedule"]) for r in gpu["rows"] if r["model"] == model]))
+        for model, by in dict.fromkeys((r["model"], r.get("by", "ours")) for r in gpu["rows"]):
+            series.append((f"{model} (GPU, {gpu['rows'][0]['dtype']}): {by}", "D" if by == "ours" else "P",
+                           [(r["macs_kept"], r["speedup"], r["schedule"]) for r in gpu["rows"]
+                            if r["model"] == model and r.get("by", "ours") == by]))
     if not series:
         return False
     plt = _pyplot()

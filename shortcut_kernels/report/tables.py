@@ -279,18 +279,41 @@ def sdo_part(doc: dict, plots) -> list[str]:
 
 
 def gpu_part(doc: dict, plots) -> list[str]:
-    lines = ["## GPU: SD-1.5 and DiT-XL/2 architectures (random weights) with cache schedules", ""]
+    lines = ["## GPU: SD-1.5, SDXL and DiT-XL/2 architectures (random weights)", ""]
     bad = _problem(doc)
     if bad:
         return lines + bad
-    r0 = doc["rows"][0] if doc["rows"] else {}
+    rows = doc.get("rows", [])
+    r0 = rows[0] if rows else {}
     lines += [f"{doc.get('device', '?')}, {r0.get('dtype', '?')}, {r0.get('calls', '?')} DDIM calls, guidance "
-              f"batched, median of {r0.get('reps', '?')} runs; the full model timed in the same runs. The op "
-              "roofline (GB/s against a copy of the same bytes) is in the ops table above.", ""]
-    body = [[r["model"], f"{r['latent']}x{r['latent']}", r["schedule"], pct(r["macs_kept"]), num(r["mac_ideal"]),
-             num(r["speedup"]), num(r["full_s"], ".3f"), num(r["ours_s"], ".3f")] for r in doc["rows"]]
-    return lines + table(["model", "latent", "schedule", "MACs kept", "ideal x", "measured x", "full s", "ours s"],
-                         body, right_from=3) + [""]
+              "batched, median of `runs` runs; the full model timed in the same runs. "
+              "`DeepCache package`: its own helper with the same interval and branch on the same UNet and noise; "
+              "`rel diff`: its output against ours. The op roofline (GB/s against a copy of the same bytes) is "
+              "in the ops table above.", ""]
+    body = [[r["model"], f"{r['latent']}x{r['latent']}", r["schedule"], r.get("by", "ours"), str(r.get("reps", "?")),
+             pct(r["macs_kept"]), num(r["mac_ideal"]), num(r["speedup"]), num(r["full_s"], ".3f"),
+             num(r["ours_s"], ".3f"), num(r.get("rel_diff_to_ours"), ".1e")] for r in rows]
+    lines += table(["model", "latent", "schedule", "by", "runs", "MACs kept", "ideal x", "measured x", "full s",
+                    "this s", "rel diff"], body, right_from=4) + [""]
+    sdo = doc.get("sdo")
+    if sdo:
+        lines += [f"SDO: one gradient of a reward on the final latent w.r.t. the initial noise, {sdo['model']} in "
+                  f"{sdo['dtype']}, batch {sdo['batch']}, latent {sdo['latent']}x{sdo['latent']}, {sdo['calls']} "
+                  f"DDIM calls, guidance {sdo['guidance']}; median of {sdo['rounds']} iterations. `full` checkpoints "
+                  "every call; `sdo` is the memory-light shortcut, `+deepcache(N,0)` its no-grad chain through "
+                  "that schedule. Peak memory: above the weights.", ""]
+        lines += table(["method", "chain MACs kept", "s / iteration", "full / this", "peak MiB", "gradient finite"],
+                       [[r["method"], pct(r["chain_macs_kept"]), num(r["seconds"], ".3f"), num(r["full_over_this"]),
+                         num(r["peak_mib_over_weights"], ".0f"), str(r["grad_finite"])] for r in sdo["rows"]]) + [""]
+    if doc.get("compile"):
+        lines += ["torch.compile (Inductor): the first run includes the compiles.", ""]
+        lines += table(["model", "variant", "MACs kept", "first run s", "s", "x eager full", "x compiled full"],
+                       [[r["model"], r["variant"], pct(r["macs_kept"]), num(r["first_run_s"], ".1f"),
+                         num(r["seconds"], ".3f"), num(r["speedup_over_eager_full"]),
+                         num(r["speedup_over_compiled_full"])] for r in doc["compile"]]) + [""]
+    for note in doc.get("notes", []):
+        lines += [f"- {note.splitlines()[0]}"]
+    return lines + ([""] if doc.get("notes") else [])
 
 
 PARTS = {"ops": ops_part, "dipgo": dipgo_part, "dipgo-learn": learn_part, "sdo": sdo_part, "gpu": gpu_part}
