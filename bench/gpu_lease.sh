@@ -9,7 +9,8 @@
 # rest:
 #   1. build the extension for this GPU (TORCH_CUDA_ARCH_LIST: its compute capability);
 #   2. the GPU tests (`-m gpu`: every op on the cuda, triton and torch backends against the
-#      references) and tests/test_extension.py, in parallel when pytest-xdist is there;
+#      references; Triton with one config, then the backend agreement tests autotuned) and
+#      tests/test_extension.py beside them, in parallel when pytest-xdist is there;
 #      shortcut_kernels/gpu_validation.json records the run (commit it: `auto` then uses the
 #      CUDA/Triton kernels on CUDA tensors);
 #   3. `bench/run.py --sections ops`: the op roofline (no torch.compile rows: one Inductor
@@ -31,7 +32,8 @@ left() { echo $((DEADLINE - $(date +%s))); }
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$LOGS/machine.txt"
 nproc | tee -a "$LOGS/machine.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+                                   'triton', triton.__version__)" \
   | tee -a "$LOGS/machine.txt"
 
 if [ -d "${WHEELS:-wheels}" ]; then
@@ -53,15 +55,25 @@ $PY -m shortcut_kernels info 2>&1 | tee "$LOGS/info.txt"
 log "GPU tests"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n $(($(nproc) < 16 ? $(nproc) : 16))")
 TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
-# SIGINT: pytest still writes the JUnit file of what ran
-timeout -s INT -k 15 $(($(left) - 200)) $PY -m pytest tests -m gpu -q -p no:cacheprovider $XDIST $TIMEOUT \
-  --junitxml=$LOGS/junit-gpu.xml -rf >"$LOGS/tests-gpu.log" 2>&1
-log "GPU tests: exit $?"; tail -25 "$LOGS/tests-gpu.log"
-timeout 120 $PY -m pytest tests/test_extension.py -q -p no:cacheprovider --junitxml=$LOGS/junit-ext.xml -rf \
-  >"$LOGS/tests-ext.log" 2>&1
-log "extension tests: exit $?"; tail -5 "$LOGS/tests-ext.log"
-$PY -m shortcut_kernels.gpu_record $LOGS/junit-gpu.xml $LOGS/junit-ext.xml \
-  --selection "pytest -m gpu (every op on the cuda, triton and torch backends) + tests/test_extension.py"
+# tests/test_extension.py runs subprocesses on the CPU: beside the GPU tests
+timeout 200 $PY -m pytest tests/test_extension.py -q -p no:cacheprovider --junitxml=$LOGS/junit-ext.xml -rf \
+  >"$LOGS/tests-ext.log" 2>&1 &
+EXT=$!
+# Every op x backend x dtype with one Triton config (compiling and tuning four per size took
+# 3100 of the 3350 test-seconds of the first GPU run), then the backend agreement tests with
+# the autotuned kernels as users run them. SIGINT: pytest still writes the JUnit file.
+SHORTCUT_KERNELS_TRITON_AUTOTUNE=0 timeout -s INT -k 15 $(($(left) - 260)) \
+  $PY -m pytest tests -m gpu -q -p no:cacheprovider $XDIST $TIMEOUT --junitxml=$LOGS/junit-gpu.xml -rf \
+  >"$LOGS/tests-gpu.log" 2>&1
+log "GPU tests (one Triton config): exit $?"; tail -6 "$LOGS/tests-gpu.log"
+timeout -s INT -k 15 90 $PY -m pytest tests/test_backend_agreement.py -m gpu -q -p no:cacheprovider $XDIST $TIMEOUT \
+  --junitxml=$LOGS/junit-tuned.xml -rf >"$LOGS/tests-tuned.log" 2>&1
+log "backend agreement (autotuned Triton): exit $?"; tail -4 "$LOGS/tests-tuned.log"
+wait $EXT
+log "extension tests: exit $?"; tail -3 "$LOGS/tests-ext.log"
+$PY -m shortcut_kernels.gpu_record $LOGS/junit-gpu.xml $LOGS/junit-tuned.xml $LOGS/junit-ext.xml \
+  --selection "pytest -m gpu (every op on the cuda, triton and torch backends; Triton with one config) \
++ the backend agreement tests with autotuned Triton + tests/test_extension.py"
 cp shortcut_kernels/gpu_validation.json "$OUT/" 2>/dev/null
 
 log "benchmarks"

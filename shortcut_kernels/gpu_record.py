@@ -23,7 +23,13 @@ def summarise(*junit_xmls: str | Path) -> dict:
     """Test counts from pytest JUnit XML files; `gpu_passed`: passed tests with a GPU
     parameter (ids ending in -gpu, or marked by name)."""
     counts = dict(passed=0, failed=0, skipped=0, gpu_passed=0)
-    cases = [case for junit in junit_xmls for case in ET.parse(junit).getroot().iter("testcase")]
+    cases = []
+    for junit in junit_xmls:
+        try:
+            cases += ET.parse(junit).getroot().iter("testcase")
+        except (OSError, ET.ParseError):  # a stage that wrote no results did not pass
+            counts["failed"] += 1
+            counts.setdefault("unreadable", []).append(str(junit))
     for case in cases:
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)

@@ -89,3 +89,28 @@ def test_no_record_without_a_gpu(monkeypatch, tmp_path):
     junit.write_text(JUNIT.format(failure=""))
     assert gpu_record.record(junit, tmp_path / "record.json") is None
     assert not (tmp_path / "record.json").exists()
+
+
+def test_triton_autotune_switch(monkeypatch):
+    """SHORTCUT_KERNELS_TRITON_AUTOTUNE=0 (the GPU test runs of `make gpu`) keeps the first of the
+    configs, so nothing is tuned; by default all four are tried. The interpreter always has one."""
+    from shortcut_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "triton_interpret", lambda: False)
+    monkeypatch.delenv(_common.AUTOTUNE_ENV, raising=False)
+    every = _common.elementwise_configs()
+    assert len(every) == 4
+    monkeypatch.setenv(_common.AUTOTUNE_ENV, "0")
+    (only,) = _common.elementwise_configs()
+    assert only.kwargs == every[0].kwargs and only.num_warps == every[0].num_warps
+    monkeypatch.setattr(_common, "triton_interpret", lambda: True)
+    monkeypatch.delenv(_common.AUTOTUNE_ENV)
+    assert len(_common.elementwise_configs()) == 1
+
+
+def test_a_missing_junit_file_fails_the_record(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT.format(failure=""))
+    counts = gpu_record.summarise(junit, tmp_path / "killed-stage.xml")
+    assert counts["failed"] == 1 and counts["passed"] == 3
+    assert counts["unreadable"] == [str(tmp_path / "killed-stage.xml")]

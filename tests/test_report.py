@@ -210,8 +210,8 @@ def test_gpu_op_rows_show_the_roofline(tmp_path):
 def test_gpu_section_tables(tmp_path):
     """The GPU section: schedule rows (ours and the DeepCache package's), the SDO cost table and
     the parts the deadline left out, every number from the JSON."""
-    row = lambda by, sched: dict(model="sd-1.5", schedule=sched, by=by, dtype="float16", calls=50, latent=64,  # noqa: E731
-                                 reps=3, macs_kept=r2(0.2, 0.5), mac_ideal=r2(2, 5), full_s=r2(1, 2),
+    row = lambda by, sched: dict(model="sd-1.5", schedule=sched, by=by, dtype="float16", calls=50,  # noqa: E731
+                                 latent=64, reps=3, macs_kept=r2(0.2, 0.5), mac_ideal=r2(2, 5), full_s=r2(1, 2),
                                  ours_s=r2(0.3, 0.9), speedup=r2(1.5, 3.5), finite=True)
     rows = [row("ours", "deepcache(3,0)"), dict(row("DeepCache package", "deepcache(3,0)"), rel_diff_to_ours=0.0)]
     sdo = {"model": "sd-1.5", "dtype": "bfloat16", "batch": 1, "latent": 64, "calls": 50, "guidance": 7.5,

@@ -159,7 +159,8 @@ class TextConditional(torch.nn.Module):
     def _kwargs(self, embeds: Tensor, added: dict, batch: int, like: Tensor, which: str) -> dict:
         kw = {"encoder_hidden_states": self._rows(embeds, batch, which).to(like.device)}
         if added:
-            kw["added_cond_kwargs"] = {k: self._rows(v, batch, f"{which} {k}").to(like.device) for k, v in added.items()}
+            kw["added_cond_kwargs"] = {k: self._rows(v, batch, f"{which} {k}").to(like.device)
+                                       for k, v in added.items()}
         return kw
 
     def forward(self, x: Tensor, t) -> Tensor | tuple[Tensor, Tensor]:
