@@ -11,7 +11,8 @@ bundled configs with random weights, 50 DDIM calls with batched classifier-free 
   GPU memory per iteration. The reward is linear in the latent: a VAE decode and a reward
   model would add the same cost to every method.
 - compile: torch.compile of the full model and of a schedule (one graph per keep-pattern),
-  only when the time left allows it.
+  only when the time left allows it; with FULL also Inductor's CUDA-graph mode
+  (reduce-overhead).
 
 The op roofline (GB/s against a copy of the same bytes in the same run) is the ops section,
 which keeps the copy rows on a GPU. SHORTCUT_BENCH_DEADLINE (Unix time) makes the parts that
@@ -34,7 +35,7 @@ GUIDANCE = 7.5
 # name: (latent side, timed runs of each variant)
 MODELS = {"sd-1.5": (64, 3), "sdxl": (128, 2), "dit-xl-2": (32, 3)}
 # the seconds each part needs on an H200 (estimates, with margin), in the order they run
-PART_SECONDS = {"sdo": 60, "sd-1.5": 40, "dit-xl-2": 30, "sdxl": 80, "compile": 240}
+PART_SECONDS = {"sdo": 60, "sd-1.5": 40, "dit-xl-2": 30, "sdxl": 80, "compile": 240, "cuda-graphs": 300}
 SDO_CHAINS = ((3, 0), (5, 0))
 
 
@@ -280,9 +281,12 @@ def sdo_rows(name: str = "sd-1.5", latent: int = 64, rounds: int = 2, dtype=torc
 
 
 def compile_rows(name: str = "sd-1.5", latent: int = 64, reps: int = 3, dtype=torch.float16, device="cuda",
-                 overrides=None, calls: int = CALLS, backend: str = "inductor") -> list[dict]:
+                 overrides=None, calls: int = CALLS, backend: str = "inductor", mode: str | None = None) -> list[dict]:
     """torch.compile of the full model and of deepcache(5,0) (handle.compile(): one graph per
-    keep-pattern); first run (with the compiles) and the median of the runs after it."""
+    keep-pattern); first run (with the compiles) and the median of the runs after it.
+    ``mode="reduce-overhead"``: Inductor with CUDA graphs."""
+    options = {"backend": backend, **({"mode": mode} if mode else {})}
+    tag = f"compile[{mode}]" if mode else "compile"
     from shortcut_kernels.dipgo import accelerate
     from shortcut_kernels.models import build_model
 
@@ -299,20 +303,20 @@ def compile_rows(name: str = "sd-1.5", latent: int = 64, reps: int = 3, dtype=to
         eager = statistics.median(_timed(lambda: denoise(model, scheduler, x_T, cond, calls), dev)
                                   for _ in range(reps))
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, **options)
         first = _timed(lambda: denoise(compiled, scheduler, x_T, cond, calls), dev)
         steady = statistics.median(_timed(lambda: denoise(compiled, scheduler, x_T, cond, calls), dev)
                                    for _ in range(reps))
-        rows.append({"model": name, "variant": "compile(full)", "macs_kept": 1.0, "first_run_s": first,
+        rows.append({"model": name, "variant": f"{tag}(full)", "macs_kept": 1.0, "first_run_s": first,
                      "seconds": steady, "eager_full_s": eager, "speedup_over_eager_full": eager / steady})
         del compiled
         torch._dynamo.reset()
         with accelerate(model, s, scheduler=scheduler, check_finite=False) as handle:
-            handle.compile(backend=backend)
+            handle.compile(**options)
             first = _timed(lambda: denoise(model, scheduler, x_T, cond, calls), dev)
             steady = statistics.median(_timed(lambda: denoise(model, scheduler, x_T, cond, calls), dev)
                                        for _ in range(reps))
-        rows.append({"model": name, "variant": "compile(deepcache(5,0))", "macs_kept": s.macs_kept,
+        rows.append({"model": name, "variant": f"{tag}(deepcache(5,0))", "macs_kept": s.macs_kept,
                      "first_run_s": first, "seconds": steady, "eager_full_s": eager,
                      "speedup_over_eager_full": eager / steady})
     torch._dynamo.reset()
@@ -350,4 +354,6 @@ def run(out_dir, full: bool = False) -> dict:
     part("dit-xl-2", lambda: doc["rows"].extend(model_rows("dit-xl-2", *MODELS["dit-xl-2"])))
     part("sdxl", lambda: doc["rows"].extend(model_rows("sdxl", *MODELS["sdxl"])))
     part("compile", lambda: doc["compile"].extend(compile_rows()))
+    if full:  # CUDA graphs (Inductor's reduce-overhead mode) have not run on a GPU yet
+        part("cuda-graphs", lambda: doc["compile"].extend(compile_rows(mode="reduce-overhead")))
     return doc
