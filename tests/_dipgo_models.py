@@ -1,13 +1,12 @@
 """Tiny models, pipelines and sampling loops shared by the tests/test_dipgo_*.py files."""
 from __future__ import annotations
 
-import types
-
 import diffusers
 import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.models import build_model
+from shortcut_kernels.models.deepcache import package_helper
 
 
 def tiny_sd15_unet(seed: int = 0):
@@ -96,19 +95,5 @@ def zoo_unet_inputs(n: int = 4, seed: int = 0):
 
 
 def deepcache_package(unet, scheduler, interval, branch):
-    """The DeepCache package's helper on a bare UNet. Shim (diffusers 0.42.1): the helper only needs
-    ``pipe.unet`` and ``pipe.scheduler``; it reads the step from ``scheduler.timesteps.index(args[1])``, so the
-    timestep must be passed positionally as a 0-d tensor; ``disable()`` leaves instance-level ``forward``
-    attributes on every module it patched, which ``undo`` removes."""
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-
-    def undo():
-        helper.disable()
-        for mod in unet.modules():
-            mod.__dict__.pop("forward", None)
-
-    return undo
+    """The DeepCache package's helper on a bare UNet (shortcut_kernels.models.deepcache.package_helper)."""
+    return package_helper(unet, scheduler, interval, branch)

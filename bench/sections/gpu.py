@@ -118,25 +118,15 @@ def schedules(name: str, calls: int, shape, overrides=None) -> dict:
     return rows
 
 
-def deepcache_package(unet, scheduler, interval: int, branch: int):
-    """The DeepCache package's helper on a bare UNet; returns the undo. Its helper only reads
-    ``pipe.unet`` and ``pipe.scheduler``, and finds the step from the timestep passed
-    positionally; ``disable()`` leaves instance-level ``forward`` attributes on every module
-    it patched, which the undo removes."""
-    import types
+def _sampling_setup(name: str, latent: int, dtype, dev, overrides):
+    """The model with random weights, one sample's noise and the CFG-batched conditioning."""
+    from shortcut_kernels.models import build_model
 
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-
-    def undo():
-        helper.disable()
-        for mod in unet.modules():
-            mod.__dict__.pop("forward", None)
-
-    return undo
+    model = build_model(name, dtype=dtype, device=dev, overrides=overrides).eval()
+    c = model.config
+    g = torch.Generator(device=dev).manual_seed(0)
+    x_T = torch.randn(1, c.in_channels, latent, latent, generator=g, device=dev, dtype=dtype)
+    return model, x_T, conditioning(model, 1, g, dev, dtype)
 
 
 def _rel(a, b) -> float:
@@ -148,14 +138,11 @@ def model_rows(name: str, latent: int, reps: int, dtype=torch.float16, device="c
     """Full model vs. each schedule (and the DeepCache package's helper for UNets), interleaved
     runs on the same noise; medians."""
     from shortcut_kernels.dipgo import accelerate
-    from shortcut_kernels.models import build_model
+    from shortcut_kernels.models.deepcache import package_helper
 
     dev = torch.device(device)
-    model = build_model(name, dtype=dtype, device=dev, overrides=overrides).eval()
+    model, x_T, cond = _sampling_setup(name, latent, dtype, dev, overrides)
     c = model.config
-    g = torch.Generator(device=dev).manual_seed(0)
-    x_T = torch.randn(1, c.in_channels, latent, latent, generator=g, device=dev, dtype=dtype)
-    cond = conditioning(model, 1, g, dev, dtype)
     scheds = schedules(name, calls, (2, c.in_channels, latent, latent), overrides)
     scheduler = _scheduler()
     run = lambda: denoise(model, scheduler, x_T, cond, calls)  # noqa: E731
@@ -181,7 +168,7 @@ def model_rows(name: str, latent: int, reps: int, dtype=torch.float16, device="c
                 elif how[0] == "ours":
                     ctx, undo = accelerate(model, how[1], scheduler=scheduler, check_finite=False), None
                 else:
-                    ctx, undo = None, deepcache_package(model, scheduler, *how[1])
+                    ctx, undo = None, package_helper(model, scheduler, *how[1])
                 try:
                     if ctx is not None:
                         ctx.__enter__()
@@ -288,14 +275,10 @@ def compile_rows(name: str = "sd-1.5", latent: int = 64, reps: int = 3, dtype=to
     options = {"backend": backend, **({"mode": mode} if mode else {})}
     tag = f"compile[{mode}]" if mode else "compile"
     from shortcut_kernels.dipgo import accelerate
-    from shortcut_kernels.models import build_model
 
     dev = torch.device(device)
-    model = build_model(name, dtype=dtype, device=dev, overrides=overrides).eval()
+    model, x_T, cond = _sampling_setup(name, latent, dtype, dev, overrides)
     c = model.config
-    g = torch.Generator(device=dev).manual_seed(0)
-    x_T = torch.randn(1, c.in_channels, latent, latent, generator=g, device=dev, dtype=dtype)
-    cond = conditioning(model, 1, g, dev, dtype)
     s = schedules(name, calls, (2, c.in_channels, latent, latent), overrides)["deepcache(5,0)"]
     scheduler = _scheduler()
     rows = []

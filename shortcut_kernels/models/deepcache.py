@@ -215,3 +215,26 @@ def deepcache_table(graph: BlockGraph) -> str:
         rows.append(f"{b.index:>3} {b.name:<{w}} ({st},{i},{l}) {'never' if k is None else f'k>={k}':<7} "
                     f"{'never' if s is None else f's>={s}'}")
     return "\n".join(rows)
+
+
+def package_helper(unet, scheduler, interval: int, branch: int):
+    """The ``DeepCache`` package's own helper (``DeepCacheSDHelper``) enabled on a bare UNet, for
+    parity tests and side-by-side benchmarks; returns the function that removes it. Needs the
+    package (not a dependency). The helper only reads ``pipe.unet`` and ``pipe.scheduler`` and
+    finds the step from ``scheduler.timesteps.index(args[1])``: call the UNet with the timestep
+    positionally (a 0-d tensor). Its ``disable()`` leaves instance-level ``forward`` attributes
+    on every module it patched, which the returned function removes too."""
+    import types
+
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+
+    def remove():
+        helper.disable()
+        for mod in unet.modules():
+            mod.__dict__.pop("forward", None)
+
+    return remove
