@@ -1,20 +1,25 @@
 // Runtime flags -> template arguments, for the CPU and CUDA kernels alike.
 //
-//   with_flags([&]<bool kFresh, bool kCache>() { run<scalar_t, kFresh, kCache>(...); },
-//              need_fresh, need_cache);
+//   with_flags([&](auto kFresh_, auto kCache_) {
+//     constexpr bool kFresh = decltype(kFresh_)::value;
+//     constexpr bool kCache = decltype(kCache_)::value;
+//     run<scalar_t, kFresh, kCache>(...);
+//   }, need_fresh, need_cache);
 //
-// calls the template lambda instantiated for the values of the flags. The kernels take
+// calls the generic lambda with one std::integral_constant<bool, flag> per flag (C++17: no
+// template lambdas, which are C++20 and only a warning away from an error in nvcc's c++17). The kernels take
 // "which outputs / inputs are present" as template arguments, so that an absent one
 // costs neither loads nor stores nor branches in the hot loop.
 #pragma once
 
+#include <type_traits>
 #include <utility>
 
 namespace shortcut_kernels {
 
 template <bool... Known, typename Fn>
 decltype(auto) with_flags(Fn&& fn) {
-  return std::forward<Fn>(fn).template operator()<Known...>();
+  return std::forward<Fn>(fn)(std::integral_constant<bool, Known>{}...);
 }
 
 template <bool... Known, typename Fn, typename... Rest>

@@ -108,7 +108,8 @@ at::Tensor gated_blend_forward(const at::Tensor& fresh, const at::Tensor& cache,
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t* g = gate.const_data_ptr<acc_t>();
     const bool stream = stream_outputs(fresh.nbytes() * (has_residual ? 4 : 3));
-    with_flags([&]<bool kResidual>() {
+    with_flags([&](auto kResidual_) {
+      constexpr bool kResidual = decltype(kResidual_)::value;
       for_each_sample_segment(numel, per_sample, [&](int64_t s, int64_t lo, int64_t hi) {
         tiled<scalar_t>(hi - lo, stream, [&]<typename out_t>(int64_t off, int64_t count, out_t* out_tile) {
           blend_loop<scalar_t, out_t, kResidual>(f + lo + off, c + lo + off,
@@ -158,7 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_blend_backward(
     return {d_fresh, d_cache, d_gate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fresh.scalar_type(),
                                   "gated_blend_backward_cpu", [&] {
-    with_flags([&]<bool kFresh, bool kCache, bool kGate>() {
+    with_flags([&](auto kFresh_, auto kCache_, auto kGate_) {
+      constexpr bool kFresh = decltype(kFresh_)::value;
+      constexpr bool kCache = decltype(kCache_)::value;
+      constexpr bool kGate = decltype(kGate_)::value;
       run_backward<scalar_t, kFresh, kCache, kGate>(grad, fresh, cache, gate, d_fresh, d_cache, d_gate);
     }, need_fresh, need_cache, need_gate);
   });

@@ -93,7 +93,9 @@ at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y,
   const int64_t tokens = has_gate ? numel / channels / x.size(0) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "gated_residual_forward_cpu", [&] {
-    with_flags([&]<bool kGate, bool kCache>() {
+    with_flags([&](auto kGate_, auto kCache_) {
+      constexpr bool kGate = decltype(kGate_)::value;
+      constexpr bool kCache = decltype(kCache_)::value;
       run_forward<scalar_t, kGate, kCache>(x, y, gate, out, cache_out, tokens, channels);
     }, has_gate, has_cache);
   });
@@ -150,7 +152,9 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& gra
   if (!has(gate) || y.numel() == 0 || !(need_y || need_gate)) return {d_y, d_gate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "gated_residual_backward_cpu", [&] {
-    with_flags([&]<bool kY, bool kGate>() {
+    with_flags([&](auto kY_, auto kGate_) {
+      constexpr bool kY = decltype(kY_)::value;
+      constexpr bool kGate = decltype(kGate_)::value;
       run_backward<scalar_t, kY, kGate>(grad, y, *gate, d_y, d_gate);
     }, need_y, need_gate);
   });

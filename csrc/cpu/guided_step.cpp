@@ -117,7 +117,10 @@ void dispatch_backward(const at::Tensor& grad, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& w,
                        double a_scalar, double b_scalar, double w_scalar, bool nx, bool nu, bool nc, int64_t per_sample, at::Tensor& d_x,
                        at::Tensor& d_uncond, at::Tensor& d_cond) {
-  with_flags([&]<bool kX, bool kUncond, bool kCond>() {
+  with_flags([&](auto kX_, auto kUncond_, auto kCond_) {
+    constexpr bool kX = decltype(kX_)::value;
+    constexpr bool kUncond = decltype(kUncond_)::value;
+    constexpr bool kCond = decltype(kCond_)::value;
     run_backward<scalar_t, kX, kUncond, kCond>(grad, a, b, w, a_scalar, b_scalar, w_scalar,
                                                per_sample, d_x, d_uncond, d_cond);
   }, nx, nu, nc);

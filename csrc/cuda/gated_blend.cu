@@ -148,7 +148,10 @@ template <typename scalar_t, int kVec>
 void dispatch_backward(bool nf, bool nc, bool ng, const at::Tensor& grad,
                        const at::Tensor& fresh, const at::Tensor& cache, const at::Tensor& gate,
                        at::Tensor& d_fresh, at::Tensor& d_cache, at::Tensor& d_gate) {
-  with_flags([&]<bool kFresh, bool kCache, bool kGate>() {
+  with_flags([&](auto kFresh_, auto kCache_, auto kGate_) {
+    constexpr bool kFresh = decltype(kFresh_)::value;
+    constexpr bool kCache = decltype(kCache_)::value;
+    constexpr bool kGate = decltype(kGate_)::value;
     launch_backward<scalar_t, kVec, kFresh, kCache, kGate>(grad, fresh, cache, gate, d_fresh,
                                                            d_cache, d_gate);
   }, nf, nc, ng);

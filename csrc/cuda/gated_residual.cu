@@ -117,7 +117,9 @@ void launch_forward(const scalar_t* x, const scalar_t* y,
                     int64_t numel, int64_t per_sample, int64_t channels) {
   // 32-bit indices leave room for the grid stride past the last pack.
   const bool small = numel < (int64_t{1} << 31);
-  with_flags([&]<bool kGate, bool kCache>() {
+  with_flags([&](auto kGate_, auto kCache_) {
+    constexpr bool kGate = decltype(kGate_)::value;
+    constexpr bool kCache = decltype(kCache_)::value;
     if (small)
       launch_forward_as<scalar_t, kVec, kGate, kCache, uint32_t>(x, y, gate, out, cache, numel,
                                                                  per_sample, channels);
@@ -187,7 +189,9 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tens
 template <typename scalar_t, int kVec>
 void dispatch_backward(bool need_y, bool need_gate, const at::Tensor& grad, const at::Tensor& y,
                        const at::Tensor& gate, at::Tensor& d_y, at::Tensor& d_gate) {
-  with_flags([&]<bool kY, bool kGate>() {
+  with_flags([&](auto kY_, auto kGate_) {
+    constexpr bool kY = decltype(kY_)::value;
+    constexpr bool kGate = decltype(kGate_)::value;
     launch_backward<scalar_t, kVec, kY, kGate>(grad, y, gate, d_y, d_gate);
   }, need_y, need_gate);
 }

@@ -179,7 +179,10 @@ void dispatch_backward(bool nx, bool nu, bool nc, const at::Tensor& grad, at::Te
                        const Coef<typename AccType<scalar_t>::type>& b,
                        const Coef<typename AccType<scalar_t>::type>& w, int64_t per_sample,
                        bool per_sample_coefs) {
-  with_flags([&]<bool kX, bool kUncond, bool kCond>() {
+  with_flags([&](auto kX_, auto kUncond_, auto kCond_) {
+    constexpr bool kX = decltype(kX_)::value;
+    constexpr bool kUncond = decltype(kUncond_)::value;
+    constexpr bool kCond = decltype(kCond_)::value;
     launch_backward<scalar_t, kVec, kX, kUncond, kCond>(grad, d_x, d_uncond, d_cond, a, b, w,
                                                         per_sample, per_sample_coefs);
   }, nx, nu, nc);
