@@ -154,3 +154,50 @@ def test_double_backward_without_a_formula_raises():
     (d_gate,) = torch.autograd.grad(out.square().sum(), gate, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(d_gate.sum(), fresh)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_no_graph_calls_skip_the_function(monkeypatch, backend, device, op):
+    """With no graph to record (no grad mode, inference mode, or no input requiring grad) the
+    eager path runs the Function's forward alone: the same values, no autograd node; an input
+    requiring grad in grad mode still goes through the Function, and so does forward-mode AD
+    (the Function raises there, instead of dropping the tangents)."""
+    from shortcut_kernels.ops import _dispatch
+
+    public, _, inputs = _cases(device)[op]
+    function = next(v for v in vars(_module(op)).values()
+                    if isinstance(v, type) and issubclass(v, torch.autograd.Function))
+    alone = []
+    real = function.kernels
+
+    def counted(*args):
+        alone.append(1)
+        return real(*args)
+    with sk.use_backend(backend):
+        expected = public(*[t.clone().requires_grad_() for t in inputs]).detach()
+        monkeypatch.setattr(function, "kernels", staticmethod(counted))
+        plain = public(*inputs)
+        with torch.no_grad():
+            no_grad = public(*[t.clone().requires_grad_() for t in inputs])
+        with torch.inference_mode():
+            inference = public(*inputs)
+        assert len(alone) == 3
+        tracked = public(inputs[0].clone().requires_grad_(), *inputs[1:])
+        assert len(alone) == 3 and tracked.grad_fn is not None
+        monkeypatch.setattr(_dispatch, "_forward_ad_active", lambda: True)
+        public(*inputs)
+        assert len(alone) == 3
+    for got in (plain, no_grad, inference):
+        assert got.grad_fn is None
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_tangents():
+    import torch.autograd.forward_ad as fwAD
+
+    x, y, gate = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(2)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            sk.gated_blend(dual, y, gate)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch import Tensor
 
 from .. import _ext, backends
 
@@ -81,14 +82,32 @@ def differentiable(op, name: str, forward, setup_context, backward, backward_ker
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fn_forward),
         "backward": staticmethod(fn_backward),
+        "kernels": staticmethod(forward),  # the forward alone: see `eager`
     })
 
 
+def eager(function: type, *inputs):
+    """An eager call: the Function when autograd records a graph, else its forward alone.
+
+    With no graph to record (no grad mode, inference mode, or no input requiring grad) the
+    Function's context, setup and node are pure host cost, and at the activation sizes of a
+    sampling step the host side sets an op's time on a GPU. Forward-mode AD keeps the Function,
+    which raises there rather than dropping the tangents."""
+    if (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)) \
+            or _forward_ad_active():
+        return function.apply(*inputs)
+    return function.kernels(*inputs)
+
+
+def _forward_ad_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def call(op, function: type, *inputs):
-    """The registered op under torch.compile, the eager Function otherwise."""
+    """The registered op under torch.compile, the eager Function (or its forward) otherwise."""
     if torch.compiler.is_compiling():
         return op(*inputs)
-    return function.apply(*inputs)
+    return eager(function, *inputs)
 
 
 class backend_impl(dict):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, differentiable, select_backend
+from ._dispatch import backend_impl, differentiable, eager, select_backend
 
 OP = "cache_residual"
 
@@ -109,4 +109,4 @@ def cache_residual(x: Tensor, caches: Union[Tensor, Sequence[Tensor]]) -> Tensor
     backend = select_backend(x)
     if torch.compiler.is_compiling():
         return cache_residual_op(x, caches, backend)
-    return _CacheResidual.apply(x, backend, *caches)
+    return eager(_CacheResidual, x, backend, *caches)

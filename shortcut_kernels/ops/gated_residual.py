@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ._dispatch import backend_impl, differentiable, select_backend
+from ._dispatch import backend_impl, differentiable, eager, select_backend
 
 OP = "gated_residual"
 
@@ -218,7 +218,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor] = None,
         raise ValueError(f"{OP}: `cache_out` must not require grad (it receives a detached delta)")
     backend = select_backend(x)
     if not torch.compiler.is_compiling():
-        return _GatedResidual.apply(x, y, gate, cache_out, backend)
+        return eager(_GatedResidual, x, y, gate, cache_out, backend)
     if cache_out is None:
         return gated_residual_op(x, y, gate, backend)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, gate))):

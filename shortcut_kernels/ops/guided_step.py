@@ -71,6 +71,8 @@ def _check(x, eps_uncond, eps_cond, a, b, w) -> None:
 
 
 def _scalar(value, name: str, expected: str = "a float or a tensor") -> float:
+    if type(value) is float:  # the common case, before the (slower) abstract-class check
+        return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{OP}: `{name}` must be {expected}, got {type(value).__name__}")
