@@ -114,3 +114,28 @@ def test_a_missing_junit_file_fails_the_record(tmp_path):
     counts = gpu_record.summarise(junit, tmp_path / "killed-stage.xml")
     assert counts["failed"] == 1 and counts["passed"] == 3
     assert counts["unreadable"] == [str(tmp_path / "killed-stage.xml")]
+
+
+def test_nan_checks_on_cuda_tensors_are_opt_in(monkeypatch):
+    """NaN checks sync the device: on CUDA tensors only with SHORTCUT_KERNELS_CHECK_NAN=1, never
+    while a CUDA graph is captured, and off by default without asking the stream anything."""
+    import types
+
+    from shortcut_kernels import _validate
+
+    cuda_tensor = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    capturing = []
+
+    def is_capturing():
+        capturing.append(1)
+        return capturing_now
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", is_capturing)
+    monkeypatch.delenv("SHORTCUT_KERNELS_CHECK_NAN", raising=False)
+    capturing_now = False
+    assert not _validate.nan_checks_enabled(cuda_tensor) and capturing == []
+    monkeypatch.setenv("SHORTCUT_KERNELS_CHECK_NAN", "1")
+    assert _validate.nan_checks_enabled(cuda_tensor)
+    capturing_now = True
+    assert not _validate.nan_checks_enabled(cuda_tensor)
+    assert _validate.nan_checks_enabled(torch.zeros(1))  # CPU tensors: always
