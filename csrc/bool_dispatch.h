@@ -6,10 +6,10 @@
 //     run<scalar_t, kFresh, kCache>(...);
 //   }, need_fresh, need_cache);
 //
-// calls the generic lambda with one std::integral_constant<bool, flag> per flag (C++17: no
-// template lambdas, which are C++20 and only a warning away from an error in nvcc's c++17). The kernels take
-// "which outputs / inputs are present" as template arguments, so that an absent one
-// costs neither loads nor stores nor branches in the hot loop.
+// calls the generic lambda with one std::integral_constant<bool, flag> per flag. (C++17: template
+// lambdas are C++20, and torch 2.11 builds with -std=c++17.) The kernels take "which outputs /
+// inputs are present" as template arguments, so that an absent one costs neither loads nor
+// stores nor branches in the hot loop.
 #pragma once
 
 #include <type_traits>
