@@ -88,3 +88,19 @@ def test_gpu_section_deadline_leaves_notes(monkeypatch, tmp_path):
     doc = gpu_section.run(tmp_path, full=True)  # FULL tries every part
     assert doc["rows"] == [] and doc["sdo"] is None
     assert len(doc["notes"]) == len(gpu_section.PART_SECONDS) and all("not run" in n for n in doc["notes"])
+
+
+def test_gpu_section_parts_chosen_by_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("SHORTCUT_GPU_PARTS", raising=False)
+    assert "cuda-graphs" not in gpu_section.selected_parts(full=False)
+    assert gpu_section.selected_parts(full=True) == list(gpu_section.PART_SECONDS)
+    monkeypatch.setenv("SHORTCUT_GPU_PARTS", "cuda-graphs, compile")
+    assert gpu_section.selected_parts(full=False) == ["cuda-graphs", "compile"]  # in the order given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
+    monkeypatch.setenv("SHORTCUT_BENCH_DEADLINE", str(time.time() + 5))
+    doc = gpu_section.run(tmp_path)
+    assert [n.split(":")[0] for n in doc["notes"]] == ["cuda-graphs", "compile"]
+    monkeypatch.setenv("SHORTCUT_GPU_PARTS", "compile,sd15")
+    with pytest.raises(ValueError, match="unknown part.*sd15"):
+        gpu_section.selected_parts(full=False)

@@ -17,7 +17,9 @@ bundled configs with random weights, 50 DDIM calls with batched classifier-free 
 The op roofline (GB/s against a copy of the same bytes in the same run) is the ops section,
 which keeps the copy rows on a GPU. SHORTCUT_BENCH_DEADLINE (Unix time) makes the parts that
 would not finish by then record a note instead of running: a GPU lease is short. Each part's
-rows are written to gpu.partial.json as soon as they exist. On a CPU it returns a note.
+rows are written to gpu.partial.json as soon as they exist. SHORTCUT_GPU_PARTS (a comma list
+of PART_SECONDS' names, e.g. ``compile,cuda-graphs``) runs those parts only, in that order: a
+lease can go first to what has never run. On a CPU it returns a note.
 """
 from __future__ import annotations
 
@@ -332,11 +334,25 @@ def run(out_dir, full: bool = False) -> dict:
         doc.setdefault("part_seconds", {})[key] = time.perf_counter() - t0
         partial.write_text(json.dumps(doc, indent=1, default=str))
 
-    part("sdo", lambda: doc.__setitem__("sdo", sdo_rows()))
-    part("sd-1.5", lambda: doc["rows"].extend(model_rows("sd-1.5", *MODELS["sd-1.5"])))
-    part("dit-xl-2", lambda: doc["rows"].extend(model_rows("dit-xl-2", *MODELS["dit-xl-2"])))
-    part("sdxl", lambda: doc["rows"].extend(model_rows("sdxl", *MODELS["sdxl"])))
-    part("compile", lambda: doc["compile"].extend(compile_rows()))
-    if full:  # CUDA graphs (Inductor's reduce-overhead mode) have not run on a GPU yet
-        part("cuda-graphs", lambda: doc["compile"].extend(compile_rows(mode="reduce-overhead")))
+    parts = {
+        "sdo": lambda: doc.__setitem__("sdo", sdo_rows()),
+        **{name: (lambda name=name: doc["rows"].extend(model_rows(name, *MODELS[name]))) for name in MODELS},
+        "compile": lambda: doc["compile"].extend(compile_rows()),
+        "cuda-graphs": lambda: doc["compile"].extend(compile_rows(mode="reduce-overhead")),
+    }
+    for key in selected_parts(full):
+        part(key, parts[key])
     return doc
+
+
+def selected_parts(full: bool) -> list[str]:
+    """The parts to run, in order: SHORTCUT_GPU_PARTS when set, else every part (CUDA graphs,
+    Inductor's reduce-overhead mode, only with FULL: they have not run on a GPU yet)."""
+    chosen = os.environ.get("SHORTCUT_GPU_PARTS", "").strip()
+    if not chosen:
+        return [k for k in PART_SECONDS if full or k != "cuda-graphs"]
+    keys = [k.strip() for k in chosen.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PART_SECONDS]
+    if unknown:
+        raise ValueError(f"SHORTCUT_GPU_PARTS: unknown part(s) {unknown}; the parts: {', '.join(PART_SECONDS)}")
+    return keys
