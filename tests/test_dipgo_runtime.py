@@ -129,6 +129,35 @@ def test_reused_and_dead_blocks_compute_nothing():
     assert len(call1) < len(call0) / 2
 
 
+def test_dead_block_placeholders_allocated_once_per_run_without_grad(monkeypatch):
+    """Sampling (no grad): a dead block's placeholder is made once per run and reused; with
+    grad on (training through a schedule) every call gets a fresh one, since a graph may save
+    it. The outputs are the same either way."""
+    import shortcut_kernels.dipgo.runtime as rt
+
+    model = tiny_sd15_unet()
+    s = deepcache(model, 6, 3, 0)
+    made = []
+    real = rt._placeholder
+    monkeypatch.setattr(rt, "_placeholder", lambda meta: made.append(meta) or real(meta))
+    with accelerate(model, s) as h:
+        modes = h._plan.modes
+        dead = [[b for b, m in enumerate(modes[c]) if m not in (COMPUTE, READ)] for c in range(6)]
+        assert sum(map(len, dead)) > len(set().union(*dead)) > 0
+        first = _calls(model, 6)
+        assert len(made) == len(set().union(*dead))  # once per dead block per run
+        made.clear()
+        with torch.enable_grad():
+            graph = [model(**_kwargs(model, i), return_dict=False)[0].detach() for i in range(6)]
+        assert len(made) == sum(map(len, dead))  # once per dead block per call
+        made.clear()
+        second = _calls(model, 6)  # a new run records its shapes and makes them again
+        assert len(made) == len(set().union(*dead))
+    for a, b, c in zip(first, second, graph):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
 def test_transformer_run_of_reused_blocks_is_one_cache_residual(monkeypatch):
     import shortcut_kernels.ops.cache_residual as cr
 
