@@ -32,6 +32,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD:$PWD/build/site${PYT
 log() { echo "[$(($(date +%s) - START)) s] $*"; }
 left() { echo $((DEADLINE - $(date +%s))); }
 
+if [ -n "${SHORTCUT_GPU_PARTS:-}" ]; then  # a typo found now, not after the tests
+  $PY -c "import sys; sys.path.insert(0, 'bench'); from sections.gpu import selected_parts
+print('GPU section parts:', ', '.join(selected_parts(False)))" || { log "bad SHORTCUT_GPU_PARTS"; exit 2; }
+fi
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$LOGS/machine.txt"
 nproc | tee -a "$LOGS/machine.txt"
