@@ -228,3 +228,20 @@ def test_gpu_section_tables(tmp_path):
     for r in sdo["rows"]:
         assert f"| {r['method']} |" in md and f"{r['seconds']:.3f}" in md and f"{r['full_over_this']:.2f}" in md
     assert "compile: not run" in md
+
+
+def test_gpu_section_with_compile_parts_only(tmp_path):
+    """A lease that ran only the compile parts (SHORTCUT_GPU_PARTS): their rows, no empty
+    schedule table."""
+    crow = lambda variant: dict(model="sd-1.5", variant=variant, macs_kept=r2(0.2, 1), first_run_s=r2(20, 90),  # noqa: E731
+                                seconds=r2(0.3, 2), eager_full_s=r2(1, 2), speedup_over_eager_full=r2(1, 5),
+                                speedup_over_compiled_full=r2(1, 4))
+    rows = [crow(v) for v in ("compile(full)", "compile(deepcache(5,0))", "compile[reduce-overhead](full)")]
+    doc = {"section": "gpu", "wall_s": 1.0, "budget_s": None, "device": "GPU 1", "rows": [], "sdo": None,
+           "compile": rows, "notes": []}
+    (tmp_path / "gpu.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "measured x" not in md  # no schedule table without schedule rows
+    for r in rows:
+        assert f"| {r['variant']} |" in md and f"{r['first_run_s']:.1f}" in md and f"{r['seconds']:.3f}" in md

@@ -284,17 +284,19 @@ def gpu_part(doc: dict, plots) -> list[str]:
     if bad:
         return lines + bad
     rows = doc.get("rows", [])
-    r0 = rows[0] if rows else {}
-    lines += [f"{doc.get('device', '?')}, {r0.get('dtype', '?')}, {r0.get('calls', '?')} DDIM calls, guidance "
-              "batched, median of `runs` runs; the full model timed in the same runs. "
-              "`DeepCache package`: its own helper with the same interval and branch on the same UNet and noise; "
-              "`rel diff`: its output against ours. The op roofline (GB/s against a copy of the same bytes) is "
-              "in the ops table above.", ""]
-    body = [[r["model"], f"{r['latent']}x{r['latent']}", r["schedule"], r.get("by", "ours"), str(r.get("reps", "?")),
-             pct(r["macs_kept"]), num(r["mac_ideal"]), num(r["speedup"]), num(r["full_s"], ".3f"),
-             num(r["ours_s"], ".3f"), num(r.get("rel_diff_to_ours"), ".1e")] for r in rows]
-    lines += table(["model", "latent", "schedule", "by", "runs", "MACs kept", "ideal x", "measured x", "full s",
-                    "this s", "rel diff"], body, right_from=4) + [""]
+    lines += [f"{doc.get('device', '?')}. The op roofline (GB/s against a copy of the same bytes) is in the ops "
+              "table above.", ""]
+    if rows:  # a lease may run other parts only (SHORTCUT_GPU_PARTS)
+        lines += [f"Schedules: {rows[0].get('dtype', '?')}, {rows[0].get('calls', '?')} DDIM calls, guidance "
+                  "batched, median of `runs` runs; the full model timed in the same runs. `DeepCache package`: "
+                  "its own helper with the same interval and branch on the same UNet and noise; `rel diff`: its "
+                  "output against ours.", ""]
+        body = [[r["model"], f"{r['latent']}x{r['latent']}", r["schedule"], r.get("by", "ours"),
+                 str(r.get("reps", "?")), pct(r["macs_kept"]), num(r["mac_ideal"]), num(r["speedup"]),
+                 num(r["full_s"], ".3f"), num(r["ours_s"], ".3f"), num(r.get("rel_diff_to_ours"), ".1e")]
+                for r in rows]
+        lines += table(["model", "latent", "schedule", "by", "runs", "MACs kept", "ideal x", "measured x", "full s",
+                        "this s", "rel diff"], body, right_from=4) + [""]
     sdo = doc.get("sdo")
     if sdo:
         lines += [f"SDO: one gradient of a reward on the final latent w.r.t. the initial noise, {sdo['model']} in "
@@ -306,7 +308,8 @@ def gpu_part(doc: dict, plots) -> list[str]:
                        [[r["method"], pct(r["chain_macs_kept"]), num(r["seconds"], ".3f"), num(r["full_over_this"]),
                          num(r["peak_mib_over_weights"], ".0f"), str(r["grad_finite"])] for r in sdo["rows"]]) + [""]
     if doc.get("compile"):
-        lines += ["torch.compile (Inductor): the first run includes the compiles.", ""]
+        lines += ["torch.compile (Inductor; `compile[reduce-overhead]`: with CUDA graphs): the first run "
+                  "includes the compiles; `x compiled full` is against the full model compiled the same way.", ""]
         lines += table(["model", "variant", "MACs kept", "first run s", "s", "x eager full", "x compiled full"],
                        [[r["model"], r["variant"], pct(r["macs_kept"]), num(r["first_run_s"], ".1f"),
                          num(r["seconds"], ".3f"), num(r["speedup_over_eager_full"]),
