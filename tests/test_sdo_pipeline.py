@@ -57,3 +57,26 @@ def test_optimised_latents_give_the_same_image_through_the_pipeline():
     image = pipe_latents(pipe, res.latents, pe.expand(3, -1, -1), ne.expand(3, -1, -1))
     assert rel(image, res.x0) <= 1e-5
     assert rel(pipe_latents(pipe, x_T, pe.expand(3, -1, -1), ne.expand(3, -1, -1)), res.x0) > 1e-2
+
+
+def test_lora_finetuned_on_the_unet_loads_into_the_pipeline(tmp_path):
+    """finetune(pipe.unet, model_fn=TextConditional(...)) then save_lora: a fresh pipeline's
+    load_lora_weights(dir) samples what the fine-tuned UNet samples."""
+    pipe = tiny_sd_pipeline()
+    pe, ne = prompt_embeds(1)
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    reward = lambda x0: -((x0 - target) ** 2).flatten(1).mean(1)  # noqa: E731
+    pipe.scheduler.set_timesteps(STEPS)
+    fn = sdo.TextConditional(pipe.unet, pe, ne)
+    res = sdo.finetune(pipe.unet, pipe.scheduler, reward, model_fn=fn, guidance=GUIDANCE, lora=2, iters=3,
+                       batch_size=2, lr=3e-2, sample_shape=(4, 8, 8), seed=0, progress=False)
+    assert res.iterations == 3
+    path = sdo.save_lora(pipe.unet, tmp_path / "lora")
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    tuned = pipe_latents(pipe, x_T, pe.expand(2, -1, -1), ne.expand(2, -1, -1))
+    fresh = tiny_sd_pipeline()  # the same random base weights (seeded), no adapter
+    base = pipe_latents(fresh, x_T, pe.expand(2, -1, -1), ne.expand(2, -1, -1))
+    fresh.load_lora_weights(str(path.parent))
+    loaded = pipe_latents(fresh, x_T, pe.expand(2, -1, -1), ne.expand(2, -1, -1))
+    assert rel(loaded, tuned) <= 1e-5
+    assert rel(base, tuned) > 1e-3  # the adapter changed the samples
