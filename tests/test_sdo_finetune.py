@@ -241,13 +241,52 @@ def _ddp_rank(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+# the job `accelerate launch` runs: the process group from the launcher's environment
+LAUNCHED_JOB = """
+import sys, torch, torch.distributed as dist
+from shortcut_kernels import sdo, zoo
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+model, cfg = zoo.load("digits-unet")
+sched = zoo.make_scheduler(cfg)
+sched.set_timesteps({steps})
+sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
+             progress=False)
+torch.save({{n: p.detach() for n, p in model.named_parameters() if "lora_" in n}},
+           f"{{sys.argv[1]}}/rank{{dist.get_rank()}}.pt")
+dist.destroy_process_group()
+"""
+
+
+def _accelerate_launch(tmp_path):
+    """Two ranks under `accelerate launch` (its multi-process launcher is torchrun's; on a
+    machine without CUDA the job picks gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = tmp_path / "job.py"
+    job.write_text(LAUNCHED_JOB.format(steps=STEPS))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
+               HF_HOME=str(tmp_path / "hf"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(job), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "accelerate"])
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, launcher):
     """Two CPU ranks on gloo: identical LoRA weights on both, equal (max abs diff <= 1e-6) to one
     process running the same global batch. SGD: the update is linear in the averaged gradient
     (Adam would divide tiny fp32 rounding differences by tiny second moments)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    if launcher == "spawn":
+        mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    else:
+        _accelerate_launch(tmp_path)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     model, sched = fresh()
     sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
