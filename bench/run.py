@@ -32,7 +32,7 @@ SECTIONS = {
     "dipgo": (dipgo.efficiency_section, 60),
     "dipgo-learn": (dipgo.learn_section, 300),
     "sdo": (sdo.run, 240),
-    "gpu": (gpu.run, None),  # GPU machines only: <= 10 minutes there
+    "gpu": (gpu.run, gpu.BUDGET_S),  # GPU machines only (a CPU machine records a note)
 }
 
 

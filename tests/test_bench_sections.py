@@ -90,6 +90,20 @@ def test_gpu_section_deadline_leaves_notes(monkeypatch, tmp_path):
     assert len(doc["notes"]) == len(gpu_section.PART_SECONDS) and all("not run" in n for n in doc["notes"])
 
 
+def test_gpu_section_own_budget_without_full(monkeypatch, tmp_path):
+    """make bench (not FULL): parts that would start past the section's budget leave notes,
+    with no SHORTCUT_BENCH_DEADLINE set; FULL has no budget of its own."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
+    monkeypatch.delenv("SHORTCUT_BENCH_DEADLINE", raising=False)
+    monkeypatch.delenv("SHORTCUT_GPU_PARTS", raising=False)
+    monkeypatch.setattr(gpu_section, "BUDGET_S", 1)
+    doc = gpu_section.run(tmp_path)
+    assert len(doc["notes"]) == len(gpu_section.PART_SECONDS) - 1  # cuda-graphs is FULL's
+    assert all("not run" in n and "1 s" in n for n in doc["notes"])
+    assert gpu_section.seconds_left(None) == float("inf")
+
+
 def test_gpu_section_parts_chosen_by_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SHORTCUT_GPU_PARTS", raising=False)
     assert "cuda-graphs" not in gpu_section.selected_parts(full=False)

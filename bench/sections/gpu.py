@@ -16,7 +16,8 @@ bundled configs with random weights, 50 DDIM calls with batched classifier-free 
 
 The op roofline (GB/s against a copy of the same bytes in the same run) is the ops section,
 which keeps the copy rows on a GPU. SHORTCUT_BENCH_DEADLINE (Unix time) makes the parts that
-would not finish by then record a note instead of running: a GPU lease is short. Each part's
+would not finish by then record a note instead of running: a GPU lease is short. Without FULL
+the section also stops starting parts BUDGET_S after it began (the GPU suite's 10 minutes). Each part's
 rows are written to gpu.partial.json as soon as they exist. SHORTCUT_GPU_PARTS (a comma list
 of PART_SECONDS' names, e.g. ``compile,cuda-graphs``) runs those parts only, in that order: a
 lease can go first to what has never run. On a CPU it returns a note.
@@ -38,12 +39,17 @@ GUIDANCE = 7.5
 MODELS = {"sd-1.5": (64, 3), "sdxl": (128, 2), "dit-xl-2": (32, 3)}
 # the seconds each part needs on an H200 (estimates, with margin), in the order they run
 PART_SECONDS = {"sdo": 60, "sd-1.5": 40, "dit-xl-2": 30, "sdxl": 80, "compile": 240, "cuda-graphs": 300}
+# `make bench` (not FULL): no part starts later than this after the section began, so that the
+# GPU suite stays within its 10 minutes with the op roofline (the parts above take 450 s on an H200)
+BUDGET_S = 500
 SDO_CHAINS = ((3, 0), (5, 0))
 
 
-def seconds_left() -> float:
-    deadline = os.environ.get("SHORTCUT_BENCH_DEADLINE")
-    return float(deadline) - time.time() if deadline else float("inf")
+def seconds_left(deadline: float | None = None) -> float:
+    """Seconds to the earlier of SHORTCUT_BENCH_DEADLINE and ``deadline`` (Unix times)."""
+    env = os.environ.get("SHORTCUT_BENCH_DEADLINE")
+    ends = ([float(env)] if env else []) + ([deadline] if deadline is not None else [])
+    return min(ends) - time.time() if ends else float("inf")
 
 
 def _sync(device) -> None:
@@ -319,11 +325,13 @@ def run(out_dir, full: bool = False) -> dict:
                            "(SD-1.5, SDXL and DiT-XL/2 in fp16, SDO on SD-1.5 in bf16, op roofline) did not run"}
     doc = {"device": torch.cuda.get_device_name(), "rows": [], "sdo": None, "compile": [], "notes": []}
     partial = out_dir / "gpu.partial.json"
+    budget_end = None if full else time.time() + BUDGET_S
 
     def part(key: str, fn):
-        if seconds_left() < PART_SECONDS[key]:
-            doc["notes"].append(f"{key}: not run, {seconds_left():.0f} s left before SHORTCUT_BENCH_DEADLINE "
-                                f"(it needs about {PART_SECONDS[key]} s)")
+        left = seconds_left(budget_end)
+        if left < PART_SECONDS[key]:
+            doc["notes"].append(f"{key}: not run, {left:.0f} s left before the deadline (SHORTCUT_BENCH_DEADLINE or "
+                                f"the section's {BUDGET_S} s; it needs about {PART_SECONDS[key]} s)")
             return
         t0 = time.perf_counter()
         try:
