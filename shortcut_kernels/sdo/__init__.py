@@ -13,7 +13,7 @@ import importlib
 
 _EXPORTS = {
     "shortcut_sample": "chain", "warmup": "chain", "WarmStart": "chain", "ClassConditional": "chain",
-    "TextConditional": "chain",
+    "TextConditional": "chain", "DiTConditional": "chain",
     "Plan": "chain", "Policy": "policy", "parse_policy": "policy",
     "ClassifierReward": "rewards", "ShiftAveraged": "rewards", "ClipReward": "rewards", "Decoded": "rewards",
     "check_reward": "rewards", "digits_reward": "rewards",

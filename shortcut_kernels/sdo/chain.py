@@ -35,7 +35,8 @@ from ..samplers import LinearStep, guided_update, history_indices, initial_scale
 from .adapters import merged_adapters
 from .policy import Policy, parse_policy
 
-__all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "TextConditional", "Plan"]
+__all__ = ["shortcut_sample", "warmup", "WarmStart", "ClassConditional", "TextConditional", "DiTConditional",
+           "Plan"]
 
 
 # ---------------------------------------------------------------- the chain's plan
@@ -177,6 +178,45 @@ class TextConditional(torch.nn.Module):
                                          for k, v in cond["added_cond_kwargs"].items()}
         out = self.model(torch.cat([x, x]), t2, **both, return_dict=False)[0]
         eu, ec = out.chunk(2)
+        return eu, ec
+
+
+class DiTConditional(torch.nn.Module):
+    """A diffusers class-conditional transformer (``DiTTransformer2DModel``: DiT-XL/2) as an SDO
+    ``model_fn(x, t)``: the eps channels of its output (a learned-sigma model's variance half is
+    dropped, as ``DiTPipeline`` does). With ``guidance``, one batched call returns
+    ``(eps for null_class, eps for class_labels)``; ``null_class`` defaults to the model's
+    number of classes (1000 for DiT-XL/2), the label its pipeline uses."""
+
+    def __init__(self, transformer: torch.nn.Module, class_labels, guidance: bool = False,
+                 null_class: int | None = None):
+        super().__init__()
+        cfg = getattr(transformer, "config", None)
+        if cfg is None or "in_channels" not in cfg:
+            raise TypeError(f"transformer must be a diffusers model with a config, got {type(transformer).__name__}")
+        self.model = transformer
+        self.channels = int(cfg["in_channels"])
+        self.register_buffer("labels", torch.as_tensor(class_labels, dtype=torch.long).flatten(), persistent=False)
+        if null_class is None:
+            null_class = cfg.get("num_embeds_ada_norm")
+        if guidance and null_class is None:
+            raise ValueError("give null_class: the model's config has no num_embeds_ada_norm")
+        self.guidance, self.null_class = bool(guidance), null_class
+
+    def forward(self, x: Tensor, t) -> Tensor | tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        labels = self.labels.to(x.device)
+        if labels.numel() == 1:
+            labels = labels.expand(n)
+        elif labels.numel() != n:
+            raise ValueError(f"{labels.numel()} class labels for a batch of {n}: give 1 or {n}")
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(n) if t.ndim == 0 else t
+        if not self.guidance:
+            return self.model(x, timestep=t, class_labels=labels).sample[:, :self.channels]
+        null = torch.full_like(labels, int(self.null_class))
+        out = self.model(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([null, labels])).sample
+        eu, ec = out[:, :self.channels].chunk(2)
         return eu, ec
 
 
