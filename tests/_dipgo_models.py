@@ -1,4 +1,4 @@
-"""Tiny models, pipelines and sampling loops shared by the tests/test_dipgo_*.py files."""
+"""Tiny models, pipelines and sampling loops shared by the tests (DiP-GO and the SDO model wrappers)."""
 from __future__ import annotations
 
 import diffusers
@@ -97,3 +97,19 @@ def zoo_unet_inputs(n: int = 4, seed: int = 0):
 def deepcache_package(unet, scheduler, interval, branch):
     """The DeepCache package's helper on a bare UNet (shortcut_kernels.models.deepcache.package_helper)."""
     return package_helper(unet, scheduler, interval, branch)
+
+
+def light_and_reference_grads(model_fn, scheduler, x_T, guidance, chain_schedule, seed: int = 3):
+    """d(x0 . w)/dx_T of the per-sample shortcut with its chain through ``chain_schedule``, by
+    the memory-light path and by the reference autograd chain (SDO tests of model wrappers)."""
+    from shortcut_kernels import sdo
+
+    w = torch.randn(x_T.shape, dtype=x_T.dtype, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for light in (True, False):
+        x = x_T.clone().requires_grad_(True)
+        x0 = sdo.shortcut_sample(model_fn, scheduler, x, "per-sample", guidance=guidance, memory_light=light,
+                                 chain_schedule=chain_schedule, generator=torch.Generator().manual_seed(seed))
+        (x0 * w).sum().backward()
+        grads.append(x.grad)
+    return grads
