@@ -92,10 +92,11 @@ def part_fidelity(args) -> dict:
     case, (gx_exact, gp_exact, sec_exact) = gradient_case(args)
     fn, sched, x_T, reward, params = case
     n = args.steps
-    policies = ["first", f"fixed:{n // 2}", "fixed:-1", "random", "per-sample", "draft:1", "draft:2", "alignprop"]
+    policies = ["first", f"fixed:{n // 2}", "fixed:-1", "random", "per-sample", "random:importance",
+                "per-sample:importance", "draft:1", "draft:2", "alignprop"]
     rows = [{"policy": "full", "cos_xT": 1.0, "cos_lora": 1.0, "seconds": sec_exact}]
     for pol in policies:
-        draws = args.draws if pol in ("random", "per-sample", "alignprop") else 1
+        draws = args.draws if pol.partition(":")[0] in ("random", "per-sample", "alignprop") else 1
         cx, cxs, cl, secs, gx_sum, gp_sum = [], [], [], [], 0, 0
         for d in range(draws):
             gx, gp, sec = grad_of(fn, sched, x_T, reward, pol, params, 1000 + d)

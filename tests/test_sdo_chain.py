@@ -88,7 +88,7 @@ def params_rel_err(grads_a, params):
     return rel_err(flat(grads_a), flat([p.grad for p in params]))
 
 
-POLICIES = ["first", "fixed:2", "fixed:-1", "random", "per-sample"]
+POLICIES = ["first", "fixed:2", "fixed:-1", "random", "per-sample", "random:importance", "per-sample:importance"]
 
 
 @pytest.mark.parametrize("guidance", [None, 2.5])
@@ -219,6 +219,69 @@ def test_explicit_kept_calls_equal_fixed():
     _, gx_mixed, _ = grads(model, sched, x_T, torch.tensor([3, 1]), None, 0.0, True, 0)
     _, gx_ref, _ = grads(model, sched, x_T, torch.tensor([3, 1]), None, 0.0, False, 0)
     assert rel_err(gx_mixed, gx_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "flow"])
+def test_importance_draws_average_to_the_uniform_gradient(name):
+    """The importance policies draw call k with p_k proportional to |dx_0/d out_k| and weigh its
+    gradient by 1/(n p_k): over the draw, exactly the uniform policies' expected gradient."""
+    sched, eta = scheduler(name, 5)
+    model = Tiny()
+    x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    plan = Plan(sched, eta)
+    probs = plan.importance(0)
+    sens = torch.tensor([abs(plan.output_sensitivity(k, 0)) for k in range(plan.n)], dtype=torch.float64)
+    torch.testing.assert_close(probs, sens / sens.sum(), rtol=1e-12, atol=0)
+    flat = lambda gp: torch.cat([g.flatten() for g in gp])
+    uniform_x, uniform_p, weighted_x, weighted_p = 0, 0, 0, 0
+    for k in range(plan.n):
+        _, gx, gp = grads(model, sched, x_T, f"fixed:{k}", None, eta, True, 0)
+        uniform_x, uniform_p = uniform_x + gx / plan.n, uniform_p + flat(gp) / plan.n
+        kept = torch.tensor([k, k])
+        c = sdo.parse_policy("random:importance").grad_weights(kept, 0, probs)
+        _, gx, gp = grads(model, sched, x_T, sdo.Policy.given(kept, c), None, eta, True, 0)
+        weighted_x, weighted_p = weighted_x + probs[k] * gx, weighted_p + probs[k] * flat(gp)
+    assert uniform_p.abs().sum() > 0 and uniform_x.abs().sum() > 0
+    assert rel_err(weighted_p, uniform_p) <= 1e-10
+    # the latent's gradient: the chain's own linear path (unweighted, probabilities sum to 1)
+    # plus the kept call's reweighted part: the same expectation again
+    assert rel_err(weighted_x, uniform_x) <= 1e-10
+
+
+def test_importance_policies_draw_by_the_plan():
+    sched, _ = scheduler("ddim", 8)
+    plan = Plan(sched)
+    probs = plan.importance(0)
+    gen = torch.Generator().manual_seed(0)
+    batch = sdo.parse_policy("random:importance")
+    runs = torch.stack([batch.kept_calls(0, plan.n, 4, gen, probs) for _ in range(3000)])
+    assert bool((runs == runs[:, :1]).all())  # one call for the whole batch
+    freq = torch.bincount(runs[:, 0], minlength=plan.n).double() / runs.shape[0]
+    assert (freq - probs).abs().max() < 0.03
+    per_sample = sdo.parse_policy("per-sample:importance")
+    ks = per_sample.kept_calls(0, plan.n, 3000, gen, probs)
+    assert (torch.bincount(ks, minlength=plan.n).double() / 3000 - probs).abs().max() < 0.03
+    assert str(batch) == "random:importance" and str(per_sample) == "per-sample:importance"
+    # a warm start's chain draws only from the calls it runs
+    assert bool((plan.importance(3)[:3] == 0).all()) and math.isclose(plan.importance(3).sum().item(), 1.0)
+    # PLMS's last call does not reach x_0: never drawn
+    plms = Plan(scheduler("plms", 6)[0])
+    assert plms.importance(0)[-1].item() == 0.0
+
+
+def test_importance_policy_bad_inputs():
+    with pytest.raises(ValueError, match="importance"):
+        sdo.parse_policy("random:uniform")
+    with pytest.raises(ValueError, match="takes no argument"):
+        sdo.parse_policy("first:importance")
+    with pytest.raises(ValueError, match="Plan.importance"):
+        sdo.parse_policy("per-sample:importance").kept_calls(0, 5, 2, None)
+    with pytest.raises(ValueError, match="finite"):
+        sdo.Policy("explicit", calls=(1, 2), weights=(1.0, float("nan")))
+    sched, _ = scheduler("ddim")
+    with pytest.raises(ValueError, match="gradient weights"):
+        sdo.shortcut_sample(Tiny(), sched, torch.randn(2, 1, 5, 5, dtype=torch.float64),
+                            sdo.Policy("explicit", calls=(1, 2), weights=(1.0,)))
 
 
 def test_per_sample_keeps_different_calls():

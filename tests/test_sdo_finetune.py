@@ -227,7 +227,7 @@ def test_finetune_merge_switch_reaches_training_and_evaluation(monkeypatch, merg
     assert merged_chains == [merge] * 3
 
 
-def _ddp_rank(rank, world, init_file, out_dir):
+def _ddp_rank(rank, world, init_file, out_dir, policy):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -235,7 +235,7 @@ def _ddp_rank(rank, world, init_file, out_dir):
     try:
         model, sched = fresh()
         sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-                     progress=False)
+                     policy=policy, progress=False)
         torch.save(lora_state(model), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -251,14 +251,14 @@ model, cfg = zoo.load("digits-unet")
 sched = zoo.make_scheduler(cfg)
 sched.set_timesteps({steps})
 sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-             progress=False)
+             policy="{policy}", progress=False)
 torch.save({{n: p.detach() for n, p in model.named_parameters() if "lora_" in n}},
            f"{{sys.argv[1]}}/rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
 """
 
 
-def _accelerate_launch(tmp_path):
+def _accelerate_launch(tmp_path, policy):
     """Two ranks under `accelerate launch` (its multi-process launcher is torchrun's; on a
     machine without CUDA the job picks gloo)."""
     import os
@@ -267,7 +267,7 @@ def _accelerate_launch(tmp_path):
     from pathlib import Path
 
     job = tmp_path / "job.py"
-    job.write_text(LAUNCHED_JOB.format(steps=STEPS))
+    job.write_text(LAUNCHED_JOB.format(steps=STEPS, policy=policy))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
                HF_HOME=str(tmp_path / "hf"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -280,17 +280,19 @@ def _accelerate_launch(tmp_path):
 def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, launcher):
     """Two CPU ranks on gloo: identical LoRA weights on both, equal (max abs diff <= 1e-6) to one
     process running the same global batch. SGD: the update is linear in the averaged gradient
-    (Adam would divide tiny fp32 rounding differences by tiny second moments)."""
+    (Adam would divide tiny fp32 rounding differences by tiny second moments). The spawned run
+    uses importance draws: each rank gets its slice of the kept calls and of their weights."""
     import torch.multiprocessing as mp
 
+    policy = "per-sample:importance" if launcher == "spawn" else "per-sample"
     if launcher == "spawn":
-        mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path), policy), nprocs=2, join=True)
     else:
-        _accelerate_launch(tmp_path)
+        _accelerate_launch(tmp_path, policy)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     model, sched = fresh()
     sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-                 progress=False)
+                 policy=policy, progress=False)
     single = lora_state(model)
     assert r0.keys() == single.keys()
     moved = 0

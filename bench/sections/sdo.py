@@ -33,8 +33,9 @@ def settings(full: bool) -> argparse.Namespace:
     return argparse.Namespace(steps=50 if full else 20, batch=8 if full else 4, target=TARGET, seed=0,
                               draws=4 if full else 2, rounds=3 if full else 2, threads=1,
                               curve_seconds=60.0 if full else 15.0, lr=0.2, optimizer="normalized",
-                              methods=["per-sample", "full", "draft:1", "alignprop"], lrs=[3e-3],
-                              ft_iters=50, eval_every=5, budget_fraction=1.0, prior_weight=0.0)
+                              methods=["per-sample:importance+deepcache:2", "per-sample", "full", "draft:1",
+                                       "alignprop"], lrs=[3e-3, 1e-2],
+                              ft_iters=50, eval_every=5, budget_fraction=0.3, prior_weight=0.0)
 
 
 def method_cost(args) -> dict:

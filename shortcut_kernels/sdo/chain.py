@@ -76,6 +76,15 @@ class Plan:
         p = self.chain_sensitivity(start)
         return sum(c * p[i + 1] for i, c in self.out_users[k])
 
+    def importance(self, start: int) -> Tensor:
+        """p[k] over the calls ``start..n-1`` (zero before), proportional to |dx_n/d out_k|: the
+        importance policies' draw. A call the final sample does not depend on is never drawn."""
+        sens = torch.tensor([0.0] * start + [abs(self.output_sensitivity(k, start)) for k in range(start, self.n)],
+                            dtype=torch.float64)
+        if not bool(sens.sum() > 0):  # nothing reaches x_n: uniform (every gradient is zero anyway)
+            sens[start:] = 1.0
+        return sens / sens.sum()
+
     def reach(self, k: int, start: int) -> float:
         """dx_k/dx_start with all outputs held: how the start latent reaches the kept call."""
         q = {k: 1.0}
@@ -232,6 +241,7 @@ class _Runner:
         self.warm = start
         self.start = 0 if start is None else start.index
         self.kept = kept
+        self.weights: Tensor | None = None  # [B] float64: each sample's multiplier on its kept call's gradient
         self.generator = generator
         self.progress = progress
         self.checkpoint_kept = checkpoint_kept
@@ -312,6 +322,9 @@ class _Runner:
                     m = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
                     eu = torch.where(m, eu, eu.detach())
                     ec = torch.where(m, ec, ec.detach())
+                if keep and one_call and self.weights is not None:
+                    w = self.weights.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                    eu, ec = _ScaleGrad.apply(eu, w), _ScaleGrad.apply(ec, w)
                 x = self.update(st, x, eu, ec, xs, outs)
                 bar.update(1)
         return x
@@ -341,6 +354,8 @@ class _Runner:
         shape = (-1,) + (1,) * (grad.dim() - 1)
         dev, dt = grad.device, grad.dtype
         gamma_b = torch.tensor([gamma[k] for k in ks], dtype=dt, device=dev).view(shape)
+        if self.weights is not None:
+            gamma_b = gamma_b * self.weights.to(device=dev, dtype=dt).view(shape)
         if len(uniq) == 1:
             t = plan.timesteps[uniq[0]]
             scale = plan.steps[uniq[0]].input_scale
@@ -364,6 +379,21 @@ class _Runner:
             if self.warm is None:
                 gx = gx * plan.init_scale
         return gx, grads
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``w`` (an importance draw's reweighting of the kept
+    call, in the autograd chain: the same values, so the chain matches the no-grad one exactly)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (w,) = ctx.saved_tensors
+        return grad * w, None
 
 
 class _Shortcut(torch.autograd.Function):
@@ -438,8 +468,9 @@ def shortcut_sample(
     x_T: unit Gaussian noise ``[B, ...]`` (scaled by ``init_noise_sigma`` here, as diffusers
         pipelines do with ``latents=``), or with ``warm_start`` the latent entering call
         ``warm_start.index``. The gradient reaches it when it requires grad.
-    policy: ``first``, ``fixed:k``, ``random``, ``per-sample``; or a baseline ``full``,
-        ``draft:K``, ``alignprop`` (see ``sdo.policy``).
+    policy: ``first``, ``fixed:k``, ``random``, ``per-sample``, ``random:importance``,
+        ``per-sample:importance``; or a baseline ``full``, ``draft:K``, ``alignprop`` (see
+        ``sdo.policy``).
     guidance: the CFG scale ``w`` (``eps_u + w*(eps_c - eps_u)``), or None (one output).
     eta: DDIM's noise weight; noise (DDIM eta > 0, DDPM) is drawn from ``generator`` once per
         call of this function and held fixed, as are the random policies' choices.
@@ -478,7 +509,8 @@ def shortcut_sample(
             raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match warm_start.x {tuple(warm_start.x.shape)}")
     if generator is None and (plan.needs_noise or pol.kind in ("random", "per-sample", "alignprop")):
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-    kept = pol.kept_calls(start, plan.n, x_T.shape[0], generator)
+    probs = plan.importance(start) if pol.importance else None
+    kept = pol.kept_calls(start, plan.n, x_T.shape[0], generator, probs)
     ps = _model_params(model_fn, params)
     if memory_light is None:
         memory_light = pol.one_call
@@ -486,6 +518,7 @@ def shortcut_sample(
         raise ValueError(f"policy {str(pol)!r} keeps several calls: memory_light applies to one-call policies")
     runner = _Runner(plan, model_fn, guidance, autocast, warm_start, kept, generator, progress,
                      checkpoint_kept=not pol.one_call)
+    runner.weights = pol.grad_weights(kept, start, probs)
     if chain_schedule is not None:
         runner.chain_schedule = _kept_calls_full(chain_schedule, chain_model or getattr(model_fn, "model", model_fn),
                                                  plan, pol, kept, warm_start)

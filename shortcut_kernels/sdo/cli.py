@@ -28,7 +28,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--optimizer", default="normalized", choices=["normalized", "adam"],
                    help="per-sample normalised steps (default) or Adam")
     p.add_argument("--lr", type=float, default=None, help="step size (default 0.2 normalized, 0.25 adam)")
-    p.add_argument("--policy", default="first", help="first, fixed:k, random, per-sample, full, draft:K, alignprop")
+    p.add_argument("--policy", default="first",
+                   help="first, fixed:k, random, per-sample, random:importance, per-sample:importance, full, draft:K, alignprop")
     p.add_argument("--shell-weight", type=float, default=0.01)
     p.add_argument("--prior-weight", type=float, default=0.0,
                    help="weight of sdo.gaussian_prior: keeps the noise's statistics those of Gaussian noise")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .chain import ClassConditional, Plan, check_chain_schedule, shortcut_sample
 from .optimize import loss_scaler
-from .policy import parse_policy
+from .policy import Policy, parse_policy
 from .rewards import RewardError, check_reward
 
 __all__ = ["finetune", "FinetuneResult", "add_lora", "save_lora", "load_lora", "trainable_parameters",
@@ -133,7 +133,7 @@ def finetune(
     grad_accum: int = 1,
     lr: float = 3e-3,
     optimizer: str = "adamw",
-    policy: str = "per-sample",
+    policy: str = "per-sample:importance",
     guidance: float | None = None,
     grad_clip: float | None = 1.0,
     autocast: torch.dtype | None = None,
@@ -164,7 +164,9 @@ def finetune(
     autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
         (``torch.amp.GradScaler``: a step whose gradients overflow is skipped and the scale
         lowered; the history logs ``loss_scale``) unless ``loss_scale=False``.
-    policy: ``per-sample`` (default), ``random``, ``first``, ``fixed:k`` or a baseline.
+    policy: ``per-sample:importance`` (default: each sample keeps one call, drawn in proportion to
+        its reach on the sample and reweighted; the uniform draws' expected gradient at far less
+        variance), ``per-sample``, ``random[:importance]``, ``first``, ``fixed:k`` or a baseline.
     chain_schedule: a DiP-GO ``Schedule`` for the no-graph chain of the one-call policies (see
         ``shortcut_sample``): the calls no sample keeps reuse cached blocks, so an iteration
         costs less. ``random`` keeps one call for the whole batch, so only one row is made full;
@@ -275,7 +277,10 @@ def finetune(
             run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
             run_policy = pol
             if pol.one_call:
-                run_policy = pol.kept_calls(0, plan.n, batch_size, run_gen)[local]
+                probs = plan.importance(0) if pol.importance else None
+                kept = pol.kept_calls(0, plan.n, batch_size, run_gen, probs)
+                weights = pol.grad_weights(kept, 0, probs)
+                run_policy = Policy.given(kept[local], None if weights is None else weights[local])
             x0 = shortcut_sample(model_fn, scheduler, noise, run_policy, guidance=guidance, generator=run_gen,
                                  params=params, memory_light=memory_light, autocast=autocast, plan=plan,
                                  chain_schedule=chain_schedule, merge_adapters=merge_adapters)

@@ -5,7 +5,14 @@ SDO policies keep exactly one call per sample:
   ``fixed:k``     call k (an index into ``scheduler.timesteps``; negative counts from the end);
   ``random``      one call drawn uniformly per run (from ``generator``);
   ``per-sample``  one uniform call per sample of the batch (each sample its own);
-  a list/tensor of ints: the kept call of each sample, given (``explicit``).
+  ``random:importance`` / ``per-sample:importance``
+                  the same draws with call k drawn with probability p_k proportional to
+                  |dx_0/d out_k| (``Plan.importance``: the one call-dependent scalar the shortcut
+                  gradient carries, and the reason early calls' gradients are up to ~100x the late
+                  ones'), the kept call's gradient multiplied by 1/(n p_k): the same expected
+                  gradient as the uniform draw, with far less variance between runs;
+  a list/tensor of ints: the kept call of each sample, given (``explicit``; optional per-sample
+  gradient ``weights``).
 Baselines keep several calls (same API, for like-with-like comparisons):
   ``full``        every call (per-call activation checkpointing): the exact gradient;
   ``draft:K``     the last K calls (DRaFT-K);
@@ -16,13 +23,14 @@ gradients the two are the same).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["Policy", "parse_policy", "SDO_POLICIES", "BASELINES"]
 
-SDO_POLICIES = ("first", "fixed:k", "random", "per-sample")
+SDO_POLICIES = ("first", "fixed:k", "random", "per-sample", "random:importance", "per-sample:importance")
 BASELINES = ("full", "draft:K", "alignprop")
 
 
@@ -31,6 +39,12 @@ class Policy:
     kind: str  # first | fixed | random | per-sample | explicit | full | draft | alignprop
     arg: int | None = None
     calls: tuple[int, ...] | None = None  # explicit: the kept call of each sample
+    importance: bool = False  # random / per-sample: calls drawn from Plan.importance, gradients reweighted
+    weights: tuple[float, ...] | None = None  # explicit: each sample's kept-gradient multiplier
+
+    def __post_init__(self):
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"policy: gradient weights must be finite, got {list(self.weights)}")
 
     @property
     def one_call(self) -> bool:
@@ -40,15 +54,24 @@ class Policy:
     def __str__(self) -> str:
         if self.kind == "explicit":
             return f"explicit{list(self.calls)}"
+        if self.importance:
+            return f"{self.kind}:importance"
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
     def kept_calls(self, start: int, n: int, batch: int, generator: torch.Generator | None,
-                   device=None) -> torch.Tensor:
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
         """Kept call per sample ``[B]`` (one-call policies) or the kept set as a sorted 1-d tensor
-        (baselines), for a chain running calls ``start..n-1``."""
+        (baselines), for a chain running calls ``start..n-1``. Importance policies draw call k
+        with probability ``probs[k]`` (``Plan.importance(start)``)."""
         calls = n - start
         if calls < 1:
             raise ValueError(f"no calls to run: start={start} with {n} calls")
+        if self.importance:
+            if probs is None or probs.numel() != n:
+                raise ValueError(f"policy '{self}' needs the chain's call probabilities (Plan.importance)")
+            draws = 1 if self.kind == "random" else batch
+            ks = torch.multinomial(probs.double(), draws, replacement=True, generator=generator)
+            return ks.expand(batch).clone() if self.kind == "random" else ks
         if self.kind == "first":
             return torch.full((batch,), start, dtype=torch.long)
         if self.kind == "fixed":
@@ -66,6 +89,8 @@ class Policy:
             ks = torch.tensor(self.calls, dtype=torch.long)
             if ks.numel() != batch:
                 raise ValueError(f"policy: {ks.numel()} kept calls given for a batch of {batch}")
+            if self.weights is not None and len(self.weights) != batch:
+                raise ValueError(f"policy: {len(self.weights)} gradient weights given for a batch of {batch}")
             if bool(((ks < start) | (ks >= n)).any()):
                 raise ValueError(f"policy: kept call out of range {start}..{n - 1}: {ks.tolist()}")
             return ks
@@ -78,6 +103,22 @@ class Policy:
         # alignprop
         k = 1 + int(torch.randint(calls, (), generator=generator))
         return torch.arange(n - k, n)
+
+    def grad_weights(self, kept: torch.Tensor, start: int, probs: torch.Tensor | None) -> torch.Tensor | None:
+        """Each sample's multiplier on its kept call's gradient ``[B]`` (float64), or None (1):
+        1/((n - start) p_k) for importance draws, so that their expectation is the uniform one's."""
+        if self.kind == "explicit" and self.weights is not None:
+            return torch.tensor(self.weights, dtype=torch.float64)
+        if not self.importance:
+            return None
+        return 1.0 / ((probs.numel() - start) * probs.double()[kept])
+
+    @staticmethod
+    def given(kept: torch.Tensor, weights: torch.Tensor | None = None) -> "Policy":
+        """The explicit policy of these kept calls (and gradient weights): a run's draw, handed
+        on (``finetune`` draws the global batch's calls once and gives each rank its slice)."""
+        return Policy("explicit", calls=tuple(int(k) for k in kept.tolist()),
+                      weights=None if weights is None else tuple(float(w) for w in weights.tolist()))
 
 
 def parse_policy(policy) -> Policy:
@@ -93,6 +134,10 @@ def parse_policy(policy) -> Policy:
         raise TypeError(f"policy must be a string such as 'first' or 'fixed:3', got {type(policy).__name__}")
     name, _, arg = policy.strip().lower().partition(":")
     name = {"per_sample": "per-sample", "draft_k": "draft", "draft-k": "draft"}.get(name, name)
+    if name in ("random", "per-sample") and arg:
+        if arg != "importance":
+            raise ValueError(f"policy {policy!r}: {name!r} takes no argument or ':importance'")
+        return Policy(name, importance=True)
     if name in ("first", "random", "per-sample", "full", "alignprop"):
         if arg:
             raise ValueError(f"policy {policy!r}: {name!r} takes no argument")
