@@ -412,44 +412,79 @@ def chain_of(method: str, model, steps: int):
     return policy, dipgo.deepcache(model, steps, interval=int(n), branch=0)
 
 
+def finetune_run(args, method: str, lr: float, seed: int, budget: float | None, eval_noise) -> dict:
+    """One LoRA fine-tuning run: ``full`` runs --ft-iters iterations; any other method may run
+    more, up to ``budget`` training seconds (evaluation excluded)."""
+    model, sched = setup(args.steps)
+    policy, chain = chain_of(method, model, args.steps)
+    iters = args.ft_iters if method == "full" or budget is None else 20 * args.ft_iters
+    res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
+                       batch_size=args.batch, lr=lr, policy=policy, chain_schedule=chain,
+                       eval_noise=eval_noise, eval_every=args.eval_every, seed=seed, progress=False,
+                       time_budget=None if method == "full" else budget)
+    run = {"method": method, "lr": lr, "seed": seed, "chain_macs_kept": chain and chain.macs_kept,
+           "iterations": res.iterations, "eval": res.eval_history, "final": res.eval_history[-1]["reward_mean"]}
+    print(json.dumps({k: v for k, v in run.items() if k != "eval"}), flush=True)
+    return run
+
+
+def against_full(run: dict, full: dict) -> dict:
+    """When ``run`` first reaches the held-out reward ``full`` ended at, in seconds and as a
+    fraction of ``full``'s training time; its reward at 1/5 of that time."""
+    goal, full_s = full["final"], full["eval"][-1]["seconds"]
+    hit = next((e for e in run["eval"] if e["reward_mean"] >= goal), None)
+    at_fifth = [e for e in run["eval"] if e["seconds"] <= full_s / 5]
+    return {"seconds_to_full_final": hit and hit["seconds"], "fraction_of_full_time": hit and hit["seconds"] / full_s,
+            "reward_at_fifth_of_full_time": at_fifth[-1]["reward_mean"]}
+
+
 def part_finetune(args) -> dict:
-    """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr,
-    held-out reward on 32 fixed noises (evaluation time excluded) against training seconds."""
+    """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr on
+    ``--seed``, held-out reward on 32 fixed noises (evaluation time excluded) against training
+    seconds. ``--ft-seeds N`` reruns each method at its best lr on N-1 more seeds, each paired
+    with ``full`` on the same seed (its final reward and time set that seed's goal)."""
     runs = []
     eval_noise = zoo.initial_noise(32, seed=12345)
     methods = sorted(args.methods, key=lambda m: m != "full")  # full first: it sets the time budget
     budget = None
     for method in methods:
         for lr in args.lrs:
-            model, sched = setup(args.steps)
-            policy, chain = chain_of(method, model, args.steps)
-            # full runs --ft-iters iterations; the others may run more, up to full's training time
-            iters = args.ft_iters if method == "full" or budget is None else 20 * args.ft_iters
-            res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
-                               batch_size=args.batch, lr=lr, policy=policy, chain_schedule=chain,
-                               eval_noise=eval_noise, eval_every=args.eval_every, seed=args.seed, progress=False,
-                               time_budget=None if method == "full" else budget * args.budget_fraction)
+            run = finetune_run(args, method, lr, args.seed, None if budget is None else budget * args.budget_fraction,
+                               eval_noise)
             if method == "full":
-                budget = max(budget or 0.0, res.eval_history[-1]["seconds"])
-            runs.append({"method": method, "lr": lr, "chain_macs_kept": chain and chain.macs_kept,
-                         "iterations": res.iterations, "eval": res.eval_history,
-                         "final": res.eval_history[-1]["reward_mean"]})
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "eval"}), flush=True)
+                budget = max(budget or 0.0, run["eval"][-1]["seconds"])
+            runs.append(run)
     best = {}
     for r in runs:
         if r["method"] not in best or r["final"] > best[r["method"]]["final"]:
             best[r["method"]] = r
     summary = {}
     if "full" in best:
-        goal = best["full"]["final"]  # the reward full reaches after --ft-iters iterations
-        full_s = best["full"]["eval"][-1]["seconds"]
         for m, r in best.items():
-            hit = next((e for e in r["eval"] if e["reward_mean"] >= goal), None)
-            at_fifth = [e for e in r["eval"] if e["seconds"] <= full_s / 5]
-            summary[m] = {"lr": r["lr"], "final": r["final"], "seconds_to_full_final": hit and hit["seconds"],
-                          "fraction_of_full_time": hit and hit["seconds"] / full_s,
-                          "reward_at_fifth_of_full_time": at_fifth[-1]["reward_mean"]}
-    return {"steps": args.steps, "batch": args.batch, "target": args.target, "runs": runs, "best": summary}
+            summary[m] = {"lr": r["lr"], "final": r["final"], **against_full(r, best["full"])}
+        paired = {m: [(r, best["full"])] for m, r in best.items()}
+        for seed in range(args.seed + 1, args.seed + args.ft_seeds):
+            full = finetune_run(args, "full", best["full"]["lr"], seed, None, eval_noise)
+            runs.append(full)
+            paired["full"].append((full, full))
+            for m in methods[1:]:
+                if m in best:
+                    runs.append(finetune_run(args, m, best[m]["lr"], seed,
+                                             full["eval"][-1]["seconds"] * args.budget_fraction, eval_noise))
+                    paired[m].append((runs[-1], full))
+        if args.ft_seeds > 1:
+            for m, pairs in paired.items():
+                per_seed = [{"seed": r["seed"], "final": r["final"], "full_final": f["final"], **against_full(r, f)}
+                            for r, f in pairs]
+                fractions = sorted(s["fraction_of_full_time"] or math.inf for s in per_seed)
+                summary[m].update(seeds=per_seed, seeds_within_fifth=sum(f <= 0.2 for f in fractions),
+                                  median_fraction_of_full_time=_finite(statistics.median(fractions)))
+    return {"steps": args.steps, "batch": args.batch, "target": args.target, "seeds": args.ft_seeds,
+            "runs": runs, "best": summary}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def part_direct_sum(args) -> dict:
@@ -528,6 +563,8 @@ def main(argv=None) -> int:
                     help="finetune: the other methods train for this fraction of full's time")
     ap.add_argument("--ft-iters", type=int, default=50, help="finetune: iterations per run")
     ap.add_argument("--eval-every", type=int, default=5, help="finetune: held-out evaluation interval")
+    ap.add_argument("--ft-seeds", type=int, default=1,
+                    help="finetune: seeds; past the first, each method reruns at its best lr beside full's rerun")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_sdo.json")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)

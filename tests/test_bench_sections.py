@@ -27,6 +27,21 @@ def test_full_sdo_settings_run_the_finetune_part(one_thread):
     assert out["runs"][1]["chain_macs_kept"] < 1.0 and set(out["best"]) == {"full", sdo_method}
 
 
+def test_finetune_part_pairs_extra_seeds_with_full_on_the_same_seed(one_thread):
+    args = sdo_section.settings(full=True)
+    args.steps, args.batch, args.ft_iters, args.eval_every, args.ft_seeds = 2, 2, 1, 1, 2
+    args.methods, args.lrs = ["per-sample", "full"], [1e-3, 1e-2]
+    out = bench_sdo.part_finetune(args)
+    grid, extra = out["runs"][:4], out["runs"][4:]
+    assert [(r["method"], r["seed"]) for r in extra] == [("full", 1), ("per-sample", 1)]
+    for m, b in out["best"].items():  # the extra seed reruns the grid's best lr
+        assert extra[[r["method"] for r in extra].index(m)]["lr"] == b["lr"]
+        assert [s["seed"] for s in b["seeds"]] == [0, 1] and 0 <= b["seeds_within_fifth"] <= 2
+        assert b["seeds"][1]["full_final"] == extra[0]["final"]  # paired with full on seed 1
+        assert b["seeds"][0]["full_final"] == max(r["final"] for r in grid if r["method"] == "full")
+    assert out["best"]["full"]["seeds"][1]["fraction_of_full_time"] <= 1.0  # full reaches its own final
+
+
 def test_adapter_merge_part_times_both_states(one_thread):
     args = sdo_section.settings(full=False)
     args.steps, args.batch, args.rounds, args.methods = 2, 2, 1, ["full", "per-sample"]

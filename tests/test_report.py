@@ -102,7 +102,9 @@ def sections():
                                   "eval": [{"seconds": 3.0 * i, "reward_mean": r2(-5, 0)} for i in range(5)]}
                                  for m in methods],
                         "best": {m: {"lr": 0.003, "final": r2(-3, 0), "seconds_to_full_final": r2(5, 50),
-                                     "fraction_of_full_time": r2(0.1, 1), "reward_at_fifth_of_full_time": r2(-3, 0)}
+                                     "fraction_of_full_time": r2(0.1, 1), "reward_at_fifth_of_full_time": r2(-3, 0),
+                                     "seeds": [{"seed": k} for k in range(3)], "seeds_within_fifth": rng.randrange(4),
+                                     "median_fraction_of_full_time": r2(0.1, 1)}
                                  for m in methods}}}
     return env, {
         "ops": {"section": "ops", "wall_s": 150.0, "budget_s": 180, "selection": "real sizes", "rows": op_rows()},
@@ -153,7 +155,8 @@ def test_report_has_machine_and_every_number(built):
     step = {"normalized": "normalised steps", "adam": "Adam"}[sdo["curves"]["optimizer"]]
     expect.append(f"({step}, lr {sdo['curves']['lr']:g})")
     for b in sdo["finetune"]["best"].values():
-        expect += [f"{b['final']:.4f}", f"{b['reward_at_fifth_of_full_time']:.4f}"]
+        expect += [f"{b['final']:.4f}", f"{b['reward_at_fifth_of_full_time']:.4f}",
+                   f"{b['seeds_within_fifth']} of 3", f"{100 * b['median_fraction_of_full_time']:.0f}%"]
     missing = [e for e in expect if e not in md]
     assert not missing, f"numbers of the JSON missing from report.md: {missing}"
     assert docs["gpu"]["skipped"] in md  # the GPU section says why it did not run

@@ -35,7 +35,7 @@ def settings(full: bool) -> argparse.Namespace:
                               curve_seconds=60.0 if full else 15.0, lr=0.2, optimizer="normalized",
                               methods=["per-sample:importance+deepcache:2", "per-sample", "full", "draft:1",
                                        "alignprop"], lrs=[3e-3, 1e-2],
-                              ft_iters=50, eval_every=5, budget_fraction=0.3, prior_weight=0.0)
+                              ft_iters=50, ft_seeds=1, eval_every=5, budget_fraction=0.3, prior_weight=0.0)
 
 
 def method_cost(args) -> dict:

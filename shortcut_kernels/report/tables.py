@@ -265,10 +265,14 @@ def sdo_part(doc: dict, plots) -> list[str]:
     if doc.get("finetune", {}).get("best"):
         ft = doc["finetune"]["best"]
         lines += ["LoRA fine-tuning (best learning rate per method; time to reach `full`'s final reward):", ""]
+        seeds = any("seeds" in r for r in ft.values())
         lines += table(["method", "lr", "final held-out reward", "reward at 1/5 of full's time",
-                        "seconds to full's final", "of full's time"],
+                        "seconds to full's final", "of full's time"]
+                       + (["seeds within 1/5", "median of full's time"] if seeds else []),
                        [[m, f"{r['lr']:g}", num(r["final"], ".4f"), num(r.get("reward_at_fifth_of_full_time"), ".4f"),
                          num(r["seconds_to_full_final"], ".0f"), pct(r["fraction_of_full_time"], ".0f")]
+                        + ([f"{r['seeds_within_fifth']} of {len(r['seeds'])}", pct(r["median_fraction_of_full_time"],
+                                                                                   ".0f")] if seeds else [])
                         for m, r in ft.items()]) + [""]
     for name in ("sdo_reward_vs_time.png", "sdo_samples.png", "sdo_finetune.png"):
         lines += image(plots, name)
