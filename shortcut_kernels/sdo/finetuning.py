@@ -264,6 +264,7 @@ def finetune(
     device = params[0].device
     dtype = params[0].dtype
     result.iterations = start_iter
+    probs = plan.importance(0) if pol.importance else None  # the chain's call distribution: fixed
     if start_iter == 0:
         evaluate(0)
     bar = tqdm(range(start_iter, iters), desc=f"finetune ({policy})", disable=not progress)
@@ -277,7 +278,6 @@ def finetune(
             run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
             run_policy = pol
             if pol.one_call:
-                probs = plan.importance(0) if pol.importance else None
                 kept = pol.kept_calls(0, plan.n, batch_size, run_gen, probs)
                 weights = pol.grad_weights(kept, 0, probs)
                 run_policy = Policy.given(kept[local], None if weights is None else weights[local])
