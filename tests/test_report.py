@@ -248,3 +248,135 @@ def test_gpu_section_with_compile_parts_only(tmp_path):
     assert "measured x" not in md  # no schedule table without schedule rows
     for r in rows:
         assert f"| {r['variant']} |" in md and f"{r['first_run_s']:.1f}" in md and f"{r['seconds']:.3f}" in md
+
+
+# ----------------------------------------------------------------------------- --headline and --results
+
+
+def _bench_dir(tmp_path):
+    env, docs = sections()
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "environment.json").write_text(json.dumps(env))
+    for name, doc in docs.items():
+        (d / f"{name}.json").write_text(json.dumps(doc))
+    return d, env, docs
+
+
+def _row(md: str, start: str) -> str:
+    rows = [line for line in md.splitlines() if line.startswith(f"| {start}")]
+    assert len(rows) == 1, f"expected one row starting {start!r} in:\n{md}"
+    return rows[0]
+
+
+def test_headline_states_each_claim_beside_its_baseline_and_json(tmp_path, capsys):
+    """`report DIR --headline`: one row per main claim, its numbers from the JSON, the baseline of
+    the same run beside it, and the JSON file it comes from; report.md is not rebuilt."""
+    d, env, docs = _bench_dir(tmp_path)
+    assert main(["report", str(d), "--headline"]) == 0
+    md = capsys.readouterr().out
+    assert not (d / "report.md").exists()
+    assert md.startswith("| what | result | against (same run) | measured on | JSON |")
+
+    learn = docs["dipgo-learn"]
+    q = {r["schedule"]: r for r in learn["quality"]}
+    best = max((q[learn["deepcache"]], q[learn["skip_steps"]]), key=lambda r: r["psnr_vs_full"])
+    for what in ("searched", "learned"):
+        row = _row(md, f"DiP-GO {what} schedule")
+        mine = q[learn[what]]
+        assert f"{mine['psnr_vs_full']:.2f} dB" in row and f"{mine['psnr_vs_full'] - best['psnr_vs_full']:+.2f} dB" in row
+        assert f"`{best['schedule']}`: {best['psnr_vs_full']:.2f} dB" in row and "`run/dipgo-learn.json`" in row
+
+    eff = docs["dipgo"]["rows"]
+    fastest = max(eff, key=lambda r: r["speedup"])
+    row = _row(md, "DiP-GO schedule, zoo-unet")
+    assert f"`{fastest['schedule']}`: {fastest['speedup']:.2f}x" in row and f"{fastest['mac_ideal']:.2f}x" in row
+    assert f"package {fastest['package_speedup']:.2f}x" in row and "`run/dipgo.json`" in row
+
+    sdo = docs["sdo"]
+    cost = sdo["cost"]
+    row = _row(md, "SDO gradient")
+    assert f"`first`: {cost['first']['median_s']:.3f} s" in row  # the one SDO method of the synthetic run
+    assert f"{cost['full']['median_s'] / cost['first']['median_s']:.2f}x faster" in row
+    assert f"`full`): {cost['full']['median_s']:.3f} s" in row
+    ft = {m: r for m, r in sdo["finetune"]["best"].items() if m != "full"}
+    quickest = min(ft, key=lambda m: ft[m]["fraction_of_full_time"])
+    row = _row(md, "SDO LoRA fine-tuning")
+    assert f"`{quickest}`" in row and f"{100 * ft[quickest]['fraction_of_full_time']:.0f}% of its time" in row
+
+    cpu = [r for r in docs["ops"]["rows"] if r["provider"] == "cpu"]
+    row = _row(md, "fused ops, `cpu` kernels")
+    faster = sum(r["speedup_vs_eager"] > 1 for r in cpu)
+    assert f"faster than eager in {faster} of {len(cpu)} rows" in row and env["cpu"] not in row  # rows name the device
+    assert cpu[0]["device"] in row and env["date_utc"][:10] in row
+    assert "gpu.json" not in md  # a skipped section has no claim
+
+
+def test_headline_reads_a_section_file_and_gpu_rows(tmp_path, capsys):
+    """A section's JSON file alone is a source too (its `section` field names it); plain
+    `report FILE` refuses it, since report.md needs a directory."""
+    sdo_rows = [dict(method=m, policy="x", chain_macs_kept=1.0, seconds=s, full_over_this=8.0 / s,
+                     peak_mib_over_weights=mib, grad_finite=True)
+                for m, s, mib in (("full", 8.0, 474.25), ("sdo", 2.0, 468.5), ("sdo+deepcache(5,0)", 0.64, 468.5))]
+    rows = [dict(model="sdxl", schedule=s, by=by, dtype="float16", calls=50, latent=128, reps=2, macs_kept=m,
+                 mac_ideal=1 / m, full_s=3.93, ours_s=3.93 / x, speedup=x, finite=True)
+            for s, by, m, x in (("deepcache(3,0)", "ours", 0.351, 2.72), ("deepcache(5,0)", "ours", 0.213, 4.42),
+                                ("deepcache(5,0)", "DeepCache package", 0.213, 4.05))]
+    f = tmp_path / "gpu-somewhere.json"
+    f.write_text(json.dumps({"section": "gpu", "wall_s": 1.0, "budget_s": None, "device": "GPU 7", "rows": rows,
+                             "sdo": {"model": "sd-1.5", "dtype": "bfloat16", "batch": 1, "latent": 64, "calls": 50,
+                                     "guidance": 7.5, "rounds": 2, "rows": sdo_rows}, "compile": [], "notes": []}))
+    assert main(["report", str(f), "--headline"]) == 0
+    md = capsys.readouterr().out
+    row = _row(md, "DiP-GO schedule, sdxl 128x128 float16, 50 calls")
+    assert "`deepcache(5,0)`: 4.42x measured" in row and "the DeepCache package 4.05x" in row and "GPU 7" in row
+    row = _row(md, "SDO gradient, sd-1.5 bfloat16")
+    assert "`sdo+deepcache(5,0)`: 0.640 s, 12.50x faster" in row and "`full` (checkpointed): 8.000 s, 474 MiB" in row
+    assert "`gpu-somewhere.json`" in row
+    assert main(["report", str(f)]) == 2
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not a section JSON"):
+        main(["report", str(tmp_path / "other.json"), "--headline"])
+
+
+def test_results_replaces_only_its_generated_part(tmp_path):
+    """`--results FILE` writes every section's tables between its markers and keeps the text
+    around them; run twice it gives the same file."""
+    from shortcut_kernels.report.tables import RESULTS_BEGIN, RESULTS_END
+
+    d, env, docs = _bench_dir(tmp_path)
+    out = tmp_path / "results.md"
+    out.write_text(f"# Results\n\nHand-written context.\n\n{RESULTS_BEGIN}\nstale table 123456\n{RESULTS_END}\n\n"
+                   "## Older runs\n\nKept as written.\n")
+    assert main(["report", str(d), "--results", str(out)]) == 0
+    md = out.read_text()
+    assert "stale table 123456" not in md
+    assert md.startswith("# Results\n\nHand-written context.\n\n" + RESULTS_BEGIN)
+    assert md.endswith(RESULTS_END + "\n\n## Older runs\n\nKept as written.\n")
+    assert md.count(RESULTS_BEGIN) == 1 and md.count(RESULTS_END) == 1
+    assert f"report {d} --results {out}" in md  # the command that regenerates it
+    assert env["commit"] in md and env["cpu"] in md
+    for r in docs["dipgo"]["rows"]:
+        assert f"{r['speedup']:.2f}" in md and f"{r['ours_s']:.3f}" in md
+    for r in docs["sdo"]["fidelity"]["rows"]:
+        assert f"{r['cos_xT']:.3f}" in md
+    assert docs["gpu"]["skipped"] in md
+    assert "![" not in md  # no plots outside a results directory
+    assert all(not line.startswith("# ") for line in md.splitlines()[1:])  # one title: the parts are demoted
+    assert main(["report", str(d), "--results", str(out)]) == 0
+    assert out.read_text() == md
+
+
+def test_results_appends_to_a_file_without_markers(tmp_path):
+    from shortcut_kernels.report.tables import RESULTS_BEGIN
+
+    d, _, docs = _bench_dir(tmp_path)
+    out = tmp_path / "notes.md"
+    out.write_text("# Notes\n\nMine.\n")
+    assert main(["report", str(d), "--results", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith("# Notes\n\nMine.\n\n" + RESULTS_BEGIN)
+    new = tmp_path / "new.md"
+    assert main(["report", str(d), "--results", str(new), "--headline"]) == 0
+    assert new.read_text().startswith("# Results\n\n" + RESULTS_BEGIN)
+    assert f"{docs['dipgo-learn']['train']['iterations']} iterations" in new.read_text()
