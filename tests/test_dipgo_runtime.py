@@ -5,8 +5,9 @@ import diffusers
 import pytest
 import torch
 
+import shortcut_kernels.dipgo.runtime as rt
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo import COMPUTE, READ, accelerate, deepcache, fora, full, skip_steps
+from shortcut_kernels.dipgo import COMPUTE, READ, Schedule, accelerate, deepcache, fora, full, skip_steps
 from shortcut_kernels.dipgo.runtime import _CachedBlock
 
 from _dipgo_models import (cfg_loop, run_pipe, tiny_dit, tiny_pixart, tiny_sd15_unet, tiny_sd_pipeline, tiny_unet2d,
@@ -133,8 +134,6 @@ def test_dead_block_placeholders_allocated_once_per_run_without_grad(monkeypatch
     """Sampling (no grad): a dead block's placeholder is made once per run and reused; with
     grad on (training through a schedule) every call gets a fresh one, since a graph may save
     it. The outputs are the same either way."""
-    import shortcut_kernels.dipgo.runtime as rt
-
     model = tiny_sd15_unet()
     s = deepcache(model, 6, 3, 0)
     made = []
@@ -159,20 +158,16 @@ def test_dead_block_placeholders_allocated_once_per_run_without_grad(monkeypatch
 
 
 def test_transformer_run_of_reused_blocks_is_one_cache_residual(monkeypatch):
-    import shortcut_kernels.ops.cache_residual as cr
-
     model = tiny_dit(layers=4)
     n = []
-    real = cr.cache_residual
-    monkeypatch.setattr(cr, "cache_residual", lambda x, caches: (n.append(len(caches)), real(x, caches))[1])
+    real = rt.cache_residual
+    monkeypatch.setattr(rt, "cache_residual", lambda x, caches: (n.append(len(caches)), real(x, caches))[1])
     s = fora(model, 3, 3)
     with accelerate(model, s):
         _calls(model, 3)
     assert n == [4, 4]  # calls 1 and 2: one op adds the 4 cached residuals
     keep = s.keep.clone()
     keep[1] = torch.tensor([True, False, False, True])
-    from shortcut_kernels.dipgo import Schedule
-
     n.clear()
     with accelerate(model, Schedule(keep, s.graph)):
         _calls(model, 3)

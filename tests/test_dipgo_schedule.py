@@ -1,13 +1,16 @@
-"""Schedules: cascade normalisation, builders, MACs, JSON round trip and validation, resize, summary/plot."""
+"""Schedules: cascade normalisation, builders, MACs, JSON round trip and validation, resize, summary, and
+the report's map of a schedule drawn from its JSON."""
 import json
 import random
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
-from shortcut_kernels.dipgo import DEAD, READ, Schedule, deepcache, fora, from_ranking, from_scores, full, skip_steps
-from shortcut_kernels.dipgo.schedule import COMPUTE
+from shortcut_kernels.dipgo import (COMPUTE, DEAD, READ, Schedule, deepcache, fora, from_ranking, from_scores, full,
+                                   skip_steps)
 from shortcut_kernels.models import block_graph, build_model, skip_keep
+from shortcut_kernels.report.plots import schedule_map, schedule_modes
 
 from _dipgo_models import tiny_dit, tiny_sd15_unet, tiny_unet2d
 
@@ -181,8 +184,6 @@ def test_json_roundtrip_and_validation(sd, tmp_path):
         s.validate(tiny_dit())
     other = tiny_sd15_unet()
     other_cfg = dict(other.config)
-    from diffusers import UNet2DConditionModel
-
     shallow = UNet2DConditionModel.from_config({**other_cfg, "layers_per_block": 1})
     with pytest.raises(ValueError, match="blocks do not match"):
         s.validate(shallow)
@@ -268,5 +269,11 @@ def test_summary_cache_memory_and_plot(sd, tmp_path):
     per_item = sum(g.blocks[i].output_numel() for i in b) // g.blocks[0].output_shapes[0][0]
     assert s.cache_bytes((2, 4, 16, 16)) == 2 * per_item * 4
     assert s.cache_bytes((2, 4, 32, 32), torch.float16) == 4 * per_item * 4
-    out = s.plot(tmp_path / "map.png")
-    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    d = s.to_dict()
+    assert schedule_modes(d).tolist() == [list(row) for row in s.modes]  # the JSON carries the modes
+    assert {COMPUTE, READ, DEAD} <= {m for row in s.modes for m in row}
+    old = {k: v for k, v in d.items() if k != "modes"}  # JSON from before the modes: compute or read
+    assert schedule_modes(old).tolist() == [[COMPUTE if k else READ for k in row] for row in s.keep.tolist()]
+    for i, doc in enumerate((d, old)):
+        out = schedule_map(doc, tmp_path / f"map{i}.png")
+        assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from shortcut_kernels import zoo
+from shortcut_kernels.dipgo import deepcache, from_scores, skip_steps
 from shortcut_kernels.dipgo.losses import consistency_loss, kept_macs_fraction, sparsity_loss
 from shortcut_kernels.dipgo.pruner import Pruner, straight_through
 from shortcut_kernels.models import block_graph
@@ -37,8 +38,6 @@ def test_pruner_starts_by_keeping_everything(graphs):
 
 @pytest.mark.parametrize("builder", ["skip_steps", "deepcache"])
 def test_pruner_from_a_schedule_starts_at_it(graphs, builder):
-    from shortcut_kernels.dipgo import deepcache, skip_steps
-
     g = graphs["unet-fine"]
     s = (skip_steps(g, 12, count=5, placement="power", exponent=1.5) if builder == "skip_steps"
          else deepcache(g, 12, 3, 0))
@@ -112,9 +111,7 @@ def test_pruner_round_trip_and_refuses_another_model(graphs, tmp_path):
     s = q.to_schedule(0.5)
     assert s.block_names == graphs["unet-fine"].names and s.calls == 5 and s.macs_kept <= 0.5 + 1e-9
     assert torch.equal(s.keep, p.to_schedule(0.5).keep)
-    from shortcut_kernels.dipgo import Schedule
-
-    assert Schedule.from_pruner(q, 0.5) == s
+    assert from_scores(q.graph, q.reuse_scores(), 0.5) == s  # to_schedule is DiP-GO's post-processing of its scores
     with pytest.raises(ValueError, match="granularity"):
         q.check_compatible(graphs["unet-coarse"])
     with pytest.raises(ValueError, match="model class"):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from shortcut_kernels.cli import main
-from shortcut_kernels.models.graph import EXTERNAL
+from shortcut_kernels.dipgo.schedule import Schedule
+from shortcut_kernels.models.graph import EXTERNAL, BlockGraph
 
 rng = random.Random(0)
 
@@ -25,9 +26,6 @@ def images(n):
 
 def schedule_dict(calls=6):
     """A learned-schedule JSON (Schedule.to_dict) over a made-up 4-block residual chain."""
-    from shortcut_kernels.dipgo.schedule import Schedule
-    from shortcut_kernels.models.graph import BlockGraph
-
     n = 4
     graph = BlockGraph.from_dict({"model_class": "DiTTransformer2DModel", "granularity": "fine", "total_macs": 1000,
                                   "input_shapes": {}, "blocks": [

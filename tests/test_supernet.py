@@ -5,7 +5,9 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import Schedule, accelerate
+from shortcut_kernels.dipgo.losses import consistency_loss
 from shortcut_kernels.dipgo.supernet import SuperNet
+from shortcut_kernels.zoo import models as zoo_models
 from shortcut_kernels.zoo.sampling import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
@@ -95,21 +97,17 @@ def test_per_sample_gates_blend_each_sample_with_its_own_gate():
 
 def _tiny_double(kind: str):
     """A small zoo-style model in fp64 (fresh random weights) for gradient checks."""
-    from shortcut_kernels.zoo import models
-
     cfg = dict(zoo.info(kind)["model_config"])
     if kind == "digits-unet":
         cfg.update(block_out_channels=[8, 16, 16], cross_attention_dim=16, attention_head_dim=4)
     else:
         cfg.update(num_layers=3, num_attention_heads=2, attention_head_dim=8)
     torch.manual_seed(0)
-    return models.build(zoo.info(kind)["kind"], cfg).double().eval().requires_grad_(False)
+    return zoo_models.build(zoo.info(kind)["kind"], cfg).double().eval().requires_grad_(False)
 
 
 @pytest.mark.parametrize("kind", ["digits-unet", "digits-dit"])
 def test_gate_gradient_of_the_consistency_loss_matches_finite_differences(kind):
-    from shortcut_kernels.dipgo.losses import consistency_loss
-
     model = _tiny_double(kind)
     net = SuperNet(model, "fine")
     scheduler = make_scheduler(zoo.info(kind)["scheduler_config"])

@@ -5,13 +5,17 @@
     with accelerate(pipe, s):                               # the handle is a context manager
         images = pipe(prompt_embeds=..., num_inference_steps=50).images
 
-:mod:`.schedule` - :class:`Schedule` and its builders; :mod:`.runtime` - ``accelerate``;
-:mod:`.search` - ``local_search`` (a schedule learned by validated moves on training noise).
+:mod:`.schedule` - :class:`Schedule` and its JSON; :mod:`.builders` - hand-made schedules;
+:mod:`.resize` - mapping a schedule to another number of calls; :mod:`.runtime` -
+``accelerate``; :mod:`.postprocess` - a pruner's scores into a schedule; :mod:`.search` -
+``local_search`` (a schedule learned by validated moves on training noise).
 This module stays light: importing it loads no model.
 """
+from .builders import deepcache, fora, full, skip_steps
+from .postprocess import from_ranking, from_scores
 from .runtime import Accelerated, CacheState, accelerate
+from .schedule import COMPUTE, DEAD, READ, Schedule
 from .search import local_search
-from .schedule import COMPUTE, DEAD, READ, Schedule, deepcache, fora, from_ranking, from_scores, full, skip_steps
 
 __all__ = ["Schedule", "accelerate", "Accelerated", "CacheState", "full", "deepcache", "skip_steps", "fora",
            "from_scores", "from_ranking", "local_search", "COMPUTE", "READ", "DEAD"]

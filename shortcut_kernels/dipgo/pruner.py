@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import BlockGraph
+from .postprocess import budget_rows, from_ranking, from_scores
+
 __all__ = ["Pruner", "straight_through"]
 
 
@@ -140,8 +143,6 @@ class Pruner(nn.Module):
         (:func:`~shortcut_kernels.dipgo.from_scores`; ``kw``: its threshold options), or with
         ``ranked`` by rank (:func:`~shortcut_kernels.dipgo.from_ranking`, the rule the
         budgeted training mode trains with)."""
-        from .schedule import from_ranking, from_scores
-
         if self.graph is None:
             raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
         if ranked:
@@ -150,10 +151,8 @@ class Pruner(nn.Module):
 
     def budget_gates(self, target_macs: float) -> Tensor:
         """``[calls, blocks]`` straight-through gates that meet a MAC budget: the forward value
-        is the ranked keep-mask (:func:`~shortcut_kernels.dipgo.schedule.budget_rows` of the
+        is the ranked keep-mask (:func:`~shortcut_kernels.dipgo.postprocess.budget_rows` of the
         reuse probabilities), the gradient that of the keep probabilities."""
-        from .schedule import budget_rows
-
         if self.graph is None:
             raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
         soft = self.keep_probs()
@@ -173,8 +172,6 @@ class Pruner(nn.Module):
         self.block_names, self.model_class = state["block_names"], state["model_class"]
         self.granularity = state["granularity"]
         if state.get("graph") is not None:
-            from ..models import BlockGraph
-
             self.graph = BlockGraph.from_dict(state["graph"])
 
     def check_compatible(self, graph, calls: int | None = None) -> None:

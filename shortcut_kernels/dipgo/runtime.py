@@ -62,6 +62,7 @@ from torch import nn
 
 from ..models import denoiser
 from ..models.adapters import model_kind
+from ..ops.cache_residual import cache_residual
 from .schedule import COMPUTE, DEAD, READ, Schedule
 
 __all__ = ["accelerate", "Accelerated", "CacheState"]
@@ -488,8 +489,6 @@ class Accelerated:
             if missing:
                 raise RuntimeError(f"block {self.schedule.graph.names[missing[0]]!r} has no cached residual at "
                                    f"call {st.call}")
-            from ..ops.cache_residual import cache_residual
-
             out = cache_residual(x, caches)
             if st.check_finite and not torch.compiler.is_compiling():
                 self._check_run(st.runs[b], out)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..models import denoiser
 from ..ops.gated_blend import gated_blend
+from .schedule import graph_of
 
 __all__ = ["SuperNet"]
 
@@ -86,8 +87,7 @@ class SuperNet(nn.Module):
         super().__init__()
         self.model = model
         backbone = denoiser(model)
-        from .schedule import graph_of  # the graph the schedules of this model use
-
+        # the graph the schedules of this model use
         self.graph = graph if graph is not None else graph_of(model, granularity, sample_shape)
         self._call: _Call | None = None
         self._hooks = []

@@ -23,7 +23,8 @@ from .adapters import SUPPORTED_CLASSES, block_specs, model_kind
 from .deepcache import (branch_from_layer_block, deepcache_keep, deepcache_table, num_branches, num_skips,
                         skip_keep, skip_of_branch)
 from .graph import EXTERNAL, GRANULARITIES, Block, BlockGraph
-from .macs import clear_cache as _clear_mac_cache, count_macs, default_sample_shape, example_input_shapes, module_macs
+from .macs import (_config_key, _shape_key, clear_cache as _clear_mac_cache, count_macs, default_sample_shape,
+                   example_input_shapes, module_macs)
 from .registry import available_models, build_model, config_path, load_model, model_config
 
 _GRAPHS: dict[tuple, BlockGraph] = {}
@@ -71,8 +72,6 @@ def block_graph(model: Any, granularity: str = "coarse", sample_shape=None, *, t
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     model_kind(model)  # TypeError for unsupported classes, before any counting
     mm = module_macs(model, sample_shape, text_tokens=text_tokens, inputs=inputs)
-    from .macs import _config_key, _shape_key
-
     key = (type(model).__qualname__, _config_key(model), granularity, _shape_key(mm.input_shapes), count_attention,
            group_size if model_kind(model) == "chain" else None)
     g = _GRAPHS.get(key)

@@ -1,5 +1,9 @@
 """DeepCache settings as keep masks over a ``fine`` UNet block graph.
 
+Every function here takes that graph (a :class:`~shortcut_kernels.models.BlockGraph`) as
+``graph`` and reads only its blocks and its cascade, so this module imports nothing from
+:mod:`.graph`; ``BlockGraph.deepcache_keep`` and ``BlockGraph.skip_keep`` call it.
+
 DeepCache (Ma et al., CVPR 2024; github.com/horseee/DeepCache) caches the features of a
 UNet at a *skip branch*: on retrieval steps only the shallow path runs (``conv_in``, the
 down modules above the branch, the up modules that consume the fresh skips, ``conv_out``);
@@ -78,16 +82,16 @@ deeper than the branch".
 """
 from __future__ import annotations
 
-from .graph import BlockGraph
+import types
 
 
-def _require_fine_unet(graph: BlockGraph) -> None:
+def _require_fine_unet(graph) -> None:
     if graph.granularity != "fine" or not graph.blocks or graph.blocks[0].deepcache is None:
         raise ValueError("DeepCache settings map onto the 'fine' block graph of a UNet "
                          f"(got {graph.model_class}, granularity {graph.granularity!r})")
 
 
-def _down_layers(graph: BlockGraph) -> dict[int, int]:
+def _down_layers(graph) -> dict[int, int]:
     """Number of DeepCache layers (resnet layers + downsampler) per down block."""
     out: dict[int, int] = {}
     for b in graph.blocks:
@@ -97,19 +101,19 @@ def _down_layers(graph: BlockGraph) -> dict[int, int]:
     return out
 
 
-def num_branches(graph: BlockGraph) -> int:
+def num_branches(graph) -> int:
     """Number of the ``DeepCache`` package's ``cache_branch_id`` values (3 per down block)."""
     _require_fine_unet(graph)
     return 3 * len(_down_layers(graph))
 
 
-def num_skips(graph: BlockGraph) -> int:
+def num_skips(graph) -> int:
     """Number of skip connections (``conv_in``'s included): valid skip indices."""
     _require_fine_unet(graph)
     return 1 + sum(_down_layers(graph).values())
 
 
-def skip_keep(graph: BlockGraph, skip: int) -> list[bool]:
+def skip_keep(graph, skip: int) -> list[bool]:
     """Keep mask of a retrieval step that keeps skips ``0..skip`` fresh (cascade-normalised)."""
     _require_fine_unet(graph)
     if isinstance(skip, bool) or not isinstance(skip, int):
@@ -132,7 +136,7 @@ def skip_keep(graph: BlockGraph, skip: int) -> list[bool]:
     return graph.cascade(keep)
 
 
-def skip_of_branch(graph: BlockGraph, cache_branch_id: int) -> int:
+def skip_of_branch(graph, cache_branch_id: int) -> int:
     """The skip index whose mask equals the package's branch ``cache_branch_id`` (after the cascade)."""
     keep = deepcache_keep(graph, cache_branch_id)
     for s in range(num_skips(graph)):
@@ -141,7 +145,7 @@ def skip_of_branch(graph: BlockGraph, cache_branch_id: int) -> int:
     raise AssertionError(f"package branch {cache_branch_id} matches no skip index")  # pragma: no cover
 
 
-def branch_from_layer_block(graph: BlockGraph, cache_layer_id: int, cache_block_id: int) -> int:
+def branch_from_layer_block(graph, cache_layer_id: int, cache_block_id: int) -> int:
     """The pipelines' ``(cache_layer_id, cache_block_id)`` as a skip index."""
     _require_fine_unet(graph)
     layers = _down_layers(graph)
@@ -153,7 +157,7 @@ def branch_from_layer_block(graph: BlockGraph, cache_layer_id: int, cache_block_
     return sum(layers[i] for i in range(cache_layer_id)) + cache_block_id + 1
 
 
-def deepcache_keep(graph: BlockGraph, cache_branch_id: int | None = None, *, cache_layer_id: int | None = None,
+def deepcache_keep(graph, cache_branch_id: int | None = None, *, cache_layer_id: int | None = None,
                    cache_block_id: int | None = None) -> list[bool]:
     """Keep mask of a DeepCache retrieval step (see the module docstring for the numbering).
 
@@ -186,14 +190,14 @@ def deepcache_keep(graph: BlockGraph, cache_branch_id: int | None = None, *, cac
     return skip_keep(graph, branch_from_layer_block(graph, cache_layer_id, cache_block_id))
 
 
-def min_skip(graph: BlockGraph) -> list[int | None]:
+def min_skip(graph) -> list[int | None]:
     """Per block: the smallest skip index at which it runs on retrieval steps."""
     ns = num_skips(graph)
     masks = [skip_keep(graph, s) for s in range(ns)]
     return [min((s for s in range(ns) if masks[s][j]), default=None) for j in range(len(graph.blocks))]
 
 
-def min_branch(graph: BlockGraph) -> list[int | None]:
+def min_branch(graph) -> list[int | None]:
     """Per block: the smallest ``cache_branch_id`` at which it runs on retrieval steps."""
     nb = num_branches(graph)
     masks = [deepcache_keep(graph, k) for k in range(nb)]
@@ -204,7 +208,7 @@ def min_branch(graph: BlockGraph) -> list[int | None]:
     return out
 
 
-def deepcache_table(graph: BlockGraph) -> str:
+def deepcache_table(graph) -> str:
     """Index, name, DeepCache coordinate, smallest package branch and smallest skip index
     of every fine UNet block."""
     mb, ms = min_branch(graph), min_skip(graph)
@@ -224,9 +228,7 @@ def package_helper(unet, scheduler, interval: int, branch: int):
     finds the step from ``scheduler.timesteps.index(args[1])``: call the UNet with the timestep
     positionally (a 0-d tensor). Its ``disable()`` leaves instance-level ``forward`` attributes
     on every module it patched, which the returned function removes too."""
-    import types
-
-    from DeepCache import DeepCacheSDHelper
+    from DeepCache import DeepCacheSDHelper  # optional: the parity tests' package
 
     helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=unet, scheduler=scheduler))
     helper.set_params(cache_interval=interval, cache_branch_id=branch)

@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from . import deepcache
+
 EXTERNAL = -1
 """Index used in ``producers``/``consumers`` for the non-prunable stem/head of the model."""
 
@@ -274,16 +276,12 @@ class BlockGraph:
 
         See :func:`shortcut_kernels.models.deepcache.deepcache_keep` for the numbering.
         """
-        from .deepcache import deepcache_keep
-
-        return deepcache_keep(self, cache_branch_id, cache_layer_id=cache_layer_id, cache_block_id=cache_block_id)
+        return deepcache.deepcache_keep(self, cache_branch_id, cache_layer_id=cache_layer_id, cache_block_id=cache_block_id)
 
     def skip_keep(self, skip: int) -> list[bool]:
         """Keep mask of a DeepCache retrieval step keeping skips ``0..skip`` fresh
         (:func:`shortcut_kernels.models.deepcache.skip_keep`)."""
-        from .deepcache import skip_keep
-
-        return skip_keep(self, skip)
+        return deepcache.skip_keep(self, skip)
 
     # ------------------------------------------------------------------ export
     @classmethod

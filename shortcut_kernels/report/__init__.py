@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .plots import make_plots
+from .tables import markdown
+
 __all__ = ["build", "load_sections", "SECTIONS"]
 
 SECTIONS = ("ops", "dipgo", "dipgo-learn", "sdo", "gpu")
@@ -34,9 +37,6 @@ def load_sections(directory: str | Path) -> tuple[dict, dict]:
 
 def build(directory: str | Path) -> Path:
     """Write ``report.md`` and the plots into ``directory``; returns the report's path."""
-    from .plots import make_plots
-    from .tables import markdown
-
     d = Path(directory)
     env, sections = load_sections(d)
     plots = make_plots(sections, d)

@@ -18,6 +18,7 @@ PLOTS = {
 
 
 def _pyplot():
+    """matplotlib's pyplot on the Agg backend (imported here: an optional dependency)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,27 +46,32 @@ def _save(plt, fig, path: Path, dpi: int, suptitle: str | None = None) -> None:
     plt.close(fig)
 
 
-def _ok(doc: dict | None) -> bool:
-    return bool(doc) and "error" not in doc and "skipped" not in doc
+def _section(sections: dict, name: str, *keys: str) -> dict | None:
+    """Section ``name`` when it ran (no ``error``, not ``skipped``) and has every one of
+    ``keys``; else None (its plot is not drawn)."""
+    doc = sections.get(name)
+    if not doc or "error" in doc or "skipped" in doc or any(k not in doc for k in keys):
+        return None
+    return doc
 
 
 def speedup_vs_macs(sections: dict, path: Path) -> bool:
     """Every measured (MACs kept, speedup) pair of the run, with the MAC-ideal curve 1/x."""
     series = []  # (label, marker, [(macs, speedup, name)])
-    eff = sections.get("dipgo")
-    if _ok(eff):
+    eff = _section(sections, "dipgo")
+    if eff:
         for model in dict.fromkeys(r["model"] for r in eff["rows"]):
             rows = [r for r in eff["rows"] if r["model"] == model]
             series.append((f"{model}: ours", "o", [(r["macs_kept"], r["speedup"], r["schedule"]) for r in rows]))
             pkg = [(r["macs_kept"], r["package_speedup"], r["schedule"]) for r in rows if "package_speedup" in r]
             if pkg:
                 series.append((f"{model}: DeepCache package", "s", pkg))
-    learn = sections.get("dipgo-learn")
-    if _ok(learn):
+    learn = _section(sections, "dipgo-learn")
+    if learn:
         series.append((f"{learn['model']}: equal-MAC comparison", "*",
                        [(r["macs_kept"], r["speedup"], r["schedule"]) for r in learn["timing"]]))
-    gpu = sections.get("gpu")
-    if _ok(gpu):
+    gpu = _section(sections, "gpu")
+    if gpu:
         for model, by in dict.fromkeys((r["model"], r.get("by", "ours")) for r in gpu["rows"]):
             series.append((f"{model} (GPU, {gpu['rows'][0]['dtype']}): {by}", "D" if by == "ours" else "P",
                            [(r["macs_kept"], r["speedup"], r["schedule"]) for r in gpu["rows"]
@@ -112,8 +118,8 @@ def image_grid(rows: list[tuple[str, list]], path: Path, title: str, col_labels=
 
 
 def dipgo_samples(sections: dict, path: Path) -> bool:
-    learn = sections.get("dipgo-learn")
-    if not _ok(learn) or "samples" not in learn:
+    learn = _section(sections, "dipgo-learn", "samples")
+    if not learn:
         return False
     s = learn["samples"]
     rows = [(k, v) for k, v in s.items() if k != "labels"]
@@ -121,21 +127,54 @@ def dipgo_samples(sections: dict, path: Path) -> bool:
                       col_labels=s.get("labels"))
 
 
-def learned_schedule(sections: dict, path: Path) -> bool:
-    learn = sections.get("dipgo-learn")
-    if not _ok(learn):
-        return False
-    from ..dipgo.schedule import Schedule
+# colours of a schedule's modes, in the order of their digits in the JSON: compute, read, dead
+_MODE_COLOURS = ("#2b6cb0", "#f6ad55", "#edf2f7")
+_READ = 1
 
-    s = Schedule.from_dict(learn["schedules"][learn["learned"]])
-    s.plot(path, title=f"learned on {learn['model']} in this run: {100 * s.macs_kept:.1f}% MACs kept, "
-                       f"ideal {s.ideal_speedup:.2f}x (blue compute, orange cached)")
+
+def schedule_modes(schedule: dict) -> np.ndarray:
+    """``[calls, blocks]`` modes of a schedule's JSON (``Schedule.to_dict``): 0 compute,
+    1 read from the cache, 2 not needed. JSON written before the modes were stored has only
+    the keep rows: every block it does not compute is drawn as read."""
+    rows = schedule.get("modes")
+    if rows is None:
+        return np.array([[0 if c == "1" else _READ for c in row] for row in schedule["keep"]], dtype=np.int64)
+    return np.array([[int(c) for c in row] for row in rows], dtype=np.int64)
+
+
+def schedule_map(schedule: dict, path: str | Path, label: str | None = None) -> Path:
+    """Save a schedule's calls x blocks map as a PNG (blue compute, orange read from the
+    cache, grey not needed), drawn from its JSON dict alone; the title starts with ``label``
+    (default: the schedule's name) and gives the MACs kept and the ideal speedup."""
+    from matplotlib.colors import ListedColormap
+
+    data = schedule_modes(schedule)
+    names = schedule["block_names"]
+    calls = len(data)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * len(names), 20), min(2 + 0.12 * calls, 14)))
+    ax.imshow(data, aspect="auto", interpolation="nearest", vmin=0, vmax=2, cmap=ListedColormap(_MODE_COLOURS))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("denoiser call")
+    ax.set_title(f"{label or schedule['name']}: {100 * schedule['macs_kept']:.1f}% MACs kept, "
+                 f"ideal {schedule['ideal_speedup']:.2f}x (blue compute, orange cached)", fontsize=9)
+    path = Path(path)
+    _save(plt, fig, path, dpi=120)
+    return path
+
+
+def learned_schedule(sections: dict, path: Path) -> bool:
+    learn = _section(sections, "dipgo-learn")
+    if not learn:
+        return False
+    schedule_map(learn["schedules"][learn["learned"]], path, label=f"learned on {learn['model']} in this run")
     return True
 
 
 def dipgo_training(sections: dict, path: Path) -> bool:
-    learn = sections.get("dipgo-learn")
-    if not _ok(learn) or not learn["train"]["history"]:
+    learn = _section(sections, "dipgo-learn")
+    if not learn or not learn["train"]["history"]:
         return False
     h = learn["train"]["history"]
     plt = _pyplot()
@@ -154,45 +193,48 @@ def dipgo_training(sections: dict, path: Path) -> bool:
     return True
 
 
-def sdo_reward_vs_time(sections: dict, path: Path) -> bool:
-    sdo = sections.get("sdo")
-    if not _ok(sdo) or "curves" not in sdo:
-        return False
+def _lines(path: Path, lines: list, *, log_y: bool = False, **labels) -> bool:
+    """One axes of labelled lines ``(label, xs, ys)``, a dot at each point; ``labels``:
+    :func:`_finish`'s."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, rec in sdo["curves"]["methods"].items():
-        c = rec["curve"]
-        ax.plot([p["seconds"] for p in c], [p["reward_mean"] for p in c], marker=".", label=m)
-    _finish(plt, fig, ax, path, xlabel="wall-clock seconds",
-            ylabel=f"reward: mean log p(digit {sdo['target']} | sample)",
-            title=f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method",
-            legend_size=8)
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker=".", label=label)
+    if log_y:
+        ax.set_yscale("log")
+    _finish(plt, fig, ax, path, **labels)
     return True
 
 
+def sdo_reward_vs_time(sections: dict, path: Path) -> bool:
+    sdo = _section(sections, "sdo", "curves")
+    if not sdo:
+        return False
+    lines = [(m, [p["seconds"] for p in rec["curve"]], [p["reward_mean"] for p in rec["curve"]])
+             for m, rec in sdo["curves"]["methods"].items()]
+    return _lines(path, lines, xlabel="wall-clock seconds",
+                  ylabel=f"reward: mean log p(digit {sdo['target']} | sample)",
+                  title=f"latent optimisation, {sdo['steps']} steps, batch {sdo['batch']}, same budget per method",
+                  legend_size=8)
+
+
 def sdo_samples(sections: dict, path: Path) -> bool:
-    sdo = sections.get("sdo")
-    if not _ok(sdo) or "curves" not in sdo:
+    sdo = _section(sections, "sdo", "curves")
+    if not sdo:
         return False
     rows = list(sdo["curves"]["samples"].items())
     return image_grid(rows, path, f"target {sdo['target']}: before, and after\nlatent optimisation per method")
 
 
 def sdo_finetune(sections: dict, path: Path) -> bool:
-    sdo = sections.get("sdo")
-    if not _ok(sdo) or "finetune" not in sdo:
+    sdo = _section(sections, "sdo", "finetune")
+    if not sdo:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in sdo["finetune"]["runs"]:
-        ev = run["eval"]
-        # -reward on a log axis: the methods part near log p = 0, where a linear axis shows one line
-        ax.plot([e["seconds"] for e in ev], [max(-e["reward_mean"], 1e-5) for e in ev], marker=".",
-                label=f"{run['method']} lr {run['lr']:g}")
-    ax.set_yscale("log")
-    _finish(plt, fig, ax, path, xlabel="training seconds", ylabel="- held-out reward (log; lower is better)",
-            title="LoRA fine-tuning", legend_size=7)
-    return True
+    # -reward on a log axis: the methods part near log p = 0, where a linear axis shows one line
+    lines = [(f"{run['method']} lr {run['lr']:g}", [e["seconds"] for e in run["eval"]],
+              [max(-e["reward_mean"], 1e-5) for e in run["eval"]]) for run in sdo["finetune"]["runs"]]
+    return _lines(path, lines, log_y=True, xlabel="training seconds",
+                  ylabel="- held-out reward (log; lower is better)", title="LoRA fine-tuning", legend_size=7)
 
 
 _DRAW = {"speedup_vs_macs.png": speedup_vs_macs, "dipgo_samples.png": dipgo_samples,

@@ -1,0 +1,168 @@
+"""Hand-made schedule builders. Each takes a model, pipeline, zoo model or
+:class:`~shortcut_kernels.models.BlockGraph` and the number of denoiser calls:
+
+* :func:`full` - every block at every call (bit-identical to the untouched model);
+* :func:`deepcache` - DeepCache (UNets): full calls every ``interval`` calls (or at
+  non-uniform, centre-dense positions), retrieval calls keep the shallow path above a
+  skip branch, numbered as the ``DeepCache`` package does (``branch``: block ``b // 3``,
+  layer ``b % 3``) or by skip index (``skip=``);
+* :func:`skip_steps` - whole-call reuse at the calls that do not compute (the shipped
+  DiP-GO 0.8 schedule is of this kind): explicit calls, or a count placed uniformly or
+  early-dense (power law);
+* :func:`fora` - FORA-style (transformers): every block reused between full calls.
+
+Each is registered with :func:`~.schedule.rebuildable`, so ``Schedule.resize`` rebuilds
+their schedules from the stored arguments.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from ..models import deepcache_keep, skip_keep
+from .schedule import Schedule, check_calls, graph_of, rebuildable
+
+__all__ = ["full", "deepcache", "skip_steps", "fora"]
+
+
+@rebuildable
+def full(model, calls: int, *, granularity: str = "coarse", sample_shape=None) -> Schedule:
+    """Every block computes at every call: identical to the untouched model."""
+    g = graph_of(model, granularity, sample_shape)
+    calls = check_calls(calls)
+    return Schedule(torch.ones(calls, len(g), dtype=torch.bool), g, name="full", params={})
+
+
+def _check_interval(interval) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be a positive int, got {interval!r}")
+
+
+def _full_calls_uniform(calls: int, interval: int) -> list[int]:
+    return list(range(0, calls, interval))
+
+
+def _full_calls_centered(calls: int, n: int, center: int, power: float) -> list[int]:
+    """``n`` full calls, dense around ``center`` and spreading out by a power law (DeepCache's
+    non-uniform variant): positions ``center + sign(x)|x|^p`` for ``x`` evenly spaced in
+    ``[-center^(1/p), (calls - center)^(1/p)]``; ``p`` is lowered until ``n`` are distinct."""
+    if n >= calls:
+        return list(range(calls))
+    p = power
+    while p > 1.0:
+        lo, hi = -(center ** (1.0 / p)), (calls - center) ** (1.0 / p)
+        xs = [lo + (hi - lo) * i / n for i in range(n + 1)]
+        pos = sorted({0} | {int(center + math.copysign(abs(x) ** p, x)) for x in xs[1:-1]})
+        pos = [q for q in pos if 0 <= q < calls]
+        if len(pos) == n:
+            return pos
+        p -= 0.02
+    return sorted(set(round(i * (calls - 1) / max(1, n - 1)) for i in range(n)))  # fall back to uniform
+
+
+@rebuildable
+def deepcache(model, calls: int, interval: int = 3, branch: int | None = 0, *, skip: int | None = None,
+              uniform: bool = True, center: int = 15, power: float = 1.4, sample_shape=None) -> Schedule:
+    """DeepCache (UNets, fine graph): full calls every ``interval`` calls; at the others only
+    the shallow path above the cache branch runs.
+
+    Args:
+        interval: ``N`` - one full call every ``N`` calls (uniform), or
+            ``ceil(calls / N)`` full calls placed non-uniformly (``uniform=False``).
+        branch: the ``DeepCache`` package's ``cache_branch_id`` (block ``branch // 3``,
+            layer ``branch % 3``, whatever the UNet's layers per block).
+        skip: instead of ``branch``: the skip index (keep skips ``0..skip`` fresh).
+        uniform, center, power: the package pipelines' non-uniform variant - full calls
+            dense around call ``center``, spread by a power law of exponent ``power``.
+    """
+    g = graph_of(model, "fine", sample_shape)
+    calls = check_calls(calls)
+    _check_interval(interval)
+    try:
+        model_kind_name = g.blocks[0].deepcache
+    except IndexError:  # pragma: no cover
+        model_kind_name = None
+    if model_kind_name is None:
+        raise ValueError(f"deepcache() needs a UNet (its skip branches); {g.model_class} has none: "
+                         "use fora() or skip_steps()")
+    if skip is not None:
+        if branch not in (None, 0):
+            raise ValueError("give branch= (package numbering) or skip= (skip index), not both")
+        retrieval = skip_keep(g, skip)
+        branch = None
+    else:
+        if branch is None:
+            raise ValueError("give branch= or skip=")
+        retrieval = deepcache_keep(g, branch)
+    if uniform:
+        full_calls = _full_calls_uniform(calls, interval)
+    else:
+        full_calls = _full_calls_centered(calls, math.ceil(calls / interval), min(center, calls - 1), power)
+    keep = torch.tensor([retrieval] * calls, dtype=torch.bool)
+    keep[full_calls] = True
+    return Schedule(keep, g, name="deepcache", params=dict(interval=interval, branch=branch, skip=skip,
+                                                           uniform=uniform, center=center, power=power))
+
+
+def _placement(calls: int, count: int, placement: str, exponent: float) -> list[int]:
+    if placement == "uniform":
+        pos = [math.floor(i * calls / count) for i in range(count)]
+    elif placement in ("power", "early"):
+        pos = [math.floor(calls * (i / count) ** exponent) for i in range(count)]
+    else:
+        raise ValueError(f"placement must be 'uniform' or 'power', got {placement!r}")
+    out = []
+    for p in pos:  # strictly increasing, within range
+        p = max(p, out[-1] + 1) if out else 0
+        out.append(p)
+    if out[-1] >= calls:  # pragma: no cover - count <= calls guarantees room
+        raise ValueError("cannot place that many calls")
+    return out
+
+
+@rebuildable
+def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count: int | None = None,
+               placement: str = "uniform", exponent: float = 1.5, granularity: str = "coarse",
+               sample_shape=None) -> Schedule:
+    """Whole-call reuse: the model runs only at the ``compute`` calls; every other call
+    reuses everything (UNets: the last output, through the cascade; transformers: each
+    block's cached residual on the current input).
+
+    Give the calls explicitly (``compute=[0, 13, 19, ...]``, call 0 added if missing) or a
+    ``count`` placed ``"uniform"``-ly or early-dense by a ``"power"`` law
+    (``floor(calls * (i / count) ** exponent)``: more of them early).
+    """
+    g = graph_of(model, granularity, sample_shape)
+    calls = check_calls(calls)
+    if (compute is None) == (count is None):
+        raise ValueError("give either compute= (explicit calls) or count= (how many calls compute)")
+    if compute is not None:
+        comp = sorted({int(t) for t in compute} | {0})
+        bad = [t for t in comp if not 0 <= t < calls]
+        if bad:
+            raise ValueError(f"compute calls {bad} out of range 0..{calls - 1}")
+    else:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= calls:
+            raise ValueError(f"count must be an int in 1..{calls}, got {count!r}")
+        comp = _placement(calls, count, placement, exponent)
+    keep = torch.zeros(calls, len(g), dtype=torch.bool)
+    keep[comp] = True
+    return Schedule(keep, g, name="skip_steps", params=dict(compute=None if compute is None else comp, count=count,
+                                                            placement=placement, exponent=exponent))
+
+
+@rebuildable
+def fora(model, calls: int, interval: int = 3, *, granularity: str = "fine", sample_shape=None) -> Schedule:
+    """FORA-style reuse for transformers (DiT, PixArt): full calls every ``interval``
+    calls, every transformer block reused (its cached residual) in between."""
+    g = graph_of(model, granularity, sample_shape)
+    calls = check_calls(calls)
+    _check_interval(interval)
+    if not all(b.residual for b in g):
+        raise ValueError(f"fora() reuses transformer blocks; {g.model_class} is a UNet: use deepcache() or "
+                         "skip_steps()")
+    keep = torch.zeros(calls, len(g), dtype=torch.bool)
+    keep[_full_calls_uniform(calls, interval)] = True
+    return Schedule(keep, g, name="fora", params=dict(interval=interval))

@@ -1,0 +1,125 @@
+"""DiP-GO's post-processing: a pruner's ``[calls, blocks]`` reuse scores -> a schedule at a
+MAC budget (:meth:`~.pruner.Pruner.to_schedule`, :meth:`~.pruner.Pruner.budget_gates`).
+
+* :func:`from_scores` - the published rule: threshold descent from the output side, each
+  reuse with its cascade, until the kept MACs meet the target;
+* :func:`from_ranking` / :func:`budget_rows` - by rank, no threshold: the rule the
+  budgeted training mode trains with, so the schedule is the one it trained.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import BlockGraph
+from .schedule import Schedule, graph_of
+
+__all__ = ["from_scores", "from_ranking", "budget_rows"]
+
+
+def _checked_scores(graph: BlockGraph, scores, target_macs: float) -> torch.Tensor:
+    """``scores`` as a float64 ``[calls, blocks]`` tensor; ValueError for another shape or a
+    ``target_macs`` outside (0, 1]."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    if s.ndim != 2 or s.shape[1] != len(graph) or s.shape[0] < 1:
+        raise ValueError(f"scores must be [calls, {len(graph)}], got {tuple(s.shape)}")
+    if not 0 < target_macs <= 1:
+        raise ValueError(f"target_macs must be a fraction in (0, 1], got {target_macs}")
+    return s
+
+
+def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, step: float = 0.05,
+                slack: float | None = None, granularity: str | None = None, sample_shape=None) -> Schedule:
+    """DiP-GO's post-processing: reuse probabilities -> a schedule at a MAC budget.
+
+    Args:
+        scores: ``[calls, blocks]`` reuse probabilities in [0, 1] (e.g. the pruner's
+            softmax for "reuse").
+        target_macs: the fraction of the full model's MACs to keep (DiP-GO's prune
+            ratio 0.8 is ``target_macs=0.2``).
+        threshold, step: start at ``threshold``; walking the blocks from the output side,
+            reuse every (call > 0, block) whose probability exceeds it (with its cascade)
+            until the target is met; if it is not met, lower the threshold by ``step``.
+        slack: if given, a reuse that would take the kept MACs below ``target_macs * (1 - slack)``
+            is passed over (the walk goes on to the next candidate), so the schedule lands
+            within ``slack`` of the target whenever some small enough reuse is left. Without
+            it the last reuse may overshoot by a whole cascade (an outer block of a UNet takes
+            its inner blocks with it), which breaks equal-MAC comparisons.
+    """
+    g = graph_of(model, granularity or "coarse", sample_shape)
+    s = _checked_scores(g, scores, target_macs)
+    if not bool(((s >= 0) & (s <= 1)).all()):
+        raise ValueError("scores must be probabilities in [0, 1]")
+    if slack is not None and not 0 <= slack < 1:
+        raise ValueError(f"slack must be a fraction in [0, 1), got {slack}")
+    calls = s.shape[0]
+    total = calls * g.total_macs
+    floor = -1.0 if slack is None else target_macs * (1 - slack) - 1e-12
+    rows = [[True] * len(g) for _ in range(calls)]
+    row_macs = [g.total_macs] * calls
+    spent = sum(row_macs)
+    thr = threshold
+    order = list(reversed(range(len(g))))  # output side first
+    while spent / total > target_macs + 1e-12:
+        for b in order:
+            for t in range(1, calls):
+                if spent / total <= target_macs + 1e-12:
+                    break
+                if rows[t][b] and s[t, b] > thr:
+                    before = rows[t][:], row_macs[t]
+                    delta = _reuse(g, rows, row_macs, t, b)
+                    if (spent + delta) / total < floor:
+                        rows[t], row_macs[t] = before  # overshoots the window: try a smaller one
+                        continue
+                    spent += delta
+        if thr <= 0:
+            break
+        thr = round(thr - step, 10)
+    return Schedule(rows, g, name="from_scores",
+                    params=dict(target_macs=target_macs, threshold=threshold, step=step, slack=slack,
+                                final_threshold=max(thr, 0.0)))
+
+
+def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: int, b: int) -> int:
+    """Reuse block ``b`` at call ``t`` with its cascade, in place; returns the MACs this changes."""
+    rows[t][b] = False
+    rows[t] = graph.cascade(rows[t])
+    new = graph.overhead_macs + sum(m for m, k in zip(graph.block_macs, rows[t]) if k)
+    delta, row_macs[t] = new - row_macs[t], new
+    return delta
+
+
+def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool]]:
+    """Keep rows meeting a MAC budget by rank: reuse the (call > 0, block) pairs in decreasing
+    order of ``scores`` (ties: the output side first, then earlier calls), each with its
+    cascade, until at most ``target_macs`` of the MACs are kept (or nothing is left to reuse).
+    Unlike :func:`from_scores` no threshold is involved, so the budget is met to within one
+    block; the budgeted training mode (``shortcut_kernels.dipgo.train``, through
+    :meth:`~.pruner.Pruner.budget_gates`) uses the same rule at every iteration."""
+    s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    calls, n = s.shape
+    total = calls * graph.total_macs
+    rows = [[True] * n for _ in range(calls)]
+    row_macs = [graph.total_macs] * calls
+    spent = sum(row_macs)
+    # candidates in the tie order, then a stable sort by decreasing score
+    cand = [(t, b) for b in reversed(range(n)) for t in range(1, calls)]
+    order = sorted(range(len(cand)), key=lambda i: -float(s[cand[i]]))
+    for i in order:
+        if spent / total <= target_macs + 1e-12:
+            break
+        t, b = cand[i]
+        if not rows[t][b]:
+            continue  # already reused by a cascade
+        spent += _reuse(graph, rows, row_macs, t, b)
+    return rows
+
+
+def from_ranking(model, scores, target_macs: float, *, granularity: str | None = None,
+                 sample_shape=None) -> Schedule:
+    """A schedule at a MAC budget from ``[calls, blocks]`` reuse scores by rank
+    (:func:`budget_rows`): the post-processing that matches the budgeted training mode."""
+    g = graph_of(model, granularity or "coarse", sample_shape)
+    s = _checked_scores(g, scores, target_macs)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("scores must be finite")
+    return Schedule(budget_rows(g, s, target_macs), g, name="from_ranking", params=dict(target_macs=target_macs))
