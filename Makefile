@@ -2,7 +2,7 @@
 #   make test    build (CPU + CUDA kernels when nvcc and a CUDA torch are there) and run the tests
 #   make bench   build, then measure every claim in one run (ops, DiP-GO, SDO; the GPU suite
 #                where a GPU is visible) into bench/results/<UTC timestamp>/: one JSON per
-#                section, report.md and PNG plots (bench/run.py). FULL=1: the long versions;
+#                section, report.md and PNG plots (python -m bench.run). FULL=1: the long versions;
 #                BENCH_OUT=dir: write there; `shortcut-kernels report DIR` rebuilds the report.
 # Both create .venv and install what they need; nothing is downloaded at run time. The
 # package is installed into .venv in editable mode (`import shortcut_kernels` and the
@@ -68,7 +68,7 @@ test: install
 		$(PY) -m shortcut_kernels.gpu_record build/junit.xml; exit $$status
 
 bench: install
-	$(PY) bench/run.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(if $(FULL),--full) $(if $(BENCH_ARGS),-- $(BENCH_ARGS))
+	$(PY) -m bench.run $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(if $(FULL),--full) $(if $(BENCH_ARGS),-- $(BENCH_ARGS))
 
 info: install
 	$(PY) -m shortcut_kernels info

@@ -8,7 +8,7 @@ A case is (op, size, dtype, mode, provider). Providers:
   triton   our Triton kernel           (GPU runs)
   copy     a copy of the same number of bytes: the memory floor, measured in the same run
 Each row stores in extra_info what the report needs: bytes moved by a fused kernel,
-op, mode, size, dtype, provider, device and versions; bench/report.py turns the JSON
+op, mode, size, dtype, provider, device and versions; bench/sections/ops.py turns the JSON
 into GB/s, % of copy bandwidth and speedups over eager and compile from the same run.
 """
 from __future__ import annotations
@@ -165,7 +165,7 @@ def run_case(benchmark, spec: OpBench, shape, dtype, mode, provider):
         step()  # the first call may load the extension or compile a kernel
         _sync()
         calls = _calibrate(step)
-        # A round is `calls` back-to-back calls and one device sync; report.py divides
+        # A round is `calls` back-to-back calls and one device sync; the ops section divides
         # the round times by calls_per_round.
         benchmark.extra_info["calls_per_round"] = calls
 

@@ -1,8 +1,9 @@
 """cache_residual: out = x + sum(caches), a run of two pruned blocks at inference."""
 import torch
-from _recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 import shortcut_kernels as sk
+
+from ._recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 
 def make_inputs(shape, dtype, device):

@@ -1,8 +1,9 @@
 """gated_blend: out = gate*fresh + (1-gate)*cache, per-sample gate (the SuperNet op)."""
 import torch
-from _recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 import shortcut_kernels as sk
+
+from ._recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 
 def make_inputs(shape, dtype, device):

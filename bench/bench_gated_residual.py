@@ -1,8 +1,9 @@
 """gated_residual: out = x + gate*y, gate [B, C] over tokens (the adaLN-Zero residual)."""
 import torch
-from _recipe import OpBench, nbytes, parametrize, run_case
 
 import shortcut_kernels as sk
+
+from ._recipe import OpBench, nbytes, parametrize, run_case
 
 
 def make_inputs(shape, dtype, device):

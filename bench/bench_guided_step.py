@@ -1,8 +1,9 @@
 """guided_step: x_prev = a*x + b*(eps_u + w*(eps_c - eps_u)), CFG fused with a DDIM-like update."""
 import torch
-from _recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 import shortcut_kernels as sk
+
+from ._recipe import OpBench, nbytes, parametrize, run_case, unet_dit_sizes
 
 A, B, W = 0.9987, -0.0513, 7.5  # a DDIM step's coefficients and SD's guidance scale
 

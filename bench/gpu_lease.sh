@@ -14,7 +14,7 @@
 #      tests/test_extension.py beside them, in parallel when pytest-xdist is there;
 #      shortcut_kernels/gpu_validation.json records the run (commit it: `auto` then uses the
 #      CUDA/Triton kernels on CUDA tensors);
-#   3. `bench/run.py --sections ops`: the op roofline (no torch.compile rows: one Inductor
+#   3. `python -m bench.run --sections ops`: the op roofline (no torch.compile rows: one Inductor
 #      compile per row does not fit), then `--sections gpu`: its parts until the deadline
 #      (the report of build/bench holds both). SKIP_OPS=1 leaves the roofline out and
 #      SHORTCUT_GPU_PARTS picks the GPU section's parts and their order
@@ -33,7 +33,7 @@ log() { echo "[$(($(date +%s) - START)) s] $*"; }
 left() { echo $((DEADLINE - $(date +%s))); }
 
 if [ -n "${SHORTCUT_GPU_PARTS:-}" ]; then  # a typo found now, not after the tests
-  $PY -c "import sys; sys.path.insert(0, 'bench'); from sections.gpu import selected_parts
+  $PY -c "from bench.sections.gpu import selected_parts
 print('GPU section parts:', ', '.join(selected_parts(False)))" || { log "bad SHORTCUT_GPU_PARTS"; exit 2; }
 fi
 log "machine"
@@ -89,11 +89,11 @@ log "benchmarks"
 export SHORTCUT_BENCH_DEADLINE=$((DEADLINE - 15)) SHORTCUT_BENCH_ROUNDS=${SHORTCUT_BENCH_ROUNDS:-30} \
   SHORTCUT_BENCH_ROUND_MS=${SHORTCUT_BENCH_ROUND_MS:-2}
 if [ -z "${SKIP_OPS:-}" ]; then
-  timeout $(($(left) < 180 ? $(left) : 180)) $PY bench/run.py --sections ops --out build/bench \
+  timeout $(($(left) < 180 ? $(left) : 180)) $PY -m bench.run --sections ops --out build/bench \
     -- -k "not 2x4x8x8 and not 2x16x16 and not compile" >"$LOGS/bench-ops.log" 2>&1
   log "ops: exit $?"; grep -v "it/s\]" "$LOGS/bench-ops.log" | tail -8
 fi
-timeout $(($(left) - 10)) $PY bench/run.py --sections gpu --out build/bench >"$LOGS/bench-gpu.log" 2>&1
+timeout $(($(left) - 10)) $PY -m bench.run --sections gpu --out build/bench >"$LOGS/bench-gpu.log" 2>&1
 log "gpu section: exit $?"; grep -v "it/s\]" "$LOGS/bench-gpu.log" | tail -20
 tar czf "$OUT/lease.tgz" -C build lease bench
 log "done"

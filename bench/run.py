@@ -1,7 +1,9 @@
 """`make bench`: every claim of the library measured end to end in one run, beside its
 baseline, then the report.
 
-    python bench/run.py [--out DIR] [--full] [--sections ops dipgo ...] [-- PYTEST_ARGS for the ops]
+    python -m bench.run [--out DIR] [--full] [--sections ops dipgo ...] [-- PYTEST_ARGS for the ops]
+
+(from the repository root: `bench` is a package).
 
 Writes DIR (default bench/results/<UTC timestamp>/): environment.json, one JSON per section
 (ops, dipgo, dipgo-learn, sdo, gpu), report.md and the PNG plots
@@ -19,18 +21,16 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+from shortcut_kernels import report
 
-from sections import common, dipgo, gpu, ops, sdo  # noqa: E402
-
-from shortcut_kernels import report  # noqa: E402
+from .sections import common, dipgo, dipgo_learn, gpu, ops, sdo
+from .sections.common import ROOT
 
 # name: (runner(out_dir, full) -> dict, budget in seconds of the quick run on 2 CPU cores)
 SECTIONS = {
     "ops": (ops.run, 150),
-    "dipgo": (dipgo.efficiency_section, 60),
-    "dipgo-learn": (dipgo.learn_section, 300),
+    "dipgo": (dipgo.run, 60),
+    "dipgo-learn": (dipgo_learn.run, 300),
     "sdo": (sdo.run, 240),
     "gpu": (gpu.run, gpu.BUDGET_S),  # GPU machines only (a CPU machine records a note)
 }

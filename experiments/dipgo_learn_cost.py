@@ -2,8 +2,8 @@
 with every hand-made schedule at the same MACs; and the cost of an iteration in the two
 training modes.
 
-    python bench/bench_dipgo_learn.py --out bench/results/dipgo_learn.json          # the measurements
-    python bench/bench_dipgo_learn.py --quick                                         # a smoke run
+    python -m experiments.dipgo_learn_cost --out bench/results/dipgo_learn.json    # the measurements
+    python -m experiments.dipgo_learn_cost --quick                                   # a smoke run
 
 Sections:
 - cost: wall-clock of one optimiser step, ``exact`` vs ``shortcut``, 50 calls, batch 8,
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo.evaluate import best_handmade, evaluate, handmade
+from shortcut_kernels.dipgo.evaluate import best_handmade
+from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade
 from shortcut_kernels.dipgo.train import train
 
 
@@ -125,10 +126,6 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     return out
 
-
-def test_dipgo_learn_quick(tmp_path):
-    out = main(["--quick", "--out", str(tmp_path / "learn.json")])
-    assert all(r["ratio"] > 0 for r in out["cost"]) and out["quality"]["digits-unet"]["rows"]
 
 
 if __name__ == "__main__":

@@ -1,56 +1,19 @@
 """Turns pytest-benchmark JSON into the bench table and a summary JSON.
 
-    python bench/report.py bench/results/ops-cpu.json [more.json ...] [--md out.md] [--json out.json]
+    python -m experiments.ops_table RESULTS/ops-pytest-benchmark.json [more.json ...] [--md out.md]
+        [--json-out out.json] [--compact out.md]
 
-Every ratio compares rows of the SAME run (same op, mode, size, dtype): speedup over the
-eager composite and over torch.compile, and achieved bandwidth as a share of a copy of
-the same bytes. Absolute numbers from shared machines are noisy; ratios much less so.
+The rows and their ratios are the ops section's (bench.sections.ops: load_rows, add_ratios);
+this prints them as one markdown table (`make bench`'s report.md builds its own from ops.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections import defaultdict
 
-
-def percentile(data, q):
-    data = sorted(data)
-    if not data:
-        return float("nan")
-    k = (len(data) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (k - lo)
-
-
-def load_rows(paths):
-    rows = []
-    for path in paths:
-        with open(path) as f:
-            doc = json.load(f)
-        for bench in doc["benchmarks"]:
-            info = bench.get("extra_info", {})
-            if "op" not in info:
-                continue
-            data = bench["stats"].get("data") or [bench["stats"]["median"]]
-            data = [t / info.get("calls_per_round", 1) for t in data]  # round -> one call
-            rows.append(dict(info, median_s=statistics.median(data), p20_s=percentile(data, 0.2),
-                             p80_s=percentile(data, 0.8), rounds=len(data)))
-    return rows
-
-
-def add_ratios(rows):
-    groups = defaultdict(dict)
-    for r in rows:
-        groups[(r["op"], r["mode"], r["size"], r["dtype"])][r["provider"]] = r
-    for r in rows:
-        same = groups[(r["op"], r["mode"], r["size"], r["dtype"])]
-        r["gb_per_s"] = r["bytes"] / r["median_s"] / 1e9
-        for base in ("eager", "compile"):
-            r[f"speedup_vs_{base}"] = same[base]["median_s"] / r["median_s"] if base in same else None
-        r["pct_of_copy"] = 100 * same["copy"]["median_s"] / r["median_s"] if "copy" in same else None
-    return rows
+from bench.sections.ops import add_ratios, load_rows
 
 
 def fmt(x, spec):

@@ -1,6 +1,7 @@
-"""SDO measurements on the zoo's digits-unet (issue 9), JSON out.
+"""SDO measurements on the zoo's digits-unet, JSON out: the parts no `make bench` section runs,
+and the section's fidelity and finetune parts with every setting on the command line.
 
-    python bench/bench_sdo.py --part fidelity cost memory latents --out bench_sdo.json
+    python -m experiments.sdo_parts --part fidelity cost memory latents --out sdo.json
 
 Parts:
   fidelity  cosine of each policy's gradient (w.r.t. x_T and w.r.t. LoRA weights) to the exact
@@ -19,104 +20,31 @@ Parts:
             weighting of the calls (least squares on the exact gradient: an upper bound).
   adapter-merge  seconds per LoRA fine-tuning iteration with the no-graph chain's adapters
             merged (the default) and apart, interleaved rounds.
+fidelity and finetune are bench.sections.sdo's (the `make bench` section; finetune under FULL).
 Run it under `flock /tmp/sk_heavy.lock` on a shared machine.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shortcut_kernels import sdo, zoo  # noqa: E402
-from shortcut_kernels.sdo.finetuning import add_lora  # noqa: E402
-
-
-def setup(steps: int, dtype=torch.float32):
-    model, cfg = zoo.load("digits-unet", dtype=dtype)
-    sched = zoo.make_scheduler(cfg)
-    sched.set_timesteps(steps)
-    return model, sched
-
-
-def grad_of(fn, sched, x_T, reward, policy, params, seed, memory_light=None, chain_schedule=None):
-    x = x_T.detach().clone().requires_grad_(True)
-    for p in params:
-        p.grad = None
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    x0 = sdo.shortcut_sample(fn, sched, x, policy, generator=gen, params=params, memory_light=memory_light,
-                             chain_schedule=chain_schedule)
-    reward(x0).sum().backward()
-    sec = time.perf_counter() - t0
-    gp = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params]
-                   + [torch.zeros(0)])
-    return x.grad.detach(), gp, sec
-
-
-def cos(a, b) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
-
-
-def per_sample_cos(a, b) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean().item()
-
-
-def gradient_case(args):
-    """The fidelity parts' case: digits-unet with a rank-4 LoRA moved off its zero start (so both
-    factors get gradients), the null class, reward log p(target); and the exact gradient."""
-    model, sched = setup(args.steps)
-    params = add_lora(model, rank=4, seed=0)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    reward = sdo.digits_reward(args.target)
-    x_T = zoo.initial_noise(args.batch, seed=args.seed)
-    exact = grad_of(fn, sched, x_T, reward, "full", params, 0)
-    return (fn, sched, x_T, reward, params), exact
-
-
-def part_fidelity(args) -> dict:
-    case, (gx_exact, gp_exact, sec_exact) = gradient_case(args)
-    fn, sched, x_T, reward, params = case
-    n = args.steps
-    policies = ["first", f"fixed:{n // 2}", "fixed:-1", "random", "per-sample", "random:importance",
-                "per-sample:importance", "draft:1", "draft:2", "alignprop"]
-    rows = [{"policy": "full", "cos_xT": 1.0, "cos_lora": 1.0, "seconds": sec_exact}]
-    for pol in policies:
-        draws = args.draws if pol.partition(":")[0] in ("random", "per-sample", "alignprop") else 1
-        cx, cxs, cl, secs, gx_sum, gp_sum = [], [], [], [], 0, 0
-        for d in range(draws):
-            gx, gp, sec = grad_of(fn, sched, x_T, reward, pol, params, 1000 + d)
-            cx.append(cos(gx, gx_exact))
-            cxs.append(per_sample_cos(gx, gx_exact))
-            cl.append(cos(gp, gp_exact))
-            secs.append(sec)
-            gx_sum, gp_sum = gx_sum + gx, gp_sum + gp
-        rows.append({"policy": pol, "draws": draws, "cos_xT": statistics.mean(cx),
-                     "cos_xT_per_sample": statistics.mean(cxs), "cos_lora": statistics.mean(cl),
-                     "cos_xT_of_mean": cos(gx_sum, gx_exact), "cos_lora_of_mean": cos(gp_sum, gp_exact),
-                     "seconds": statistics.median(secs)})
-        print(json.dumps(rows[-1]), flush=True)
-    return {"steps": n, "batch": args.batch, "target": args.target, "rows": rows}
+from bench.sections.sdo import Settings, chain_of, cos, fidelity, finetune, gradient_case, grad_of, peak_memory, setup
+from shortcut_kernels import sdo, zoo
 
 
 def part_cost(args) -> dict:
     model, sched = setup(args.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    reward = sdo.digits_reward(args.target)
+    reward = zoo.digits_reward(args.target)
     x_T = zoo.initial_noise(args.batch, seed=args.seed)
     from shortcut_kernels import dipgo
 
@@ -141,70 +69,14 @@ def part_cost(args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "deepcache_macs_kept": cache.macs_kept, "methods": out}
 
 
-class _PeakRSS:
-    """Peak resident memory (KiB) while the block runs, sampled from /proc/self/statm every
-    0.5 ms by a thread; ru_maxrss cannot serve: model loading peaks higher than one step."""
-
-    def __enter__(self):
-        import os
-        import threading
-
-        self.page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page_kib
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(0.0005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
-def memory_child(method: str, steps: int, batch: int) -> None:
-    """Runs in a subprocess: prints the RSS before the method (model loaded) and its peak."""
-    import ctypes
-
-    model, sched = setup(steps)
-    fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    reward = sdo.digits_reward(7)
-    x = zoo.initial_noise(batch, seed=0).requires_grad_(True)
-    with torch.no_grad():  # lazy inits (kernels, classifier) before the measurement
-        reward(fn(x, sched.timesteps[0]))
-    try:  # hand freed heap back so that the baseline is the live memory
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with _PeakRSS() as m:
-        if method == "one_call":
-            reward(fn(x, sched.timesteps[0])).sum().backward()
-        elif method != "load":
-            pol, light = {"sdo_light": ("first", True), "sdo_reference": ("first", False),
-                          "full": ("full", None)}[method]
-            reward(sdo.shortcut_sample(fn, sched, x, pol, memory_light=light)).sum().backward()
-    print(json.dumps({"base_kib": m.base, "peak_kib": m.peak}))
-
-
 def part_memory(args) -> dict:
+    """Peak RSS of one iteration per method, each in a fresh process, model loading subtracted."""
+    methods = {"load": ("load", None), "one_call": ("one_call", None), "sdo_light": ("first", True),
+               "sdo_reference": ("first", False), "full": ("full", None)}
     out = {}
-    for method in ["load", "one_call", "sdo_light", "sdo_reference", "full"]:
-        res = subprocess.run([sys.executable, __file__, "--child-memory", method, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--threads", str(args.threads)],
-                             capture_output=True, text=True, check=True)
-        rec = json.loads(res.stdout.strip().splitlines()[-1])
-        rec["delta_mib"] = (rec["peak_kib"] - rec["base_kib"]) / 1024
-        out[method] = rec
-        print(method, rec, flush=True)
+    for name, (method, light) in methods.items():
+        out[name] = peak_memory(method, args.steps, args.batch, memory_light=light, threads=args.threads)
+        print(name, out[name], flush=True)
     one = max(out["one_call"]["delta_mib"], 1e-3)
     out["sdo_light_over_one_call"] = out["sdo_light"]["delta_mib"] / one
     return {"steps": args.steps, "batch": args.batch, "methods": out}
@@ -275,7 +147,7 @@ def latent_objective(args, digit: int):
     classifier's log p (``--reward-shift S``: averaged over the shifts of up to S pixels,
     ``sdo.ShiftAveraged``, the digits' background shifted in), stopping once every sample has
     p >= ``--stop-prob``, or with ``--freeze-prob P`` each sample frozen once it has p >= P."""
-    reward = sdo.digits_reward(digit)
+    reward = zoo.digits_reward(digit)
     if args.reward_shift:
         reward = sdo.ShiftAveraged(reward, args.reward_shift, fill=-1.0)
     p = args.freeze_prob if args.freeze_prob is not None else args.stop_prob
@@ -293,7 +165,7 @@ def part_latents(args) -> dict:
     judge_cnn, judge_cnn_acc = independent_cnn()
     rows = []
     for digit in args.digits:
-        reward = sdo.digits_reward(digit)  # reported: the plain log p
+        reward = zoo.digits_reward(digit)  # reported: the plain log p
         objective, stopping = latent_objective(args, digit)
         x_T = zoo.initial_noise(args.batch, seed=args.noise_seed + digit)
         res = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
@@ -328,7 +200,7 @@ def part_latents(args) -> dict:
             "policy": args.policy,
             "prior_weight": args.prior_weight, **objective_record(args),
             "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
-            "judge_cnn": "bench_sdo.independent_cnn", "judge_cnn_test_accuracy": judge_cnn_acc,
+            "judge_cnn": "experiments.sdo_parts.independent_cnn", "judge_cnn_test_accuracy": judge_cnn_acc,
             "digits_reaching_90pct": sum(ok), "digits_reaching_90pct_cnn_judge": sum(ok_cnn), "rows": rows}
 
 
@@ -343,7 +215,7 @@ def part_judge_agreement(args) -> dict:
     x_T = zoo.initial_noise(320, seed=4242)
     with torch.no_grad():
         x0 = torch.cat([sdo.shortcut_sample(fn, sched, x_T[i:i + 64], "first") for i in range(0, 320, 64)]).clamp(-1, 1)
-        log_p = torch.stack([sdo.digits_reward(d)(x0) for d in range(10)], 1)
+        log_p = torch.stack([zoo.digits_reward(d)(x0) for d in range(10)], 1)
     cnn, p = log_p.argmax(1).numpy(), log_p.max(1).values.exp().numpy()
     svm = judge.predict(x0.flatten(1).numpy())
     out = {"samples": 320, "agree_all": float((svm == cnn).mean())}
@@ -398,98 +270,9 @@ def part_latents_fd(args) -> dict:
     return row
 
 
-def chain_of(method: str, model, steps: int):
-    """``POLICY+deepcache:N`` runs the one-call POLICY with its no-graph chain through
-    ``deepcache(interval=N, branch=0)``; a plain policy name has no chain schedule."""
-    policy, _, chain = method.partition("+")
-    if not chain:
-        return policy, None
-    kind, _, n = chain.partition(":")
-    if kind != "deepcache" or not n.isdigit():
-        raise SystemExit(f"--methods: expected POLICY or POLICY+deepcache:N, got {method!r}")
-    from shortcut_kernels import dipgo
-
-    return policy, dipgo.deepcache(model, steps, interval=int(n), branch=0)
-
-
-def finetune_run(args, method: str, lr: float, seed: int, budget: float | None, eval_noise) -> dict:
-    """One LoRA fine-tuning run: ``full`` runs --ft-iters iterations; any other method may run
-    more, up to ``budget`` training seconds (evaluation excluded)."""
-    model, sched = setup(args.steps)
-    policy, chain = chain_of(method, model, args.steps)
-    iters = args.ft_iters if method == "full" or budget is None else 20 * args.ft_iters
-    res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=iters,
-                       batch_size=args.batch, lr=lr, policy=policy, chain_schedule=chain,
-                       eval_noise=eval_noise, eval_every=args.eval_every, seed=seed, progress=False,
-                       time_budget=None if method == "full" else budget)
-    run = {"method": method, "lr": lr, "seed": seed, "chain_macs_kept": chain and chain.macs_kept,
-           "iterations": res.iterations, "eval": res.eval_history, "final": res.eval_history[-1]["reward_mean"]}
-    print(json.dumps({k: v for k, v in run.items() if k != "eval"}), flush=True)
-    return run
-
-
-def against_full(run: dict, full: dict) -> dict:
-    """When ``run`` first reaches the held-out reward ``full`` ended at, in seconds and as a
-    fraction of ``full``'s training time; its reward at 1/5 of that time."""
-    goal, full_s = full["final"], full["eval"][-1]["seconds"]
-    hit = next((e for e in run["eval"] if e["reward_mean"] >= goal), None)
-    at_fifth = [e for e in run["eval"] if e["seconds"] <= full_s / 5]
-    return {"seconds_to_full_final": hit and hit["seconds"], "fraction_of_full_time": hit and hit["seconds"] / full_s,
-            "reward_at_fifth_of_full_time": at_fifth[-1]["reward_mean"]}
-
-
-def part_finetune(args) -> dict:
-    """LoRA fine-tuning so that the null class draws ``--target``: every method at every lr on
-    ``--seed``, held-out reward on 32 fixed noises (evaluation time excluded) against training
-    seconds. ``--ft-seeds N`` reruns each method at its best lr on N-1 more seeds, each paired
-    with ``full`` on the same seed (its final reward and time set that seed's goal)."""
-    runs = []
-    eval_noise = zoo.initial_noise(32, seed=12345)
-    methods = sorted(args.methods, key=lambda m: m != "full")  # full first: it sets the time budget
-    budget = None
-    for method in methods:
-        for lr in args.lrs:
-            run = finetune_run(args, method, lr, args.seed, None if budget is None else budget * args.budget_fraction,
-                               eval_noise)
-            if method == "full":
-                budget = max(budget or 0.0, run["eval"][-1]["seconds"])
-            runs.append(run)
-    best = {}
-    for r in runs:
-        if r["method"] not in best or r["final"] > best[r["method"]]["final"]:
-            best[r["method"]] = r
-    summary = {}
-    if "full" in best:
-        for m, r in best.items():
-            summary[m] = {"lr": r["lr"], "final": r["final"], **against_full(r, best["full"])}
-        paired = {m: [(r, best["full"])] for m, r in best.items()}
-        for seed in range(args.seed + 1, args.seed + args.ft_seeds):
-            full = finetune_run(args, "full", best["full"]["lr"], seed, None, eval_noise)
-            runs.append(full)
-            paired["full"].append((full, full))
-            for m in methods[1:]:
-                if m in best:
-                    runs.append(finetune_run(args, m, best[m]["lr"], seed,
-                                             full["eval"][-1]["seconds"] * args.budget_fraction, eval_noise))
-                    paired[m].append((runs[-1], full))
-        if args.ft_seeds > 1:
-            for m, pairs in paired.items():
-                per_seed = [{"seed": r["seed"], "final": r["final"], "full_final": f["final"], **against_full(r, f)}
-                            for r, f in pairs]
-                fractions = sorted(s["fraction_of_full_time"] or math.inf for s in per_seed)
-                summary[m].update(seeds=per_seed, seeds_within_fifth=sum(f <= 0.2 for f in fractions),
-                                  median_fraction_of_full_time=_finite(statistics.median(fractions)))
-    return {"steps": args.steps, "batch": args.batch, "target": args.target, "seeds": args.ft_seeds,
-            "runs": runs, "best": summary}
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def part_direct_sum(args) -> dict:
     """Cosine to the exact gradient of sum_k g_k, g_k the shortcut gradient keeping call k."""
-    case, (gx_exact, gp_exact, _) = gradient_case(args)
+    case, (gx_exact, gp_exact, _) = gradient_case(args.steps, args.batch, args.target, args.seed)
     fn, sched, x_T, reward, params = case
     per_call = [grad_of(fn, sched, x_T, reward, f"fixed:{k}", params, 0) for k in range(args.steps)]
     gp = torch.stack([c[1] for c in per_call]).double()
@@ -514,7 +297,7 @@ def part_adapter_merge(args) -> dict:
             for merge in (True, False):
                 model, sched = setup(args.steps)
                 policy, chain = chain_of(method, model, args.steps)
-                res = sdo.finetune(model, sched, sdo.digits_reward(args.target), lora=4, iters=6,
+                res = sdo.finetune(model, sched, zoo.digits_reward(args.target), lora=4, iters=6,
                                    batch_size=args.batch, lr=3e-3, policy=policy, chain_schedule=chain,
                                    merge_adapters=merge, seed=r, progress=False)
                 secs = [b["seconds"] - a["seconds"] for a, b in zip(res.history, res.history[1:])]
@@ -524,6 +307,11 @@ def part_adapter_merge(args) -> dict:
         rows[f"{m} speedup"] = rows[f"{m} apart"]["median_s"] / rows[f"{m} merged"]["median_s"]
     print(json.dumps(rows), flush=True)
     return {"steps": args.steps, "batch": args.batch, "rounds": args.rounds, "rows": rows}
+
+
+def section_settings(args) -> Settings:
+    """The command line's values of the section's settings (bench.sections.sdo.Settings)."""
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)})
 
 
 def main(argv=None) -> int:
@@ -566,19 +354,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-seeds", type=int, default=1,
                     help="finetune: seeds; past the first, each method reruns at its best lr beside full's rerun")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench_sdo.json")
-    ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="sdo.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.child_memory:
-        memory_child(args.child_memory, args.steps, args.batch)
-        return 0
     record = {"bench": "sdo", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
               "python": platform.python_version(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
-    parts = {"fidelity": part_fidelity, "cost": part_cost, "memory": part_memory, "latents": part_latents,
+    parts = {"fidelity": lambda a: fidelity(section_settings(a)), "cost": part_cost, "memory": part_memory, "latents": part_latents,
              "latents-fd": part_latents_fd, "judge-agreement": part_judge_agreement,
-             "finetune": part_finetune, "direct-sum": part_direct_sum,
+             "finetune": lambda a: finetune(section_settings(a)), "direct-sum": part_direct_sum,
              "adapter-merge": part_adapter_merge}
     for name in args.part:
         t0 = time.perf_counter()
@@ -592,12 +376,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def test_sdo_quick(tmp_path):
-    """`make bench`'s SDO section: fidelity, cost and memory on a short chain (the full
-    measurements: `python bench/bench_sdo.py --part ... --out FILE`)."""
-    out = tmp_path / "sdo.json"
-    assert main(["--part", "fidelity", "cost", "memory", "--steps", "6", "--batch", "2", "--draws", "1",
-                 "--rounds", "1", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert {"fidelity", "cost", "memory"} <= set(record)

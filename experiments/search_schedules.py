@@ -1,6 +1,6 @@
 """Searched schedules against every hand-made one at the same MACs, on held-out noise.
 
-    python bench/search_schedules.py --models digits-unet digits-dit --counts 10 20 --time-budget 420
+    python -m experiments.search_schedules --models digits-unet digits-dit --counts 10 20 --time-budget 420
 
 For each model and budget (the MACs of ``count`` whole calls): score the hand-made schedules
 within 2% of those MACs on the training bank (seeds 10,000+), start the search from the best,
@@ -16,10 +16,10 @@ import time
 import torch
 
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo import skip_steps
-from shortcut_kernels.dipgo.schedule import Schedule, graph_of
-from shortcut_kernels.dipgo.evaluate import evaluate, handmade
-from shortcut_kernels.dipgo.search import local_search, with_trades, zoo_sampler
+from shortcut_kernels.dipgo import Schedule, local_search, skip_steps
+from shortcut_kernels.dipgo.schedule import graph_of
+from shortcut_kernels.dipgo.search import with_trades
+from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade, zoo_sampler
 
 
 def _resumed(name: str, count: int, calls: int, path: str):
@@ -106,12 +106,8 @@ def transfer(result: dict, args) -> dict:
 
 def speed(result: dict, args) -> dict:
     """Wall-clock of the searched schedule against the full model (interleaved reps, batch 20
-    with CFG, --calls DDIM calls; bench_dipgo's efficiency rows) and its MAC-ideal speedup."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_dipgo import Loop, efficiency_case
+    with CFG, --calls DDIM calls; the dipgo section's efficiency rows) and its MAC-ideal speedup."""
+    from bench.sections.dipgo import Loop, efficiency_case
 
     torch.set_num_threads(2)
     name = result["model"]

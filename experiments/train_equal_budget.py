@@ -1,6 +1,6 @@
 """DiP-GO training on an equal wall-clock budget: ``exact`` against ``shortcut``.
 
-    python bench/train_equal_budget.py --budget 1800 --out docs/measurements/dipgo-equal-budget.json
+    python -m experiments.train_equal_budget --budget 1800 --out experiments/measurements/dipgo-equal-budget.json
 
 Both modes train a pruner for ``digits-unet`` (50 DDIM calls, guidance 3, batch 8, a bank of
 64 training samples) from the same start, the early-dense hand-made schedule at the target
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "digits-unet"
 COMMON = dict(batch_size=8, bank_size=64, lr=0.01, granularity="fine", budget="anneal", anneal=0.0)
 
@@ -82,9 +83,10 @@ def main(argv=None) -> dict:
         return {}
 
     t0 = time.perf_counter()
-    procs = {m: subprocess.Popen([sys.executable, __file__, "--worker", m, "--budget", str(args.budget),
-                                  "--target", str(args.target), "--calls", str(args.calls),
-                                  "--margin", str(args.margin), "--work", str(work)])
+    procs = {m: subprocess.Popen([sys.executable, "-m", "experiments.train_equal_budget", "--worker", m,
+                                  "--budget", str(args.budget), "--target", str(args.target),
+                                  "--calls", str(args.calls), "--margin", str(args.margin),
+                                  "--work", str(work.resolve())], cwd=ROOT)
              for m in ("exact", "shortcut")}
     for m, proc in procs.items():
         if proc.wait() != 0:
@@ -92,7 +94,7 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t0
 
     from shortcut_kernels.dipgo import Schedule
-    from shortcut_kernels.dipgo.evaluate import evaluate
+    from shortcut_kernels.zoo.dipgo_eval import evaluate
 
     torch.set_num_threads(2)
     model, _, start = _setup(args.calls, args.target)

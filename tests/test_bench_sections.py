@@ -1,19 +1,15 @@
-"""The `make bench` sections hand bench_sdo's part functions a namespace of their own: every
-attribute those parts read must be in it (FULL=1 runs the LoRA part, which no quick run reaches)."""
+"""The `make bench` sections (bench/sections, imported as the package `bench` from the repository
+root): the SDO section's settings run its parts (FULL=1 runs the LoRA part, which no quick run
+reaches), and the GPU section's parts on tiny versions of the architectures on the CPU."""
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import bench_sdo  # noqa: E402
-from sections import sdo as sdo_section  # noqa: E402
+from bench.sections import gpu as gpu_section
+from bench.sections import sdo as sdo_section
 
 
 def test_full_sdo_settings_run_the_finetune_part(one_thread):
@@ -22,7 +18,7 @@ def test_full_sdo_settings_run_the_finetune_part(one_thread):
     sdo_method = args.methods[0]  # the settings' own SDO run: importance draws, a cached chain
     assert "+deepcache:" in sdo_method
     args.methods, args.lrs = ["full", sdo_method], args.lrs[:1]
-    out = bench_sdo.part_finetune(args)
+    out = sdo_section.finetune(args)
     assert [r["method"] for r in out["runs"]] == ["full", sdo_method]
     assert out["runs"][1]["chain_macs_kept"] < 1.0 and set(out["best"]) == {"full", sdo_method}
 
@@ -31,7 +27,7 @@ def test_finetune_part_pairs_extra_seeds_with_full_on_the_same_seed(one_thread):
     args = sdo_section.settings(full=True)
     args.steps, args.batch, args.ft_iters, args.eval_every, args.ft_seeds = 2, 2, 1, 1, 2
     args.methods, args.lrs = ["per-sample", "full"], [1e-3, 1e-2]
-    out = bench_sdo.part_finetune(args)
+    out = sdo_section.finetune(args)
     grid, extra = out["runs"][:4], out["runs"][4:]
     assert [(r["method"], r["seed"]) for r in extra] == [("full", 1), ("per-sample", 1)]
     for m, b in out["best"].items():  # the extra seed reruns the grid's best lr
@@ -42,17 +38,7 @@ def test_finetune_part_pairs_extra_seeds_with_full_on_the_same_seed(one_thread):
     assert out["best"]["full"]["seeds"][1]["fraction_of_full_time"] <= 1.0  # full reaches its own final
 
 
-def test_adapter_merge_part_times_both_states(one_thread):
-    args = sdo_section.settings(full=False)
-    args.steps, args.batch, args.rounds, args.methods = 2, 2, 1, ["full", "per-sample"]
-    rows = bench_sdo.part_adapter_merge(args)["rows"]
-    assert rows["per-sample merged"]["iterations"] == rows["per-sample apart"]["iterations"] == 5
-    assert rows["per-sample speedup"] > 0 and not any(k.startswith("full") for k in rows)
-
-
 # ---- the GPU section's parts, on tiny versions of the architectures on the CPU ------------
-
-from sections import gpu as gpu_section  # noqa: E402
 
 TINY_SD = {"block_out_channels": [16, 16, 32, 32], "cross_attention_dim": 16, "norm_num_groups": 8,
            "attention_head_dim": 4, "sample_size": 16}

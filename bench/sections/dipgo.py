@@ -1,147 +1,301 @@
-"""DiP-GO sections.
+"""DiP-GO efficiency section (``dipgo``): wall-clock of hand-made schedules and of the
+DeepCache package on the zoo models against the full model in the same run, beside the
+MAC-ideal speedup. FULL adds DiT-XL/2, SD-1.5 and the quality part.
 
-``dipgo``: wall-clock of hand-made schedules and of the DeepCache package on the zoo models
-against the full model in the same run, beside the MAC-ideal speedup (bench/bench_dipgo.py;
-FULL adds DiT-XL/2, SD-1.5 and the quality part).
+Efficiency: the denoiser loop only (model calls + DDIM updates, classifier-free guidance
+batched: batch 2 per call), 12 calls, the median of the interleaved runs, every provider of a
+model interleaved run by run with the full model:
+  * the zoo models at batch 20 (40 per call with guidance);
+  * DiT-XL/2 (random weights) at 16x16 latents: fora(3), fora(5), skip_steps(count=4);
+  * SD-1.5 architecture (random weights) at 32x32 latents: deepcache(3, 0), deepcache(5, 0)
+    and skip_steps(count=4), each also with the DeepCache package (DeepCacheSDHelper) on
+    the same schedule where it can express it.
+MAC-ideal = total MACs / kept MACs from the fine block graph at the benchmark's input
+(attention activations not counted): ``Schedule.ideal_speedup``.
 
-``dipgo-learn``: a schedule learned in this run on ``digits-unet`` (shortcut mode, a time
-budget) and one found by ``dipgo.search.local_search`` from the ``skip_steps`` schedule (a
-time budget, training noise only), then full vs. learned vs. searched vs. ``deepcache`` vs.
-``skip_steps`` at equal MACs (their
-kept-MAC fractions within 2% of each other; the gap is measured and reported): interleaved
-wall-clock, ideal speedup, class accuracy, FD and PSNR against full on held-out noise, and a
-sample grid per schedule.
+Quality: every builder on the zoo models at 50 DDIM calls, guidance 3: kept-MAC fraction,
+class accuracy, digits-FD, PSNR against the full model's samples from the same noise.
 """
 from __future__ import annotations
 
+import os
+import statistics
 import time
-from dataclasses import asdict
+import types
 
+import diffusers
 import torch
 
-from .common import images_to_json
+from shortcut_kernels import zoo
+from shortcut_kernels.dipgo import accelerate, deepcache, fora, full, skip_steps
+from shortcut_kernels.models import build_model
 
-MODEL = "digits-unet"
-EQUAL_MACS = 0.02  # largest relative gap between kept-MAC fractions called "equal"
-# Training settings (TrainConfig fields; the target is the equal-MAC anchor, iters the quick
-# run's): those of docs/dipgo_learning.md's measurement (SGD: with Adam every gate flips at
-# once). budget="anneal" switches to the budgeted mode; its schedules are then read by rank.
-TRAIN = dict(mode="shortcut", batch_size=8, bank_size=64, optimizer="sgd", lr=0.2, sparsity_weight=10.0)
+CALLS = 12
 
 
-def efficiency_section(out_dir, full: bool = False) -> dict:
-    import bench_dipgo
-
-    doc = {"calls": 12, "diffusers_cache_hooks": bench_dipgo.diffusers_cache_support()}
+def run(out_dir=None, full: bool = False) -> dict:
+    """The section's JSON: the zoo rows (FULL: every model, and the quality rows)."""
+    doc = {"calls": CALLS, "diffusers_cache_hooks": diffusers_cache_support()}
     if full:
-        doc["rows"] = bench_dipgo.efficiency(quick=False)
-        doc["quality"] = bench_dipgo.quality()
+        doc["rows"] = efficiency(quick=False)
+        doc["quality"] = quality()
     else:
-        doc["rows"] = bench_dipgo.efficiency(quick=True, models=("zoo",))
+        doc["rows"] = efficiency(quick=True, models=("zoo",))
     return doc
 
 
-# ----------------------------------------------------------------------------- equal MACs
+# Threads: SHORTCUT_BENCH_THREADS for everything; otherwise the torch default for the large
+# architectures and 1 thread for the tiny zoo models (on a loaded 2-core box OpenMP makes
+# toy-sized ops ~10x slower than one thread).
+THREADS = int(os.environ["SHORTCUT_BENCH_THREADS"]) if os.environ.get("SHORTCUT_BENCH_THREADS") else None
+DEFAULT_THREADS = torch.get_num_threads()
 
 
-def relative_gap(a: float, b: float) -> float:
-    return abs(a - b) / min(a, b)
+def _threads(small: bool) -> int:
+    n = THREADS or (1 if small else DEFAULT_THREADS)
+    torch.set_num_threads(n)
+    return n
 
 
-def matched_handmade(model, calls: int, target: float = 0.4):
-    """The (deepcache, skip_steps) pair whose kept MACs agree best, near ``target``: pairs
-    within half the equal-MAC tolerance first, then the one nearest the target. skip_steps
-    keeps whole calls, so its MACs move in steps of 1/calls; the deepcache variants
-    (interval x skip x placement) fill in between."""
-    from shortcut_kernels.dipgo import skip_steps
-    from shortcut_kernels.dipgo.evaluate import handmade
-
-    caches = {k: s for k, s in handmade(model, calls).items() if k.startswith("deepcache")}
-    skips = {f"skip_steps({c},power1.5)": skip_steps(model, calls, count=c, placement="power", exponent=1.5)
-             for c in range(2, calls)}
-
-    def score(pair):
-        d, s = caches[pair[0]].macs_kept, skips[pair[1]].macs_kept
-        return relative_gap(d, s) > EQUAL_MACS / 2, abs(d - target), "non-uniform" in pair[0]
-
-    dk, sk = min(((d, s) for d in caches for s in skips), key=score)
-    return (dk, caches[dk]), (sk, skips[sk])
+# ----------------------------------------------------------------------------- denoiser loops
 
 
-def learned_at(pruner, macs: float, ranked: bool = False):
-    """The pruner's schedule at ``macs``: DiP-GO's post-processing with a slack of a quarter of
-    the equal-MAC tolerance, so a last reuse that would take a whole cascade is passed over for
-    a smaller one (the ranked rule meets its budget to within one block)."""
-    if ranked:
-        return pruner.to_schedule(macs, ranked=True)
-    return pruner.to_schedule(macs, slack=EQUAL_MACS / 4)
+def _sd_scheduler():
+    return diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def equal_macs_check(schedules: dict) -> dict:
-    macs = {k: s.macs_kept for k, s in schedules.items()}
-    gap = max(macs.values()) / min(macs.values()) - 1
-    return {"macs_kept": macs, "max_relative_gap": gap, "tolerance": EQUAL_MACS, "holds": gap <= EQUAL_MACS}
+class Loop:
+    """One model, its inputs and a DDIM loop of `calls` denoiser calls with batched CFG."""
 
-
-# ----------------------------------------------------------------------------- the section
-
-
-def learn_section(out_dir, full: bool = False) -> dict:
-    import bench_dipgo
-
-    from shortcut_kernels import zoo
-    from shortcut_kernels.dipgo import accelerate
-    from shortcut_kernels.dipgo.evaluate import EVAL_SEED, evaluate
-    from shortcut_kernels.dipgo.search import local_search, zoo_sampler
-    from shortcut_kernels.dipgo.train import train
-
-    torch.set_num_threads(1)  # the toy model runs fastest on one thread on a shared 2-core box
-    calls = 50 if full else 20
-    budget = 1800.0 if full else 120.0  # training seconds
-    z = zoo.load(MODEL)
-    model, cfg = z.model, z.scheduler_config
-    (dk, dc), (sk, ss) = matched_handmade(model, calls)
-    anchor = dc.macs_kept
-    print(f"equal-MAC anchor: {dk} keeps {100 * anchor:.1f}%, {sk} {100 * ss.macs_kept:.1f}%", flush=True)
-
-    scheduler = zoo.make_scheduler(cfg)
-    scheduler.set_timesteps(calls)
-    settings = dict(TRAIN, target=anchor, iters=150 if full else 100)
-    t0 = time.perf_counter()
-    result = train(model, scheduler, time_budget=budget, progress=True, **settings)
-    train_wall = time.perf_counter() - t0
-    learned = learned_at(result.pruner, anchor, ranked=settings.get("budget") == "anneal")
-    lk = "learned(shortcut)"
-    search_budget = 600.0 if full else 60.0
-    found = local_search(ss, zoo_sampler(model, scheduler, n=20, calls=calls), time_budget=search_budget)
-    fk = "searched"
-    schedules = {lk: learned, fk: found.schedule, dk: dc, sk: ss}
-    check = equal_macs_check(schedules)
-    print(f"equal MACs: largest gap {100 * check['max_relative_gap']:.2f}% "
-          f"({'within' if check['holds'] else 'OUTSIDE'} {100 * EQUAL_MACS:.0f}%)", flush=True)
-
-    quality = evaluate(MODEL, schedules, per_class=20 if full else 10)
-    loop = bench_dipgo.Loop("zoo-unet", model.unet, calls, batch=20, latent_hw=16)
-    timing = bench_dipgo.efficiency_case(loop, schedules, 5 if full else 3)
-
-    grid_sched = zoo.make_scheduler(cfg)
-    samples = {"labels": list(range(10))}
-    for key, s in [("full", None)] + list(schedules.items()):
-        if s is None:
-            x = zoo.sample(model, grid_sched, labels=range(10), steps=calls, seed=EVAL_SEED, progress=False)
+    def __init__(self, name, model, calls, batch, latent_hw, guidance=3.0):
+        self.name, self.model, self.calls, self.batch = name, model, calls, batch
+        self.kind = type(model).__name__
+        g = torch.Generator().manual_seed(0)
+        c = model.config
+        self.x0 = torch.randn(batch, c.in_channels, latent_hw, latent_hw, generator=g)
+        self.guidance = guidance
+        if self.kind == "UNet2DConditionModel":
+            dim = c.cross_attention_dim
+            tokens = 1 if name.startswith("zoo") else 77
+            self.ctx = torch.randn(2 * batch, tokens, dim, generator=g)
         else:
-            with accelerate(model, s, scheduler=grid_sched):
-                x = zoo.sample(model, grid_sched, labels=range(10), steps=calls, seed=EVAL_SEED, progress=False)
-        samples[key] = images_to_json(x)
+            self.labels = torch.cat([torch.arange(batch) % 10, torch.full((batch,), c.num_embeds_ada_norm)])
+        self.scheduler = _sd_scheduler() if not name.startswith("zoo") else \
+            diffusers.DDIMScheduler.from_config(zoo.info("digits-unet")["scheduler_config"])
 
-    history = [{k: h[k] for k in ("iteration", "consistency", "sparsity", "kept_macs", "seconds")}
-               for h in result.history]
-    return {"model": MODEL, "calls": calls, "learned": lk, "searched": fk, "deepcache": dk, "skip_steps": sk,
-            "search": {"start": sk, "time_budget_s": search_budget, "seconds": found.seconds,
-                       "evaluations": found.evaluations, "moves": len(found.history), "bank_samples": 20,
-                       "bank_psnr_start": found.start_psnr, "bank_psnr": found.psnr},
-            "train": {"settings": settings, "config": asdict(result.config), "time_budget_s": budget,
-                      "iterations": len(history), "train_seconds": result.seconds, "wall_s": train_wall,
-                      "history": history},
-            "equal_macs": check, "schedules": {k: s.to_dict() for k, s in schedules.items()},
-            "quality": quality, "timing": timing, "samples": samples}
+    @property
+    def sample_shape(self):
+        return (2 * self.batch,) + tuple(self.x0.shape[1:])
+
+    def call(self, x, t):
+        if self.kind == "UNet2DConditionModel":
+            return self.model(x, t, encoder_hidden_states=self.ctx, return_dict=False)[0]
+        eps = self.model(hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=self.labels,
+                         return_dict=False)[0]
+        return eps[:, : x.shape[1]]  # DiT-XL/2 predicts eps and variance
+
+    @torch.no_grad()
+    def run(self):
+        s = self.scheduler
+        s.set_timesteps(self.calls)
+        x = self.x0.clone()
+        for t in s.timesteps:
+            e = self.call(torch.cat([x, x]), t)
+            ec, eu = e.chunk(2)
+            x = s.step(eu + self.guidance * (ec - eu), t, x).prev_sample
+        return x
+
+
+def _deepcache_package(loop, interval, branch):
+    """The DeepCache package's helper on the loop's UNet (shim for diffusers 0.42.1: it needs only
+    ``pipe.unet``/``pipe.scheduler`` and a positional 0-d timestep; disable() leaves instance forwards)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=loop.model, scheduler=loop.scheduler))
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+
+    def undo():
+        helper.disable()
+        for m in loop.model.modules():
+            m.__dict__.pop("forward", None)
+
+    return undo
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def efficiency_case(loop, schedules, reps, package=()):
+    """Interleaved timing: each rep runs full, then every schedule (ours, and the package where given)."""
+    providers = ["full"] + [f"ours:{k}" for k in schedules] + [f"deepcache-package:{k}" for k in package]
+    times = {p: [] for p in providers}
+    outs = {}
+    loop.run()  # warm-up (allocator, OpenMP)
+    for _ in range(reps):
+        for p in providers:
+            kind, _, key = p.partition(":")
+            if kind == "full":
+                dt, out = _timed(loop.run)
+            elif kind == "ours":
+                with accelerate(loop.model, schedules[key], scheduler=loop.scheduler):
+                    dt, out = _timed(loop.run)
+            else:
+                undo = _deepcache_package(loop, *package[key])
+                try:
+                    dt, out = _timed(loop.run)
+                finally:
+                    undo()
+            times[p].append(dt)
+            outs[p] = out
+    med = {p: statistics.median(v) for p, v in times.items()}
+    rows = []
+    for key, s in schedules.items():
+        ours = med[f"ours:{key}"]
+        row = dict(model=loop.name, schedule=key, calls=loop.calls, batch_per_call=2 * loop.batch,
+                   threads=torch.get_num_threads(), reps=reps,
+                   macs_kept=s.macs_kept, mac_ideal=s.ideal_speedup, full_s=med["full"], ours_s=ours,
+                   speedup=med["full"] / ours, fraction_of_ideal=(med["full"] / ours) / s.ideal_speedup,
+                   # robust to a loaded machine: the least-disturbed runs, and the median of per-rep ratios
+                   speedup_min=min(times["full"]) / min(times[f"ours:{key}"]),
+                   speedup_paired_median=statistics.median(
+                       f / o for f, o in zip(times["full"], times[f"ours:{key}"])),
+                   times_full=times["full"], times_ours=times[f"ours:{key}"])
+        if key in package:
+            pk = med[f"deepcache-package:{key}"]
+            diff = ((outs[f"ours:{key}"] - outs[f"deepcache-package:{key}"]).norm()
+                    / outs[f"deepcache-package:{key}"].norm()).item()
+            row.update(package_s=pk, package_speedup=med["full"] / pk, ours_over_package=ours / pk,
+                       times_package=times[f"deepcache-package:{key}"], rel_diff_vs_package=diff)
+        rows.append(row)
+        line = (f"{loop.name:10s} {key:16s} kept {100 * s.macs_kept:5.1f}%  ideal {s.ideal_speedup:5.2f}x  "
+                f"measured {row['speedup']:5.2f}x ({100 * row['fraction_of_ideal']:5.1f}% of ideal)  "
+                f"full {med['full']:.3f}s ours {ours:.3f}s")
+        if key in package:
+            line += f"  package {row['package_s']:.3f}s (ours/package {row['ours_over_package']:.3f})"
+        print(line, flush=True)
+    return rows
+
+
+def efficiency(quick=False, sink=None, models=("zoo", "dit-xl-2", "sd-1.5"), reps=None):
+    """Zoo models first (fast), then DiT-XL/2, then SD-1.5; ``sink(rows)`` after each model.
+    ``reps`` interleaved runs per provider (default 5, 2 when quick); the median is reported."""
+    reps = reps or (2 if quick else 5)
+    calls = CALLS
+    rows = []
+
+    def done(new):
+        rows.extend(new)
+        if sink is not None:
+            sink(rows)
+
+    # zoo models at batch 20
+    _threads(small=True)
+    if "zoo" not in models:
+        m = None
+    else:
+        m = zoo.load("digits-unet").model.unet
+    if m is not None:
+        _zoo_efficiency(m, calls, reps, done)
+    if quick:
+        return rows
+    if "dit-xl-2" in models:
+        _dit_efficiency(calls, reps, done)
+    if "sd-1.5" in models:
+        _sd_efficiency(calls, reps, done)
+    return rows
+
+
+def _unet_schedules(unet, calls, shape):
+    """The UNet rows of the efficiency section: DeepCache (3, 0), (5, 0), whole-call reuse."""
+    return {"deepcache(3,0)": deepcache(unet, calls, 3, 0, sample_shape=shape),
+            "deepcache(5,0)": deepcache(unet, calls, 5, 0, sample_shape=shape),
+            "skip_steps(4)": skip_steps(unet, calls, count=4, granularity="fine", sample_shape=shape)}
+
+
+def _transformer_schedules(dit, calls, shape):
+    """The transformer rows: FORA 3 and 5, whole-call reuse."""
+    return {"fora(3)": fora(dit, calls, 3, sample_shape=shape), "fora(5)": fora(dit, calls, 5, sample_shape=shape),
+            "skip_steps(4)": skip_steps(dit, calls, count=4, granularity="fine", sample_shape=shape)}
+
+
+PACKAGE_ROWS = {"deepcache(3,0)": (3, 0), "deepcache(5,0)": (5, 0)}  # the DeepCache package side by side
+
+
+def _zoo_efficiency(m, calls, reps, done):
+    loop = Loop("zoo-unet", m, calls, batch=20, latent_hw=16)
+    done(efficiency_case(loop, _unet_schedules(m, calls, loop.sample_shape), reps, package=PACKAGE_ROWS))
+    d = zoo.load("digits-dit").model.transformer
+    loop = Loop("zoo-dit", d, calls, batch=20, latent_hw=16)
+    done(efficiency_case(loop, _transformer_schedules(d, calls, loop.sample_shape), reps))
+
+
+def _dit_efficiency(calls, reps, done):
+    # DiT-XL/2 at 16x16 latents
+    _threads(small=False)
+    dit = build_model("dit-xl-2")
+    loop = Loop("dit-xl-2", dit, calls, batch=1, latent_hw=16)
+    done(efficiency_case(loop, _transformer_schedules(dit, calls, loop.sample_shape), reps))
+
+
+def _sd_efficiency(calls, reps, done):
+    # SD-1.5 architecture, 32x32 latents
+    _threads(small=False)
+    unet = build_model("sd-1.5")
+    loop = Loop("sd-1.5", unet, calls, batch=1, latent_hw=32)
+    done(efficiency_case(loop, _unet_schedules(unet, calls, loop.sample_shape), reps, package=PACKAGE_ROWS))
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def quality(quick=False, per_class=10, steps=50, seed=1234):
+    per_class = 4 if quick else per_class
+    _threads(small=True)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    rows = []
+    builders = {
+        "digits-unet": lambda m: {
+            "full": full(m, steps), "deepcache(3,0)": deepcache(m, steps, 3, 0),
+            "deepcache(5,0)": deepcache(m, steps, 5, 0), "deepcache(3,5)": deepcache(m, steps, 3, 5),
+            "deepcache(5,0,non-uniform)": deepcache(m, steps, 5, 0, uniform=False),
+            "skip_steps(10,uniform)": skip_steps(m, steps, count=10),
+            "skip_steps(10,power1.5)": skip_steps(m, steps, count=10, placement="power", exponent=1.5)},
+        "digits-dit": lambda m: {
+            "full": full(m, steps), "fora(3)": fora(m, steps, 3), "fora(5)": fora(m, steps, 5),
+            "skip_steps(10,uniform)": skip_steps(m, steps, count=10),
+            "skip_steps(10,power1.5)": skip_steps(m, steps, count=10, placement="power", exponent=1.5)},
+    }
+    for name, make in builders.items():
+        z = zoo.load(name)
+        model, cfg = z.model, z.scheduler_config
+        sched = zoo.make_scheduler(cfg)
+        ref = None
+        for key, s in make(model).items():
+            with accelerate(model, s, scheduler=sched):
+                t0 = time.perf_counter()
+                x = zoo.sample(model, sched, labels, steps=steps, guidance=3.0, seed=seed, progress=False)
+                dt = time.perf_counter() - t0
+            if ref is None:
+                ref = x
+            row = dict(model=name, schedule=key, calls=steps, macs_kept=s.macs_kept, ideal_speedup=s.ideal_speedup,
+                       class_accuracy=zoo.metrics.class_accuracy(x, labels), digits_fd=zoo.metrics.digits_fd(x),
+                       psnr_vs_full=zoo.metrics.psnr(x, ref), seconds=dt, n_samples=len(labels))
+            rows.append(row)
+            print(f"{name:11s} {key:26s} kept {100 * s.macs_kept:5.1f}%  acc {100 * row['class_accuracy']:5.1f}%  "
+                  f"FD {row['digits_fd']:6.2f}  PSNR {row['psnr_vs_full']:6.2f} dB  ({dt:.1f}s)", flush=True)
+    return rows
+
+
+def diffusers_cache_support():
+    """Whether diffusers' own cache hooks (enable_cache) exist on the denoiser classes we accelerate."""
+    out = {}
+    for cls in ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        c = getattr(diffusers, cls)
+        out[cls] = {"enable_cache": hasattr(c, "enable_cache"),
+                    "CacheMixin": any(b.__name__ == "CacheMixin" for b in c.__mro__)}
+    return out
