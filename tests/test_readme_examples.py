@@ -1,6 +1,6 @@
-"""The README's Python examples run as written, from a directory outside the checkout,
-with this environment's python: the package must be installed (`make install`, part of
-`make test`), not just importable from the repository root."""
+"""The Python examples of the README and of docs/design.md run as written, from a directory
+outside the checkout, with this environment's python: the package must be installed
+(`make install`, part of `make test`), not just importable from the repository root."""
 import os
 import re
 import shutil
@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+DOCUMENTS = ("README.md", "docs/design.md")  # every ```python block of these runs
+EXAMPLES = [(name, block) for name in DOCUMENTS
+            for block in re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), flags=re.S)]
+BLOCKS = [block for _, block in EXAMPLES]
 
 
 def _outside_env():
@@ -21,16 +24,23 @@ def _outside_env():
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 2
+    """The README's three (accelerate a model, learn a schedule, optimise latents and fine-tune),
+    and the design doc's ops and zoo examples."""
+    readme = [block for name, block in EXAMPLES if name == "README.md"]
+    assert len(readme) >= 3
+    assert any("accelerate(" in b for b in readme) and any("local_search(" in b for b in readme)
+    assert any("optimize_latents(" in b and "finetune(" in b for b in readme)
+    assert len(BLOCKS) >= 5
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(tmp_path, index):
+    name, block = EXAMPLES[index]
     script = tmp_path / f"readme_example_{index}.py"
-    script.write_text(BLOCKS[index])
+    script.write_text(block)
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_outside_env(), capture_output=True,
                          text=True, timeout=600)
-    assert run.returncode == 0, f"README example {index} failed:\n{BLOCKS[index]}\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, f"{name} example {index} failed:\n{block}\n{run.stderr[-3000:]}"
 
 
 def test_console_script():
