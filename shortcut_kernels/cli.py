@@ -12,18 +12,17 @@ import importlib
 import platform
 import sys
 
+import torch
+
+from . import __version__, _ext, backends
+
 
 def info() -> str:
-    import torch
-
-    import shortcut_kernels as sk
-    from shortcut_kernels import _ext, backends
-
-    lines = [f"shortcut_kernels {sk.__version__}", f"python {platform.python_version()}",
+    lines = [f"shortcut_kernels {__version__}", f"python {platform.python_version()}",
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
              f"GPU visible: {torch.cuda.is_available()})"]
     try:
-        import triton
+        import triton  # optional: only its version is reported
         lines.append(f"triton {triton.__version__}")
     except Exception as exc:
         lines.append(f"triton: not importable ({type(exc).__name__})")

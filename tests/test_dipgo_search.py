@@ -1,13 +1,18 @@
 """Schedule search (shortcut_kernels.dipgo.search): moves keep the MAC budget, the result is
 never worse than the start on the bank, and a known optimum is found."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo import skip_steps
-from shortcut_kernels.dipgo.schedule import deepcache
+from shortcut_kernels.dipgo import deepcache, skip_steps
 from shortcut_kernels.dipgo.schedule import graph_of
-from shortcut_kernels.dipgo.search import branch_patterns, local_search, whole_calls_on, zoo_sampler
+from shortcut_kernels.dipgo.evaluate import handmade
+from shortcut_kernels.dipgo.search import branch_patterns, local_search, psnr, search, whole_calls_on
+from shortcut_kernels.zoo import dipgo_eval
+from shortcut_kernels.zoo.dipgo_eval import zoo_sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
@@ -111,9 +116,42 @@ def test_zoo_sampler_samples_the_full_model_once(unet, monkeypatch):
     sched = zoo.make_scheduler(zoo.info("digits-unet")["scheduler_config"])
     sample = zoo_sampler(unet, sched, n=2, calls=3)
     calls = []
-    real = zoo.sample
-    monkeypatch.setattr(zoo, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dipgo_eval.sample
+    monkeypatch.setattr(dipgo_eval, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = sample(None)
     assert sample(None) is first and len(calls) == 1
     sample(skip_steps(unet, 3, count=2))
     assert len(calls) == 2
+
+
+def test_the_default_metric_is_the_zoo_psnr():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    x = (ref + 0.05 * torch.randn(3, 1, 16, 16, generator=g)).clamp(-1, 1)
+    assert psnr(x, ref) == pytest.approx(zoo.metrics.psnr(x, ref))
+    assert psnr(ref, ref) == float("inf")
+
+
+def test_search_starts_from_the_best_handmade_within_the_target(unet):
+    def sample(schedule):  # more kept MACs, less error: the start is the costliest option
+        if schedule is None:
+            return torch.zeros(2, 1, 4, 4)
+        return torch.full((2, 1, 4, 4), 1.0 - schedule.macs_kept)
+
+    res = search(unet, sample, 0.5, calls=8, trades=False, progress=False)
+    options = [s.macs_kept for s in handmade(unet, 8).values() if s.macs_kept <= 0.5 + 1e-9]
+    assert res.schedule.macs_kept <= 0.5 + 1e-9
+    assert res.start_psnr == pytest.approx(psnr(sample(None) + 1.0 - max(options), sample(None)))
+    assert res.psnr >= res.start_psnr
+    with pytest.raises(TypeError, match="sample"):
+        search(unet, None, 0.5, calls=8)
+    with pytest.raises(TypeError, match="dipgo_eval.handmade"):
+        handmade("digits-unet", 8)
+    assert dipgo_eval.handmade("digits-unet", 8).keys() == handmade(unet, 8).keys()
+
+
+def test_the_library_does_not_import_the_zoo():
+    code = ("import sys, shortcut_kernels.dipgo, shortcut_kernels.dipgo.search, shortcut_kernels.dipgo.evaluate, "
+            "shortcut_kernels.sdo.rewards; print(sorted(m for m in sys.modules if m.startswith('shortcut_kernels.zoo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -19,14 +19,22 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from .. import zoo
+from ..models import available_models, build_model, load_model
+from ..report.plots import schedule_map
+from ..zoo.dipgo_eval import search
+from . import builders as S
+from .runtime import accelerate
+from .schedule import Schedule
+from .train import train
+
 ZOO_MODELS = ("digits-unet", "digits-dit")
 
 
 def _load_model(name: str):
     """(model for graphs and sampling, zoo scheduler config or None)."""
-    from .. import zoo
-    from ..models import available_models, build_model, load_model
-
     if name in ZOO_MODELS:
         z = zoo.load(name)
         return z.model, z.scheduler_config
@@ -43,8 +51,6 @@ def _shape(args, model):
 
 
 def _build_schedule(args):
-    from . import schedule as S
-
     model, _ = _load_model(args.model)
     shape = _shape(args, model)
     kind = args.builder
@@ -65,8 +71,6 @@ def _build_schedule(args):
 
 
 def _cmd_schedule(args) -> int:
-    from .schedule import Schedule
-
     if args.builder == "show":
         s = Schedule.load(args.file)
     else:
@@ -80,17 +84,16 @@ def _cmd_schedule(args) -> int:
             print(f"wrote {args.output}")
     print(s.summary(sample_shape=tuple(args.shape) if args.shape else None))
     if args.plot:
-        s.plot(args.plot)
+        schedule_map(s.to_dict(), args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
 def _save_grid(images, path: Path, ncol: int = 10) -> None:
-    import matplotlib
+    import matplotlib  # optional (the dipgo extra): only writing a grid needs it
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import torch
 
     n = images.shape[0]
     nrow = (n + ncol - 1) // ncol
@@ -103,12 +106,6 @@ def _save_grid(images, path: Path, ncol: int = 10) -> None:
 
 
 def _cmd_sample(args) -> int:
-    import torch
-
-    from .. import zoo
-    from .runtime import accelerate
-    from .schedule import Schedule, full
-
     if args.model not in ZOO_MODELS:
         print(f"error: sample runs the zoo models ({', '.join(ZOO_MODELS)}); got {args.model!r}", file=sys.stderr)
         return 2
@@ -123,7 +120,7 @@ def _cmd_sample(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        s = full(model, args.steps)
+        s = S.full(model, args.steps)
     kw = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=not args.quiet)
     try:
         with accelerate(model, s, scheduler=scheduler, auto_resize=args.resize):
@@ -143,11 +140,6 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    import torch
-
-    from .. import zoo
-    from .train import train
-
     if args.model not in ZOO_MODELS:
         print(f"error: prune trains on the zoo models ({', '.join(ZOO_MODELS)}); got {args.model!r}", file=sys.stderr)
         return 2
@@ -160,8 +152,6 @@ def _cmd_prune(args) -> int:
     scheduler.set_timesteps(args.steps)
     out = Path(args.output)
     if args.mode == "search":
-        from .search import search
-
         found = search(model, scheduler, args.target, calls=args.steps, bank=args.bank, guidance=args.guidance,
                        time_budget=args.time_budget, progress=not args.quiet)
         found.schedule.save(out)

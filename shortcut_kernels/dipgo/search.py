@@ -1,15 +1,18 @@
 """Learn a schedule by validated local search: move computed calls, keep what a bank confirms.
 
-    sample = zoo_sampler("digits-unet", scheduler, n=30)      # training noise, seeds 10,000+
     start = skip_steps(model, 50, count=10, placement="power")
-    result = local_search(start, sample)                      # same MACs, higher PSNR on the bank
+    result = local_search(start, sample)      # same MACs, higher PSNR on the bank
     result.schedule.save("searched.json")
 
-Why a search and not only the pruner's gradient: on the zoo models the straight-through gate
-gradient ranks single decisions, while reusing one more call compounds through every later
-call's cache; trained from a hand-made schedule, the gradient's swaps made it worse (see
-docs/dipgo_learning.md). Here every candidate is sampled and kept only when it raises the PSNR
-against the full model's samples of the same training noise.
+``sample(schedule) -> images`` samples a fixed bank of training noise through the model
+accelerated by ``schedule`` (``with accelerate(model, schedule): ...``); ``sample(None)`` is
+the full model, the reference every candidate is scored against (``metric``, PSNR by
+default).
+
+Why a search and not only the pruner's gradient: the straight-through gate gradient ranks
+single decisions, while reusing one more call compounds through every later call's cache, so
+a swap the gradient favours can lower the quality. Here every candidate is sampled and kept
+only when it raises the metric against the full model's samples of the same training noise.
 
 A move swaps the rows of two calls a few steps apart (``radius``): a computed call moves
 earlier or later, a partial row (e.g. DeepCache's shallow branch) moves with its pattern. The
@@ -22,6 +25,7 @@ trade that helps is taken and the sweeps go on. The search stops when neither he
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,13 +34,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .runtime import accelerate
-from .schedule import Schedule
+from ..models.deepcache import num_skips
+from .builders import deepcache
+from .evaluate import handmade
+from .schedule import Schedule, graph_of
 
-__all__ = ["local_search", "search", "zoo_sampler", "branch_patterns", "whole_calls_on", "with_trades",
-           "SearchResult", "TRAIN_SEED"]
+__all__ = ["local_search", "search", "branch_patterns", "whole_calls_on", "with_trades", "psnr", "SearchResult"]
 
-TRAIN_SEED = 10_000  # training noise; evaluation (dipgo.evaluate) uses seed 1234
+Sampler = Callable[[Schedule | None], Tensor]
 
 
 @dataclass
@@ -49,40 +54,14 @@ class SearchResult:
     history: list = field(default_factory=list)  # one dict per accepted move
 
 
-def zoo_sampler(name_or_model, scheduler=None, *, n: int = 30, calls: int = 50, guidance: float = 3.0,
-                seed: int = TRAIN_SEED) -> Callable[[Schedule | None], Tensor]:
-    """``sample(schedule) -> images`` for a zoo model: ``n`` images (labels 0..9 in turn) from
-    the noise of ``seed``, through ``accelerate(model, schedule)``; ``sample(None)`` is the
-    full model, sampled once and then reused."""
-    from .. import zoo
-
-    if isinstance(name_or_model, str):
-        z = zoo.load(name_or_model)
-        model, scheduler = z.model, scheduler or zoo.make_scheduler(z.scheduler_config)
-    else:
-        model = name_or_model
-        if scheduler is None:
-            raise ValueError("give the scheduler for a model passed as a module")
-    labels = torch.arange(n) % 10
-    full_samples: list[Tensor] = []  # the reference, sampled once: every caller asks for it first
-
-    @torch.no_grad()
-    def sample(schedule: Schedule | None) -> Tensor:
-        if schedule is None:
-            if not full_samples:
-                full_samples.append(zoo.sample(model, scheduler, labels, steps=calls, guidance=guidance, seed=seed,
-                                               progress=False))
-            return full_samples[0]
-        with accelerate(model, schedule, scheduler=scheduler, auto_resize=False):
-            return zoo.sample(model, scheduler, labels, steps=calls, guidance=guidance, seed=seed, progress=False)
-
-    return sample
-
-
-def _psnr(x: Tensor, ref: Tensor) -> float:
-    from ..zoo.metrics import psnr
-
-    return psnr(x, ref)
+def psnr(images: Tensor, reference: Tensor, data_range: float = 2.0) -> float:
+    """PSNR in dB of ``images`` against ``reference`` over the whole set (one MSE; [-1, 1]
+    data, so ``data_range`` 2); ``inf`` for identical images. The default search metric."""
+    a, b = images.double(), reference.double()
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    mse = (a - b).pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
 def _swapped(s: Schedule, a: int, b: int) -> Schedule:
@@ -95,9 +74,6 @@ def branch_patterns(graph, max_share: float = 0.5) -> list[list[int]]:
     """The partial rows of DeepCache's skip branches on a fine UNet graph (the shallow blocks
     that still compute when the deep ones reuse), cheapest first, each costing at most
     ``max_share`` of a call; none for graphs without DeepCache numbering (transformers)."""
-    from ..models.deepcache import num_skips
-    from .schedule import deepcache
-
     if graph.granularity != "fine" or not graph.blocks or graph.blocks[0].deepcache is None:
         return []
     out = []
@@ -134,14 +110,13 @@ def _as_searched(s: Schedule, keep: Tensor) -> Schedule:
                     sampler=s.sampler, steps=s.steps)
 
 
-def local_search(start: Schedule, sample: Callable[[Schedule | None], Tensor], *, radius: int = 2,
+def local_search(start: Schedule, sample: Sampler, *, radius: int = 2,
                  min_gain: float = 0.02, max_evals: int | None = None, time_budget: float | None = None,
-                 metric: Callable[[Tensor, Tensor], float] = _psnr, patterns=(), progress: bool = True
+                 metric: Callable[[Tensor, Tensor], float] = psnr, patterns=(), progress: bool = True
                  ) -> SearchResult:
     """Improve ``start`` (same MACs or fewer) by moving its rows; see the module docstring.
 
-    sample: ``sample(schedule) -> images`` on training noise; ``sample(None)`` the full model
-        (:func:`zoo_sampler` builds one for the zoo models).
+    sample: ``sample(schedule) -> images`` on training noise; ``sample(None)`` the full model.
     radius: a row may move up to this many calls.
     min_gain: a move must raise ``metric`` (PSNR in dB by default) by more than this.
     patterns: partial rows (block indices of ``start.graph``) for trades, e.g.
@@ -230,8 +205,6 @@ def with_trades(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
     """``(start, patterns)`` for a search with trades: on a UNet the DeepCache-branch patterns
     of its fine graph and ``start`` on that graph (whole-call schedules move there); on other
     models ``start`` unchanged and no patterns."""
-    from .schedule import graph_of
-
     fine = graph_of(model, "fine")
     patterns = branch_patterns(fine)
     if patterns and start.granularity != "fine":
@@ -239,28 +212,25 @@ def with_trades(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
     return start, patterns
 
 
-def search(name_or_model, scheduler, target: float, *, calls: int = 50, bank: int = 30, guidance: float = 3.0,
-           radius: int = 2, trades: bool = True, time_budget: float | None = None, progress: bool = True
-           ) -> SearchResult:
-    """A zoo model's schedule keeping at most ``target`` of the MACs: score the hand-made
-    schedules within that budget (the top 10% of it) on the training bank, then
-    :func:`local_search` from the best of them (with ``trades`` on a UNet: on its fine graph,
-    trading whole calls for DeepCache-branch partial rows). ``result.start_psnr`` is that
-    start's PSNR."""
-    from .. import zoo
-    from .evaluate import handmade
-
+def search(model, sample: Sampler, target: float, *, calls: int = 50, radius: int = 2, trades: bool = True,
+           time_budget: float | None = None, metric: Callable[[Tensor, Tensor], float] = psnr,
+           progress: bool = True) -> SearchResult:
+    """A schedule of ``model`` keeping at most ``target`` of the MACs: score the hand-made
+    schedules within that budget (the top 10% of it, :func:`.evaluate.handmade`) with
+    ``sample``, then :func:`local_search` from the best of them (with ``trades`` on a UNet: on
+    its fine graph, trading whole calls for DeepCache-branch partial rows).
+    ``result.start_psnr`` is that start's score."""
     if not 0 < target <= 1:
         raise ValueError(f"target is the kept-MAC fraction in (0, 1], got {target}")
-    options = {k: s for k, s in handmade(name_or_model, calls).items() if s.macs_kept <= target + 1e-9}
+    if not callable(sample):
+        raise TypeError(f"sample must be callable schedule -> images, got {type(sample).__name__}")
+    options = {k: s for k, s in handmade(model, calls).items() if s.macs_kept <= target + 1e-9}
     if not options:
         raise ValueError(f"no hand-made schedule keeps <= {target:.1%} of the MACs at {calls} calls")
     top = max(s.macs_kept for s in options.values())
     options = {k: s for k, s in options.items() if s.macs_kept >= 0.9 * top}
-    sample = zoo_sampler(name_or_model, scheduler, n=bank, calls=calls, guidance=guidance)
     ref = sample(None)
-    start = max(options.values(), key=lambda s: _psnr(sample(s), ref))
-    model = zoo.load(name_or_model).model if isinstance(name_or_model, str) else name_or_model
+    start = max(options.values(), key=lambda s: metric(sample(s), ref))
     start, patterns = with_trades(model, start) if trades else (start, [])
-    return local_search(start, sample, radius=radius, time_budget=time_budget, patterns=patterns,
+    return local_search(start, sample, radius=radius, time_budget=time_budget, metric=metric, patterns=patterns,
                         progress=progress)

@@ -13,6 +13,12 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
+from .. import zoo
+from ..zoo.rewards import digits_reward
+from . import ClassConditional, ShiftAveraged, optimize_latents, shortcut_sample
+
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("sdo", help="optimise a zoo model's initial noise for a target digit (SDO)",
@@ -50,7 +56,7 @@ def add_commands(subparsers) -> None:
 
 
 def _grid(rows, titles, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional (the bench/dipgo extras): only the figures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,7 +76,7 @@ def _grid(rows, titles, path: Path) -> None:
 
 
 def _curve(history, path: Path, target: int) -> None:
-    import matplotlib
+    import matplotlib  # optional, as in _grid
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,11 +92,6 @@ def _curve(history, path: Path, target: int) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from .. import zoo
-    from . import ClassConditional, ShiftAveraged, digits_reward, optimize_latents, shortcut_sample
-
     if not 0 <= args.target_class <= 9:
         raise SystemExit(f"--target-class must be 0..9, got {args.target_class}")
     if not 0 <= args.label <= 10:

@@ -1,9 +1,9 @@
 """Rewards: any callable ``x0 -> [B]`` (higher is better), differentiable in ``x0``.
 
-Built in: the digits classifier's log-probability of a target class (``digits_reward``),
-CLIP's image-text similarity (``ClipReward``, a ``transformers.CLIPModel`` from local weights:
-nothing is downloaded) and ``Decoded``, which puts a latent model's VAE decoder in front of a
-pixel-space reward::
+Built in: a classifier's log-probability of a target class (``ClassifierReward``), CLIP's
+image-text similarity (``ClipReward``, a ``transformers.CLIPModel`` from local weights:
+nothing is downloaded), ``ShiftAveraged``, which averages a reward over small translations,
+and ``Decoded``, which puts a latent model's VAE decoder in front of a pixel-space reward::
 
     clip = transformers.CLIPModel.from_pretrained("/path/to/clip", local_files_only=True)
     ids = transformers.CLIPTokenizer.from_pretrained("/path/to/clip")(["a photo of a cat"], return_tensors="pt")
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Reward", "ClassifierReward", "ShiftAveraged", "ClipReward", "Decoded", "digits_reward", "check_reward",
-           "RewardError"]
+__all__ = ["Reward", "ClassifierReward", "ShiftAveraged", "ClipReward", "Decoded", "check_reward", "RewardError"]
 
 # CLIP's image normalisation (the OpenAI checkpoints and the open_clip ones trained like them)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -88,12 +87,8 @@ class ShiftAveraged(torch.nn.Module):
     where it is; the average over shifts cannot, so the optimisation moves the shape instead:
     the same idea as the random augmentations of CLIP-guided sampling, made deterministic so
     that the reward of a latent stays exact (``optimize_latents`` keeps each sample's best).
-
-    Measured on digits-unet (docs/sdo.md): latent optimisation for a digit with the zoo
-    classifier's log-probability, shift 1, each sample frozen at p = 0.97: independent judges
-    accept more samples, and the samples' FD against real digits falls to that of the model's
-    own class samples. It costs ``(2 shift + 1)^2`` reward evaluations (cheap for a small
-    classifier; for a CLIP scorer on a decoded image, weigh it against the sampler)."""
+    It costs ``(2 shift + 1)^2`` reward evaluations (cheap for a small classifier; for a CLIP
+    scorer on a decoded image, weigh it against the sampler)."""
 
     def __init__(self, reward: Callable, shift: int = 1, fill: float | None = None):
         super().__init__()
@@ -200,15 +195,6 @@ class Decoded(torch.nn.Module):
         p = next(self.vae.parameters())
         images = self.vae.decode((z / self.scaling_factor + self.shift_factor).to(p.dtype)).sample
         return self.reward(images)
-
-
-def digits_reward(target: int | Sequence[int] | Tensor, classifier: torch.nn.Module | None = None) -> ClassifierReward:
-    """The zoo digits classifier's log-probability of ``target`` (images ``[B,1,16,16]`` in [-1, 1])."""
-    if classifier is None:
-        from ..zoo import metrics
-
-        classifier = metrics.classifier()
-    return ClassifierReward(classifier, target)
 
 
 def as_reward(reward: Callable) -> Callable:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     res = evaluate(a.names, a.per_class, a.steps, a.guidance, a.scheduler, a.seed, not a.no_progress)
     print(json.dumps(res, indent=2))
     if a.record:
-        cmd = "python -m shortcut_kernels.zoo.evaluate " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        cmd = "python -m shortcut_kernels.zoo.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         for name in ["digits-classifier", *a.names]:
             path = WEIGHTS_DIR / f"{name}.json"
             meta = json.loads(path.read_text())

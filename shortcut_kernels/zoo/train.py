@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import models as M
 from .data import augment, load_digits
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from .registry import WEIGHTS_DIR
 
 # name -> (kind, default training hyper-parameters)
 # `threads` is part of the recipe: it fixes the floating-point summation order.
@@ -137,7 +137,6 @@ def train(name: str, iters: int | None = None, out: str | Path | None = None, pr
           note: str | None = None) -> Path:
     """Train zoo model ``name`` and write its weights and JSON; returns the weights path.
     ``note`` (free text on the circumstances of the run) goes into the record."""
-    from safetensors.torch import save_file
 
     if name not in RECIPES:
         raise ValueError(f"unknown zoo model {name!r}; valid names: {sorted(RECIPES)}")
