@@ -9,7 +9,7 @@ import torch
 
 import diffusers
 from shortcut_kernels import sdo
-from shortcut_kernels.sdo.chain import Plan
+from shortcut_kernels.samplers import Plan
 
 BASE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
 STEPS = 6
@@ -67,8 +67,8 @@ def grads(model, sched, x_T, policy, guidance, eta, memory_light, seed, warm=Non
     x = x_T.detach().clone().requires_grad_(True)
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
-    out, kept = sdo.shortcut_sample(model, sched, x, policy, guidance=guidance, eta=eta, generator=gen,
-                                    memory_light=memory_light, warm_start=warm, return_kept=True)
+    config = sdo.ChainConfig(policy=policy, guidance=guidance, eta=eta, memory_light=memory_light)
+    out, kept = sdo.shortcut_sample(model, sched, x, config, generator=gen, warm_start=warm, return_kept=True)
     grads.kept = kept
     target = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
     loss = ((out - target) ** 2 * torch.arange(1, out.shape[0] + 1, dtype=out.dtype).view(-1, 1, 1, 1)).sum()
@@ -194,7 +194,7 @@ def test_baselines_keep_their_calls():
                                   generator=torch.Generator().manual_seed(1))
     assert kept.max().item() == STEPS - 1 and 1 <= kept.numel() <= STEPS
     calls.clear()
-    sdo.shortcut_sample(model, sched, x_T, "fixed:1", memory_light=False)
+    sdo.shortcut_sample(model, sched, x_T, sdo.ChainConfig(policy="fixed:1", memory_light=False))
     assert calls == [i == 1 for i in range(STEPS)]  # exactly one call builds a graph
 
 
@@ -322,17 +322,17 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="set_timesteps"):
         sdo.shortcut_sample(model, unset, x, "first")
     with pytest.raises(TypeError, match="guidance"):
-        sdo.shortcut_sample(model, sched, x, "first", guidance=3.0)
+        sdo.shortcut_sample(model, sched, x, sdo.ChainConfig(guidance=3.0))
     with pytest.raises(TypeError, match="guidance"):
         sdo.shortcut_sample(Tiny(pair=True), sched, x, "first")
     with pytest.raises(ValueError, match="memory_light"):
-        sdo.shortcut_sample(model, sched, x, "full", memory_light=True)
+        sdo.shortcut_sample(model, sched, x, sdo.ChainConfig(policy="full", memory_light=True))
     with pytest.raises(TypeError, match="x_T"):
         sdo.shortcut_sample(model, sched, x.detach().numpy(), "first")
     with pytest.raises(ValueError, match="calls"):
         sdo.warmup(model, sched, x, calls=STEPS)
     with pytest.raises(ValueError, match="out of range"):
-        sdo.shortcut_sample(model, sched, x, [0, STEPS])
+        sdo.shortcut_sample(model, sched, x, sdo.ChainConfig(policy=[0, STEPS]))
     with pytest.raises(ValueError, match="batch"):
-        sdo.shortcut_sample(model, sched, x, [0, 1, 2])
+        sdo.shortcut_sample(model, sched, x, sdo.ChainConfig(policy=[0, 1, 2]))
     assert torch.equal(x.detach(), before) and x.grad is None

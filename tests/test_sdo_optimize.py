@@ -9,6 +9,12 @@ import torch
 from shortcut_kernels import sdo, zoo
 from shortcut_kernels.sdo.optimize import clip_per_sample_, gaussian_prior, gaussian_shell
 from shortcut_kernels.sdo.rewards import RewardError, check_reward
+from shortcut_kernels.zoo.rewards import digits_reward
+
+
+def normalized(lr):
+    """NormalizedAscent at ``lr`` and the default momentum."""
+    return lambda params: sdo.NormalizedAscent(params, lr=lr, momentum=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +28,16 @@ def unet():
 def test_digits_reward_is_classifier_log_prob():
     clf = zoo.metrics.classifier()
     x = torch.rand(5, 1, 16, 16) * 2 - 1
-    r = sdo.digits_reward(3)(x)
+    r = digits_reward(3)(x)
     assert r.shape == (5,)
     torch.testing.assert_close(r, torch.log_softmax(clf(x), -1)[:, 3])
-    per = sdo.digits_reward([0, 1, 2, 3, 4])(x)
+    per = digits_reward([0, 1, 2, 3, 4])(x)
     torch.testing.assert_close(per, torch.log_softmax(clf(x), -1)[torch.arange(5), torch.arange(5)])
     xg = x.clone().requires_grad_()
-    sdo.digits_reward(3)(xg).sum().backward()
+    digits_reward(3)(xg).sum().backward()
     assert xg.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="target"):
-        sdo.digits_reward(10)
+        digits_reward(10)
 
 
 def test_shift_averaged_reward_is_the_mean_over_shifted_views():
@@ -52,7 +58,7 @@ def test_shift_averaged_reward_is_the_mean_over_shifted_views():
         torch.testing.assert_close(sdo.ShiftAveraged(base, 2, fill=fill)(x), want)
     assert not torch.allclose(sdo.ShiftAveraged(base, 1)(x), base(x))
     xg = (torch.rand(4, 1, 16, 16) * 2 - 1).requires_grad_()
-    sdo.ShiftAveraged(sdo.digits_reward(3), 1, fill=-1.0)(xg).sum().backward()
+    sdo.ShiftAveraged(digits_reward(3), 1, fill=-1.0)(xg).sum().backward()
     assert xg.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="shift"):
         sdo.ShiftAveraged(base, -1)
@@ -116,8 +122,9 @@ def test_optimize_latents_raises_reward(unet):
     fn = sdo.ClassConditional(model, [10])
     x_T = zoo.initial_noise(4, seed=3)
     keep = x_T.clone()
-    reward = sdo.digits_reward(int(torch.randint(0, 10, ())))
-    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=6, lr=0.1, progress=False)
+    reward = digits_reward(int(torch.randint(0, 10, ())))
+    res = sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=6), optimizer=normalized(0.1),
+                               progress=False)
     assert torch.equal(x_T, keep)  # never modified in place
     assert len(res.history) == 6 and not res.stopped_early
     assert not torch.equal(res.latents, x_T)
@@ -132,12 +139,19 @@ def test_optimize_latents_early_stop_and_baselines(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
     x_T = zoo.initial_noise(2, seed=4)
-    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=5, stop_at=-1e9, progress=False)
+    res = sdo.optimize_latents(fn, sched, digits_reward(1), x_T, sdo.OptimizeConfig(iters=5),
+                               stop=sdo.RewardTarget(-1e9), progress=False)
     assert res.stopped_early and len(res.history) == 1 and torch.equal(res.latents, x_T)
-    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=2, prior_weight=1.0, progress=False)
+
+    def shell_and_prior(x, generator):
+        return 0.01 * gaussian_shell(x) + 1.0 * gaussian_prior(x, generator=generator)
+
+    res = sdo.optimize_latents(fn, sched, digits_reward(1), x_T, sdo.OptimizeConfig(iters=2),
+                               regularizer=shell_and_prior, progress=False)
     assert len(res.history) == 2 and not torch.equal(res.latents, x_T)
     for policy in ["full", "draft:2", "alignprop", "per-sample", "random"]:
-        res = sdo.optimize_latents(fn, sched, sdo.digits_reward(1), x_T, iters=2, policy=policy, progress=False)
+        config = sdo.OptimizeConfig(iters=2, chain=sdo.ChainConfig(policy=policy))
+        res = sdo.optimize_latents(fn, sched, digits_reward(1), x_T, config, progress=False)
         assert len(res.history) == 2 and not torch.equal(res.latents, x_T)
 
 
@@ -147,19 +161,21 @@ def test_reached_samples_keep_their_latent(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
     x_T = zoo.initial_noise(4, seed=6)
-    base = sdo.digits_reward(int(torch.randint(0, 10, ())))
+    base = digits_reward(int(torch.randint(0, 10, ())))
 
     def reward(x0):  # sample 1 counts as reached from the start, the others never
         r = base(x0)
         return torch.where(torch.arange(4) == 1, r.detach() * 0 + 1.0, r.clamp_max(0.5))
 
     # keep_best off: a sample whose reward fell would report its starting latent, not where it moved
-    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, freeze_reached=True,
-                               keep_best=False, progress=False)
+    config = sdo.OptimizeConfig(iters=3, keep_best=False)
+    res = sdo.optimize_latents(fn, sched, reward, x_T, config, optimizer=normalized(0.1),
+                               stop=sdo.RewardTarget(1.0, freeze=True), progress=False)
     assert len(res.history) == 3 and not res.stopped_early
     assert torch.equal(res.latents[1], x_T[1])
     assert all(not torch.equal(res.latents[i], x_T[i]) for i in (0, 2, 3))
-    free = sdo.optimize_latents(fn, sched, reward, x_T, iters=3, lr=0.1, stop_at=1.0, keep_best=False, progress=False)
+    free = sdo.optimize_latents(fn, sched, reward, x_T, config, optimizer=normalized(0.1),
+                                stop=sdo.RewardTarget(1.0), progress=False)
     torch.testing.assert_close(free.latents[[0, 2, 3]], res.latents[[0, 2, 3]])
 
 
@@ -172,35 +188,35 @@ def test_optimize_latents_bad_reward_changes_nothing(unet):
 
     def flaky(x0):
         calls.append(1)
-        r = sdo.digits_reward(2)(x0)
+        r = digits_reward(2)(x0)
         return r if len(calls) < 2 else r * float("nan")
 
     with pytest.raises(RewardError, match="non-finite") as info:
-        sdo.optimize_latents(fn, sched, flaky, x_T, iters=3, progress=False)
+        sdo.optimize_latents(fn, sched, flaky, x_T, sdo.OptimizeConfig(iters=3), progress=False)
     partial = info.value.result
     assert len(partial.history) == 1 and torch.equal(x_T, keep)
     with pytest.raises(RewardError, match="shape"):
-        sdo.optimize_latents(fn, sched, lambda x0: x0.mean(), x_T, iters=1, progress=False)
+        sdo.optimize_latents(fn, sched, lambda x0: x0.mean(), x_T, sdo.OptimizeConfig(iters=1), progress=False)
     with pytest.raises(TypeError, match="reward"):
-        sdo.optimize_latents(fn, sched, 3, x_T, iters=1, progress=False)
+        sdo.optimize_latents(fn, sched, 3, x_T, sdo.OptimizeConfig(iters=1), progress=False)
 
 
 def test_autocast_bf16_gradient_close_to_fp32(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
-    reward = sdo.digits_reward(5)
+    reward = digits_reward(5)
 
     def grad(autocast):
         x = zoo.initial_noise(2, seed=6).requires_grad_()
-        reward(sdo.shortcut_sample(fn, sched, x, "first", autocast=autocast)).sum().backward()
+        reward(sdo.shortcut_sample(fn, sched, x, sdo.ChainConfig(autocast=autocast))).sum().backward()
         return x.grad
 
     g32, g16 = grad(None), grad(torch.bfloat16)
     cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0).item()
     assert cos > 0.95
     # fp16 with the dynamic loss scale runs and moves the latent
-    res = sdo.optimize_latents(fn, sched, reward, zoo.initial_noise(2, seed=6), iters=2,
-                               autocast=torch.float16, grad_clip=1.0, progress=False)
+    config = sdo.OptimizeConfig(iters=2, grad_clip=1.0, chain=sdo.ChainConfig(autocast=torch.float16))
+    res = sdo.optimize_latents(fn, sched, reward, zoo.initial_noise(2, seed=6), config, progress=False)
     assert all(math.isfinite(h["reward_mean"]) for h in res.history)
     assert not torch.equal(res.latents, zoo.initial_noise(2, seed=6))
 
@@ -212,7 +228,8 @@ def test_warmup_calls(unet):
     sched.set_timesteps(6)
     fn = sdo.ClassConditional(model, [10])
     x_T = zoo.initial_noise(2, seed=7)
-    res = sdo.optimize_latents(fn, sched, sdo.digits_reward(4), x_T, iters=2, warmup_calls=4, progress=False)
+    res = sdo.optimize_latents(fn, sched, digits_reward(4), x_T, sdo.OptimizeConfig(iters=2, warmup_calls=4),
+                               progress=False)
     assert res.warm_start is not None and res.warm_start.index == 4
     assert res.latents.shape == x_T.shape and not torch.equal(res.latents, res.warm_start.x)
 
@@ -246,21 +263,23 @@ def test_each_sample_keeps_its_best_latent(unet):
     model, sched = unet
     fn = sdo.ClassConditional(model, [10])
     x_T = zoo.initial_noise(4, seed=8)
-    reward = sdo.digits_reward(int(torch.randint(0, 10, ())))
-    res = sdo.optimize_latents(fn, sched, reward, x_T, iters=5, lr=0.3, decay_to=1.0, progress=False)
+    reward = digits_reward(int(torch.randint(0, 10, ())))
+    res = sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=5, decay_to=1.0),
+                               optimizer=normalized(0.3), progress=False)
     per_iter = torch.tensor([h["reward"] for h in res.history])
     with torch.no_grad():
         x0 = sdo.shortcut_sample(fn, sched, res.latents, "first")
     torch.testing.assert_close(reward(x0), per_iter.max(0).values, atol=1e-5, rtol=0)
     torch.testing.assert_close(res.x0, x0)
-    last = sdo.optimize_latents(fn, sched, reward, x_T, iters=5, lr=0.3, decay_to=1.0, keep_best=False,
-                                progress=False)
+    last = sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=5, decay_to=1.0, keep_best=False),
+                                optimizer=normalized(0.3), progress=False)
     # without it: the latent after the last step, and x0 the last evaluated sample
     assert not torch.equal(last.latents, res.latents)
     torch.testing.assert_close(reward(last.x0), torch.tensor(last.history[-1]["reward"]), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="optimizer"):
-        sdo.optimize_latents(fn, sched, reward, x_T, iters=1, optimizer="sgd", progress=False)
+    with pytest.raises(TypeError, match="not callable"):  # the optimiser is a factory, not a name
+        sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=1), optimizer="sgd", progress=False)
     with pytest.raises(ValueError, match="decay_to"):
-        sdo.optimize_latents(fn, sched, reward, x_T, iters=1, decay_to=0.0, progress=False)
-    adam = sdo.optimize_latents(fn, sched, reward, x_T, iters=2, optimizer="adam", keep_best=False, progress=False)
+        sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=1, decay_to=0.0), progress=False)
+    adam = sdo.optimize_latents(fn, sched, reward, x_T, sdo.OptimizeConfig(iters=2, keep_best=False),
+                                optimizer=lambda p: torch.optim.Adam(p, lr=0.25, betas=(0.9, 0.9)), progress=False)
     assert not torch.equal(adam.latents, x_T)
