@@ -28,8 +28,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import torch
+from torch import Tensor
+
+from .ops.guided_step import guided_step
+
 __all__ = ["LinearStep", "linear_steps", "step_coefficients", "initial_scale", "is_supported",
-           "UnsupportedScheduler", "guided_update", "history_indices"]
+           "UnsupportedScheduler", "guided_update", "history_indices", "Plan"]
 
 
 class UnsupportedScheduler(ValueError):
@@ -384,8 +389,6 @@ def guided_update(step: LinearStep, x, eps_uncond, eps_cond, w: float, xs: dict,
     samplers) and ``step.noise * noise``. ``xs`` / ``outs`` hold the earlier samples and
     guided outputs; this call's are added when its index is in ``uses_x`` / ``uses_out``
     (the indices later calls reference)."""
-    from .ops.guided_step import guided_step
-
     if step.index in uses_out:
         outs[step.index] = guided_step(x, eps_uncond, eps_cond, 0.0, 1.0, w)
     if step.index in uses_x:
@@ -405,3 +408,60 @@ def guided_update(step: LinearStep, x, eps_uncond, eps_cond, w: float, xs: dict,
 def history_indices(steps: list[LinearStep]) -> tuple[set[int], set[int]]:
     """(samples, outputs) that some call uses as an earlier term."""
     return ({j for st in steps for j in st.history_x}, {j for st in steps for j in st.history_out})
+
+
+class Plan:
+    """The linear forms of one sampling run and the scalar recurrences over them.
+
+    With every model output held constant, the final sample ``x_n`` is linear in each
+    earlier sample and output, with scalar coefficients: ``chain_sensitivity`` gives
+    ``dx_n/dx_j``, ``output_sensitivity`` ``dx_n/d out_k``. SDO's shortcut gradient and
+    DiP-GO's shortcut training multiply a kept call's vector-Jacobian product by them."""
+
+    def __init__(self, scheduler, eta: float = 0.0):
+        self.steps: list[LinearStep] = linear_steps(scheduler, eta)
+        self.n = len(self.steps)
+        self.timesteps = scheduler.timesteps.detach().cpu()
+        self.init_scale = initial_scale(scheduler)
+        self.needs_noise = any(st.noise for st in self.steps)
+        # who uses sample j / output j, as (call i, coefficient): the adjoint's edges
+        self.x_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        self.out_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+        for st in self.steps:
+            for j, c in st.x.items():
+                self.x_users[j].append((st.index, c))
+            for j, c in st.out.items():
+                self.out_users[j].append((st.index, c))
+        self.kept_x, self.kept_out = history_indices(self.steps)  # what later calls still use
+        self._p: dict[int, list[float]] = {}
+
+    def chain_sensitivity(self, start: int) -> list[float]:
+        """p[j] = dx_n/dx_j with all outputs held, for j = start..n (x_j enters call j)."""
+        if start not in self._p:
+            p = [0.0] * (self.n + 1)
+            p[self.n] = 1.0
+            for j in range(self.n - 1, start - 1, -1):
+                p[j] = sum(c * p[i + 1] for i, c in self.x_users[j])
+            self._p[start] = p
+        return self._p[start]
+
+    def output_sensitivity(self, k: int, start: int) -> float:
+        """dx_n/d out_k: the scalar on call k's output."""
+        p = self.chain_sensitivity(start)
+        return sum(c * p[i + 1] for i, c in self.out_users[k])
+
+    def importance(self, start: int) -> Tensor:
+        """p[k] over the calls ``start..n-1`` (zero before), proportional to |dx_n/d out_k|: the
+        importance policies' draw. A call the final sample does not depend on is never drawn."""
+        sens = torch.tensor([0.0] * start + [abs(self.output_sensitivity(k, start)) for k in range(start, self.n)],
+                            dtype=torch.float64)
+        if not bool(sens.sum() > 0):  # nothing reaches x_n: uniform (every gradient is zero anyway)
+            sens[start:] = 1.0
+        return sens / sens.sum()
+
+    def reach(self, k: int, start: int) -> float:
+        """dx_k/dx_start with all outputs held: how the start latent reaches call k."""
+        q = {k: 1.0}
+        for j in range(k - 1, start - 1, -1):
+            q[j] = sum(c * q.get(i + 1, 0.0) for i, c in self.x_users[j] if i + 1 <= k)
+        return q[start]

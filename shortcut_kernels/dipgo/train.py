@@ -11,7 +11,7 @@ the same noise (:func:`.losses.consistency_loss`), plus the sparsity loss.
   each sample of the batch keeps one call ``k_i`` (stratified over calls 1..n-1, so a batch
   covers the whole chain). With the other calls' outputs held fixed the final sample is
   linear in call ``k_i``'s output, ``dx_0 / d out_k = gamma_k`` (a scalar from the
-  scheduler's coefficients, :class:`shortcut_kernels.sdo.chain.Plan`), so the gradient of
+  scheduler's coefficients, :class:`shortcut_kernels.samplers.Plan`), so the gradient of
   the gates of call ``k_i`` is ``gamma_k * <dL/dx_0, d out_k / d gates>``. All kept calls are
   recomputed in ONE batched SuperNet call (per-sample timesteps, per-sample gate rows, the
   cache rows stored at each sample's call): an iteration costs one no-grad run plus one
@@ -35,8 +35,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..chain import Chain
+from ..models.conditioning import guidance_batch, sample_shape
 from ..ops.guided_step import guided_step
-from ..samplers import guided_update, history_indices, initial_scale, linear_steps
 from .losses import consistency_loss, kept_macs_fraction, sparsity_loss
 from .pruner import Pruner
 from .runtime import accelerate
@@ -97,27 +98,25 @@ class TrainResult:
 
 class _Chain:
     """One sampling run of a class-conditional zoo-style model ``model(x, t, labels) -> eps``
-    with classifier-free guidance, through the SuperNet and the scheduler's linear form."""
+    with classifier-free guidance, through the SuperNet: the gates of call ``i`` are row ``i``,
+    the caches pass from call to call."""
 
     def __init__(self, net: SuperNet, scheduler, guidance: float, null_label: int):
         self.net = net
-        self.steps = linear_steps(scheduler)
-        self.timesteps = scheduler.timesteps.detach().cpu()
-        self.init_scale = initial_scale(scheduler)
-        self.uses_x, self.uses_out = history_indices(self.steps)
-        self.w = float(guidance)
+        self.chain = Chain(scheduler, guidance)
+        self.plan = self.chain.plan
+        if self.plan is None:
+            raise ValueError(f"{type(scheduler).__name__} has no linear form: DiP-GO training needs one "
+                             "(see shortcut_kernels.samplers)")
+        self.steps, self.timesteps, self.n = self.plan.steps, self.plan.timesteps, self.plan.n
+        self.w = self.chain.w
         self.null = null_label
-        self.n = len(self.steps)
-
-    def _cfg_inputs(self, x: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Classifier-free guidance as one call on a doubled batch: unconditional half first."""
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(labels, self.null), labels])
 
     def call(self, x: Tensor, t: Tensor, labels: Tensor, gates: Tensor, caches):
         """One guided denoiser call on ``x`` (already input-scaled): (eps_u, eps_c, caches)."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
         g = gates if gates.dim() == 1 else torch.cat([gates, gates])  # per-sample rows: both halves
-        out, caches = self.net(*self._cfg_inputs(x, t, labels), gates=g, caches=caches)
+        out, caches = self.net(*guidance_batch(x, t, labels, self.null), gates=g, caches=caches)
         eu, ec = out.chunk(2)
         return eu, ec, caches
 
@@ -136,16 +135,15 @@ class _Chain:
         computed, so the run costs the kept MACs. With hard cascade-normalised gates the
         SuperNet computes the same sample (it computes every block and then discards the
         reused ones) and leaves the same caches, which ``on_call`` receives in its format."""
-        x = x_T * self.init_scale
-        xs, outs = {}, {}
         with accelerate(self.net.model, schedule, store_all=on_call is not None) as handle, handle.run():
-            for st in self.steps:
-                i = st.index
-                if on_call is not None:
-                    on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
-                eu, ec = self.net.model(*self._cfg_inputs(st.input_scale * x, self.timesteps[i], labels)).chunk(2)
-                x = guided_update(st, x, eu, ec, self.w, xs, outs, self.uses_x, self.uses_out)
-        return x
+            def seen(i: int, x: Tensor) -> None:
+                on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
+
+            def call(i: int, x_in: Tensor, t: Tensor):
+                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
+                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
+
+            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None)
 
     def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
             skip_reused: bool = True):
@@ -155,20 +153,20 @@ class _Chain:
         schedule = self.schedule_of(gates) if skip_reused and grad == "none" and not torch.is_grad_enabled() else None
         if schedule is not None:
             return self._run_skipping(x_T, labels, schedule, on_call)
-        x = x_T * self.init_scale
-        xs, outs, caches = {}, {}, None
-        for st in self.steps:
-            i = st.index
-            if on_call is not None:
-                on_call(i, x, caches)
-            t = self.timesteps[i]
-            if grad == "exact":
-                eu, ec, caches = checkpoint(self.call, st.input_scale * x, t, labels, gates[i], caches,
-                                            use_reentrant=False)
+        caches = None
+
+        def seen(i: int, x: Tensor) -> None:
+            on_call(i, x, caches)
+
+        def call(i: int, x_in: Tensor, t: Tensor):
+            nonlocal caches
+            if grad == "exact":  # the caches pass as inputs, so the recompute sees this call's
+                eu, ec, caches = checkpoint(self.call, x_in, t, labels, gates[i], caches, use_reentrant=False)
             else:
-                eu, ec, caches = self.call(st.input_scale * x, t, labels, gates[i], caches)
-            x = guided_update(st, x, eu, ec, self.w, xs, outs, self.uses_x, self.uses_out)
-        return x
+                eu, ec, caches = self.call(x_in, t, labels, gates[i], caches)
+            return eu, ec
+
+        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None)
 
 
 @torch.no_grad()
@@ -312,12 +310,13 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
         raise ValueError(f"budget must be 'penalty' or 'anneal', got {cfg.budget!r}")
     if getattr(scheduler, "timesteps", None) is None or not len(scheduler.timesteps):
         raise ValueError("call scheduler.set_timesteps(calls) first: the pruner has one gate row per call")
-    from ..sdo.chain import Plan
-    from ..zoo import NULL_LABEL, initial_noise
-
     torch.manual_seed(cfg.seed)
     net = SuperNet(model, cfg.granularity)
-    chain = _Chain(net, scheduler, cfg.guidance, getattr(model, "null_label", NULL_LABEL))
+    null_label = getattr(model, "null_label", None)
+    if null_label is None:
+        raise TypeError(f"model must be class-conditional with a null_label attribute (the unconditional class "
+                        f"of classifier-free guidance), got {type(model).__name__}")
+    chain = _Chain(net, scheduler, cfg.guidance, int(null_label))
     calls = chain.n
     if pruner is None:
         pruner = Pruner.for_graph(net.graph, calls, dim=cfg.pruner_dim, hidden=cfg.pruner_hidden)
@@ -325,10 +324,11 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
     opt = _optimizer(cfg, pruner.parameters())
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
-    plan = Plan(scheduler) if cfg.mode == "shortcut" else None
+    plan = chain.plan
 
     # the training bank: seeds 10_000+ (evaluation uses its own)
-    bank_noise = initial_noise(cfg.bank_size, seed=10_000 + cfg.seed)
+    bank_noise = torch.randn((cfg.bank_size, *sample_shape(model)), dtype=torch.float32,
+                             generator=torch.Generator().manual_seed(10_000 + cfg.seed))
     bank_labels = torch.arange(cfg.bank_size) % 10
     rank, world = _world()
     if cfg.batch_size % world or cfg.bank_size % world:

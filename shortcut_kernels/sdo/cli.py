@@ -17,7 +17,11 @@ import torch
 
 from .. import zoo
 from ..zoo.rewards import digits_reward
-from . import ClassConditional, ShiftAveraged, optimize_latents, shortcut_sample
+from ..models.conditioning import ClassConditional
+from .chain import shortcut_sample
+from .config import ChainConfig, OptimizeConfig
+from .optimize import NormalizedAscent, RewardTarget, gaussian_prior, gaussian_shell, optimize_latents
+from .rewards import ShiftAveraged
 
 
 def add_commands(subparsers) -> None:
@@ -91,6 +95,19 @@ def _curve(history, path: Path, target: int) -> None:
     plt.close(fig)
 
 
+def _optimizer(name: str, lr: float | None):
+    if name == "adam":
+        return lambda params: torch.optim.Adam(params, lr=0.25 if lr is None else lr, betas=(0.9, 0.9))
+    return lambda params: NormalizedAscent(params, lr=0.2 if lr is None else lr, momentum=0.5)
+
+
+def _regularizer(shell_weight: float, prior_weight: float):
+    if not shell_weight and not prior_weight:
+        return None
+    return lambda x, generator=None: (shell_weight * gaussian_shell(x)
+                                      + (prior_weight * gaussian_prior(x, generator=generator) if prior_weight else 0))
+
+
 def run(args) -> int:
     if not 0 <= args.target_class <= 9:
         raise SystemExit(f"--target-class must be 0..9, got {args.target_class}")
@@ -111,14 +128,16 @@ def run(args) -> int:
     objective = ShiftAveraged(reward, args.reward_shift, fill=-1.0) if args.reward_shift else reward
     stop_at = math.log(args.freeze_prob) if args.freeze_prob is not None else args.stop_at
     x_T = zoo.initial_noise(args.batch, seed=args.seed)
+    sample_config = ChainConfig(guidance=guidance)
     with torch.no_grad():
-        before = shortcut_sample(fn, sched, x_T, "first", guidance=guidance).clamp(-1, 1)
-    res = optimize_latents(fn, sched, objective, x_T, iters=args.iters, optimizer=args.optimizer, lr=args.lr,
-                           policy=args.policy, guidance=guidance, shell_weight=args.shell_weight,
-                           prior_weight=args.prior_weight, stop_at=stop_at, freeze_reached=args.freeze_prob is not None,
-                           seed=args.seed, progress=not args.no_progress)
+        before = shortcut_sample(fn, sched, x_T, sample_config).clamp(-1, 1)
+    config = OptimizeConfig(iters=args.iters, seed=args.seed, chain=ChainConfig(policy=args.policy, guidance=guidance))
+    stop = RewardTarget(stop_at, freeze=args.freeze_prob is not None) if stop_at is not None else None
+    res = optimize_latents(fn, sched, objective, x_T, config, optimizer=_optimizer(args.optimizer, args.lr),
+                           regularizer=_regularizer(args.shell_weight, args.prior_weight), stop=stop,
+                           progress=not args.no_progress)
     with torch.no_grad():
-        after = shortcut_sample(fn, sched, res.latents, "first", guidance=guidance).clamp(-1, 1)
+        after = shortcut_sample(fn, sched, res.latents, sample_config).clamp(-1, 1)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid([before, after], ["before", "after"], out)

@@ -1,6 +1,6 @@
 """Reward fine-tuning of a diffusion model's weights through the sampler, full or LoRA.
 
-    result = finetune(model, scheduler, digits_reward(7), lora=4, iters=50, batch_size=8)
+    result = finetune(model, scheduler, reward, FinetuneConfig(lora=4, iters=50, batch_size=8))
     save_lora(model, "out/")     # diffusers' load_lora_weights / load_lora_adapter format
 
 Each iteration samples fresh noise, runs the chain with one kept call per sample
@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,15 +22,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .chain import ClassConditional, Plan, check_chain_schedule, shortcut_sample
-from .optimize import loss_scaler
-from .policy import Policy, parse_policy
+from ..models.conditioning import ClassConditional, sample_shape as model_sample_shape
+from ..samplers import Plan
+from .chain import check_chain_schedule, shortcut_sample
+from .config import DEFAULT_LORA_TARGETS, ChainConfig, FinetuneConfig
+from .policy import Policy
 from .rewards import RewardError, check_reward
 
 __all__ = ["finetune", "FinetuneResult", "add_lora", "save_lora", "load_lora", "trainable_parameters",
            "DEFAULT_LORA_TARGETS"]
 
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 STATE_FILE = "finetune_state.pt"
 
 
@@ -98,88 +99,62 @@ class FinetuneResult:
         return [h["reward_mean"] for h in self.history]
 
 
-def _sample_shape(model) -> tuple[int, ...]:
-    cfg = getattr(_backbone(model), "config", None)
-    if cfg is not None and "in_channels" in cfg and "sample_size" in cfg:
-        size = cfg["sample_size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (cfg["in_channels"], *size)
-    raise ValueError("give sample_shape=(C, H, W): it cannot be read from the model's config")
-
-
 @torch.no_grad()
-def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, guidance=None, plan=None, batch_size=64,
-                    merge_adapters: bool = True) -> float:
-    """Mean reward of the samples from fixed ``noise`` (no graph)."""
+def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, config: ChainConfig | None = None, plan=None,
+                    batch_size: int = 64) -> float:
+    """Mean reward of the samples from fixed ``noise`` (no graph; ``config``'s guidance, eta and
+    adapter merging, the full model: no chain schedule)."""
+    cfg = replace(ChainConfig.of(config), policy="first", chain_schedule=None, memory_light=None)
     vals = []
     for i in range(0, noise.shape[0], batch_size):
-        x0 = shortcut_sample(model_fn, scheduler, noise[i:i + batch_size], "first", guidance=guidance, plan=plan,
-                             merge_adapters=merge_adapters)
+        x0 = shortcut_sample(model_fn, scheduler, noise[i:i + batch_size], cfg, plan=plan)
         vals.append(check_reward(reward(x0), x0.shape[0]).float())
     return float(torch.cat(vals).mean())
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW at lr 3e-3, no weight decay: ``finetune``'s default."""
+    return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
 
 
 def finetune(
     model: torch.nn.Module,
     scheduler,
     reward: Callable,
+    config: FinetuneConfig | None = None,
     *,
     model_fn: Callable | None = None,
-    labels=None,
-    lora: int | None = 4,
-    lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-    iters: int = 50,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 3e-3,
-    optimizer: str = "adamw",
-    policy: str = "per-sample:importance",
-    guidance: float | None = None,
-    grad_clip: float | None = 1.0,
-    autocast: torch.dtype | None = None,
-    loss_scale: bool | None = None,
-    memory_light: bool | None = None,
-    chain_schedule=None,
-    merge_adapters: bool = True,
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] = default_optimizer,
     sample_shape: tuple[int, ...] | None = None,
     eval_noise: Tensor | None = None,
-    eval_every: int = 5,
     checkpoint_dir: str | os.PathLike | None = None,
-    save_every: int = 10,
     resume: bool = False,
-    seed: int = 0,
-    time_budget: float | None = None,
     progress: bool = True,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable[[dict], bool | None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` so that its samples maximise ``reward``.
 
-    model: a zoo diffusion model (``model(x, t, labels)``) or any module ``model_fn`` calls.
-    model_fn: ``model_fn(x, t)`` as in ``shortcut_sample``; default
-        ``ClassConditional(model, labels)`` (``labels`` default: the null class).
-    lora: LoRA rank (adapters on ``lora_targets`` of the diffusers backbone, peft), or None to
-        train all weights.
+    model: a zoo diffusion model (``model(x, t, labels)``, sampled for its null class unless
+        ``model_fn`` says otherwise) or any module ``model_fn`` calls.
     scheduler: with ``set_timesteps`` called (the number of calls of every chain).
-    optimizer: ``adamw`` (default, no weight decay) or ``sgd``.
-    autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
-        (``torch.amp.GradScaler``: a step whose gradients overflow is skipped and the scale
-        lowered; the history logs ``loss_scale``) unless ``loss_scale=False``.
-    policy: ``per-sample:importance`` (default: each sample keeps one call, drawn in proportion to
-        its reach on the sample and reweighted; the uniform draws' expected gradient at far less
-        variance), ``per-sample``, ``random[:importance]``, ``first``, ``fixed:k`` or a baseline.
-    chain_schedule: a DiP-GO ``Schedule`` for the no-graph chain of the one-call policies (see
-        ``shortcut_sample``): the calls no sample keeps reuse cached blocks, so an iteration
-        costs less. ``random`` keeps one call for the whole batch, so only one row is made full;
-        ``per-sample`` makes the row of every call some sample keeps full. The held-out reward
-        is always evaluated with the full model.
-    merge_adapters: run the calls that keep no graph (and the held-out evaluation) with the LoRA
-        adapters merged into their base weights (restored bit-exactly after each chain; see
-        ``shortcut_sample``).
+    config: :class:`~shortcut_kernels.sdo.config.FinetuneConfig`: steps, batch, LoRA rank and
+        targets, clipping, evaluation and checkpoint cadence, seed, time budget, and the
+        chains' :class:`~shortcut_kernels.sdo.config.ChainConfig`. Its ``chain_schedule``
+        applies to the no-graph chain of the one-call policies: the calls no sample keeps
+        reuse cached blocks, so an iteration costs less (``random`` keeps one call for the
+        whole batch, so only one row is made full; ``per-sample`` makes the row of every call
+        some sample keeps full). The held-out reward is always evaluated with the full model.
+    model_fn: ``model_fn(x, t)`` as in ``shortcut_sample``; default
+        ``ClassConditional(model, model.null_label)`` (e.g. ``ClassConditional(model, labels,
+        guidance=True)`` for labels with guidance).
+    optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (default AdamW, lr 3e-3, no weight
+        decay).
+    sample_shape: ``(C, H, W)`` of the noise; default: from the model's config.
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
-    checkpoint_dir / save_every / resume: the trainable weights, optimiser, generator and
-        history are saved there; ``resume=True`` continues from the saved iteration.
-    time_budget: stop after this many training seconds.
+    checkpoint_dir / resume: the trainable weights, optimiser, generator and history are saved
+        there every ``save_every`` steps; ``resume=True`` continues from the saved iteration.
+    callback: called with each iteration's record; returning True stops (after a checkpoint).
     Distributed: when ``torch.distributed`` is initialised (``torchrun``, ``accelerate launch``,
     or your own ``init_process_group``), ``batch_size`` is the global batch; every rank draws
     the same global noise and kept calls (same ``seed``) and runs its slice, and the gradients
@@ -187,44 +162,44 @@ def finetune(
     and equal one process running the whole batch. Checkpoints are written by rank 0.
     Raises ``RewardError`` (the weights are not updated with a bad reward).
     """
-    if iters < 0 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"need iters >= 0, batch_size >= 1, grad_accum >= 1; got {iters}, {batch_size}, {grad_accum}")
+    cfg = config or FinetuneConfig()
+    chain = cfg.chain
     if not callable(reward):
         raise TypeError(f"reward must be callable x0 -> [B], got {type(reward).__name__}")
-    plan = Plan(scheduler)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be the denoiser module (for a pipeline: pipe.unet or pipe.transformer), "
+                        f"got {type(model).__name__}")
+    plan = Plan(scheduler, chain.eta)
+    batch_size, grad_accum = cfg.batch_size, cfg.grad_accum
     world, rank = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} (the global batch) must divide by the world size {world}")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-    pol = parse_policy(policy)
-    if chain_schedule is not None:  # before the model gets adapters: a bad schedule changes nothing
-        check_chain_schedule(chain_schedule, model, plan, pol)
-    shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+    pol = chain.policy
+    if chain.chain_schedule is not None:  # before the model gets adapters: a bad schedule changes nothing
+        check_chain_schedule(chain.chain_schedule, model, plan, pol)
+    shape = tuple(sample_shape) if sample_shape is not None else model_sample_shape(model)
     if model_fn is None:
         null = getattr(model, "null_label", None)
-        if labels is None and null is None:
-            raise ValueError("give model_fn (or labels for a zoo model)")
-        model_fn = ClassConditional(model, null if labels is None else labels, guidance=guidance is not None)
-    if lora:
+        if null is None:
+            raise ValueError("give model_fn: the model has no null_label to sample unconditionally "
+                             "(e.g. model_fn=ClassConditional(model, labels))")
+        model_fn = ClassConditional(model, null, guidance=chain.guidance is not None)
+    if cfg.lora:
         params = [p for n, p in _backbone(model).named_parameters() if "lora_" in n]
         if not params:
-            params = add_lora(model, lora, targets=lora_targets, seed=seed)
+            params = add_lora(model, cfg.lora, targets=cfg.lora_targets, seed=cfg.seed)
         for p in params:
             p.requires_grad_(True)
     else:
         model.requires_grad_(True)
         params = trainable_parameters(model)
     model.eval()  # deterministic forward: the kept call is recomputed at backward
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    scaler = loss_scaler(autocast, loss_scale, params[0].device)
-    gen = torch.Generator().manual_seed(int(seed))
+    opt = optimizer(params)
+    scaler = chain.loss_scaler(params[0].device)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
     result = FinetuneResult()
     start_iter, train_seconds = 0, 0.0
     ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
@@ -251,15 +226,14 @@ def finetune(
                     "generator": gen.get_state(), "scaler": scaler.state_dict() if scaler else None,
                     "history": result.history,
                     "eval_history": result.eval_history, "iteration": result.iterations,
-                    "seconds": train_seconds, "policy": policy, "lora": lora, "lr": lr}, tmp)
+                    "seconds": train_seconds, "policy": str(pol), "lora": cfg.lora}, tmp)
         os.replace(tmp, ckpt)
 
     def evaluate(it):
         if eval_noise is not None:
             result.eval_history.append({"iter": it, "seconds": train_seconds,
                                         "reward_mean": evaluate_reward(model_fn, scheduler, reward, eval_noise,
-                                                                       guidance, plan,
-                                                                       merge_adapters=merge_adapters)})
+                                                                       chain, plan)})
 
     device = params[0].device
     dtype = params[0].dtype
@@ -267,7 +241,8 @@ def finetune(
     probs = plan.importance(0) if pol.importance else None  # the chain's call distribution: fixed
     if start_iter == 0:
         evaluate(0)
-    bar = tqdm(range(start_iter, iters), desc=f"finetune ({policy})", disable=not progress)
+    iters = cfg.iters
+    bar = tqdm(range(start_iter, iters), desc=f"finetune ({pol})", disable=not progress)
     for it in bar:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -281,9 +256,8 @@ def finetune(
                 kept = pol.kept_calls(0, plan.n, batch_size, run_gen, probs)
                 weights = pol.grad_weights(kept, 0, probs)
                 run_policy = Policy.given(kept[local], None if weights is None else weights[local])
-            x0 = shortcut_sample(model_fn, scheduler, noise, run_policy, guidance=guidance, generator=run_gen,
-                                 params=params, memory_light=memory_light, autocast=autocast, plan=plan,
-                                 chain_schedule=chain_schedule, merge_adapters=merge_adapters)
+            x0 = shortcut_sample(model_fn, scheduler, noise, chain.with_policy(run_policy), generator=run_gen,
+                                 params=params, plan=plan)
             try:
                 r = check_reward(reward(x0), noise.shape[0])
             except RewardError as err:
@@ -306,8 +280,8 @@ def finetune(
             reward_mean = float(rd.mean())
         if scaler:  # after the all_reduce: every rank sees the same gradients, so skips the same steps
             scaler.unscale_(opt)
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -320,13 +294,12 @@ def finetune(
             entry["loss_scale"] = scaler.get_scale()
         result.history.append(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
-        if eval_noise is not None and ((it + 1) % eval_every == 0 or it + 1 == iters):
+        if eval_noise is not None and ((it + 1) % cfg.eval_every == 0 or it + 1 == iters):
             evaluate(it + 1)
-        if callback:
-            callback(entry)
-        if ckpt is not None and ((it + 1) % save_every == 0 or it + 1 == iters):
+        asked_to_stop = bool(callback(entry)) if callback else False
+        if ckpt is not None and ((it + 1) % cfg.save_every == 0 or it + 1 == iters):
             save()
-        if time_budget is not None and train_seconds >= time_budget:
+        if asked_to_stop or (cfg.time_budget is not None and train_seconds >= cfg.time_budget):
             if eval_noise is not None and result.eval_history[-1]["iter"] != it + 1:
                 evaluate(it + 1)
             save()

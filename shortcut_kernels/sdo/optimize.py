@@ -1,14 +1,14 @@
 """Latent optimisation for a reward through the sampler (SDO's first use case).
 
-    result = optimize_latents(model_fn, scheduler, digits_reward(7), x_T, iters=30)
+    result = optimize_latents(model_fn, scheduler, reward, x_T, OptimizeConfig(iters=30))
     result.latents      # optimised initial noise: pipe(latents=result.latents) gives result.x0
     result.history      # reward per iteration
 
-Each iteration runs the chain from the current latent with one kept call (``policy``; or a
-baseline: ``full``, ``draft:K``, ``alignprop``), evaluates the reward on ``x_0`` and steps on
-``-reward + shell_weight * (||x|| - sqrt(d))^2`` per sample: the regulariser keeps the latent
-near the shell where Gaussian noise lives, so the sample stays a sample of the model and not
-an adversarial input of the reward.
+Each iteration runs the chain from the current latent with one kept call (the config's
+``chain.policy``; or a baseline: ``full``, ``draft:K``, ``alignprop``), evaluates the reward on
+``x_0`` and steps on ``-reward + regularizer(latent)`` per sample: the default regulariser,
+``0.01 * (||x|| - sqrt(d))^2``, keeps the latent near the shell where Gaussian noise lives, so
+the sample stays a sample of the model and not an adversarial input of the reward.
 
 The step is :class:`NormalizedAscent` by default, not Adam: Adam scales every element of the
 latent to a step of the same size, including the many where the reward's gradient is faint,
@@ -27,18 +27,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .chain import Plan, WarmStart, shortcut_sample, warmup
+from ..samplers import Plan
+from .chain import WarmStart, shortcut_sample, warmup
+from .config import OptimizeConfig
 from .rewards import RewardError, check_reward
 
-__all__ = ["optimize_latents", "OptimizeResult", "NormalizedAscent", "gaussian_shell", "gaussian_prior",
-           "clip_per_sample_"]
-
-
-def loss_scaler(autocast: torch.dtype | None, loss_scale: bool | None, device) -> torch.amp.GradScaler | None:
-    """The dynamic loss scale of an fp16 run (``loss_scale=None``: on exactly when autocasting to
-    fp16), or None."""
-    use = (autocast == torch.float16) if loss_scale is None else bool(loss_scale)
-    return torch.amp.GradScaler(torch.device(device).type) if use else None
+__all__ = ["optimize_latents", "OptimizeResult", "NormalizedAscent", "RewardTarget", "gaussian_shell",
+           "gaussian_prior", "shell_regularizer", "default_optimizer", "clip_per_sample_"]
 
 
 def gaussian_shell(x: Tensor) -> Tensor:
@@ -93,12 +88,7 @@ class NormalizedAscent(torch.optim.Optimizer):
     same for every sample whatever the scale of its reward; then ``buf = momentum * buf + g``
     and ``x -= lr * buf`` (it minimises, as every torch optimiser). Within a sample the step
     follows the gradient's direction: the directions the reward is most sensitive to move
-    most, unlike Adam's per-element scaling.
-
-    Measured on digits-unet (null class, 50 DDIM calls, at most 30 iterations, batch 32): an
-    independent judge (an SVM on pixels) accepts 91% of the samples over the ten digits on
-    held-out noise; with Adam (lr 0.25) it accepted 77%, on the noise this step was tuned on
-    (docs/sdo.md).
+    most, unlike Adam's per-element scaling (docs/sdo.md compares the two).
     """
 
     def __init__(self, params, lr: float = 0.2, momentum: float = 0.5):
@@ -136,8 +126,35 @@ class OptimizeResult:
         return [h["reward_mean"] for h in self.history]
 
 
-def _resolve_policy(method: str) -> str:
-    return {"sdo": "first", "draft_k": "draft:1"}.get(method, method)
+@dataclass(frozen=True)
+class RewardTarget:
+    """A stopping rule: stop once a ``fraction`` of the samples has reward >= ``value``.
+
+    freeze: a sample whose latent reaches ``value`` keeps that latent (no further steps for it).
+        Use it to stop at the reward real data gets: pushed past it, the samples leave the
+        real data's features (docs/sdo.md). Alone, with a plain classifier reward, freezing
+        leaves more samples that only the reward accepts.
+    """
+
+    value: float
+    fraction: float = 1.0
+    freeze: bool = False
+
+    def reached(self, reward: Tensor) -> Tensor:
+        return reward >= self.value
+
+    def done(self, reward: Tensor) -> bool:
+        return float(self.reached(reward).float().mean()) >= self.fraction
+
+
+def shell_regularizer(weight: float = 0.01) -> Callable[[Tensor, torch.Generator | None], Tensor]:
+    """``weight * gaussian_shell``: the default regulariser of ``optimize_latents``."""
+    return lambda x, generator=None: weight * gaussian_shell(x)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """:class:`NormalizedAscent` at lr 0.2, momentum 0.5: ``optimize_latents``' default."""
+    return NormalizedAscent(params, lr=0.2, momentum=0.5)
 
 
 def optimize_latents(
@@ -145,147 +162,102 @@ def optimize_latents(
     scheduler,
     reward: Callable,
     x_T: Tensor,
+    config: OptimizeConfig | None = None,
     *,
-    iters: int = 30,
-    optimizer: str = "normalized",
-    lr: float | None = None,
-    momentum: float = 0.5,
-    betas: tuple[float, float] = (0.9, 0.9),
-    decay_to: float = 0.2,
-    keep_best: bool = True,
-    policy: str = "first",
-    guidance: float | None = None,
-    eta: float = 0.0,
-    shell_weight: float = 0.01,
-    prior_weight: float = 0.0,
-    project: bool = True,
-    stop_at: float | None = None,
-    stop_fraction: float = 1.0,
-    freeze_reached: bool = False,
-    warmup_calls: int = 0,
-    autocast: torch.dtype | None = None,
-    loss_scale: bool | None = None,
-    grad_clip: float | None = None,
-    memory_light: bool | None = None,
-    seed: int | None = 0,
-    time_budget: float | None = None,
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] = default_optimizer,
+    regularizer: Callable[[Tensor, torch.Generator | None], Tensor] | None = shell_regularizer(),
+    stop: RewardTarget | None = None,
     progress: bool = True,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable[[dict], bool | None] | None = None,
 ) -> OptimizeResult:
     """Optimise ``x_T`` (unit Gaussian noise ``[B, ...]``, never modified in place) so that the
     sample maximises ``reward(x0) -> [B]``.
 
-    optimizer: ``normalized`` (:class:`NormalizedAscent`, ``lr`` 0.2 and ``momentum`` by
-        default) or ``adam`` (``lr`` 0.25, ``betas``).
-    decay_to: the learning rate follows a cosine from ``lr`` to ``decay_to * lr`` over ``iters``
-        (1 keeps it constant): late steps of full length overshoot, the reward oscillates.
-    keep_best: each sample's result is the best latent it had by the (exact) reward, not the
-        last one; ``x0`` its sample.
-    policy: which call keeps its graph (``first``, ``fixed:k``, ``random``, ``per-sample``) or a
-        baseline (``full``, ``draft:K``, ``alignprop``); ``sdo`` = ``first``.
-    project: after each step, rescale each sample's latent back to its starting norm (on the
-        Gaussian shell for noise): measured on digits-unet at lr 0.25, without it the norm
-        doubles in 30 iterations and the samples drift off the digits an independent
-        classifier recognises. ``shell_weight`` adds the soft penalty as well.
-    prior_weight: weight of :func:`gaussian_prior` (statistics of the latent that Gaussian noise
-        keeps typical: the latent keeps its norm under ``project`` but can still grow structure).
-    warmup_calls: run the first calls once and optimise the latent after them (the published
-        style-guidance setting); ``result.latents`` is then that latent.
-    stop_at: stop once a ``stop_fraction`` of the samples has reward >= ``stop_at``.
-    freeze_reached: with ``stop_at``, a sample whose latent reaches it keeps that latent (no
-        further steps for it). Use it to stop at the reward real data gets: pushed past it, the
-        samples leave the real data's features (digits-unet, digit 7, a ``ShiftAveraged`` reward:
-        FD 8.4 pushed on, 1.0 frozen at p = 0.97; docs/sdo.md). Alone, with a plain
-        classifier reward, freezing leaves more samples that only the reward accepts.
-    autocast / loss_scale: model calls in bf16/fp16; fp16 uses a dynamic loss scale
-        (``torch.amp.GradScaler``) unless ``loss_scale=False``.
-    grad_clip: clip each sample's latent gradient to this norm.
-    time_budget: stop after this many seconds (for equal-wall-clock comparisons).
+    config: :class:`~shortcut_kernels.sdo.config.OptimizeConfig` (iterations, learning-rate
+        decay, keep-best, projection, warm-up calls, clipping, seed, time budget) with the
+        chains' :class:`~shortcut_kernels.sdo.config.ChainConfig` (policy, guidance, ...).
+    optimizer: ``optimizer([latent]) -> torch.optim.Optimizer`` (default :class:`NormalizedAscent`
+        at lr 0.2; e.g. ``lambda p: torch.optim.Adam(p, lr=0.25, betas=(0.9, 0.9))``).
+    regularizer: ``regularizer(latent, generator) -> [B]``, added to ``-reward`` (default
+        ``0.01 * gaussian_shell``; ``gaussian_prior`` keeps the latent's statistics typical
+        of Gaussian noise); None: no regulariser.
+    stop: a :class:`RewardTarget` (stop once enough samples reach a reward, optionally
+        freezing those that do).
+    callback: called with each iteration's record; returning True stops.
     Raises ``RewardError`` (a ValueError; ``.result`` holds the state so far) when the reward
     returns the wrong shape or non-finite values; the latent is not updated with them.
     """
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    cfg = config or OptimizeConfig()
+    chain = cfg.chain
     if not callable(reward):
         raise TypeError(f"reward must be callable x0 -> [B], got {type(reward).__name__}")
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor [B, ...]")
-    if optimizer not in ("normalized", "adam"):
-        raise ValueError(f"optimizer must be 'normalized' or 'adam', got {optimizer!r}")
-    if not 0 < decay_to <= 1:
-        raise ValueError(f"decay_to must lie in (0, 1], got {decay_to}")
-    policy = _resolve_policy(policy)
-    plan = Plan(scheduler, eta)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    plan = Plan(scheduler, chain.eta)
+    gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
     warm = None
     latent = x_T.detach().clone()
-    if warmup_calls:
-        warm = warmup(model_fn, scheduler, latent, warmup_calls, guidance=guidance, eta=eta, generator=gen,
-                      autocast=autocast, plan=plan)
+    if cfg.warmup_calls:
+        warm = warmup(model_fn, scheduler, latent, cfg.warmup_calls, chain, generator=gen, plan=plan)
         latent = warm.x.detach().clone()
     norms0 = latent.flatten(1).norm(dim=1).view(-1, *([1] * (latent.dim() - 1)))
     latent.requires_grad_(True)
-    if lr is None:
-        lr = 0.2 if optimizer == "normalized" else 0.25
-    opt = (NormalizedAscent([latent], lr=lr, momentum=momentum) if optimizer == "normalized"
-           else torch.optim.Adam([latent], lr=lr, betas=betas))
-    scaler = loss_scaler(autocast, loss_scale, latent.device)
+    opt = optimizer([latent])
+    lr = [group["lr"] for group in opt.param_groups]
+    scaler = chain.loss_scaler(latent.device)
     result = OptimizeResult(latent.detach(), None, [], False, warm)
     best = None  # (reward, latent, x0) per sample
     start = time.perf_counter()
-    bar = tqdm(range(iters), desc=f"optimize_latents ({policy})", disable=not progress)
+    bar = tqdm(range(cfg.iters), desc=f"optimize_latents ({chain.policy})", disable=not progress)
     for it in bar:
         # the same noise/choice stream each iteration would freeze a random policy: draw anew
         run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen))) if gen else None
-        x0 = shortcut_sample(model_fn, scheduler, latent, policy, guidance=guidance, eta=eta, generator=run_gen,
-                             warm_start=warm, memory_light=memory_light, autocast=autocast, plan=plan)
+        x0 = shortcut_sample(model_fn, scheduler, latent, chain, generator=run_gen, warm_start=warm, plan=plan)
         try:
             r = check_reward(reward(x0), latent.shape[0])
         except RewardError as err:
             err.result = result  # the state before this evaluation; the latent is untouched
             raise
-        loss = -r.sum() + shell_weight * gaussian_shell(latent).sum()
-        if prior_weight:
-            loss = loss + prior_weight * gaussian_prior(latent, generator=run_gen).sum()
+        loss = -r.sum()
+        if regularizer is not None:
+            loss = loss + regularizer(latent, run_gen).sum()
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
-        if grad_clip is not None:
-            clip_per_sample_(latent.grad, grad_clip)
+        if cfg.grad_clip is not None:
+            clip_per_sample_(latent.grad, cfg.grad_clip)
         rd = r.detach()
-        if keep_best:
+        if cfg.keep_best:
             best = _keep_better(best, rd, latent.detach(), x0.detach())
         entry = {"iter": it, "reward_mean": float(rd.mean()), "reward": rd.cpu().tolist(),
                  "seconds": time.perf_counter() - start}
-        if stop_at is not None:
-            entry["fraction_reached"] = float((rd >= stop_at).float().mean())
+        if stop is not None:
+            entry["fraction_reached"] = float(stop.reached(rd).float().mean())
         result.history.append(entry)
         result.x0 = x0.detach() if best is None else best[2].clone()
-        if callback:
-            callback(entry)
+        asked_to_stop = bool(callback(entry)) if callback else False
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
-        done = stop_at is not None and entry["fraction_reached"] >= stop_fraction
-        if done:  # the evaluated latent already reaches the target: keep it, no further step
+        if stop is not None and stop.done(rd):  # the evaluated latent already reaches the target: keep it
             result.stopped_early = True
             break
-        for group in opt.param_groups:  # cosine from lr to decay_to * lr
-            group["lr"] = lr * (decay_to + (1 - decay_to) * 0.5 * (1 + math.cos(math.pi * it / iters)))
-        frozen = (rd >= stop_at) if (stop_at is not None and freeze_reached) else None
+        for group, lr0 in zip(opt.param_groups, lr):  # cosine from lr to decay_to * lr
+            group["lr"] = lr0 * (cfg.decay_to + (1 - cfg.decay_to) * 0.5 * (1 + math.cos(math.pi * it / cfg.iters)))
+        frozen = stop.reached(rd) if (stop is not None and stop.freeze) else None
         before = latent.detach().clone() if frozen is not None and bool(frozen.any()) else None
         if scaler:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
-        if project:
+        if cfg.project:
             with torch.no_grad():
                 latent.mul_(norms0 / latent.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(norms0))
         if before is not None:
             with torch.no_grad():
                 latent[frozen] = before[frozen]
         result.latents = latent.detach().clone() if best is None else best[1].clone()
-        if time_budget is not None and time.perf_counter() - start >= time_budget:
+        if asked_to_stop or (cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget):
             result.stopped_early = True
             break
     bar.close()

@@ -133,7 +133,6 @@ def parse_policy(policy) -> Policy:
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a string such as 'first' or 'fixed:3', got {type(policy).__name__}")
     name, _, arg = policy.strip().lower().partition(":")
-    name = {"per_sample": "per-sample", "draft_k": "draft", "draft-k": "draft"}.get(name, name)
     if name in ("random", "per-sample") and arg:
         if arg != "importance":
             raise ValueError(f"policy {policy!r}: {name!r} takes no argument or ':importance'")

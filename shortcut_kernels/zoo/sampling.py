@@ -1,14 +1,13 @@
 """Classifier-free-guided sampling of the zoo diffusion models with any diffusers scheduler."""
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from ..ops.guided_step import guided_step
-from ..samplers import guided_update, history_indices, is_supported, linear_steps
+from ..chain import Chain
+from ..models.conditioning import ClassConditional
 from .models import NULL_LABEL
 
 __all__ = ["sample", "make_scheduler", "initial_noise"]
@@ -104,44 +103,19 @@ def sample(
     if device is None:
         device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    step_kwargs = {}
-    if "generator" in inspect.signature(scheduler.step).parameters:
-        step_kwargs["generator"] = generator
     was_training = model.training
     model.eval()
     out = []
-    n_batches = (N + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * steps, desc="sampling", disable=not progress, leave=False)
+    bar = tqdm(total=((N + batch_size - 1) // batch_size) * steps, desc="sampling", disable=not progress, leave=False)
     try:
         for b0 in range(0, N, batch_size):
             lb = lab[b0:b0 + batch_size].to(device)
-            x = noise[b0:b0 + batch_size].to(device=device, dtype=torch.float32)
             scheduler.set_timesteps(steps, device=device)
-            # schedulers with a linear form (samplers.linear_steps) run as guided_step
-            # updates; the others through their own step() on the guided output
-            lin = linear_steps(scheduler) if is_supported(scheduler) else None
-            uses_x, uses_out = history_indices(lin) if lin else ((), ())
-            xs, outs = {}, {}
-            x = x * scheduler.init_noise_sigma
-            uncond = torch.full_like(lb, NULL_LABEL)
             guided = guidance != 1.0 and bool((lb != NULL_LABEL).any())
-            w = float(guidance) if guided else 1.0
-            for i, t in enumerate(scheduler.timesteps):
-                xin = (lin[i].input_scale * x if lin else scheduler.scale_model_input(x, t)).to(dtype)
-                if guided:
-                    ec, eu = model(torch.cat([xin, xin]), t, torch.cat([lb, uncond])).float().chunk(2)
-                else:
-                    eu = ec = model(xin, t, lb).float()
-                if lin:
-                    st = lin[i]
-                    # the draw DDPM's step() would make from the same generator
-                    z = (torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
-                         .to(x.device) if st.noise else None)
-                    x = guided_update(st, x, eu, ec, w, xs, outs, uses_x, uses_out, z)
-                else:
-                    eps = guided_step(x, eu, ec, 0.0, 1.0, w)
-                    x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
-                bar.update(1)
+            denoiser = ClassConditional(model, lb, guidance=guided, null_label=NULL_LABEL)
+            chain = Chain(scheduler, float(guidance) if guided else None, generator=generator)
+            x = chain.first_latent(noise[b0:b0 + batch_size].to(device=device, dtype=torch.float32))
+            x = chain.run(x, lambda i, x_in, t: denoiser(x_in.to(dtype), t), progress=bar)
             out.append(x.float().cpu())
     finally:
         bar.close()
