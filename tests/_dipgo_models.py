@@ -108,8 +108,9 @@ def light_and_reference_grads(model_fn, scheduler, x_T, guidance, chain_schedule
     grads = []
     for light in (True, False):
         x = x_T.clone().requires_grad_(True)
-        x0 = sdo.shortcut_sample(model_fn, scheduler, x, "per-sample", guidance=guidance, memory_light=light,
-                                 chain_schedule=chain_schedule, generator=torch.Generator().manual_seed(seed))
+        config = sdo.ChainConfig(policy="per-sample", guidance=guidance, memory_light=light,
+                                 chain_schedule=chain_schedule)
+        x0 = sdo.shortcut_sample(model_fn, scheduler, x, config, generator=torch.Generator().manual_seed(seed))
         (x0 * w).sum().backward()
         grads.append(x.grad)
     return grads

@@ -5,11 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dataclasses import replace
+
 from shortcut_kernels import sdo, zoo
 from shortcut_kernels.sdo.finetuning import add_lora, load_lora, save_lora
 from shortcut_kernels.sdo.rewards import RewardError
+from shortcut_kernels.zoo.rewards import digits_reward
 
 STEPS = 3
+
+
+def adamw(lr):
+    """finetune's default optimiser (AdamW, no weight decay) at ``lr``."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def chain_config(**kwargs):
+    """A ChainConfig with finetune's default policy (``per-sample:importance``) unless given."""
+    return sdo.ChainConfig(**{"policy": "per-sample:importance", **kwargs})
 
 
 def fresh(dtype=torch.float32):
@@ -39,9 +56,10 @@ def test_gradient_reaches_lora_parameters_only():
         for p in params:
             p.grad = None
         gen = torch.Generator().manual_seed(0)
-        x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1).double(), "per-sample", params=params,
-                                 generator=gen, memory_light=light, merge_adapters=merge)
-        sdo.digits_reward(3)(x0).sum().backward()
+        config = sdo.ChainConfig(policy="per-sample", memory_light=light, merge_adapters=merge)
+        x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1).double(), config, params=params,
+                                 generator=gen)
+        digits_reward(3)(x0).sum().backward()
         grads[light, merge] = torch.cat([p.grad.flatten() for p in params])
     ref = grads[False, True]
     assert ref.abs().sum() > 0
@@ -92,7 +110,8 @@ def test_shortcut_chain_runs_merged_kept_call_apart(merge):
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
     calls = []
     hooks = [m.lora_A["default"].register_forward_hook(lambda *a: calls.append(1)) for m in _lora_layers(model)]
-    x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1), "first", params=params, merge_adapters=merge)
+    x0 = sdo.shortcut_sample(fn, sched, zoo.initial_noise(2, seed=1), sdo.ChainConfig(merge_adapters=merge),
+                             params=params)
     in_chain = len(calls)
     x0.sum().backward()
     for h in hooks:
@@ -103,9 +122,10 @@ def test_shortcut_chain_runs_merged_kept_call_apart(merge):
 
 
 def test_finetune_lora_resume_and_save(tmp_path):
-    kwargs = dict(lora=2, iters=3, batch_size=2, lr=1e-2, seed=5, progress=False)
+    config = sdo.FinetuneConfig(lora=2, iters=3, batch_size=2, seed=5)
+    kwargs = dict(optimizer=adamw(1e-2), progress=False)
     model_a, sched = fresh()
-    res_a = sdo.finetune(model_a, sched, sdo.digits_reward(7), **kwargs)
+    res_a = sdo.finetune(model_a, sched, digits_reward(7), config, **kwargs)
     assert len(res_a.history) == 3 and res_a.iterations == 3
     base_a = {n: p for n, p in model_a.named_parameters() if "lora_" not in n}
     model_ref, _ = fresh()
@@ -114,10 +134,10 @@ def test_finetune_lora_resume_and_save(tmp_path):
         torch.testing.assert_close(base_a.get(n, base_a.get(key)), p, rtol=0, atol=0)
     # 2 iterations + checkpoint, then a fresh model resumes to 3: the same weights
     model_b, sched_b = fresh()
-    sdo.finetune(model_b, sched_b, sdo.digits_reward(7), checkpoint_dir=tmp_path, save_every=1,
-                 **dict(kwargs, iters=2))
+    sdo.finetune(model_b, sched_b, digits_reward(7), replace(config, iters=2, save_every=1), checkpoint_dir=tmp_path,
+                 **kwargs)
     model_c, sched_c = fresh()
-    res_c = sdo.finetune(model_c, sched_c, sdo.digits_reward(7), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    res_c = sdo.finetune(model_c, sched_c, digits_reward(7), config, checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert res_c.iterations == 3 and len(res_c.history) == 3
     sa, sc = lora_state(model_a), lora_state(model_c)
     assert sa.keys() == sc.keys()
@@ -149,8 +169,9 @@ def test_finetune_lora_resume_and_save(tmp_path):
 def test_finetune_full_weights_and_eval():
     model, sched = fresh()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = sdo.finetune(model, sched, sdo.digits_reward(1), lora=None, iters=2, batch_size=2, grad_accum=2,
-                       lr=1e-4, eval_noise=zoo.initial_noise(3, seed=9), eval_every=1, progress=False)
+    config = sdo.FinetuneConfig(lora=None, iters=2, batch_size=2, grad_accum=2, eval_every=1)
+    res = sdo.finetune(model, sched, digits_reward(1), config, optimizer=adamw(1e-4),
+                       eval_noise=zoo.initial_noise(3, seed=9), progress=False)
     assert [e["iter"] for e in res.eval_history] == [0, 1, 2]
     changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert changed > 0
@@ -171,28 +192,30 @@ def test_finetune_bad_reward_leaves_weights():
     model, sched = fresh_with_lora()
     before = lora_state(model)
     with pytest.raises(RewardError, match="non-finite"):
-        sdo.finetune(model, sched, lambda x0: x0.flatten(1).mean(1) * float("inf"), lora=2, iters=2,
-                     batch_size=2, progress=False)
+        sdo.finetune(model, sched, lambda x0: x0.flatten(1).mean(1) * float("inf"),
+                     sdo.FinetuneConfig(lora=2, iters=2, batch_size=2), progress=False)
     after = lora_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(RewardError, match="shape"):
-        sdo.finetune(model, sched, lambda x0: x0.mean(), lora=2, iters=1, batch_size=2, progress=False)
+        sdo.finetune(model, sched, lambda x0: x0.mean(), sdo.FinetuneConfig(lora=2, iters=1, batch_size=2),
+                     progress=False)
     with pytest.raises(FileNotFoundError):
-        sdo.finetune(model, sched, sdo.digits_reward(1), lora=2, iters=1, resume=True, progress=False)
+        sdo.finetune(model, sched, digits_reward(1), sdo.FinetuneConfig(lora=2, iters=1), resume=True, progress=False)
 
 
 def test_finetune_fp16_loss_scale_skips_overflowing_steps():
     """fp16: a step whose gradients overflow is skipped (weights kept, scale lowered); without
     the loss scale the same run writes non-finite weights; a sane reward trains."""
     def overflowing(x0):  # finite rewards whose gradients overflow fp16
-        return sdo.digits_reward(7)(x0) * 1e30
+        return digits_reward(7)(x0) * 1e30
 
     runs = {}
     for scale in (None, False):
         model, sched = fresh_with_lora()
         before = lora_state(model)
-        res = sdo.finetune(model, sched, overflowing, lora=2, iters=2 if scale is None else 1, batch_size=2,
-                           autocast=torch.float16, loss_scale=scale, progress=False)
+        config = sdo.FinetuneConfig(lora=2, iters=2 if scale is None else 1, batch_size=2,
+                                    chain=chain_config(autocast=torch.float16, loss_scale=scale))
+        res = sdo.finetune(model, sched, overflowing, config, progress=False)
         runs[scale] = (before, lora_state(model), res)
     before, after, res = runs[None]
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -201,8 +224,8 @@ def test_finetune_fp16_loss_scale_skips_overflowing_steps():
     assert "loss_scale" not in res.history[0]
     assert not all(torch.isfinite(v).all() for v in after.values())
     model, sched = fresh()
-    res = sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=2, lr=1e-2,
-                       autocast=torch.float16, progress=False)
+    config = sdo.FinetuneConfig(lora=2, iters=2, batch_size=2, chain=chain_config(autocast=torch.float16))
+    res = sdo.finetune(model, sched, digits_reward(7), config, optimizer=adamw(1e-2), progress=False)
     trained = lora_state(model)
     assert all(torch.isfinite(v).all() for v in trained.values())
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero
@@ -221,10 +244,15 @@ def test_finetune_merge_switch_reaches_training_and_evaluation(monkeypatch, merg
 
     monkeypatch.setattr(chain, "merged_adapters", spy)
     model, sched = fresh()
-    sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=1, batch_size=2, merge_adapters=merge,
-                 eval_noise=zoo.initial_noise(2, seed=4), eval_every=1, progress=False)
+    config = sdo.FinetuneConfig(lora=2, iters=1, batch_size=2, eval_every=1, chain=chain_config(merge_adapters=merge))
+    sdo.finetune(model, sched, digits_reward(7), config, eval_noise=zoo.initial_noise(2, seed=4), progress=False)
     # one chain per training iteration and per evaluation (before and after the iteration)
     assert merged_chains == [merge] * 3
+
+
+def ddp_config(policy):
+    """The DDP runs' settings: the global batch of 4, the same seed on every rank."""
+    return sdo.FinetuneConfig(lora=2, iters=2, batch_size=4, seed=3, chain=sdo.ChainConfig(policy=policy))
 
 
 def _ddp_rank(rank, world, init_file, out_dir, policy):
@@ -234,8 +262,7 @@ def _ddp_rank(rank, world, init_file, out_dir, policy):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, sched = fresh()
-        sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-                     policy=policy, progress=False)
+        sdo.finetune(model, sched, digits_reward(7), ddp_config(policy), optimizer=sgd(0.5), progress=False)
         torch.save(lora_state(model), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -245,13 +272,14 @@ def _ddp_rank(rank, world, init_file, out_dir, policy):
 LAUNCHED_JOB = """
 import sys, torch, torch.distributed as dist
 from shortcut_kernels import sdo, zoo
+from shortcut_kernels.zoo.rewards import digits_reward
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 model, cfg = zoo.load("digits-unet")
 sched = zoo.make_scheduler(cfg)
 sched.set_timesteps({steps})
-sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-             policy="{policy}", progress=False)
+config = sdo.FinetuneConfig(lora=2, iters=2, batch_size=4, seed=3, chain=sdo.ChainConfig(policy="{policy}"))
+sdo.finetune(model, sched, digits_reward(7), config, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), progress=False)
 torch.save({{n: p.detach() for n, p in model.named_parameters() if "lora_" in n}},
            f"{{sys.argv[1]}}/rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
@@ -291,8 +319,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, launcher):
         _accelerate_launch(tmp_path, policy)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     model, sched = fresh()
-    sdo.finetune(model, sched, sdo.digits_reward(7), lora=2, iters=2, batch_size=4, lr=0.5, seed=3, optimizer="sgd",
-                 policy=policy, progress=False)
+    sdo.finetune(model, sched, digits_reward(7), ddp_config(policy), optimizer=sgd(0.5), progress=False)
     single = lora_state(model)
     assert r0.keys() == single.keys()
     moved = 0
@@ -306,21 +333,24 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, launcher):
 def test_finetune_chain_schedule_runs_the_chain_through_the_schedule():
     from shortcut_kernels import dipgo
 
-    kwargs = dict(lora=2, iters=2, batch_size=2, lr=1e-2, seed=3, progress=False, policy="random")
+    def config(schedule, policy="random"):
+        chain = sdo.ChainConfig(policy=policy, chain_schedule=schedule)
+        return sdo.FinetuneConfig(lora=2, iters=2, batch_size=2, seed=3, chain=chain)
+
+    kwargs = dict(optimizer=adamw(1e-2), progress=False)
     trained = {}
     for name in ("none", "full", "deepcache"):
         model, sched = fresh()
         chain = {"none": None, "full": dipgo.full(model, STEPS),
                  "deepcache": dipgo.deepcache(model, STEPS, interval=2, branch=0)}[name]
-        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=chain, **kwargs)
+        sdo.finetune(model, sched, digits_reward(7), config(chain), **kwargs)
         trained[name] = lora_state(model)
     for k in trained["none"]:  # an all-compute schedule changes nothing
         torch.testing.assert_close(trained["full"][k], trained["none"][k], rtol=0, atol=0)
     assert any(not torch.equal(trained["deepcache"][k], trained["none"][k]) for k in trained["none"])
     model, sched = fresh()
     with pytest.raises(ValueError, match="chain_schedule"):
-        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=dipgo.full(model, STEPS),
-                     **dict(kwargs, policy="full"))
+        sdo.finetune(model, sched, digits_reward(7), config(dipgo.full(model, STEPS), policy="full"), **kwargs)
     with pytest.raises(ValueError, match="resize"):
-        sdo.finetune(model, sched, sdo.digits_reward(7), chain_schedule=dipgo.full(model, STEPS + 1), **kwargs)
+        sdo.finetune(model, sched, digits_reward(7), config(dipgo.full(model, STEPS + 1)), **kwargs)
     assert not lora_state(model)  # refused before any adapter was added
