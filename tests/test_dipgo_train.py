@@ -8,7 +8,7 @@ from shortcut_kernels.dipgo.losses import consistency_loss
 from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.dipgo.train import _Chain, _shortcut_loss, _stratified_calls, full_samples, train
 from shortcut_kernels.samplers import guided_update
-from shortcut_kernels.sdo.chain import Plan
+from shortcut_kernels.samplers import Plan
 from shortcut_kernels.zoo.sampling import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
@@ -26,7 +26,7 @@ def _tiny_unet_double():
 def _reference_gradient(chain: _Chain, x_T, labels, target, gates, kept):
     """Autograd through the chain in which only call kept[i] of sample i keeps its graph
     (other outputs and every cache detached): what the shortcut must equal."""
-    x = x_T * chain.init_scale
+    x = x_T * chain.plan.init_scale
     xs, outs, caches = {}, {}, None
     for st in chain.steps:
         i = st.index
@@ -34,7 +34,7 @@ def _reference_gradient(chain: _Chain, x_T, labels, target, gates, kept):
         m = (kept == i).view(-1, 1, 1, 1)
         eu, ec = torch.where(m, eu, eu.detach()), torch.where(m, ec, ec.detach())
         caches = [[t.detach() for t in c] for c in new]
-        x = guided_update(st, x, eu, ec, chain.w, xs, outs, chain.uses_x, chain.uses_out)
+        x = guided_update(st, x, eu, ec, chain.w, xs, outs, chain.plan.kept_x, chain.plan.kept_out)
     loss = consistency_loss(x, target, "mse").mean()
     return torch.autograd.grad(loss, gates)[0]
 
@@ -77,7 +77,7 @@ def test_the_no_graph_run_skips_reused_blocks_and_changes_nothing(build):
     """With hard, cascaded gates the shortcut's no-graph run goes through the runtime, which
     skips reused blocks: the same loss and the same gradient as the SuperNet, which computes
     them all (fp64; the DiT's reused residuals round differently: x + c - x)."""
-    from shortcut_kernels.dipgo.schedule import from_ranking
+    from shortcut_kernels.dipgo.postprocess import from_ranking
 
     model = build()
     net = SuperNet(model, "fine")
