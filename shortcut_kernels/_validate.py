@@ -52,14 +52,6 @@ def check_per_sample_shape(coef, name: str, ref: torch.Tensor, op: str) -> None:
                      f"(shape [{batch}]), got shape {tuple(shape)}")
 
 
-def is_kernel_coef(coef, ref: torch.Tensor) -> bool:
-    """True when the C++ kernels take `coef` as it is: an acc-dtype contiguous tensor,
-    0-d or [B] (what per_sample() would return unchanged)."""
-    if type(coef) is not torch.Tensor or coef.dtype != acc_dtype(ref.dtype) or not coef.is_contiguous():
-        return False
-    return coef.dim() == 0 or (coef.dim() == 1 and ref.dim() > 0 and coef.shape[0] == ref.shape[0])
-
-
 def per_sample(coef: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Shape-checked coefficient -> contiguous acc-dtype tensor, 0-d or [B]."""
     acc = acc_dtype(ref.dtype)

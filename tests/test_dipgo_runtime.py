@@ -140,7 +140,7 @@ def test_dead_block_placeholders_allocated_once_per_run_without_grad(monkeypatch
     real = rt._placeholder
     monkeypatch.setattr(rt, "_placeholder", lambda meta: made.append(meta) or real(meta))
     with accelerate(model, s) as h:
-        modes = h._plan.modes
+        modes = h._call_modes.modes
         dead = [[b for b, m in enumerate(modes[c]) if m not in (COMPUTE, READ)] for c in range(6)]
         assert sum(map(len, dead)) > len(set().union(*dead)) > 0
         first = _calls(model, 6)

@@ -74,7 +74,7 @@ def _lora_layers(model):
 
 
 def test_merged_adapters_are_exact_and_restored():
-    from shortcut_kernels.sdo.adapters import merged_adapters
+    from shortcut_kernels.sdo.lora_merge import merged_adapters
 
     model, sched = fresh(torch.float64)
     params = add_lora(model, rank=3)

@@ -203,10 +203,10 @@ def _cached_class(cls: type) -> type:
     return sub
 
 
-# ----------------------------------------------------------------------------- plan
+# ----------------------------------------------------------------------------- block modes per call
 
 
-class _Plan:
+class _CallModes:
     """Per call: the modes of the blocks and, for transformer chains, the runs of reused blocks."""
 
     def __init__(self, schedule: Schedule, store_all: bool = False):
@@ -247,8 +247,8 @@ class Accelerated:
         self.auto_resize = auto_resize
         self.store_all = store_all
         self._scheduler_source = scheduler
-        self._plans: dict[int, _Plan] = {schedule.calls: _Plan(schedule, store_all)}
-        self._plan = self._plans[schedule.calls]
+        self._modes_by_calls: dict[int, _CallModes] = {schedule.calls: _CallModes(schedule, store_all)}
+        self._call_modes = self._modes_by_calls[schedule.calls]
         self.state = CacheState(len(schedule.graph))
         self._explicit = False
         self._ts_ref = None
@@ -262,7 +262,7 @@ class Accelerated:
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:
         g = self.schedule.graph
-        plan = self._plan
+        plan = self._call_modes
         try:
             for b in g.blocks:
                 paths = b.module_paths
@@ -339,9 +339,9 @@ class Accelerated:
             self._explicit = False
             made = self.state.call + 1
             self.state.reset()
-            if ok and made not in (0, self._plan.schedule.calls):
+            if ok and made not in (0, self._call_modes.schedule.calls):
                 raise ValueError(f"the run made {made} denoiser calls but the schedule has "
-                                 f"{self._plan.schedule.calls}; use schedule.resize({made})")
+                                 f"{self._call_modes.schedule.calls}; use schedule.resize({made})")
 
     def _scheduler(self):
         if self._scheduler_source is not None:
@@ -349,19 +349,19 @@ class Accelerated:
         return getattr(self.target, "scheduler", None) if self.target is not self.model else None
 
     def _use_calls(self, calls: int, why: str) -> None:
-        if calls != self._plan.schedule.calls:
+        if calls != self._call_modes.schedule.calls:
             if not self.auto_resize:
                 raise ValueError(f"schedule has {self.schedule.calls} denoiser calls but this run makes {calls} "
                                  f"({why}); use schedule.resize({calls}) or accelerate(..., auto_resize=True)")
-            if calls not in self._plans:
-                self._plans[calls] = _Plan(self.schedule.resize(calls), self.store_all)
-            self._plan = self._plans[calls]
+            if calls not in self._modes_by_calls:
+                self._modes_by_calls[calls] = _CallModes(self.schedule.resize(calls), self.store_all)
+            self._call_modes = self._modes_by_calls[calls]
             for mod in self._swapped:  # store flags follow the plan
-                mod._sk_slot.store = self._plan.store[mod._sk_slot.block]
-        elif self._plan.schedule.calls != self.schedule.calls:
-            self._plan = self._plans[self.schedule.calls]
+                mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
+        elif self._call_modes.schedule.calls != self.schedule.calls:
+            self._call_modes = self._modes_by_calls[self.schedule.calls]
             for mod in self._swapped:
-                mod._sk_slot.store = self._plan.store[mod._sk_slot.block]
+                mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
 
     @staticmethod
     def _timestep(args, kwargs):
@@ -379,8 +379,8 @@ class Accelerated:
         sched = None if self._explicit else self._scheduler()
         ts = getattr(sched, "timesteps", None) if sched is not None else None
         if self._explicit:
-            if st.call + 1 >= self._plan.schedule.calls:
-                raise ValueError(f"more than the schedule's {self._plan.schedule.calls} denoiser calls in one "
+            if st.call + 1 >= self._call_modes.schedule.calls:
+                raise ValueError(f"more than the schedule's {self._call_modes.schedule.calls} denoiser calls in one "
                                  "handle.run(); use schedule.resize(...)")
         elif isinstance(ts, torch.Tensor) and ts.numel():
             if ts is not self._ts_ref:  # set_timesteps ran: a new sampling run
@@ -393,9 +393,9 @@ class Accelerated:
                     begin = hits[0] if hits else 0
                 self._run_ts = (ts, int(begin))
                 self._use_calls(len(ts) - int(begin), f"{len(ts)} scheduler timesteps from index {begin}")
-            elif st.call + 1 >= self._plan.schedule.calls:
+            elif st.call + 1 >= self._call_modes.schedule.calls:
                 raise RuntimeError(
-                    f"the denoiser was called more than {self._plan.schedule.calls} times in one sampling run: "
+                    f"the denoiser was called more than {self._call_modes.schedule.calls} times in one sampling run: "
                     "pipelines that call it more than once per step (separate cond/uncond passes) are not "
                     "supported - batch classifier-free guidance into one call")
             if st.call == 0 and self._run_ts is not None:
@@ -408,10 +408,10 @@ class Accelerated:
                         f"next timestep is {float(ts_[k]):g}: the pipeline calls the denoiser more than once per "
                         "step (separate cond/uncond passes?), which schedules do not support - batch classifier-free "
                         "guidance into one call")
-        elif st.call < 0 or st.call + 1 >= self._plan.schedule.calls:  # bare model: runs follow each other
+        elif st.call < 0 or st.call + 1 >= self._call_modes.schedule.calls:  # bare model: runs follow each other
             self._start_run()
         st.call += 1
-        plan = self._plan
+        plan = self._call_modes
         st.calls = plan.schedule.calls
         st.modes = plan.modes[st.call]
         st.runs = plan.runs[st.call]
@@ -517,7 +517,7 @@ class Accelerated:
         if self._compiled is not None:
             raise RuntimeError("already compiled")
         options.setdefault("fullgraph", True)
-        patterns = {p for plan in self._plans.values() for p in plan.modes}
+        patterns = {p for m in self._modes_by_calls.values() for p in m.modes}
         try:  # one graph per distinct pattern: let Dynamo keep them all
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"

@@ -13,7 +13,7 @@ implementations of that one gradient:
   that call at backward time and applies the exact linear map of the rest of the chain, as
   scalar recurrences over the scheduler's coefficients (a product for one-step samplers;
   the history terms of DPM-Solver++ 2M and PLMS enter the same recurrence). LoRA adapters
-  are merged into their base weights for that chain (``sdo.adapters``).
+  are merged into their base weights for that chain (``sdo.lora_merge``).
 
 Both run the one sampling loop, :class:`shortcut_kernels.chain.Chain`; the scalars come
 from the scheduler's :class:`shortcut_kernels.samplers.Plan`.
@@ -32,7 +32,7 @@ from ..chain import Chain
 from ..dipgo import Schedule, accelerate
 from ..ops.guided_step import guided_step
 from ..samplers import Plan
-from .adapters import merged_adapters
+from .lora_merge import merged_adapters
 from .config import ChainConfig
 from .policy import Policy, parse_policy
 

@@ -62,7 +62,6 @@ def sample(
     *,
     n: int | None = None,
     seed: int | None = 0,
-    generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     batch_size: int = 256,
     progress: bool = True,
@@ -80,10 +79,9 @@ def sample(
     labels: an int (with ``n``), a sequence or a tensor of digits 0..9 (10 = unconditional).
     guidance: eps = eps_uncond + guidance * (eps_cond - eps_uncond); 1.0 (or labels of 10)
         runs the conditional branch only.
-    seed / generator / noise: the starting noise is ``initial_noise(N, seed, generator)``
-        unless ``noise`` (N, 1, 16, 16) is given; stochastic schedulers draw from the same
-        generator. Same seed, same images, whatever ``batch_size``, for deterministic
-        schedulers.
+    seed / noise: the starting noise is ``initial_noise(N, seed)`` unless ``noise``
+        (N, 1, 16, 16) is given; stochastic schedulers draw from the same generator. Same
+        seed, same images, whatever ``batch_size``, for deterministic schedulers.
     Returns float32 (N, 1, 16, 16) on the CPU, clamped to [-1, 1] unless ``clamp=False``.
     """
     if isinstance(scheduler, dict):
@@ -94,8 +92,7 @@ def sample(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lab = _labels_tensor(labels, n)
     N = lab.numel()
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if noise is None:
         noise = initial_noise(N, generator=generator)
     elif noise.shape[0] != N:

@@ -1,8 +1,7 @@
 """LoRA adapters folded into their base weights for the calls that keep no graph.
 
 An unmerged peft adapter costs two extra small matmuls (and their launches) per adapted layer
-and call: on ``digits-unet`` with rank-4 adapters on 78 layers, the no-graph chain of 25 calls
-ran 1.38x slower than with the adapters merged (CPU, batch 8). Only the kept call needs the
+and call (docs/sdo.md measures what merging saves). Only the kept call needs the
 adapters apart, for the gradient to reach them; the chain can run merged. The base weights are
 copied before and copied back after, so many merge cycles leave them bit-exact (peft's own
 unmerge subtracts the delta again and drifts by an ulp per cycle). The copies cost the adapted
