@@ -49,7 +49,8 @@ def test_chain_is_the_dit_pipeline_loop():
         x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # the pipeline's draw
         sched = ddim()
         sched.set_timesteps(6)
-        x0 = sdo.shortcut_sample(sdo.DiTConditional(dit, labels, guidance=True), sched, x_T, "first", guidance=4.0)
+        fn = sdo.DiTConditional(dit, labels, guidance=True)
+        x0 = sdo.shortcut_sample(fn, sched, x_T, sdo.ChainConfig(guidance=4.0))
         ours = (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert rel(ours, images) <= 1e-5
 

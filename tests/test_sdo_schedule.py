@@ -1,4 +1,4 @@
-"""shortcut_sample(chain_schedule=...): the no-grad chain through a DiP-GO schedule; the kept
+"""shortcut_sample(ChainConfig(chain_schedule=...)): the no-grad chain through a DiP-GO schedule; the kept
 call runs the full model; the gradient paths agree; mismatched schedules are refused."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from shortcut_kernels import dipgo, sdo, zoo
 from shortcut_kernels.samplers import linear_steps
+from shortcut_kernels.zoo.rewards import digits_reward
 
 CALLS = 5
 
@@ -39,7 +40,7 @@ def test_kept_call_runs_full_model_and_gradients_agree(unet64):
     schedule = dipgo.skip_steps(model, CALLS, compute=[0])
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
     x_T = zoo.initial_noise(2, seed=1).double()
-    x0 = sdo.shortcut_sample(fn, sched, x_T, "fixed:2", chain_schedule=schedule)
+    x0 = sdo.shortcut_sample(fn, sched, x_T, sdo.ChainConfig(policy="fixed:2", chain_schedule=schedule))
     torch.testing.assert_close(x0, manual_chain(model, sched, x_T, {0, 2}), rtol=1e-10, atol=1e-10)
     # without the schedule the chain differs: the schedule did skip calls
     plain = sdo.shortcut_sample(fn, sched, x_T, "fixed:2")
@@ -47,8 +48,9 @@ def test_kept_call_runs_full_model_and_gradients_agree(unet64):
     grads = {}
     for light in (True, False):
         x = x_T.clone().requires_grad_()
-        out = sdo.shortcut_sample(fn, sched, x, "fixed:2", chain_schedule=schedule, memory_light=light)
-        sdo.digits_reward(4, zoo.load("digits-classifier", dtype=torch.float64).model)(out).sum().backward()
+        config = sdo.ChainConfig(policy="fixed:2", chain_schedule=schedule, memory_light=light)
+        out = sdo.shortcut_sample(fn, sched, x, config)
+        digits_reward(4, zoo.load("digits-classifier", dtype=torch.float64).model)(out).sum().backward()
         grads[light] = x.grad
     assert ((grads[True] - grads[False]).norm() / grads[False].norm()).item() <= 1e-5
     # the model is left as it was: the schedule was removed after the chain
@@ -60,11 +62,12 @@ def test_chain_schedule_bad_inputs(unet64):
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
     x_T = zoo.initial_noise(2, seed=1).double()
     with pytest.raises(ValueError, match="denoiser calls"):
-        sdo.shortcut_sample(fn, sched, x_T, "first", chain_schedule=dipgo.skip_steps(model, CALLS + 2, compute=[0]))
+        config = sdo.ChainConfig(chain_schedule=dipgo.skip_steps(model, CALLS + 2, compute=[0]))
+        sdo.shortcut_sample(fn, sched, x_T, config)
     dit, _ = zoo.load("digits-dit")
     with pytest.raises(ValueError, match="built for"):
-        sdo.shortcut_sample(fn, sched, x_T, "first", chain_schedule=dipgo.full(dit, CALLS))
+        sdo.shortcut_sample(fn, sched, x_T, sdo.ChainConfig(chain_schedule=dipgo.full(dit, CALLS)))
     with pytest.raises(ValueError, match="one-call"):
-        sdo.shortcut_sample(fn, sched, x_T, "full", chain_schedule=dipgo.full(model, CALLS))
+        sdo.shortcut_sample(fn, sched, x_T, sdo.ChainConfig(policy="full", chain_schedule=dipgo.full(model, CALLS)))
     with pytest.raises(TypeError, match="Schedule"):
-        sdo.shortcut_sample(fn, sched, x_T, "first", chain_schedule="deepcache")
+        sdo.shortcut_sample(fn, sched, x_T, sdo.ChainConfig(chain_schedule="deepcache"))
