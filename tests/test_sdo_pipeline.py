@@ -38,7 +38,7 @@ def test_shortcut_sample_is_the_pipeline_loop(scheduler_cls):
     pipe.scheduler.set_timesteps(STEPS)
     fn = sdo.TextConditional(pipe.unet, pe, ne)
     with torch.no_grad():
-        ours = sdo.shortcut_sample(fn, pipe.scheduler, x_T, "first", guidance=GUIDANCE)
+        ours = sdo.shortcut_sample(fn, pipe.scheduler, x_T, sdo.ChainConfig(guidance=GUIDANCE))
     assert rel(ours, ref) <= 1e-5
 
 
@@ -51,7 +51,8 @@ def test_optimised_latents_give_the_same_image_through_the_pipeline():
     reward = lambda x0: -((x0 - target) ** 2).flatten(1).mean(1)  # noqa: E731
     pipe.scheduler.set_timesteps(STEPS)
     fn = sdo.TextConditional(pipe.unet, pe, ne)
-    res = sdo.optimize_latents(fn, pipe.scheduler, reward, x_T, iters=4, guidance=GUIDANCE, progress=False)
+    config = sdo.OptimizeConfig(iters=4, chain=sdo.ChainConfig(guidance=GUIDANCE))
+    res = sdo.optimize_latents(fn, pipe.scheduler, reward, x_T, config, progress=False)
     assert not torch.equal(res.latents, x_T)
     assert res.history[-1]["reward_mean"] > res.history[0]["reward_mean"]
     image = pipe_latents(pipe, res.latents, pe.expand(3, -1, -1), ne.expand(3, -1, -1))
@@ -68,8 +69,11 @@ def test_lora_finetuned_on_the_unet_loads_into_the_pipeline(tmp_path):
     reward = lambda x0: -((x0 - target) ** 2).flatten(1).mean(1)  # noqa: E731
     pipe.scheduler.set_timesteps(STEPS)
     fn = sdo.TextConditional(pipe.unet, pe, ne)
-    res = sdo.finetune(pipe.unet, pipe.scheduler, reward, model_fn=fn, guidance=GUIDANCE, lora=2, iters=3,
-                       batch_size=2, lr=3e-2, sample_shape=(4, 8, 8), seed=0, progress=False)
+    config = sdo.FinetuneConfig(lora=2, iters=3, batch_size=2, seed=0,
+                                chain=sdo.ChainConfig(policy="per-sample:importance", guidance=GUIDANCE))
+    res = sdo.finetune(pipe.unet, pipe.scheduler, reward, config, model_fn=fn,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2, weight_decay=0.0), sample_shape=(4, 8, 8),
+                       progress=False)
     assert res.iterations == 3
     path = sdo.save_lora(pipe.unet, tmp_path / "lora")
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -145,7 +149,8 @@ def test_decoded_clip_reward_drives_latent_optimisation_through_a_pipeline():
     pipe.scheduler.set_timesteps(STEPS)
     fn = sdo.TextConditional(pipe.unet, pe, ne)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    res = sdo.optimize_latents(fn, pipe.scheduler, reward, x_T, iters=5, guidance=GUIDANCE, progress=False)
+    config = sdo.OptimizeConfig(iters=5, chain=sdo.ChainConfig(guidance=GUIDANCE))
+    res = sdo.optimize_latents(fn, pipe.scheduler, reward, x_T, config, progress=False)
     first = torch.tensor(res.history[0]["reward"])
     with torch.no_grad():
         best = reward(res.x0)
