@@ -151,7 +151,15 @@ def latent_objective(args, digit: int):
     if args.reward_shift:
         reward = sdo.ShiftAveraged(reward, args.reward_shift, fill=-1.0)
     p = args.freeze_prob if args.freeze_prob is not None else args.stop_prob
-    return reward, dict(stop_at=math.log(p), stop_fraction=1.0, freeze_reached=args.freeze_prob is not None)
+    return reward, sdo.RewardTarget(math.log(p), 1.0, freeze=args.freeze_prob is not None)
+
+
+def latent_run(args, policy: str, seed: int, time_budget: float | None = None) -> tuple:
+    """optimize_latents' config and keyword arguments for these settings."""
+    config = sdo.OptimizeConfig(iters=args.iters, seed=seed, time_budget=time_budget,
+                                chain=sdo.ChainConfig(policy=policy))
+    return config, dict(optimizer=sdo.latent_optimizer(args.optimizer, args.lr),
+                        regularizer=sdo.latent_regularizer(0.01, args.prior_weight))
 
 
 def objective_record(args) -> dict:
@@ -168,9 +176,8 @@ def part_latents(args) -> dict:
         reward = zoo.digits_reward(digit)  # reported: the plain log p
         objective, stopping = latent_objective(args, digit)
         x_T = zoo.initial_noise(args.batch, seed=args.noise_seed + digit)
-        res = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy=args.policy,
-                                   optimizer=args.optimizer, prior_weight=args.prior_weight, seed=digit,
-                                   progress=False, **stopping)
+        config, kw = latent_run(args, args.policy, digit)
+        res = sdo.optimize_latents(fn, sched, objective, x_T, config, stop=stopping, progress=False, **kw)
         with torch.no_grad():
             x0 = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
             r_sdo = reward(x0).mean().item()
@@ -182,12 +189,10 @@ def part_latents(args) -> dict:
                **latent_statistics(res.latents, x_T)}
         if args.compare_full:
             budget = row["seconds"]
-            full = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy="full",
-                                        optimizer=args.optimizer, prior_weight=args.prior_weight,
-                                        time_budget=budget, seed=digit, progress=False,
-                                        # full runs its whole budget (as in the earlier runs), freezing as SDO does
-                                        freeze_reached=stopping["freeze_reached"],
-                                        stop_at=stopping["stop_at"] if stopping["freeze_reached"] else None)
+            config, kw = latent_run(args, "full", digit, time_budget=budget)
+            # full runs its whole budget (as in the earlier runs), freezing as SDO does
+            full = sdo.optimize_latents(fn, sched, objective, x_T, config, stop=stopping if stopping.freeze else None,
+                                        progress=False, **kw)
             with torch.no_grad():
                 r_full = reward(sdo.shortcut_sample(fn, sched, full.latents, "first")).mean().item()
             row.update({"full_iterations_at_equal_time": len(full.history), "full_reward_final": r_full})
@@ -247,9 +252,8 @@ def part_latents_fd(args) -> dict:
     real = x[y == digit]
     objective, stopping = latent_objective(args, digit)
     x_T = zoo.initial_noise(n, seed=args.fd_noise_seed + digit)
-    res = sdo.optimize_latents(fn, sched, objective, x_T, iters=args.iters, lr=args.lr, policy="first",
-                               optimizer=args.optimizer, prior_weight=args.prior_weight, seed=digit, progress=True,
-                               **stopping)
+    config, kw = latent_run(args, "first", digit)
+    res = sdo.optimize_latents(fn, sched, objective, x_T, config, stop=stopping, **kw)
     with torch.no_grad():
         before = sdo.shortcut_sample(fn, sched, x_T, "first").clamp(-1, 1)
         after = sdo.shortcut_sample(fn, sched, res.latents, "first").clamp(-1, 1)
@@ -297,9 +301,9 @@ def part_adapter_merge(args) -> dict:
             for merge in (True, False):
                 model, sched = setup(args.steps)
                 policy, chain = chain_of(method, model, args.steps)
-                res = sdo.finetune(model, sched, zoo.digits_reward(args.target), lora=4, iters=6,
-                                   batch_size=args.batch, lr=3e-3, policy=policy, chain_schedule=chain,
-                                   merge_adapters=merge, seed=r, progress=False)
+                config = sdo.FinetuneConfig(lora=4, iters=6, batch_size=args.batch, seed=r, chain=sdo.ChainConfig(
+                    policy=policy, chain_schedule=chain, merge_adapters=merge))
+                res = sdo.finetune(model, sched, zoo.digits_reward(args.target), config, progress=False)
                 secs = [b["seconds"] - a["seconds"] for a, b in zip(res.history, res.history[1:])]
                 times[f"{method} {'merged' if merge else 'apart'}"].extend(secs)
     rows = {k: {"median_s": statistics.median(v), "min_s": min(v), "iterations": len(v)} for k, v in times.items()}

@@ -246,8 +246,8 @@ def sdo_rows(name: str = "sd-1.5", latent: int = 64, rounds: int = 2, dtype=torc
     def iteration(method: str, r: int):
         policy, chain = methods[method]
         x = x_T.clone().requires_grad_(True)
-        x0 = sdo.shortcut_sample(fn, scheduler, x, policy, guidance=GUIDANCE, autocast=autocast, params=[],
-                                 chain_schedule=chain, generator=torch.Generator().manual_seed(r))
+        config = sdo.ChainConfig(policy=policy, guidance=GUIDANCE, autocast=autocast, chain_schedule=chain)
+        x0 = sdo.shortcut_sample(fn, scheduler, x, config, params=[], generator=torch.Generator().manual_seed(r))
         (x0 * weight).sum().backward()
         grads[method] = x.grad
 

@@ -76,8 +76,8 @@ def grad_of(fn, sched, x_T, reward, policy, params, seed, memory_light=None, cha
         p.grad = None
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    x0 = sdo.shortcut_sample(fn, sched, x, policy, generator=gen, params=params, memory_light=memory_light,
-                             chain_schedule=chain_schedule)
+    config = sdo.ChainConfig(policy=policy, memory_light=memory_light, chain_schedule=chain_schedule)
+    x0 = sdo.shortcut_sample(fn, sched, x, config, generator=gen, params=params)
     reward(x0).sum().backward()
     sec = time.perf_counter() - t0
     gp = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params]
@@ -202,8 +202,8 @@ def memory_child(method: str, steps: int, batch: int, memory_light: bool | None 
         if method == "one_call":
             reward(fn(x, sched.timesteps[0])).sum().backward()
         elif method != "load":
-            x0 = sdo.shortcut_sample(fn, sched, x, method, generator=torch.Generator().manual_seed(0),
-                                     memory_light=memory_light)
+            x0 = sdo.shortcut_sample(fn, sched, x, sdo.ChainConfig(policy=method, memory_light=memory_light),
+                                     generator=torch.Generator().manual_seed(0))
             reward(x0).sum().backward()
     print(json.dumps({"base_kib": m.base, "peak_kib": m.peak}))
 
@@ -244,9 +244,8 @@ def latent_curves(s: Settings, cost: dict | None = None) -> dict:
         # the budget stops the run; iters (from the cost part's seconds per iteration) sizes the bar
         per_iter = (cost or {}).get(m, {}).get("median_s")
         iters = int(1.5 * s.curve_seconds / per_iter) + 10 if per_iter else 10_000
-        res = sdo.optimize_latents(fn, sched, reward, x_T, iters=iters, optimizer=s.optimizer, lr=s.lr,
-                                   policy=m, seed=0,
-                                   time_budget=s.curve_seconds, progress=True)
+        config = sdo.OptimizeConfig(iters=iters, seed=0, time_budget=s.curve_seconds, chain=sdo.ChainConfig(policy=m))
+        res = sdo.optimize_latents(fn, sched, reward, x_T, config, optimizer=sdo.latent_optimizer(s.optimizer, s.lr))
         x0, r, acc = final(res.latents)
         out["methods"][m] = {"iterations": len(res.history), "reward_final": r, "target_fraction": acc,
                              "curve": [{"seconds": h["seconds"], "reward_mean": h["reward_mean"]}
@@ -275,10 +274,11 @@ def finetune_run(s: Settings, method: str, lr: float, seed: int, budget: float |
     model, sched = setup(s.steps)
     policy, chain = chain_of(method, model, s.steps)
     iters = s.ft_iters if method == "full" or budget is None else 20 * s.ft_iters
-    res = sdo.finetune(model, sched, zoo.digits_reward(s.target), lora=4, iters=iters,
-                       batch_size=s.batch, lr=lr, policy=policy, chain_schedule=chain,
-                       eval_noise=eval_noise, eval_every=s.eval_every, seed=seed, progress=False,
-                       time_budget=None if method == "full" else budget)
+    config = sdo.FinetuneConfig(lora=4, iters=iters, batch_size=s.batch, eval_every=s.eval_every, seed=seed,
+                                time_budget=None if method == "full" else budget,
+                                chain=sdo.ChainConfig(policy=policy, chain_schedule=chain))
+    res = sdo.finetune(model, sched, zoo.digits_reward(s.target), config, optimizer=sdo.weight_optimizer(lr=lr),
+                       eval_noise=eval_noise, progress=False)
     run = {"method": method, "lr": lr, "seed": seed, "chain_macs_kept": chain and chain.macs_kept,
            "iterations": res.iterations, "eval": res.eval_history, "final": res.eval_history[-1]["reward_mean"]}
     print(json.dumps({k: v for k, v in run.items() if k != "eval"}), flush=True)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "gaussian_shell": "optimize",
     "gaussian_prior": "optimize", "NormalizedAscent": "optimize",
     "ChainConfig": "config", "OptimizeConfig": "config", "FinetuneConfig": "config", "RewardTarget": "optimize",
-    "shell_regularizer": "optimize", "finetune": "finetuning", "FinetuneResult": "finetuning", "add_lora": "finetuning",
+    "latent_regularizer": "optimize", "latent_optimizer": "optimize", "finetune": "finetuning", "weight_optimizer": "finetuning", "FinetuneResult": "finetuning", "add_lora": "finetuning",
     "save_lora": "finetuning", "load_lora": "finetuning",
 }
 

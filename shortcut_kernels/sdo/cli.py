@@ -20,7 +20,7 @@ from ..zoo.rewards import digits_reward
 from ..models.conditioning import ClassConditional
 from .chain import shortcut_sample
 from .config import ChainConfig, OptimizeConfig
-from .optimize import NormalizedAscent, RewardTarget, gaussian_prior, gaussian_shell, optimize_latents
+from .optimize import RewardTarget, latent_optimizer, latent_regularizer, optimize_latents
 from .rewards import ShiftAveraged
 
 
@@ -95,19 +95,6 @@ def _curve(history, path: Path, target: int) -> None:
     plt.close(fig)
 
 
-def _optimizer(name: str, lr: float | None):
-    if name == "adam":
-        return lambda params: torch.optim.Adam(params, lr=0.25 if lr is None else lr, betas=(0.9, 0.9))
-    return lambda params: NormalizedAscent(params, lr=0.2 if lr is None else lr, momentum=0.5)
-
-
-def _regularizer(shell_weight: float, prior_weight: float):
-    if not shell_weight and not prior_weight:
-        return None
-    return lambda x, generator=None: (shell_weight * gaussian_shell(x)
-                                      + (prior_weight * gaussian_prior(x, generator=generator) if prior_weight else 0))
-
-
 def run(args) -> int:
     if not 0 <= args.target_class <= 9:
         raise SystemExit(f"--target-class must be 0..9, got {args.target_class}")
@@ -133,8 +120,8 @@ def run(args) -> int:
         before = shortcut_sample(fn, sched, x_T, sample_config).clamp(-1, 1)
     config = OptimizeConfig(iters=args.iters, seed=args.seed, chain=ChainConfig(policy=args.policy, guidance=guidance))
     stop = RewardTarget(stop_at, freeze=args.freeze_prob is not None) if stop_at is not None else None
-    res = optimize_latents(fn, sched, objective, x_T, config, optimizer=_optimizer(args.optimizer, args.lr),
-                           regularizer=_regularizer(args.shell_weight, args.prior_weight), stop=stop,
+    res = optimize_latents(fn, sched, objective, x_T, config, optimizer=latent_optimizer(args.optimizer, args.lr),
+                           regularizer=latent_regularizer(args.shell_weight, args.prior_weight), stop=stop,
                            progress=not args.no_progress)
     with torch.no_grad():
         after = shortcut_sample(fn, sched, res.latents, sample_config).clamp(-1, 1)

@@ -29,8 +29,8 @@ from .config import DEFAULT_LORA_TARGETS, ChainConfig, FinetuneConfig
 from .policy import Policy
 from .rewards import RewardError, check_reward
 
-__all__ = ["finetune", "FinetuneResult", "add_lora", "save_lora", "load_lora", "trainable_parameters",
-           "DEFAULT_LORA_TARGETS"]
+__all__ = ["finetune", "FinetuneResult", "weight_optimizer", "add_lora", "save_lora", "load_lora",
+           "trainable_parameters", "DEFAULT_LORA_TARGETS"]
 
 STATE_FILE = "finetune_state.pt"
 
@@ -73,7 +73,7 @@ def save_lora(model: torch.nn.Module, directory: str | os.PathLike, weight_name:
     # "lora.down" conversion only renames attention layers and would mix two formats
     state = get_peft_model_state_dict(net)
     if not state:
-        raise ValueError("the model has no LoRA adapter to save (finetune(..., lora=rank) adds one)")
+        raise ValueError("the model has no LoRA adapter to save (finetune with FinetuneConfig(lora=rank) adds one)")
     config = net.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     directory = Path(directory)
@@ -112,9 +112,14 @@ def evaluate_reward(model_fn, scheduler, reward, noise: Tensor, config: ChainCon
     return float(torch.cat(vals).mean())
 
 
-def default_optimizer(params) -> torch.optim.Optimizer:
-    """AdamW at lr 3e-3, no weight decay: ``finetune``'s default."""
-    return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+def weight_optimizer(name: str = "adamw", lr: float = 3e-3) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """``optimizer(params)`` for ``finetune``: ``adamw`` (no weight decay; the default, lr 3e-3)
+    or ``sgd``."""
+    if name == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
 
 
 def finetune(
@@ -124,7 +129,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     model_fn: Callable | None = None,
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] = default_optimizer,
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
     sample_shape: tuple[int, ...] | None = None,
     eval_noise: Tensor | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -147,8 +152,8 @@ def finetune(
     model_fn: ``model_fn(x, t)`` as in ``shortcut_sample``; default
         ``ClassConditional(model, model.null_label)`` (e.g. ``ClassConditional(model, labels,
         guidance=True)`` for labels with guidance).
-    optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (default AdamW, lr 3e-3, no weight
-        decay).
+    optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (default ``weight_optimizer()``:
+        AdamW, lr 3e-3, no weight decay).
     sample_shape: ``(C, H, W)`` of the noise; default: from the model's config.
     eval_noise: fixed held-out noise; the reward on it is logged every ``eval_every`` iterations
         (evaluation time is not counted in ``seconds``).
@@ -197,7 +202,7 @@ def finetune(
         model.requires_grad_(True)
         params = trainable_parameters(model)
     model.eval()  # deterministic forward: the kept call is recomputed at backward
-    opt = optimizer(params)
+    opt = (optimizer or weight_optimizer())(params)
     scaler = chain.loss_scaler(params[0].device)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     result = FinetuneResult()

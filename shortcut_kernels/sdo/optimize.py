@@ -33,7 +33,7 @@ from .config import OptimizeConfig
 from .rewards import RewardError, check_reward
 
 __all__ = ["optimize_latents", "OptimizeResult", "NormalizedAscent", "RewardTarget", "gaussian_shell",
-           "gaussian_prior", "shell_regularizer", "default_optimizer", "clip_per_sample_"]
+           "gaussian_prior", "latent_regularizer", "latent_optimizer", "clip_per_sample_"]
 
 
 def gaussian_shell(x: Tensor) -> Tensor:
@@ -147,14 +147,27 @@ class RewardTarget:
         return float(self.reached(reward).float().mean()) >= self.fraction
 
 
-def shell_regularizer(weight: float = 0.01) -> Callable[[Tensor, torch.Generator | None], Tensor]:
-    """``weight * gaussian_shell``: the default regulariser of ``optimize_latents``."""
-    return lambda x, generator=None: weight * gaussian_shell(x)
+def latent_regularizer(shell: float = 0.01, prior: float = 0.0):
+    """``regularizer(latent, generator) -> [B]``: ``shell * gaussian_shell + prior *
+    gaussian_prior`` (None when both weights are 0)."""
+    if not shell and not prior:
+        return None
+
+    def regularizer(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        penalty = shell * gaussian_shell(x)
+        return penalty + prior * gaussian_prior(x, generator=generator) if prior else penalty
+    return regularizer
 
 
-def default_optimizer(params) -> torch.optim.Optimizer:
-    """:class:`NormalizedAscent` at lr 0.2, momentum 0.5: ``optimize_latents``' default."""
-    return NormalizedAscent(params, lr=0.2, momentum=0.5)
+def latent_optimizer(name: str = "normalized", lr: float | None = None, momentum: float = 0.5,
+                     betas: tuple[float, float] = (0.9, 0.9)) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """``optimizer(params)`` for ``optimize_latents``: ``normalized`` (:class:`NormalizedAscent`,
+    lr 0.2 by default) or ``adam`` (lr 0.25 by default)."""
+    if name == "normalized":
+        return lambda params: NormalizedAscent(params, lr=0.2 if lr is None else lr, momentum=momentum)
+    if name == "adam":
+        return lambda params: torch.optim.Adam(params, lr=0.25 if lr is None else lr, betas=betas)
+    raise ValueError(f"optimizer must be 'normalized' or 'adam', got {name!r}")
 
 
 def optimize_latents(
@@ -164,8 +177,8 @@ def optimize_latents(
     x_T: Tensor,
     config: OptimizeConfig | None = None,
     *,
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] = default_optimizer,
-    regularizer: Callable[[Tensor, torch.Generator | None], Tensor] | None = shell_regularizer(),
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+    regularizer: Callable[[Tensor, torch.Generator | None], Tensor] | None = latent_regularizer(),
     stop: RewardTarget | None = None,
     progress: bool = True,
     callback: Callable[[dict], bool | None] | None = None,
@@ -176,11 +189,13 @@ def optimize_latents(
     config: :class:`~shortcut_kernels.sdo.config.OptimizeConfig` (iterations, learning-rate
         decay, keep-best, projection, warm-up calls, clipping, seed, time budget) with the
         chains' :class:`~shortcut_kernels.sdo.config.ChainConfig` (policy, guidance, ...).
-    optimizer: ``optimizer([latent]) -> torch.optim.Optimizer`` (default :class:`NormalizedAscent`
-        at lr 0.2; e.g. ``lambda p: torch.optim.Adam(p, lr=0.25, betas=(0.9, 0.9))``).
+    optimizer: ``optimizer([latent]) -> torch.optim.Optimizer`` (default
+        ``latent_optimizer()``: :class:`NormalizedAscent` at lr 0.2; ``latent_optimizer("adam")``
+        or any factory such as ``lambda p: torch.optim.SGD(p, lr=0.1)``).
     regularizer: ``regularizer(latent, generator) -> [B]``, added to ``-reward`` (default
-        ``0.01 * gaussian_shell``; ``gaussian_prior`` keeps the latent's statistics typical
-        of Gaussian noise); None: no regulariser.
+        ``latent_regularizer()``: ``0.01 * gaussian_shell``; its ``prior`` weight adds
+        ``gaussian_prior``, which keeps the latent's statistics typical of Gaussian noise);
+        None: no regulariser.
     stop: a :class:`RewardTarget` (stop once enough samples reach a reward, optionally
         freezing those that do).
     callback: called with each iteration's record; returning True stops.
@@ -202,7 +217,7 @@ def optimize_latents(
         latent = warm.x.detach().clone()
     norms0 = latent.flatten(1).norm(dim=1).view(-1, *([1] * (latent.dim() - 1)))
     latent.requires_grad_(True)
-    opt = optimizer([latent])
+    opt = (optimizer or latent_optimizer())([latent])
     lr = [group["lr"] for group in opt.param_groups]
     scaler = chain.loss_scaler(latent.device)
     result = OptimizeResult(latent.detach(), None, [], False, warm)
