@@ -71,14 +71,13 @@ class ChainConfig:
 
     @classmethod
     def of(cls, config: "ChainConfig | str | Policy | None") -> "ChainConfig":
-        """A config from a config, a policy (string or ``Policy``) or None (the defaults)."""
+        """A config from a config, a policy (a name, a ``Policy`` or one kept call per sample) or
+        None (the defaults)."""
         if config is None:
             return cls()
         if isinstance(config, ChainConfig):
             return config
-        if isinstance(config, (str, Policy)):
-            return cls(policy=config)
-        raise TypeError(f"config must be a ChainConfig or a policy string, got {type(config).__name__}")
+        return cls(policy=config)  # a policy: parse_policy says what it accepts
 
     def loss_scaler(self, device) -> torch.amp.GradScaler | None:
         """The dynamic loss scale of an fp16 run, or None."""

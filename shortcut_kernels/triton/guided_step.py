@@ -26,12 +26,11 @@ def _coef(ptr, scalar, sample, stride, FROM_PTR: tl.constexpr, ACC: tl.constexpr
     return value
 
 
-@triton.autotune(configs=elementwise_configs(), key=["per_sample"])
 @triton.jit
-def _forward_kernel(x_ptr, uncond_ptr, cond_ptr, out_ptr, a_ptr, b_ptr, w_ptr, a_scalar, b_scalar,
-                    w_scalar, a_stride, b_stride, per_sample, A_PTR: tl.constexpr,
-                    B_PTR: tl.constexpr, W_PTR: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _block(a_ptr, b_ptr, w_ptr, a_scalar, b_scalar, w_scalar, a_stride, b_stride, per_sample,
+           A_PTR: tl.constexpr, B_PTR: tl.constexpr, W_PTR: tl.constexpr, ACC: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """This program's offsets and mask within its sample, and the sample's a, b and w."""
     sample = tl.program_id(1).to(tl.int64)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < per_sample
@@ -39,6 +38,17 @@ def _forward_kernel(x_ptr, uncond_ptr, cond_ptr, out_ptr, a_ptr, b_ptr, w_ptr, a
     a = _coef(a_ptr, a_scalar, sample, a_stride, A_PTR, ACC)
     b = _coef(b_ptr, b_scalar, sample, b_stride, B_PTR, ACC)
     w = _coef(w_ptr, w_scalar, sample, 0, W_PTR, ACC)
+    return offsets, mask, a, b, w
+
+
+@triton.autotune(configs=elementwise_configs(), key=["per_sample"])
+@triton.jit
+def _forward_kernel(x_ptr, uncond_ptr, cond_ptr, out_ptr, a_ptr, b_ptr, w_ptr, a_scalar, b_scalar,
+                    w_scalar, a_stride, b_stride, per_sample, A_PTR: tl.constexpr,
+                    B_PTR: tl.constexpr, W_PTR: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    offsets, mask, a, b, w = _block(a_ptr, b_ptr, w_ptr, a_scalar, b_scalar, w_scalar, a_stride, b_stride,
+                                    per_sample, A_PTR, B_PTR, W_PTR, ACC, BLOCK)
     x = tl.load(x_ptr + offsets, mask=mask).to(ACC)
     uncond = tl.load(uncond_ptr + offsets, mask=mask).to(ACC)
     cond = tl.load(cond_ptr + offsets, mask=mask).to(ACC)
@@ -52,13 +62,8 @@ def _backward_kernel(grad_ptr, d_x_ptr, d_uncond_ptr, d_cond_ptr, a_ptr, b_ptr, 
                      NEED_UNCOND: tl.constexpr, NEED_COND: tl.constexpr, A_PTR: tl.constexpr,
                      B_PTR: tl.constexpr, W_PTR: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
-    sample = tl.program_id(1).to(tl.int64)
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < per_sample
-    offsets += sample * per_sample
-    a = _coef(a_ptr, a_scalar, sample, a_stride, A_PTR, ACC)
-    b = _coef(b_ptr, b_scalar, sample, b_stride, B_PTR, ACC)
-    w = _coef(w_ptr, w_scalar, sample, 0, W_PTR, ACC)
+    offsets, mask, a, b, w = _block(a_ptr, b_ptr, w_ptr, a_scalar, b_scalar, w_scalar, a_stride, b_stride,
+                                    per_sample, A_PTR, B_PTR, W_PTR, ACC, BLOCK)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC)
     if NEED_X:
         tl.store(d_x_ptr + offsets, (a * grad).to(d_x_ptr.dtype.element_ty), mask=mask)
