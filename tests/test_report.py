@@ -340,7 +340,7 @@ def test_headline_reads_a_section_file_and_gpu_rows(tmp_path, capsys):
 def test_results_replaces_only_its_generated_part(tmp_path):
     """`--results FILE` writes every section's tables between its markers and keeps the text
     around them; run twice it gives the same file."""
-    from shortcut_kernels.report.tables import RESULTS_BEGIN, RESULTS_END
+    from shortcut_kernels.report.headline import RESULTS_BEGIN, RESULTS_END
 
     d, env, docs = _bench_dir(tmp_path)
     out = tmp_path / "results.md"
@@ -366,7 +366,7 @@ def test_results_replaces_only_its_generated_part(tmp_path):
 
 
 def test_results_appends_to_a_file_without_markers(tmp_path):
-    from shortcut_kernels.report.tables import RESULTS_BEGIN
+    from shortcut_kernels.report.headline import RESULTS_BEGIN
 
     d, _, docs = _bench_dir(tmp_path)
     out = tmp_path / "notes.md"

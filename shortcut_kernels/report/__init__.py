@@ -10,30 +10,13 @@ missing); nothing is copied from elsewhere.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .plots import make_plots
+from .sections import SECTIONS, load_sections
 from .tables import markdown
 
 __all__ = ["build", "load_sections", "SECTIONS"]
-
-SECTIONS = ("ops", "dipgo", "dipgo-learn", "sdo", "gpu")
-
-
-def load_sections(directory: str | Path) -> tuple[dict, dict]:
-    """(environment, {section name: its JSON}) from ``directory``."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d} is not a directory of benchmark results")
-    env_path = d / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    sections = {name: json.loads((d / f"{name}.json").read_text()) for name in SECTIONS
-                if (d / f"{name}.json").is_file()}
-    if not sections:
-        raise FileNotFoundError(f"no section JSON ({', '.join(s + '.json' for s in SECTIONS)}) in {d}")
-    return env, sections
-
 
 def build(directory: str | Path) -> Path:
     """Write ``report.md`` and the plots into ``directory``; returns the report's path."""

@@ -7,11 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import build
+from .headline import headline, write_results
+
 
 def _run(args) -> int:
-    from . import build
-    from .tables import headline, write_results
-
     if args.headline or args.results:
         if args.headline:
             sys.stdout.write(headline(args.sources))

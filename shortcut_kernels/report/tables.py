@@ -31,7 +31,7 @@ def image(plots: list[str], name: str) -> list[str]:
     return [f"![{PLOTS[name]}]({name})", ""] if name in plots else []
 
 
-def _problem(doc: dict) -> list[str] | None:
+def section_problem(doc: dict) -> list[str] | None:
     """The lines that replace a section's tables when it did not produce any."""
     if "skipped" in doc:
         return [f"Skipped: {doc['skipped']}.", ""]
@@ -76,7 +76,7 @@ OURS = ("cpu", "cuda", "triton")
 
 def ops_part(doc: dict, plots) -> list[str]:
     lines = ["## Ops: fused kernels against the eager composite and torch.compile", ""]
-    bad = _problem(doc)
+    bad = section_problem(doc)
     if bad:
         return lines + bad
     groups = defaultdict(dict)
@@ -124,7 +124,7 @@ def ops_part(doc: dict, plots) -> list[str]:
 
 def dipgo_part(doc: dict, plots) -> list[str]:
     lines = ["## DiP-GO: cache schedules against the full model (wall-clock and MAC-ideal)", ""]
-    bad = _problem(doc)
+    bad = section_problem(doc)
     if bad:
         return lines + bad
     rows = doc["rows"]
@@ -151,7 +151,7 @@ def dipgo_part(doc: dict, plots) -> list[str]:
 
 def learn_part(doc: dict, plots) -> list[str]:
     lines = ["## DiP-GO: a schedule learned in this run against hand-made ones at equal MACs", ""]
-    bad = _problem(doc)
+    bad = section_problem(doc)
     if bad:
         return lines + bad
     tr, eq = doc["train"], doc["equal_macs"]
@@ -221,7 +221,7 @@ def verdict(doc: dict, quality: dict) -> list[str]:
 
 def sdo_part(doc: dict, plots) -> list[str]:
     lines = ["## SDO: the gradient shortcut against full backprop, DRaFT-K and AlignProp", ""]
-    bad = _problem(doc)
+    bad = section_problem(doc)
     if bad:
         return lines + bad
     fid = {r["policy"]: r for r in doc.get("fidelity", {}).get("rows", [])}
@@ -284,7 +284,7 @@ def sdo_part(doc: dict, plots) -> list[str]:
 
 def gpu_part(doc: dict, plots) -> list[str]:
     lines = ["## GPU: SD-1.5, SDXL and DiT-XL/2 architectures (random weights)", ""]
-    bad = _problem(doc)
+    bad = section_problem(doc)
     if bad:
         return lines + bad
     rows = doc.get("rows", [])
@@ -332,256 +332,3 @@ def markdown(env: dict, sections: dict, plots: list[str]) -> str:
         if name in sections:
             lines += part(sections[name], plots)
     return "\n".join(lines).rstrip() + "\n"
-
-
-# ----------------------------------------------------------------------------- headline and results
-
-
-def load_source(path) -> tuple[dict, dict]:
-    """(environment, {section: JSON}) of one source: a results directory of ``make bench``, or
-    one section's JSON file (its ``section`` field names it; no environment then)."""
-    import json
-    from pathlib import Path
-
-    from . import SECTIONS, load_sections
-
-    p = Path(path)
-    if p.is_dir():
-        return load_sections(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is neither a results directory nor a section JSON file")
-    doc = json.loads(p.read_text())
-    name = doc.get("section") if isinstance(doc, dict) else None
-    if name not in SECTIONS:
-        raise ValueError(f"{p} is not a section JSON of `make bench` (its 'section' field is {name!r}, "
-                         f"expected one of {', '.join(SECTIONS)})")
-    return {}, {name: doc}
-
-
-def source_label(path, section: str) -> str:
-    """How a row names its JSON: ``<directory name>/<section>.json``, or the file's name."""
-    from pathlib import Path
-
-    p = Path(path)
-    return f"{p.name}/{section}.json" if p.is_dir() else p.name
-
-
-def _machine(env: dict, doc: dict) -> str:
-    """The device a section ran on (its own record, else the run's environment) and the date."""
-    rows = doc.get("rows") if isinstance(doc.get("rows"), list) else []
-    named = [d for d in (doc.get("device"), rows[0].get("device") if rows else None)
-             if d and d not in ("cpu", "cuda")]  # a device type alone says less than the environment
-    what = (named or [env.get("gpu") or env.get("cpu") or "-"])[0]
-    date = str(env.get("date_utc", ""))[:10]
-    return f"{what}, {date}" if date else str(what)
-
-
-def _size_elements(size: str) -> int:
-    n = 1
-    for part in size.strip("()").split(","):
-        if part.strip():
-            n *= int(part)
-    return n
-
-
-def _range(values: list, spec: str, unit: str = "") -> str:
-    lo, hi = min(values), max(values)
-    return f"{format(lo, spec)}{unit}" if format(lo, spec) == format(hi, spec) else \
-        f"{format(lo, spec)}-{format(hi, spec)}{unit}"
-
-
-def _ops_headline(doc: dict) -> list[list[str]]:
-    rows = []
-    by_key = defaultdict(dict)
-    for r in doc["rows"]:
-        by_key[(r["op"], r["mode"], r["size"], r["dtype"])][r["provider"]] = r
-    largest = {}
-    for op, _, size, _ in by_key:
-        if op not in largest or _size_elements(size) > _size_elements(largest[op]):
-            largest[op] = size
-    for provider in OURS:
-        mine = [same[provider] for same in by_key.values() if provider in same]
-        if not mine:
-            continue
-        eager = [r["speedup_vs_eager"] for r in mine if r.get("speedup_vs_eager")]
-        compile_ = [r["speedup_vs_compile"] for r in mine if r.get("speedup_vs_compile")]
-        parts = []
-        if eager:
-            parts.append(f"faster than eager in {sum(x > 1 for x in eager)} of {len(eager)} rows "
-                         f"(median {statistics.median(eager):.2f}x)")
-        if compile_:
-            parts.append(f"than torch.compile in {sum(x > 1 for x in compile_)} of {len(compile_)} "
-                         f"(median {statistics.median(compile_):.2f}x)")
-        big = [r for (op, mode, size, _), same in by_key.items() for r in [same.get(provider)]
-               if r and mode == "fwd" and size == largest[op]]
-        copy = [r["pct_of_copy"] for r in big if r.get("pct_of_copy") is not None]
-        if copy:
-            speed = [r["speedup_vs_eager"] for r in big if r.get("speedup_vs_eager")]
-            parts.append(f"forward at each op's largest size: {_range(copy, '.0f', '%')} of a copy's bandwidth"
-                         + (f", {_range(speed, '.1f', 'x')} the eager composite" if speed else ""))
-        rows.append([f"fused ops, `{provider}` kernels ({len(mine)} rows)", "; ".join(parts),
-                     "eager composite" + (", torch.compile" if compile_ else "") + (", a copy of the same bytes"
-                                                                                     if copy else "")])
-    return rows
-
-
-def _schedule_headline(rows: list[dict], shape: str) -> list[list[str]]:
-    """Per model: its fastest schedule of ours, and the DeepCache package on the same schedule."""
-    out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ours = [r for r in rows if r["model"] == model and r.get("by", "ours") == "ours"]
-        if not ours:
-            continue
-        best = max(ours, key=lambda r: r["speedup"])
-        result = (f"`{best['schedule']}`: {num(best['speedup'])}x measured (MAC-ideal {num(best['mac_ideal'])}x, "
-                  f"{pct(best['macs_kept'])} of the MACs)")
-        pkg = [r for r in rows if r["model"] == model and r.get("by") == "DeepCache package"
-               and r["schedule"] == best["schedule"]]
-        if pkg:
-            result += f"; the DeepCache package {num(pkg[0]['speedup'])}x"
-        elif best.get("package_speedup") is not None:
-            result += f"; the DeepCache package {num(best['package_speedup'])}x"
-        out.append([f"DiP-GO schedule, {model}{shape.format(**best)}", result,
-                    f"the full model: {num(best['full_s'], '.3f')} s a run"])
-    return out
-
-
-def _learn_headline(doc: dict) -> list[list[str]]:
-    quality = {r["schedule"]: r for r in doc["quality"]}
-    hand = [quality[k] for k in (doc["deepcache"], doc["skip_steps"]) if k in quality]
-    if not hand:
-        return []
-    best = max(hand, key=lambda r: r["psnr_vs_full"])
-    out = []
-    for what, key in (("searched", doc.get("searched")), ("learned", doc["learned"])):
-        mine = quality.get(key)
-        if not mine:
-            continue
-        diff = mine["psnr_vs_full"] - best["psnr_vs_full"]
-        out.append([f"DiP-GO {what} schedule, {doc['model']}, {doc['calls']} calls, {mine.get('n_samples', '?')} "
-                    "held-out samples",
-                    f"{num(mine['psnr_vs_full'])} dB PSNR against full at {pct(mine['macs_kept'])} of the MACs: "
-                    f"{diff:+.2f} dB",
-                    f"best hand-made at equal MACs, `{best['schedule']}`: {num(best['psnr_vs_full'])} dB"])
-    return out
-
-
-def _sdo_headline(doc: dict) -> list[list[str]]:
-    cost, mem = doc.get("cost", {}), doc.get("memory", {})
-    full = cost.get("full", {}).get("median_s")
-    out = []
-    sdo = [m for m in doc["methods"] if m in ("first", "per-sample", "random") or m.endswith(":importance")]
-    timed = [m for m in sdo if cost.get(m, {}).get("median_s")]
-    if full and timed:
-        m = min(timed, key=lambda k: cost[k]["median_s"])
-        result = f"`{m}`: {num(cost[m]['median_s'], '.3f')} s per iteration, {num(full / cost[m]['median_s'])}x faster"
-        if mem.get(m, {}).get("delta_mib") and mem.get("full", {}).get("delta_mib"):
-            result += f", {num(mem[m]['delta_mib'] / mem['full']['delta_mib'])}x the peak memory"
-        out.append([f"SDO gradient, digits-unet, {doc['steps']} calls, batch {doc['batch']}", result,
-                    f"exact backprop (`full`): {num(full, '.3f')} s"])
-    best = doc.get("finetune", {}).get("best", {})
-    ours = {m: r for m, r in best.items() if m != "full" and r.get("fraction_of_full_time") is not None}
-    if ours:
-        m = min(ours, key=lambda k: ours[k]["fraction_of_full_time"])
-        r = ours[m]
-        result = (f"`{m}` reaches `full`'s final reward in {pct(r['fraction_of_full_time'], '.0f')} of its time")
-        if r.get("seeds"):
-            result += (f" ({r['seeds_within_fifth']} of {len(r['seeds'])} seeds within 1/5, median "
-                       f"{pct(r['median_fraction_of_full_time'], '.0f')})")
-        out.append(["SDO LoRA fine-tuning, digits-unet", result, "exact backprop (`full`), same seed"])
-    return out
-
-
-def _gpu_sdo_headline(sdo: dict) -> list[list[str]]:
-    rows = {r["method"]: r for r in sdo.get("rows", [])}
-    full = rows.get("full")
-    others = [r for m, r in rows.items() if m != "full"]
-    if not full or not others:
-        return []
-    best = max(others, key=lambda r: r["full_over_this"])
-    return [[f"SDO gradient, {sdo['model']} {sdo['dtype']}, batch {sdo['batch']}, {sdo['calls']} calls",
-             f"`{best['method']}`: {num(best['seconds'], '.3f')} s, {num(best['full_over_this'])}x faster, "
-             f"peak {num(best['peak_mib_over_weights'], '.0f')} MiB above the weights",
-             f"`full` (checkpointed): {num(full['seconds'], '.3f')} s, {num(full['peak_mib_over_weights'], '.0f')} MiB"]]
-
-
-def headline_rows(env: dict, sections: dict) -> list[list[str]]:
-    """[what, result, against, section] rows: the main claim of each section that ran."""
-    rows = []
-    for name, doc in sections.items():
-        if _problem(doc):
-            continue
-        got = []
-        if name == "ops" and doc.get("rows"):
-            got = _ops_headline(doc)
-        elif name == "dipgo" and doc.get("rows"):
-            got = _schedule_headline(doc["rows"], ", {batch_per_call} samples a call")
-        elif name == "dipgo-learn":
-            got = _learn_headline(doc)
-        elif name == "sdo":
-            got = _sdo_headline(doc)
-        elif name == "gpu":
-            got = _schedule_headline(doc.get("rows", []), " {latent}x{latent} {dtype}, {calls} calls")
-            got += _gpu_sdo_headline(doc.get("sdo") or {})
-        rows += [r + [name] for r in got]
-    return rows
-
-
-def headline(sources: list) -> str:
-    """A short markdown table: one row per main claim of the given sources (results directories
-    of ``make bench`` or section JSON files), each naming its JSON and machine."""
-    body = []
-    for src in sources:
-        env, sections = load_source(src)
-        for what, result, against, name in headline_rows(env, sections):
-            body.append([what, result, against, _machine(env, sections[name]), f"`{source_label(src, name)}`"])
-    if not body:
-        return "No section of these sources has a result (all missing, skipped or failed).\n"
-    return "\n".join(table(["what", "result", "against (same run)", "measured on", "JSON"], body,
-                           right_from=99)) + "\n"
-
-
-RESULTS_BEGIN = "<!-- shortcut-kernels report --results: generated from JSON below; edits are overwritten -->"
-RESULTS_END = "<!-- shortcut-kernels report --results: end -->"
-
-
-def _demoted(lines: list[str]) -> list[str]:
-    return ["#" + line if line.startswith("#") else line for line in lines]
-
-
-def results_block(sources: list, command: str | None = None) -> str:
-    """Every section's tables (those of report.md, without plots), one part per source, between
-    the markers that :func:`write_results` replaces."""
-    lines = [RESULTS_BEGIN, ""]
-    if command:
-        lines += [f"Regenerate: `{command}`.", ""]
-    for src in sources:
-        env, sections = load_source(src)
-        head = header(env, sections)[2:]  # without the report's title
-        head = [line for line in head if not line.startswith("Every number below")]
-        lines += [f"## `{src}`", ""] + ([] if env else ["(No `environment.json` with this file: the machine and "
-                                                         "versions are not recorded.)", ""]) + head
-        for name, part in PARTS.items():
-            if name in sections:
-                lines += _demoted(part(sections[name], []))
-    lines = [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]  # no double blank lines
-    return "\n".join(lines + [RESULTS_END]).rstrip() + "\n"
-
-
-def write_results(path, sources: list, command: str | None = None) -> None:
-    """Write the generated tables into ``path``: between its markers when it has them (the text
-    around them is kept), else appended to it, else as a new file."""
-    from pathlib import Path
-
-    p = Path(path)
-    block = results_block(sources, command)
-    if p.is_file():
-        text = p.read_text()
-        if RESULTS_BEGIN in text and RESULTS_END in text:
-            before, rest = text.split(RESULTS_BEGIN, 1)
-            after = rest.split(RESULTS_END, 1)[1]
-            p.write_text(before + block.rstrip("\n") + after)
-            return
-        p.write_text(text.rstrip("\n") + "\n\n" + block)
-        return
-    p.write_text("# Results\n\n" + block)
