@@ -1,5 +1,5 @@
 """The benchmark report: ``report.md`` and PNG plots from the section JSON that ``make bench``
-(``bench/run.py``) writes into one directory.
+(``python -m bench.run``) writes into one directory.
 
     shortcut-kernels report bench/results/20261129T201500Z     # rebuild report.md and the plots
     from shortcut_kernels.report import build; build(directory)
