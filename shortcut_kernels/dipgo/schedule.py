@@ -44,7 +44,7 @@ MODE_NAMES = ("compute", "read", "dead")
 FORMAT = "shortcut_kernels.dipgo.schedule"
 VERSION = 1
 
-__all__ = ["Schedule", "graph_of", "check_calls", "rebuildable", "COMPUTE", "READ", "DEAD", "MODE_NAMES"]
+__all__ = ["Schedule", "graph_of", "check_calls", "check_graph_indices", "rebuildable", "COMPUTE", "READ", "DEAD", "MODE_NAMES"]
 
 _REBUILD: dict[str, Callable[..., "Schedule"]] = {}
 
@@ -83,6 +83,24 @@ def check_calls(calls) -> int:
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls must be a positive int (denoiser calls per sampling run), got {calls!r}")
     return calls
+
+
+def check_graph_indices(graph_dict: dict) -> None:
+    """ValueError naming the field when a stored graph's block ``index``, ``consumers`` or
+    ``producers`` point outside its blocks (a hand-edited file): the graph code would
+    otherwise fail later with a bare IndexError, or not at all until a run."""
+    blocks = graph_dict["blocks"]
+    last = len(blocks) - 1
+    for i, bd in enumerate(blocks):
+        index = bd.get("index", i)
+        if index != i:
+            raise ValueError(f"graph.blocks[{i}].index is {index!r}; blocks are stored in execution order, "
+                             f"so it must be {i} (valid block indices: 0..{last})")
+        for field in ("consumers", "producers"):
+            bad = [x for x in bd[field] if isinstance(x, bool) or not isinstance(x, int) or not -1 <= x <= last]
+            if bad:
+                raise ValueError(f"graph.blocks[{i}].{field} holds {bad}: valid are block indices 0..{last} "
+                                 "and -1 (the model's stem/head)")
 
 
 def _group_size(graph: BlockGraph) -> int:
@@ -255,6 +273,7 @@ class Schedule:
         if d.get("version") != VERSION:
             raise ValueError(f"schedule format version {d.get('version')!r} is not supported (expected {VERSION})")
         try:
+            check_graph_indices(d["graph"])
             graph = BlockGraph.from_dict(d["graph"])
             rows = d["keep"]
             keep = [[c == "1" for c in row] for row in rows]
@@ -308,28 +327,48 @@ class Schedule:
                 f"{self.granularity} blocks, the model {len(g.names)}; first difference at block {diff}: "
                 f"schedule {self.block_names[diff] if diff < len(self.block_names) else None!r}, "
                 f"model {g.names[diff] if diff < len(g.names) else None!r}")
+        self._check_module_paths(m, g)
         if [b.consumers for b in g] != [b.consumers for b in self.graph]:
             raise ValueError(f"schedule's block topology does not match this {cls} (same names, other wiring)")
         if calls is not None and calls != self.calls:
             raise ValueError(f"schedule has {self.calls} denoiser calls but the run makes {calls}; "
                              f"use schedule.resize({calls})")
 
+    def _check_module_paths(self, model: torch.nn.Module, graph: BlockGraph) -> None:
+        """ValueError naming the first stored module path that ``model`` lacks or that sits on
+        another block in ``graph`` (the model's own graph): the runtime swaps the modules at
+        these paths, so a wrong one would only fail inside :func:`accelerate`."""
+        cls = type(model).__name__
+        have = {name for name, _ in model.named_modules()}
+        for mine, theirs in zip(self.graph, graph):
+            if mine.module_paths == theirs.module_paths:
+                continue
+            missing = [p for p in mine.module_paths if p not in have]
+            if missing:
+                raise ValueError(f"schedule block {mine.index} ({mine.name!r}) runs module {missing[0]!r}, which this "
+                                 f"{cls} does not have: the schedule was made for another model")
+            raise ValueError(f"schedule block {mine.index} ({mine.name!r}) runs modules {list(mine.module_paths)}, "
+                             f"this {cls}'s block {theirs.index} runs {list(theirs.module_paths)}: the schedule "
+                             "was made for another model")
+
     # ------------------------------------------------------------------ resize
     def resize(self, calls: int) -> "Schedule":
         """The same schedule for ``calls`` denoiser calls.
 
-        Schedules made by a builder registered with :func:`rebuildable` are rebuilt with the
-        same arguments (a deepcache(3) schedule stays interval 3; explicit call lists are
-        mapped proportionally, :func:`~.resize.mapped_calls`). Other schedules keep the MAC
-        share nearest theirs and, for each kind of row (whole calls, and each pattern of
-        partial rows), their density along the trajectory (halving merges pairs of adjacent
-        segments; an early-dense schedule stays early-dense); whole calls are placed first,
-        call 0 among them (:func:`~.resize.resized_rows`).
+        A schedule whose rows are what its builder (registered with :func:`rebuildable`)
+        makes from the stored arguments is rebuilt with them (a deepcache(3) schedule stays
+        interval 3; explicit call lists are mapped proportionally,
+        :func:`~.resize.mapped_calls`). Any other schedule - custom, learned, or a builder's
+        schedule whose rows were edited since - has its rows mapped: it keeps the MAC share
+        nearest its own and, for each kind of row (whole calls, and each pattern of partial
+        rows), its density along the trajectory (halving merges pairs of adjacent segments;
+        an early-dense schedule stays early-dense); whole calls are placed first, call 0
+        among them (:func:`~.resize.resized_rows`).
         """
         calls = check_calls(calls)
         if calls == self.calls:
             return self
-        builder = _REBUILD.get(self.name)
+        builder = self._builder()
         if builder is not None:
             params = dict(self.params)
             if params.get("compute") is not None:
@@ -337,3 +376,17 @@ class Schedule:
             return builder(self.graph, calls, **params)
         return Schedule(resized_rows(self.keep, calls, self.graph), self.graph, name=self.name,
                         params={**self.params, "resized_from": self.calls}, sampler=self.sampler)
+
+    def _builder(self) -> Callable[..., "Schedule"] | None:
+        """The registered builder that makes exactly these rows from ``params``, else None.
+
+        The name and arguments alone do not say it: rows edited after building (in Python
+        or in the JSON) keep both, and rebuilding from them would drop the edits."""
+        builder = _REBUILD.get(self.name)
+        if builder is None or "resized_from" in self.params:
+            return None
+        try:
+            rebuilt = builder(self.graph, self.calls, **self.params)
+        except (TypeError, ValueError):  # arguments the builder no longer takes: the rows are the schedule
+            return None
+        return builder if torch.equal(rebuilt.keep, self.keep) else None
