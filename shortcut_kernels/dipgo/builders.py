@@ -12,7 +12,7 @@
 * :func:`fora` - FORA-style (transformers): every block reused between full calls.
 
 Each is registered with :func:`~.schedule.rebuildable`, so ``Schedule.resize`` rebuilds
-their schedules from the stored arguments.
+their schedules from the stored arguments (rows edited since building are resized as rows).
 """
 from __future__ import annotations
 

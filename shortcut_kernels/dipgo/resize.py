@@ -1,10 +1,11 @@
 """Resizing a schedule that no builder made to another number of denoiser calls.
 
-A custom or learned schedule has no arguments to rebuild it from, so its rows are mapped:
+A custom or learned schedule has no arguments to rebuild it from (and a builder's schedule
+whose rows were edited by hand has arguments that no longer describe it), so its rows are mapped:
 each kind of row (whole calls, and each pattern of partial rows) keeps its density along
 the trajectory (:func:`requantile`), and the row counts are those whose MACs come nearest
 the old share (:func:`nearest_counts`). :meth:`shortcut_kernels.dipgo.Schedule.resize`
-uses :func:`resized_rows` for every schedule a builder cannot rebuild, and
+uses :func:`resized_rows` for every schedule whose rows its builder would not make, and
 :func:`mapped_calls` for explicit call lists.
 """
 from __future__ import annotations

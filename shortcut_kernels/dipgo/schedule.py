@@ -44,7 +44,8 @@ MODE_NAMES = ("compute", "read", "dead")
 FORMAT = "shortcut_kernels.dipgo.schedule"
 VERSION = 1
 
-__all__ = ["Schedule", "graph_of", "check_calls", "check_graph_indices", "rebuildable", "COMPUTE", "READ", "DEAD", "MODE_NAMES"]
+__all__ = ["Schedule", "graph_of", "check_calls", "check_graph_indices", "rebuildable", "COMPUTE", "READ", "DEAD",
+           "MODE_NAMES"]
 
 _REBUILD: dict[str, Callable[..., "Schedule"]] = {}
 
