@@ -49,15 +49,20 @@ class Chain:
     generator: draws the noise of stochastic samplers (DDPM, DDIM with eta > 0).
     plan: the scheduler's :class:`~shortcut_kernels.samplers.Plan`, when the caller has one.
     autocast: a dtype (``torch.bfloat16`` / ``torch.float16``) to run the denoiser calls in.
+    noise_rows: ``(global_batch, rows)``: the run is the ``rows`` slice of a larger batch (one
+        rank's share of a distributed batch); each noise draw is the whole batch's, from the
+        same ``generator`` on every rank, and this run takes its rows, so the ranks' samples
+        are those of one process running the whole batch. None: the draw is this run's batch.
     """
 
     def __init__(self, scheduler, guidance: float | None = None, *, eta: float = 0.0,
                  generator: torch.Generator | None = None, plan: Plan | None = None,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, noise_rows: tuple[int, slice] | None = None):
         self.scheduler = scheduler
         if plan is None and is_supported(scheduler):
             plan = Plan(scheduler, eta)
         self.plan = plan
+        self.noise_rows = _check_noise_rows(noise_rows, plan)
         self.guidance = None if guidance is None else float(guidance)
         self.generator = generator
         self.autocast = autocast
@@ -108,7 +113,16 @@ class Chain:
             return None
         if self.generator is None:
             raise ValueError(f"call {st.index} injects noise: give the chain a generator")
-        z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=self.generator.device)
+        shape = tuple(like.shape)
+        if self.noise_rows is not None:
+            whole, rows = self.noise_rows
+            shape = (whole, *shape[1:])
+        z = torch.randn(shape, generator=self.generator, dtype=like.dtype, device=self.generator.device)
+        if self.noise_rows is not None:
+            z = z[rows]
+            if z.shape[0] != like.shape[0]:
+                raise ValueError(f"noise_rows takes {z.shape[0]} rows of the batch of {whole}, the chain runs "
+                                 f"{like.shape[0]} samples: give the rows of this run's samples")
         return z.to(like.device)
 
     def update(self, i: int, x: Tensor, eu: Tensor, ec: Tensor, xs: dict, outs: dict) -> Tensor:
@@ -169,3 +183,16 @@ class Chain:
             if own_bar:
                 bar.close()
         return x
+
+
+def _check_noise_rows(noise_rows, plan: Plan | None) -> tuple[int, slice] | None:
+    """``noise_rows`` as ``(global_batch, slice)``, or a clear error."""
+    if noise_rows is None:
+        return None
+    if (not isinstance(noise_rows, tuple) or len(noise_rows) != 2 or not isinstance(noise_rows[1], slice)
+            or not isinstance(noise_rows[0], int) or noise_rows[0] < 1):
+        raise TypeError(f"noise_rows must be (global_batch, slice) with global_batch >= 1, got {noise_rows!r}")
+    if plan is None:  # the scheduler's own step() draws the noise of the batch it is given
+        raise ValueError("noise_rows needs a scheduler with a linear form (samplers.is_supported): "
+                         "its step() draws only this run's batch")
+    return noise_rows

@@ -241,6 +241,7 @@ def shortcut_sample(
     chain_model: torch.nn.Module | None = None,
     progress: bool = False,
     return_kept: bool = False,
+    noise_rows: tuple[int, slice] | None = None,
 ):
     """Sample with ``scheduler`` from ``x_T`` keeping the graph of one denoiser call per sample.
 
@@ -264,6 +265,9 @@ def shortcut_sample(
     chain_model: the model that ``config.chain_schedule`` applies to and whose LoRA adapters
         are merged (default: ``model_fn.model`` or ``model_fn``).
     return_kept: also return the kept call(s) (``[B]`` for one-call policies).
+    noise_rows: ``(global_batch, rows)`` when ``x_T`` is the ``rows`` of a larger batch (a
+        rank's share): the noise of stochastic samplers is drawn for the whole batch and
+        sliced (``Chain``'s ``noise_rows``), as one process running the whole batch draws it.
     Returns the final sample ``x_0`` (same dtype as ``x_T``).
     """
     _check_latent(x_T, "x_T")
@@ -284,7 +288,8 @@ def shortcut_sample(
     kept = pol.kept_calls(start, plan.n, x_T.shape[0], generator, probs)
     ps = _model_params(model_fn, params)
     memory_light = pol.one_call if cfg.memory_light is None else cfg.memory_light
-    chain = Chain(scheduler, cfg.guidance, generator=generator, plan=plan, autocast=cfg.autocast)
+    chain = Chain(scheduler, cfg.guidance, generator=generator, plan=plan, autocast=cfg.autocast,
+                  noise_rows=noise_rows)
     runner = _Runner(chain, model_fn, warm_start, kept, progress, checkpoint_kept=not pol.one_call)
     runner.weights = pol.grad_weights(kept, start, probs)
     if cfg.chain_schedule is not None:
