@@ -130,7 +130,8 @@ class _Chain:
             return None
         return Schedule(keep, self.net.graph)
 
-    def _run_skipping(self, x_T: Tensor, labels: Tensor, schedule: Schedule, on_call: Callable | None):
+    def _run_skipping(self, x_T: Tensor, labels: Tensor, schedule: Schedule, on_call: Callable | None,
+                      on_output: Callable | None = None):
         """The no-graph run through the runtime (:func:`.accelerate`): reused blocks are not
         computed, so the run costs the kept MACs. With hard cascade-normalised gates the
         SuperNet computes the same sample (it computes every block and then discards the
@@ -143,16 +144,18 @@ class _Chain:
                 t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
                 return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
 
-            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None)
+            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
+                                  on_output=on_output)
 
     def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
-            skip_reused: bool = True):
+            skip_reused: bool = True, on_output: Callable | None = None):
         """The final sample. ``grad``: ``"none"`` (no graph), ``"exact"`` (graph through every
-        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs.
+        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs,
+        ``on_output(i, eps_u, eps_c) -> (eps_u, eps_c)`` its outputs (:meth:`Chain.run`).
         Without a graph and with hard gates (``skip_reused``) reused blocks are skipped."""
         schedule = self.schedule_of(gates) if skip_reused and grad == "none" and not torch.is_grad_enabled() else None
         if schedule is not None:
-            return self._run_skipping(x_T, labels, schedule, on_call)
+            return self._run_skipping(x_T, labels, schedule, on_call, on_output)
         caches = None
 
         def seen(i: int, x: Tensor) -> None:
@@ -166,7 +169,8 @@ class _Chain:
                 eu, ec, caches = self.call(x_in, t, labels, gates[i], caches)
             return eu, ec
 
-        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None)
+        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
+                              on_output=on_output)
 
 
 @torch.no_grad()

@@ -1,0 +1,423 @@
+"""Learn a cache schedule from a forward-difference shortcut estimate, validated on a bank.
+
+    result = learn(model, scheduler, target_macs=0.4, time_budget=300)
+    result.schedule.save("learned.json")          # <= 40% of the MACs, better on the bank
+
+**The estimate.** A *unit* is one call's row changed to another candidate row: a computed call
+reusing everything (a *drop*), a reused call computing everything or a DeepCache-branch row
+(an *add*), ... One no-graph run of the current schedule records, at every call ``t``, the
+sample entering it, the caches it reads and its guided output ``out_t = eps_u + w (eps_c -
+eps_u)``. With every other call's output held, the final sample is linear in ``out_t`` with the
+scalar ``gamma_t = Plan.output_sensitivity(t, 0)`` (SDO's shortcut), so changing call ``t``'s
+row changes the consistency loss by, to first order,
+
+    gamma_t * <dL/dx_0, out_t(flipped row) - out_t(current row)>
+
+where ``out_t(flipped row)`` is one SuperNet call on the recorded inputs and caches (one
+forward per unit, nothing backpropagates through the chain). It is exact for the linearised
+loss with the other outputs held; it leaves out what the flip does to the caches later calls
+read, which is why every move is validated.
+
+**The learner.** Start from the hand-made schedule that scores best on the bank within the
+budget; propose single flips that keep the MACs within ``target_macs`` and equal-budget swaps
+(one drop plus one add), ranked by the summed estimates; sample the top few on the bank (the
+true loss) and accept the best one that raises its PSNR by ``min_gain``; re-estimate at the new
+schedule and repeat. It stops at ``time_budget`` or when no validated proposal helps, so the
+result is never worse on the bank than the start and never over the budget.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..models.conditioning import sample_shape
+from ..ops.guided_step import guided_step
+from .evaluate import handmade
+from .losses import consistency_loss
+from .schedule import Schedule
+from .search import with_trades
+from .supernet import SuperNet
+from .train import _Chain, full_samples
+
+__all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "estimate", "learn",
+           "LabelConditioned", "TRAIN_SEED"]
+
+TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
+
+
+# ----------------------------------------------------------------------------- the bank
+
+
+@dataclass
+class Bank:
+    """Training noise, its labels and the full model's samples from it (the targets)."""
+
+    noise: Tensor
+    labels: Tensor
+    targets: Tensor
+
+    def __post_init__(self):
+        n = self.noise.shape[0]
+        if self.labels.shape != (n,) or self.targets.shape != self.noise.shape:
+            raise ValueError(f"bank: noise {tuple(self.noise.shape)}, labels {tuple(self.labels.shape)} and targets "
+                             f"{tuple(self.targets.shape)} must have one label and one target per noise")
+
+    def __len__(self) -> int:
+        return int(self.noise.shape[0])
+
+    def head(self, n: int | None) -> "Bank":
+        """The first ``n`` samples (all of them for None)."""
+        return self if n is None or n >= len(self) else Bank(self.noise[:n], self.labels[:n], self.targets[:n])
+
+
+def _null_label(model) -> int:
+    null = getattr(model, "null_label", None)
+    if null is None:
+        raise TypeError(f"model must be class-conditional with a null_label attribute (model(x, t, labels), the "
+                        f"zoo's form), got {type(model).__name__}: wrap a diffusers model in LabelConditioned")
+    return int(null)
+
+
+def _dtype(model) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+@torch.no_grad()
+def make_bank(model, scheduler, size: int = 30, *, guidance: float = 3.0, seed: int = TRAIN_SEED) -> Bank:
+    """``size`` training samples (labels 0..9 in turn) from the noise of ``seed`` and the full
+    model's samples from it (every gate at 1: the model itself)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int (bank samples), got {size!r}")
+    net = SuperNet(model, "coarse")
+    try:
+        noise = torch.randn((size, *sample_shape(model)), generator=torch.Generator().manual_seed(seed)).to(
+            _dtype(model))
+        labels = torch.arange(size) % 10
+        targets = full_samples(net, scheduler, noise, labels, guidance, _null_label(model))
+    finally:
+        net.remove()
+    return Bank(noise, labels, targets)
+
+
+def _psnr(mse: float) -> float:
+    """PSNR in dB of one MSE on [-1, 1] data (the search's set PSNR)."""
+    return math.inf if mse <= 0 else 10.0 * math.log10(4.0 / mse)
+
+
+# ----------------------------------------------------------------------------- units and the estimate
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Call ``call`` gets ``row`` (one bool per block) instead of its current row."""
+
+    call: int
+    row: tuple[bool, ...]
+    macs: float  # change of the schedule's kept-MAC share
+    kind: str    # "drop" (fewer MACs) or "add"
+
+
+@dataclass
+class Estimate:
+    """The schedule's loss on the bank and the predicted loss change of every unit."""
+
+    loss: float
+    units: list[Unit]
+    predicted: Tensor  # [units], float64
+
+    @property
+    def psnr(self) -> float:
+        return _psnr(self.loss)
+
+
+def candidate_rows(graph, patterns=()) -> list[tuple[bool, ...]]:
+    """The rows a call may take: reuse everything, compute everything, and each partial
+    ``pattern`` (block indices), cascade-normalised as the schedule runs them."""
+    n = len(graph)
+    rows = [tuple([False] * n), tuple([True] * n)]
+    for p in patterns:
+        keep = [b in set(p) for b in range(n)]
+        rows.append(tuple(graph.cascade(keep)))
+    return list(dict.fromkeys(rows))
+
+
+def _row_share(graph, row, calls: int) -> float:
+    return sum(m for m, k in zip(graph.block_macs, row) if k) / (calls * graph.total_macs)
+
+
+def units_of(schedule: Schedule, patterns=()) -> list[Unit]:
+    """Every unit of ``schedule``: each call after call 0 (which always computes) to each
+    candidate row other than its own."""
+    g, rows = schedule.graph, candidate_rows(schedule.graph, patterns)
+    out = []
+    for t in range(1, schedule.calls):
+        cur = tuple(schedule.keep[t].tolist())
+        for row in rows:
+            if row != cur:
+                d = _row_share(g, row, schedule.calls) - _row_share(g, cur, schedule.calls)
+                out.append(Unit(t, row, d, "drop" if d < 0 else "add"))
+    return out
+
+
+def _guided(chain: _Chain, eu: Tensor, ec: Tensor) -> Tensor:
+    return guided_step(eu, eu, ec, 0.0, 1.0, chain.w)
+
+
+@torch.no_grad()
+def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | None = None, *,
+             patterns=()) -> Estimate:
+    """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
+    ``schedule`` (default: :func:`units_of`), from one no-graph run that records every call's
+    inputs, caches and guided output, then one SuperNet forward per unit on those records."""
+    if schedule.graph.names != chain.net.graph.names:
+        raise ValueError("schedule is on another block graph than the chain's SuperNet: build the SuperNet with "
+                         "graph=schedule.graph")
+    if schedule.calls != chain.n:
+        raise ValueError(f"schedule has {schedule.calls} calls, the scheduler runs {chain.n}")
+    units = units_of(schedule, patterns) if units is None else units
+    xs, caches, outs = {}, {}, {}
+
+    def on_call(i, x, c):
+        xs[i], caches[i] = x, c
+
+    def on_output(i, eu, ec):
+        outs[i] = _guided(chain, eu, ec)
+        return eu, ec
+
+    gates = schedule.keep.to(bank.noise.dtype)
+    x0 = chain.run(bank.noise, bank.labels, gates, on_call=on_call, on_output=on_output).requires_grad_()
+    with torch.enable_grad():
+        loss = consistency_loss(x0, bank.targets, "mse").mean()
+        (g,) = torch.autograd.grad(loss, x0)
+    predicted = torch.zeros(len(units), dtype=torch.float64)
+    for j, u in enumerate(units):
+        x = xs[u.call]
+        row = torch.tensor(u.row, dtype=x.dtype)
+        eu, ec, _ = chain.call(chain.steps[u.call].input_scale * x, chain.timesteps[u.call], bank.labels, row,
+                               caches[u.call])
+        delta = _guided(chain, eu, ec) - outs[u.call]
+        predicted[j] = chain.plan.output_sensitivity(u.call, 0) * float((g.double() * delta.double()).sum())
+    return Estimate(float(loss), units, predicted)
+
+
+@torch.no_grad()
+def bank_loss(chain: _Chain, bank: Bank, schedule: Schedule) -> float:
+    """The consistency loss (MSE) of ``schedule``'s samples on the bank: the true value a move
+    is judged by (through the runtime, any graph of the model)."""
+    x0 = chain._run_skipping(bank.noise, bank.labels, schedule, None)
+    return float(consistency_loss(x0, bank.targets, "mse").mean())
+
+
+# ----------------------------------------------------------------------------- proposals
+
+
+def _with_units(schedule: Schedule, units) -> Schedule:
+    keep = schedule.keep.clone()
+    for u in units:
+        keep[u.call] = torch.tensor(u.row)
+    return Schedule(keep, schedule.graph, name="learned", params={"start": schedule.params.get("start",
+                                                                                                schedule.name)},
+                    sampler=schedule.sampler, steps=schedule.steps)
+
+
+def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
+              max_per_unit: int = 2) -> list[tuple[float, tuple[Unit, ...]]]:
+    """Moves predicted to lower the loss, best first: single units that keep the MACs within
+    ``budget`` and (``swaps``) one drop plus one add at another call within it. The predicted
+    change of a swap is the sum of its units'. No unit appears in more than ``max_per_unit``
+    moves, so the top few are not one unit paired with everything."""
+    p = est.predicted.tolist()
+    idx = list(range(len(est.units)))
+    moves = [(p[i], (est.units[i],)) for i in idx if p[i] < 0 and macs + est.units[i].macs <= budget + 1e-9]
+    if swaps:
+        drops = [i for i in idx if est.units[i].kind == "drop"]
+        adds = [i for i in idx if est.units[i].kind == "add"]
+        for d in drops:
+            for a in adds:
+                ud, ua = est.units[d], est.units[a]
+                if ud.call != ua.call and p[d] + p[a] < 0 and macs + ud.macs + ua.macs <= budget + 1e-9:
+                    moves.append((p[d] + p[a], (ud, ua)))
+    moves.sort(key=lambda m: m[0])
+    used: dict[Unit, int] = {}
+    out = []
+    for m in moves:
+        if all(used.get(u, 0) < max_per_unit for u in m[1]):
+            out.append(m)
+            for u in m[1]:
+                used[u] = used.get(u, 0) + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- the learner
+
+
+@dataclass
+class LearnConfig:
+    """Settings of :func:`learn`."""
+
+    bank_size: int = 30         # training samples the moves are validated on (when no bank is given)
+    estimate_size: int | None = 16  # the first samples of the bank the estimate runs on (None: all)
+    guidance: float = 3.0
+    patterns: bool = True       # DeepCache-branch rows as units (UNets; their fine graph)
+    swaps: bool = True          # equal-budget swaps besides single flips
+    validate: int = 4           # proposals sampled per batch; the best improving one is taken
+    max_validations: int = 12   # proposals sampled at one schedule before stopping
+    min_gain: float = 0.02      # dB of bank PSNR a move must add
+
+
+@dataclass
+class LearnResult:
+    schedule: Schedule
+    start: Schedule
+    start_psnr: float           # set PSNR on the bank (dB)
+    psnr: float
+    evaluations: int            # chain runs on the bank (start scoring, validations)
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # the start, then one record per accepted move
+
+
+def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: LearnConfig) -> None:
+    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs <= 1:
+        raise ValueError(f"target_macs is the kept-MAC share in (0, 1], got {target_macs!r}")
+    if getattr(scheduler, "timesteps", None) is None or not len(scheduler.timesteps):
+        raise ValueError("scheduler: call scheduler.set_timesteps(calls) first (one row per denoiser call)")
+    if start is not None:
+        if not isinstance(start, Schedule):
+            raise TypeError(f"start must be a Schedule, got {type(start).__name__}")
+        if start.calls != len(scheduler.timesteps):
+            raise ValueError(f"start has {start.calls} calls, the scheduler runs {len(scheduler.timesteps)}: "
+                             "resize it (start.resize(calls))")
+        if start.macs_kept > target_macs + 1e-9:
+            raise ValueError(f"start keeps {start.macs_kept:.1%} of the MACs, over target_macs {target_macs:.1%}")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be positive seconds or None, got {time_budget!r}")
+    if cfg.validate < 1 or cfg.max_validations < cfg.validate:
+        raise ValueError(f"config: need 1 <= validate ({cfg.validate}) <= max_validations ({cfg.max_validations})")
+    _null_label(model)
+
+
+def _best_handmade(model, chain: _Chain, bank: Bank, target: float) -> tuple[Schedule, int]:
+    """The hand-made schedule within ``target`` (the top 10% of it) that scores best on the
+    bank, as :func:`.search.search` starts; and how many were scored."""
+    options = [s for s in handmade(model, chain.n).values() if s.macs_kept <= target + 1e-9]
+    if not options:
+        raise ValueError(f"target_macs: no hand-made schedule keeps <= {target:.1%} of the MACs at {chain.n} calls; "
+                         "give start=")
+    top = max(s.macs_kept for s in options)
+    options = [s for s in options if s.macs_kept >= 0.9 * top]
+    return min(options, key=lambda s: bank_loss(chain, bank, s)), len(options)
+
+
+def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None, bank: Bank | None = None,
+          time_budget: float | None = None, config: LearnConfig | None = None, progress: bool = True,
+          **overrides) -> LearnResult:
+    """Learn a schedule of ``model`` (zoo-style ``model(x, t, labels)`` with ``null_label``)
+    sampled by ``scheduler`` (``set_timesteps`` called) keeping at most ``target_macs`` of the
+    MACs; see the module docstring.
+
+    start: the first schedule (default: the best hand-made one on the bank within the budget).
+    bank: training samples (default: :func:`make_bank` with ``config.bank_size``).
+    time_budget: seconds of learning (after the bank and the start are set up).
+    config / overrides: :class:`LearnConfig` fields.
+    """
+    cfg = LearnConfig(**{**LearnConfig().__dict__, **(config.__dict__ if config else {}), **overrides})
+    _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg)
+    bank = bank if bank is not None else make_bank(model, scheduler, cfg.bank_size, guidance=cfg.guidance)
+    probe = SuperNet(model, "coarse")
+    chain = _Chain(probe, scheduler, cfg.guidance, _null_label(model))
+    evaluations = 0
+    try:
+        if start is None:
+            start, evaluations = _best_handmade(model, chain, bank, target_macs)
+    finally:
+        probe.remove()
+    start, patterns = with_trades(model, start) if cfg.patterns else (start, [])
+    net = SuperNet(model, graph=start.graph)
+    chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
+    est_bank = bank.head(cfg.estimate_size)
+    t0 = time.perf_counter()
+    try:
+        best, best_loss = start, bank_loss(chain, bank, start)
+        evaluations += 1
+        result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), evaluations, 0.0)
+        result.history.append(dict(seconds=0.0, psnr=result.psnr, macs_kept=start.macs_kept, move=None))
+        bar = tqdm(desc="dipgo learn", disable=not progress, unit="move")
+
+        def out_of_time() -> bool:
+            return time_budget is not None and time.perf_counter() - t0 >= time_budget
+
+        while not out_of_time():
+            est = estimate(chain, est_bank, best, patterns=patterns)
+            moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps)[:cfg.max_validations]
+            accepted = None
+            for lo in range(0, len(moves), cfg.validate):
+                tried = []
+                for pred, units in moves[lo:lo + cfg.validate]:
+                    cand = _with_units(best, units)
+                    tried.append((bank_loss(chain, bank, cand), pred, units, cand))
+                    result.evaluations += 1
+                    if out_of_time():
+                        break
+                loss, pred, units, cand = min(tried, key=lambda m: m[0])
+                if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
+                    accepted = (loss, pred, units, cand)
+                    break
+                if out_of_time():
+                    break
+            if accepted is None:
+                break  # no proposal helps on the bank: a local optimum of the moves
+            best_loss, pred, units, best = accepted
+            result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
+                                       macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
+                                       move=[dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]))
+            bar.update(1)
+            bar.set_postfix(psnr=f"{_psnr(best_loss):.2f}")
+        bar.close()
+    finally:
+        net.remove()
+    result.schedule, result.psnr = best, _psnr(best_loss)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- diffusers models
+
+
+class LabelConditioned(torch.nn.Module):
+    """A bare diffusers denoiser as the zoo's class-conditional ``model(x, t, labels) -> eps``
+    (what :func:`learn` and :mod:`.train` sample), with ``null_label`` for classifier-free
+    guidance. The denoiser stays ``.backbone``, so schedules are built for its blocks.
+
+    DiT (``DiTTransformer2DModel``): ``labels`` are its class labels, the null label its
+    ``num_embeds_ada_norm``, the output its eps channels. UNet (``UNet2DConditionModel``):
+    ``embeddings[label]`` (``[labels + 1, tokens, dim]``, the last row the null one) is the
+    ``encoder_hidden_states``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, embeddings: Tensor | None = None):
+        super().__init__()
+        self.backbone = backbone
+        cfg = backbone.config
+        if "num_embeds_ada_norm" in cfg and cfg.get("num_embeds_ada_norm"):
+            self.null_label = int(cfg["num_embeds_ada_norm"])
+            self.embeddings = None
+        elif embeddings is None or embeddings.dim() != 3:
+            raise ValueError("embeddings: a text-conditioned UNet needs [labels + 1, tokens, dim] embeddings "
+                             "(the last row the unconditional one)")
+        else:
+            self.register_buffer("embeddings", embeddings, persistent=False)
+            self.null_label = embeddings.shape[0] - 1
+
+    def forward(self, x: Tensor, t, labels: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t  # DiT's timestep embedding wants one per sample
+        if self.embeddings is None:
+            out = self.backbone(x, t, class_labels=labels, return_dict=False)[0]
+            return out[:, :x.shape[1]]
+        return self.backbone(x, t, encoder_hidden_states=self.embeddings[labels], return_dict=False)[0]

@@ -1,0 +1,209 @@
+"""The DiP-GO learner (shortcut_kernels.dipgo.learn): the forward-difference estimate is exact
+for the linearised loss and its flipped outputs are the flipped schedule's; the learner keeps
+the budget, never ends below its start on the bank, and runs on bare diffusers models."""
+import diffusers
+import pytest
+import torch
+
+from shortcut_kernels import zoo
+from shortcut_kernels.dipgo import accelerate, skip_steps
+from shortcut_kernels.dipgo.learn import (Bank, LabelConditioned, _guided, bank_loss, estimate, learn, make_bank,
+                                          units_of)
+from shortcut_kernels.dipgo.losses import consistency_loss
+from shortcut_kernels.dipgo.schedule import Schedule, graph_of
+from shortcut_kernels.dipgo.search import branch_patterns
+from shortcut_kernels.dipgo.supernet import SuperNet
+from shortcut_kernels.dipgo.train import _Chain
+from shortcut_kernels.zoo import models
+from shortcut_kernels.zoo.sampling import make_scheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny_unet(dtype=torch.float64):
+    info = zoo.info("digits-unet")
+    cfg = dict(info["model_config"], block_out_channels=[8, 16, 16], cross_attention_dim=16, attention_head_dim=4)
+    torch.manual_seed(0)
+    return models.build(info["kind"], cfg).to(dtype).eval().requires_grad_(False)
+
+
+def _tiny_dit(dtype=torch.float64):
+    info = zoo.info("digits-dit")
+    cfg = dict(info["model_config"], num_layers=3, num_attention_heads=2, attention_head_dim=8)
+    torch.manual_seed(0)
+    return models.build(info["kind"], cfg).to(dtype).eval().requires_grad_(False)
+
+
+def _scheduler(calls, name="digits-unet", cls=None):
+    s = make_scheduler(zoo.info(name)["scheduler_config"], cls)
+    s.set_timesteps(calls)
+    return s
+
+
+def _bank(model, scheduler, n=3):
+    """A bank whose targets are off the full samples, so the loss has a real gradient."""
+    bank = make_bank(model, scheduler, n, guidance=3.0, seed=int(torch.randint(1 << 30, ())))
+    return Bank(bank.noise, bank.labels, bank.targets + 0.05 * torch.randn_like(bank.targets))
+
+
+def _records(chain, bank, schedule):
+    """Every call's guided output in a run of ``schedule`` (through the SuperNet, no skipping)."""
+    outs = {}
+
+    def on_output(i, eu, ec):
+        outs[i] = _guided(chain, eu, ec)
+        return eu, ec
+
+    x0 = chain.run(bank.noise, bank.labels, schedule.keep.to(bank.noise.dtype), on_output=on_output,
+                   skip_reused=False)
+    return x0, outs
+
+
+@pytest.mark.parametrize("build,granularity,cls", [(_tiny_unet, "fine", None),
+                                                   (_tiny_unet, "coarse", "DPMSolverMultistepScheduler"),
+                                                   (_tiny_dit, "fine", None)])
+def test_estimate_is_exact_for_the_linearised_loss(build, granularity, cls):
+    """Brute force: rerun the chain with call t's output replaced by the flipped row's true
+    output and every other output held; the estimate is <dL/dx0, x0' - x0> (fp64), and the
+    flipped output is what the flipped schedule itself computes at call t."""
+    model = build()
+    sched = _scheduler(6, cls=cls)
+    start = skip_steps(model, 6, compute=[0, 2, 3], granularity=granularity)
+    patterns = branch_patterns(start.graph)
+    net = SuperNet(model, graph=start.graph)
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    bank = _bank(model, sched)
+    est = estimate(chain, bank, start, patterns=patterns)
+    assert {u.kind for u in est.units} == {"drop", "add"} and len(est.units) >= 5 * (1 + bool(patterns))
+    x0, outs = _records(chain, bank, start)
+    x0 = x0.requires_grad_()
+    g, = torch.autograd.grad(consistency_loss(x0, bank.targets, "mse").mean(), x0)
+    for j in torch.randperm(len(est.units))[:4].tolist():
+        u = est.units[j]
+        flipped = Schedule(torch.cat([start.keep[:u.call], torch.tensor([u.row]), start.keep[u.call + 1:]]),
+                           start.graph)
+        _, flipped_outs = _records(chain, bank, flipped)  # the same calls before t: same inputs and caches
+        held = {**outs, u.call: flipped_outs[u.call]}
+        x_lin = chain.chain.run(chain.chain.first_latent(bank.noise), lambda i, x, t: (held[i], held[i]))
+        reference = float((g * (x_lin - x0.detach())).sum())
+        assert abs(reference) > 0
+        torch.testing.assert_close(est.predicted[j].item(), reference, rtol=1e-7, atol=1e-14)
+    net.remove()
+
+
+def test_estimate_loss_is_the_true_bank_loss_and_ranks_single_flips():
+    """The recorded run's loss is the schedule's true loss; and on a tiny model the estimate
+    has the sign of the measured change for the flips whose effect is large."""
+    model = _tiny_unet()
+    sched = _scheduler(8)
+    start = skip_steps(model, 8, compute=[0, 1, 3, 5])
+    net = SuperNet(model, graph=start.graph)
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    bank = make_bank(model, sched, 4, guidance=3.0)
+    est = estimate(chain, bank, start)
+    base = bank_loss(chain, bank, start)
+    assert est.loss == pytest.approx(base, rel=1e-9)
+    true = torch.tensor([bank_loss(chain, bank, Schedule(
+        torch.cat([start.keep[:u.call], torch.tensor([u.row]), start.keep[u.call + 1:]]), start.graph)) - base
+        for u in est.units], dtype=torch.float64)
+    adds = torch.tensor([u.kind == "add" for u in est.units])
+    # the full model is the target: every add helps and the estimate says so
+    assert bool((true[adds] < 0).all()) and bool((est.predicted[adds] < 0).all())
+    net.remove()
+
+
+def test_learner_keeps_the_budget_and_never_ends_below_its_start():
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(8)
+    start = skip_steps(model, 8, compute=[0, 5, 6])  # a poor placement the moves can improve
+    target = start.macs_kept + 0.02
+    bank = make_bank(model, sched, 4)
+    res = learn(model, sched, target, start=start, bank=bank, progress=False, estimate_size=2, max_validations=4)
+    assert res.schedule.macs_kept <= target + 1e-9
+    assert all(h["macs_kept"] <= target + 1e-9 for h in res.history)
+    assert res.psnr >= res.start_psnr
+    assert len(res.history) >= 2 and res.psnr > res.start_psnr  # the placement was poor: it moved
+    psnrs = [h["psnr"] for h in res.history]
+    assert psnrs == sorted(psnrs)
+    # the reported PSNR is the schedule's on the bank
+    net = SuperNet(model, graph=res.schedule.graph)
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    assert res.psnr == pytest.approx(10 * torch.log10(torch.tensor(4.0 / bank_loss(chain, bank, res.schedule))).item())
+    net.remove()
+
+
+def test_learner_starts_from_the_best_handmade_schedule_within_the_budget():
+    model = _tiny_dit(torch.float32)
+    sched = _scheduler(8, "digits-dit")
+    res = learn(model, sched, 0.5, bank=make_bank(model, sched, 2), time_budget=5.0, progress=False,
+                estimate_size=2, max_validations=4)
+    assert res.start.macs_kept <= 0.5 and res.schedule.macs_kept <= 0.5 + 1e-9
+    assert res.psnr >= res.start_psnr
+
+
+def _bare(kind):
+    torch.manual_seed(0)
+    if kind == "dit":
+        m = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
+                                            out_channels=1, num_layers=2, sample_size=8, patch_size=2,
+                                            num_embeds_ada_norm=10, norm_num_groups=1)
+        return LabelConditioned(m.eval().requires_grad_(False))
+    m = diffusers.UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                       block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                       attention_head_dim=4,
+                                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return LabelConditioned(m.eval().requires_grad_(False), embeddings=torch.randn(11, 2, 8))
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_learner_runs_on_bare_diffusers_models_and_accelerate_applies_its_schedule(kind):
+    model = _bare(kind)
+    sched = _scheduler(6)
+    start = skip_steps(model, 6, compute=[0, 4])
+    res = learn(model, sched, start.macs_kept + 0.01, start=start, bank=make_bank(model, sched, 2),
+                progress=False, estimate_size=2, max_validations=4, time_budget=30)
+    assert isinstance(res.schedule, Schedule)
+    assert res.schedule.model_class == type(model.backbone).__name__
+    assert res.schedule.macs_kept <= start.macs_kept + 0.01 + 1e-9 and res.psnr >= res.start_psnr
+    x = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([1, 2])
+    with accelerate(model.backbone, res.schedule, scheduler=sched):  # the backbone's own runtime applies it
+        for t in sched.timesteps:
+            out = model(x, t, labels)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+def test_bad_inputs_name_the_argument():
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(6)
+    bank = make_bank(model, sched, 2)
+    start = skip_steps(model, 6, compute=[0, 2, 4])
+    with pytest.raises(ValueError, match="target_macs"):
+        learn(model, sched, 1.5, bank=bank)
+    with pytest.raises(ValueError, match="over target_macs"):
+        learn(model, sched, 0.2, start=start, bank=bank)
+    with pytest.raises(ValueError, match="start has 10 calls"):
+        learn(model, sched, 0.9, start=skip_steps(model, 10, compute=[0, 5]), bank=bank)
+    with pytest.raises(TypeError, match="start must be a Schedule"):
+        learn(model, sched, 0.9, start="skip", bank=bank)
+    with pytest.raises(ValueError, match="time_budget"):
+        learn(model, sched, 0.9, start=start, bank=bank, time_budget=0)
+    with pytest.raises(ValueError, match="validate"):
+        learn(model, sched, 0.9, start=start, bank=bank, validate=0)
+    with pytest.raises(TypeError, match="null_label"):
+        learn(model.backbone, sched, 0.9, start=start, bank=bank)
+    with pytest.raises(ValueError, match="bank"):
+        Bank(bank.noise, bank.labels[:1], bank.targets)
+    with pytest.raises(ValueError, match="size"):
+        make_bank(model, sched, 0)
+    with pytest.raises(ValueError, match="embeddings"):
+        LabelConditioned(diffusers.UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1,
+                                                        block_out_channels=(8, 16), norm_num_groups=4,
+                                                        cross_attention_dim=8, attention_head_dim=4,
+                                                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
+    net = SuperNet(model, "fine")
+    with pytest.raises(ValueError, match="graph=schedule.graph"):
+        estimate(_Chain(net, sched, 3.0, 10), bank, start)
+    net.remove()
