@@ -66,3 +66,41 @@ def test_prune_search_mode_starts_from_the_best_handmade_and_keeps_the_budget(tm
     s = Schedule.load(out)
     assert s.calls == 8 and s.macs_kept <= 0.5 + 1e-9
     assert "best hand-made start" in capsys.readouterr().out
+
+
+def test_sample_with_a_schedule_of_other_calls_points_to_the_resize_flag(tmp_path, capsys):
+    s = tmp_path / "s.json"
+    assert main(["schedule", "deepcache", "--model", "digits-unet", "--calls", "5", "--interval", "2", "-o",
+                 str(s)]) == 0
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", "digits-unet", "--schedule", str(s), "--steps", "3", "--per-class", "1",
+                 "-o", str(grid), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resize" in err and "schedule.resize(" not in err and "Traceback" not in err, err
+    assert "5" in err and "3" in err and not grid.exists()
+    assert main(["sample", "--model", "digits-unet", "--schedule", str(s), "--steps", "3", "--per-class", "1",
+                 "-o", str(grid), "--quiet", "--resize"]) == 0  # the flag it names does the job
+    assert grid.is_file()
+
+
+@pytest.mark.parametrize("command", ["sample", "prune"])
+def test_unknown_scheduler_is_one_line_naming_the_choices(command, capsys):
+    assert main([command, "--model", "digits-unet", "--scheduler", "Foo", "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--scheduler" in err and "'Foo'" in err and "DDIMScheduler" in err and "EulerDiscreteScheduler" in err
+
+
+def test_sample_help_describes_each_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["sample", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    from shortcut_kernels.cli import build_parser
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    described = {opt: a.help for a in sample._actions for opt in a.option_strings}
+    for opt in ("--steps", "--scheduler", "--guidance", "--seed", "-o", "--per-class", "--threads", "--quiet"):
+        assert described[opt], f"{opt} has no help text"
+        assert " ".join(described[opt].split()).split("%")[0][:30] in text  # shown by --help

@@ -31,6 +31,8 @@ from .schedule import Schedule
 from .train import train
 
 ZOO_MODELS = ("digits-unet", "digits-dit")
+SCHEDULER_HELP = ("a diffusers scheduler class compatible with the model's (e.g. DDIMScheduler, "
+                  "EulerDiscreteScheduler; default %(default)s)")
 
 
 def _load_model(name: str):
@@ -44,6 +46,37 @@ def _load_model(name: str):
         return load_model(name, device="meta"), None
     raise SystemExit(f"unknown model {name!r}: use one of {', '.join(ZOO_MODELS + tuple(available_models()))} "
                      "or a local diffusers directory")
+
+
+def _scheduler(cfg: dict, name: str):
+    """The zoo scheduler ``name`` built from ``cfg``; ValueError naming the scheduler classes
+    diffusers lists as compatible with the model's (the commands print it as one line)."""
+    import diffusers
+
+    choices = sorted(c.__name__ for c in getattr(diffusers, cfg["_class_name"])._get_compatibles())
+    if name not in choices:
+        raise ValueError(f"--scheduler {name!r} is not a scheduler for this model; choose one of {', '.join(choices)}")
+    return zoo.make_scheduler(cfg, name)
+
+
+def _run_calls(scheduler, steps: int) -> int:
+    """Denoiser calls of a ``steps``-step run (multi-call samplers such as Heun make more)."""
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def _sample_schedule(args, model, scheduler) -> Schedule:
+    """The schedule ``sample`` runs: the file (checked against the model and the run's calls
+    unless ``--resize``) or the full model; ValueError with the fix in CLI terms."""
+    if not args.schedule:
+        return S.full(model, _run_calls(scheduler, args.steps))
+    s = Schedule.load(args.schedule, model=model)
+    calls = _run_calls(scheduler, args.steps)
+    if calls != s.calls and not args.resize:
+        raise ValueError(f"{args.schedule} has {s.calls} denoiser calls but --steps {args.steps} with "
+                         f"{type(scheduler).__name__} makes {calls}; add --resize to resize the schedule to "
+                         f"{calls} calls, or build one for {calls} calls")
+    return s
 
 
 def _shape(args, model):
@@ -111,16 +144,13 @@ def _cmd_sample(args) -> int:
         return 2
     torch.set_num_threads(args.threads) if args.threads else None
     model, cfg = _load_model(args.model)
-    scheduler = zoo.make_scheduler(cfg, args.scheduler)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    if args.schedule:
-        try:
-            s = Schedule.load(args.schedule, model=model)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    else:
-        s = S.full(model, args.steps)
+    try:
+        scheduler = _scheduler(cfg, args.scheduler)
+        s = _sample_schedule(args, model, scheduler)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     kw = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, progress=not args.quiet)
     try:
         with accelerate(model, s, scheduler=scheduler, auto_resize=args.resize):
@@ -148,7 +178,11 @@ def _cmd_prune(args) -> int:
         return 2
     torch.set_num_threads(args.threads) if args.threads else None
     model, cfg = _load_model(args.model)
-    scheduler = zoo.make_scheduler(cfg, args.scheduler)
+    try:
+        scheduler = _scheduler(cfg, args.scheduler)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     scheduler.set_timesteps(args.steps)
     out = Path(args.output)
     if args.mode == "search":
@@ -215,22 +249,24 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample a grid of digits from a zoo model, optionally with a schedule")
     p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS)
     p.add_argument("--schedule", help="schedule JSON (default: the full model)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="DDIMScheduler")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--per-class", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50,
+                   help="sampler steps (denoiser calls for one-call-per-step samplers; default %(default)s)")
+    p.add_argument("--scheduler", default="DDIMScheduler", help=SCHEDULER_HELP)
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale (1: the conditional output alone; default %(default)s)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per digit class (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default %(default)s)")
     p.add_argument("--resize", action="store_true", help="resize the schedule to the run's calls if they differ")
     p.add_argument("--compare", action="store_true", help="also sample the full model: PSNR and digits-FD")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-o", "--output", default="grid.png")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", default="grid.png", help="the PNG grid to write (default %(default)s)")
     p.set_defaults(run=_cmd_sample)
 
     p = subparsers.add_parser("prune", help="learn a schedule with DiP-GO (train a pruner) on a zoo model")
     p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS)
     p.add_argument("--steps", type=int, default=50, help="denoiser calls of the sampler")
-    p.add_argument("--scheduler", default="DDIMScheduler")
+    p.add_argument("--scheduler", default="DDIMScheduler", help=SCHEDULER_HELP)
     p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
     p.add_argument("--slack", type=float, default=0.01,
                    help="the learned schedule keeps between TARGET*(1-SLACK) and TARGET of the MACs when some "
