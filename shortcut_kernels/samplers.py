@@ -14,6 +14,13 @@ b*out_i (+ noise*z_i)``, which is exactly what ``guided_step`` computes. Multist
 (DPM-Solver++ 2M, PLMS) carry earlier calls' terms too; SDO's backward recurrence needs
 all of them.
 
+Each step also records its call's *held* quantity ``h_i = held[0]*x_i + held[1]*out_i``: the
+model's noise prediction eps (flow matching: the velocity, as eps is not a function of the
+output at sigma = 1), whatever the model predicts. SDO's shortcut holds the other calls' ``h``
+constant (its derivation holds the noise prediction), so that a v or x0 model gets the same
+gradient as the eps model it re-expresses; ``Plan`` writes the updates in (samples, held) for
+its recurrences. For eps models ``held = (0, 1)``: ``h`` is the output.
+
     scheduler.set_timesteps(50)
     steps = linear_steps(scheduler)          # one LinearStep per denoiser call
     a, b = step_coefficients(scheduler, 10)  # one-step samplers: the (a, b) of guided_step
@@ -25,7 +32,7 @@ mutates the scheduler.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
@@ -45,7 +52,8 @@ class UnsupportedScheduler(ValueError):
 class LinearStep:
     """Call ``index`` of a sampling run: ``x_{index+1} = sum x[j]*x_j + sum out[j]*out_j +
     noise*z``. ``timestep`` is what the model is called with, on the input
-    ``input_scale * x_index`` (``scheduler.scale_model_input``)."""
+    ``input_scale * x_index`` (``scheduler.scale_model_input``). ``held``: ``(hx, ho)`` with
+    this call's eps (flow: velocity) ``= hx*x_index + ho*out_index``."""
 
     index: int
     timestep: float
@@ -54,6 +62,7 @@ class LinearStep:
     out: Mapping[int, float]
     noise: float = 0.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
+    held: tuple[float, float] = (0.0, 1.0)
 
     @property
     def a(self) -> float:
@@ -125,10 +134,20 @@ def _x0_eps(kind: str, abar: float) -> tuple[tuple[float, float], tuple[float, f
     return (0.0, 1.0), (1.0 / si, -al / si)
 
 
-def _step(i, t, x, out, noise=0.0, input_scale=1.0, **extra) -> LinearStep:
+def _held_from_x0(kind: str, held_kind: str, cx: float, cm: float, alpha: float,
+                  sigma: float) -> tuple[float, float]:
+    """``(hx, ho)`` of ``(x - alpha*x0) / sigma`` with ``x0 = cx*x + cm*out``: eps
+    (``held_kind="epsilon"``) for a process ``x = alpha*x0 + sigma*eps``, the velocity
+    (``"flow_prediction"``) for flow matching with alpha = 1."""
+    if kind == held_kind:  # the output itself, exactly
+        return 0.0, 1.0
+    return (1.0 - alpha * cx) / sigma, -alpha * cm / sigma
+
+
+def _step(i, t, x, out, noise=0.0, input_scale=1.0, held=(0.0, 1.0), **extra) -> LinearStep:
     x = {j: float(c) for j, c in x.items() if c != 0.0 or j == i}
     out = {j: float(c) for j, c in out.items() if c != 0.0 or j == i}
-    return LinearStep(i, t, float(input_scale), x, out, float(noise), extra)
+    return LinearStep(i, t, float(input_scale), x, out, float(noise), extra, (float(held[0]), float(held[1])))
 
 
 def _timestep_value(t) -> float:
@@ -153,7 +172,7 @@ def _ddim(s, eta: float) -> list[LinearStep]:
         direction = math.sqrt(max(1 - ab_prev - std * std, 0.0))
         root = math.sqrt(ab_prev)
         steps.append(_step(i, t, {i: root * cx + direction * ex}, {i: root * cm + direction * em},
-                           noise=std if eta > 0 else 0.0))
+                           noise=std if eta > 0 else 0.0, held=(ex, em)))
     return steps
 
 
@@ -172,13 +191,13 @@ def _ddpm(s) -> list[LinearStep]:
         beta = 1 - ab / ab_prev
         c0 = math.sqrt(ab_prev) * beta / (1 - ab)
         ct = math.sqrt(ab / ab_prev) * (1 - ab_prev) / (1 - ab)
-        (cx, cm), _ = _x0_eps(kind, ab)
+        (cx, cm), held = _x0_eps(kind, ab)
         if t > 0:
             var = max((1 - ab_prev) / (1 - ab) * beta, 1e-20)
             std = math.sqrt(beta) if vt == "fixed_large" else math.sqrt(var)
         else:
             std = 0.0
-        steps.append(_step(i, t, {i: c0 * cx + ct}, {i: c0 * cm}, noise=std))
+        steps.append(_step(i, t, {i: c0 * cx + ct}, {i: c0 * cm}, noise=std, held=held))
     return steps
 
 
@@ -197,7 +216,7 @@ def _euler(s) -> list[LinearStep]:
         dt = sn - si
         # x' = x + dt * (x - x0) / sigma, x0 = cx*x + cm*out
         steps.append(_step(i, _timestep_value(t), {i: 1 + dt * (1 - cx) / si}, {i: -dt * cm / si},
-                           input_scale=1.0 / math.sqrt(si * si + 1)))
+                           input_scale=1.0 / math.sqrt(si * si + 1), held=_held_from_x0(kind, "epsilon", cx, cm, 1.0, si)))
     return steps
 
 
@@ -229,6 +248,7 @@ def _dpm_solver(s) -> list[LinearStep]:
     kind = _prediction(s, ("epsilon", "v_prediction", "sample", "flow_prediction"))
     sig = [float(v) for v in s.sigmas.tolist()]
     n = len(s.timesteps)
+    flow = bool(cfg.get("use_flow_sigmas", False))
 
     def x0(j):  # x0 prediction of call j as {sample coef}, {output coef}
         sg = sig[j]
@@ -272,7 +292,9 @@ def _dpm_solver(s) -> list[LinearStep]:
             outs[i] = (d0 + d1 / r0) * cm0
             xs[i - 1] = -d1 / r0 * cx1
             outs[i - 1] = -d1 / r0 * cm1
-        steps.append(_step(i, _timestep_value(t), xs, outs))
+        held = (_held_from_x0(kind, "flow_prediction", cx0, cm0, 1.0, sig[i]) if flow
+                else _held_from_x0(kind, "epsilon", cx0, cm0, alpha_0, sigma_0))
+        steps.append(_step(i, _timestep_value(t), xs, outs, held=held))
     return steps
 
 
@@ -310,13 +332,14 @@ def _pndm(s) -> list[LinearStep]:
         denom = ab * math.sqrt(1 - ab_prev) + math.sqrt(ab * (1 - ab) * ab_prev)
         k = (ab_prev - ab) / denom
         xs = {i: 0.0, sample: sample_coeff}
+        _, held = _x0_eps(kind, _abar(s, int(t_model), 0))  # this call's eps, at the model's own timestep
         if kind == "v_prediction":  # eps = sqrt(ab)*v + sqrt(1-ab)*sample
             xs[sample] -= k * math.sqrt(1 - ab)
             outs = {j: -k * c * math.sqrt(ab) for j, c in comb.items()}
         else:
             outs = {j: -k * c for j, c in comb.items()}
         outs.setdefault(i, 0.0)
-        steps.append(_step(i, int(t_model), xs, outs))
+        steps.append(_step(i, int(t_model), xs, outs, held=held))
     return steps
 
 
@@ -413,10 +436,13 @@ def history_indices(steps: list[LinearStep]) -> tuple[set[int], set[int]]:
 class Plan:
     """The linear forms of one sampling run and the scalar recurrences over them.
 
-    With every model output held constant, the final sample ``x_n`` is linear in each
-    earlier sample and output, with scalar coefficients: ``chain_sensitivity`` gives
-    ``dx_n/dx_j``, ``output_sensitivity`` ``dx_n/d out_k``. SDO's shortcut gradient and
-    DiP-GO's shortcut training multiply a kept call's vector-Jacobian product by them."""
+    With every call's held quantity (``LinearStep.held``: the noise prediction eps, for flow
+    matching the velocity) constant, the final sample ``x_n`` is linear in each earlier
+    sample, held quantity and output, with scalar coefficients: ``chain_sensitivity`` gives
+    ``dx_n/dx_j``, ``held_sensitivity`` ``dx_n/d eps_k``, ``output_sensitivity``
+    ``dx_n/d out_k`` (call k's model output at its fixed input). SDO's shortcut gradient and
+    DiP-GO's shortcut training multiply a kept call's vector-Jacobian product by them. For eps
+    models the held quantity is the output and the two sensitivities are one."""
 
     def __init__(self, scheduler, eta: float = 0.0):
         self.steps: list[LinearStep] = linear_steps(scheduler, eta)
@@ -424,44 +450,78 @@ class Plan:
         self.timesteps = scheduler.timesteps.detach().cpu()
         self.init_scale = initial_scale(scheduler)
         self.needs_noise = any(st.noise for st in self.steps)
-        # who uses sample j / output j, as (call i, coefficient): the adjoint's edges
-        self.x_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
-        self.out_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
-        for st in self.steps:
-            for j, c in st.x.items():
-                self.x_users[j].append((st.index, c))
-            for j, c in st.out.items():
-                self.out_users[j].append((st.index, c))
         self.kept_x, self.kept_out = history_indices(self.steps)  # what later calls still use
+        self._edges: tuple[list, list] | None = None
         self._p: dict[int, list[float]] = {}
 
+    def held_steps(self) -> list[LinearStep]:
+        """The updates in (samples, held quantities): ``x_{i+1} = sum x[j]*x_j + sum out[j]*h_j``
+        (``out`` now weighs ``h_j``), from ``out_j = (h_j - hx_j*x_j) / ho_j``."""
+        forms = []
+        for st in self.steps:
+            xs, hs = dict(st.x), {}
+            for j, c in st.out.items():
+                hx, ho = self.steps[j].held
+                if ho == 0.0:
+                    if c == 0.0:
+                        continue
+                    raise ValueError(f"call {j}'s output does not determine its noise prediction (d eps/d out = 0): "
+                                     "the shortcut cannot hold it; use a model with another prediction_type")
+                hs[j] = c / ho
+                if hx != 0.0:
+                    xs[j] = xs.get(j, 0.0) - c * hx / ho
+            forms.append(replace(st, x=xs, out=hs))
+        return forms
+
+    def edges(self) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
+        """Who uses sample j / held quantity j in the held form, as (call i, coefficient): the
+        adjoint's edges."""
+        if self._edges is None:
+            x_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+            held_users: list[list[tuple[int, float]]] = [[] for _ in range(self.n)]
+            for st in self.held_steps():
+                for j, c in st.x.items():
+                    x_users[j].append((st.index, c))
+                for j, c in st.out.items():
+                    held_users[j].append((st.index, c))
+            self._edges = (x_users, held_users)
+        return self._edges
+
     def chain_sensitivity(self, start: int) -> list[float]:
-        """p[j] = dx_n/dx_j with all outputs held, for j = start..n (x_j enters call j)."""
+        """p[j] = dx_n/dx_j with every held quantity constant, for j = start..n (x_j enters call j)."""
         if start not in self._p:
+            x_users = self.edges()[0]
             p = [0.0] * (self.n + 1)
             p[self.n] = 1.0
             for j in range(self.n - 1, start - 1, -1):
-                p[j] = sum(c * p[i + 1] for i, c in self.x_users[j])
+                p[j] = sum(c * p[i + 1] for i, c in x_users[j])
             self._p[start] = p
         return self._p[start]
 
-    def output_sensitivity(self, k: int, start: int) -> float:
-        """dx_n/d out_k: the scalar on call k's output."""
+    def held_sensitivity(self, k: int, start: int) -> float:
+        """dx_n/d h_k: the scalar on call k's held quantity (eps; flow: velocity)."""
         p = self.chain_sensitivity(start)
-        return sum(c * p[i + 1] for i, c in self.out_users[k])
+        return sum(c * p[i + 1] for i, c in self.edges()[1][k])
+
+    def output_sensitivity(self, k: int, start: int) -> float:
+        """dx_n/d out_k: the scalar on call k's (guided) model output, its input and the other
+        calls' held quantities fixed: ``held_sensitivity * ho_k``."""
+        return self.held_sensitivity(k, start) * self.steps[k].held[1]
 
     def importance(self, start: int) -> Tensor:
-        """p[k] over the calls ``start..n-1`` (zero before), proportional to |dx_n/d out_k|: the
-        importance policies' draw. A call the final sample does not depend on is never drawn."""
-        sens = torch.tensor([0.0] * start + [abs(self.output_sensitivity(k, start)) for k in range(start, self.n)],
+        """p[k] over the calls ``start..n-1`` (zero before), proportional to |dx_n/d h_k| (the
+        same for every parametrisation of one model): the importance policies' draw. A call
+        the final sample does not depend on is never drawn."""
+        sens = torch.tensor([0.0] * start + [abs(self.held_sensitivity(k, start)) for k in range(start, self.n)],
                             dtype=torch.float64)
         if not bool(sens.sum() > 0):  # nothing reaches x_n: uniform (every gradient is zero anyway)
             sens[start:] = 1.0
         return sens / sens.sum()
 
     def reach(self, k: int, start: int) -> float:
-        """dx_k/dx_start with all outputs held: how the start latent reaches call k."""
+        """dx_k/dx_start with every held quantity constant: how the start latent reaches call k."""
+        x_users = self.edges()[0]
         q = {k: 1.0}
         for j in range(k - 1, start - 1, -1):
-            q[j] = sum(c * q.get(i + 1, 0.0) for i, c in self.x_users[j] if i + 1 <= k)
+            q[j] = sum(c * q.get(i + 1, 0.0) for i, c in x_users[j] if i + 1 <= k)
         return q[start]

@@ -100,27 +100,30 @@ class _Runner:
 
     # (a) autograd chain --------------------------------------------------
     def autograd_chain(self, x_start: Tensor, one_call: bool) -> Tensor:
+        """The chain under autograd: the kept calls' outputs live (one-call policies: for the
+        samples that keep the call, with their importance weights), every other call's held
+        quantity (``LinearStep.held``: eps, flow velocity) constant."""
         kept = self.kept
         kept_steps = set(kept.tolist())
+        entering: dict[int, Tensor] = {}  # the sample entering the current call
 
-        def masked(i: int, eu: Tensor, ec: Tensor) -> tuple[Tensor, Tensor]:
-            """One-call policies: only the samples that keep call ``i`` keep its graph, with
-            their importance weights on the gradient."""
-            if not one_call or i not in kept_steps:
-                return eu, ec
-            mask = kept == i
-            shape = (-1,) + (1,) * (eu.dim() - 1)
-            if not bool(mask.all()):
-                m = mask.to(eu.device).view(shape)
-                eu, ec = torch.where(m, eu, eu.detach()), torch.where(m, ec, ec.detach())
-            if self.weights is not None:
-                w = self.weights.to(device=eu.device, dtype=eu.dtype).view(shape)
-                eu, ec = _ScaleGrad.apply(eu, w), _ScaleGrad.apply(ec, w)
-            return eu, ec
+        def held_outputs(i: int, eu: Tensor, ec: Tensor) -> tuple[Tensor, Tensor]:
+            x = entering.pop(i)
+            if i not in kept_steps:
+                mask = torch.zeros(x.shape[0], dtype=torch.bool)
+            else:
+                mask = (kept == i) if one_call else torch.ones(x.shape[0], dtype=torch.bool)
+            w = self.weights if one_call and i in kept_steps else None
+            if w is not None:
+                w = w.to(device=eu.device, dtype=eu.dtype).view((-1,) + (1,) * (eu.dim() - 1))
+            c = _held_correction(self.plan.steps[i])
+            return _hold(eu, x, mask, w, c), _hold(ec, x, mask, w, c)
 
+        on_output = held_outputs if torch.is_grad_enabled() else None
+        on_call = (lambda i, x: entering.__setitem__(i, x)) if on_output is not None else None
         with self.chain_context():
             return self.run(x_start, self.checkpointed_call if self.checkpoint_kept else self.call,
-                            keeps_graph=kept_steps.__contains__, on_output=masked)
+                            keeps_graph=kept_steps.__contains__, on_call=on_call, on_output=on_output)
 
     # (b) memory-light ----------------------------------------------------
     def light_forward(self, x_start: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +144,7 @@ class _Runner:
         plan, start = self.plan, self.start
         ks = self.kept.tolist()
         uniq = sorted(set(ks))
-        gamma = {k: plan.output_sensitivity(k, start) for k in uniq}
+        gamma = {k: plan.held_sensitivity(k, start) for k in uniq}  # on the held eps: any parametrisation
         reach = {k: plan.reach(k, start) for k in uniq}
         shape = (-1,) + (1,) * (grad.dim() - 1)
         dev, dt = grad.device, grad.dtype
@@ -158,6 +161,7 @@ class _Runner:
             xk = kept_x.detach().requires_grad_(need_x)
             eu, ec = self.chain.denoise(self.call, -1, scale * xk, t, xk)
             out = guided_step(xk, eu, ec, 0.0, 1.0, self.chain.w)  # the kept call's (guided) output
+            out = _held_quantity(out, xk, [plan.steps[k].held for k in ks])
             inputs = ([xk] if need_x else []) + list(params)
             grads = torch.autograd.grad(out, inputs, gamma_b * grad, allow_unused=True) if inputs else []
         grads = list(grads)
@@ -171,6 +175,43 @@ class _Runner:
             if self.warm is None:
                 gx = gx * plan.init_scale
         return gx, grads
+
+
+def _held_quantity(out: Tensor, x: Tensor, held: list[tuple[float, float]]) -> Tensor:
+    """``hx*x + ho*out`` per sample (``held[b]`` of sample b's kept call): the kept call's eps
+    (flow: velocity), whose gradient the memory-light backward scales; ``out`` for eps models."""
+    if all(h == (0.0, 1.0) for h in held):
+        return out
+    shape = (-1,) + (1,) * (out.dim() - 1)
+    hx, ho = (torch.tensor(c, dtype=out.dtype, device=out.device).view(shape) for c in zip(*held))
+    return hx * x + ho * out
+
+
+def _held_correction(step) -> float:
+    """``hx / ho`` of a call's held quantity ``h = hx*x + ho*out``: 0 for eps models."""
+    hx, ho = step.held
+    return hx / ho if hx != 0.0 else 0.0
+
+
+def _hold(out: Tensor, x: Tensor, kept: Tensor, weight: Tensor | None, c: float) -> Tensor:
+    """One call's output in the autograd chain, with the value of ``out`` and the gradients of
+    the shortcut: where ``kept`` is False the held quantity ``h = hx*x + ho*out`` is constant
+    (``out`` as ``(h - hx*x)/ho``: it still depends on ``x`` through the parametrisation);
+    where True ``h`` is live, its gradient times ``weight`` (an importance draw), the part
+    through ``x`` included. ``x - x.detach()`` is exactly 0, so the values are untouched.
+    ``kept``: ``[B]`` bool on the host (decided there: no device sync per call)."""
+    if weight is not None:
+        live = _ScaleGrad.apply(out, weight)
+        if c:
+            live = live + c * (_ScaleGrad.apply(x, weight) - x)
+    else:
+        live = out
+    if bool(kept.all()):
+        return live
+    held = out.detach() - c * (x - x.detach()) if c else out.detach()
+    if not bool(kept.any()):
+        return held
+    return torch.where(kept.to(out.device).view((-1,) + (1,) * (out.dim() - 1)), live, held)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -300,6 +341,8 @@ def shortcut_sample(
         owner = chain_model if chain_model is not None else model_fn
         runner.adapters = owner if isinstance(owner, torch.nn.Module) else None
     grad_wanted = torch.is_grad_enabled() and (x_T.requires_grad or bool(ps))
+    if grad_wanted and pol.kind in ("first", "fixed"):
+        _check_kept_call_reaches(plan, pol, int(kept[0]), start)
     if not grad_wanted:
         with torch.no_grad(), merged_adapters(runner.adapters):
             x0 = runner.autograd_chain(x_T, pol.one_call)
@@ -309,6 +352,16 @@ def shortcut_sample(
     else:
         x0 = runner.autograd_chain(x_T, pol.one_call)
     return (x0, kept) if return_kept else x0
+
+
+def _check_kept_call_reaches(plan: Plan, pol: Policy, k: int, start: int) -> None:
+    """Refuse a named kept call whose held output does not reach the final sample: its
+    gradient would be exactly zero. (A random draw may land on such a call: a zero term of an
+    unbiased estimate, which the importance draws avoid.)"""
+    if plan.held_sensitivity(k, start) == 0.0:
+        raise ValueError(f"config.policy {str(pol)!r}: the final sample does not depend on call {k}'s output "
+                         f"(d x_n / d eps_{k} = 0 with the other calls' eps held), so its gradient would be "
+                         f"exactly zero; keep another call (e.g. 'fixed:{max(k - 1, start)}' or 'first')")
 
 
 def _kept_calls_full(schedule, model, plan: Plan, pol: Policy, kept: Tensor, warm_start):
