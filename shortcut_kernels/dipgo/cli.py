@@ -247,7 +247,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(run=_cmd_schedule)
 
     p = subparsers.add_parser("sample", help="sample a grid of digits from a zoo model, optionally with a schedule")
-    p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS)
+    p.add_argument("--model", default="digits-unet", choices=ZOO_MODELS, help="the zoo model (default %(default)s)")
     p.add_argument("--schedule", help="schedule JSON (default: the full model)")
     p.add_argument("--steps", type=int, default=50,
                    help="sampler steps (denoiser calls for one-call-per-step samplers; default %(default)s)")
