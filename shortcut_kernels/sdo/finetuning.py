@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..models.conditioning import ClassConditional, sample_shape as model_sample_shape
+from ..dipgo import Schedule
+from ..models.conditioning import ClassConditional, DiTConditional, TextConditional
+from ..models.conditioning import sample_shape as model_sample_shape
 from ..samplers import Plan
 from .chain import check_chain_schedule, shortcut_sample
 from .config import DEFAULT_LORA_TARGETS, ChainConfig, FinetuneConfig
@@ -122,6 +124,66 @@ def weight_optimizer(name: str = "adamw", lr: float = 3e-3) -> Callable[[list[Te
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
 
 
+def _rows_of_batch(t: Tensor, batch_size: int, rows: slice, name: str) -> Tensor:
+    """``t``'s rows for ``rows`` of the global batch: one row serves every sample, ``batch_size``
+    rows are one per sample."""
+    if t.shape[0] == 1:
+        return t
+    if t.shape[0] != batch_size:
+        raise ValueError(f"model_fn has {t.shape[0]} {name} for the global batch_size {batch_size}: "
+                         f"give 1 (every sample) or {batch_size} (one per sample of the global batch)")
+    return t[rows]
+
+
+def _rank_conditioning(model_fn, batch_size: int, rows: slice):
+    """``model_fn`` conditioned on this rank's samples only (``rows`` of the global batch).
+
+    The library's conditioning wrappers hold one label / prompt row per sample of the GLOBAL
+    batch (or one row for all); each rank runs only its ``rows``, so it gets a wrapper of those
+    rows (a new one: the caller's ``model_fn`` is unchanged and still evaluates the global
+    batch). Other callables are returned as they are: they must condition the rank's samples
+    themselves. Raises a ValueError naming the fix when the rows match neither 1 nor the batch.
+    """
+    kind = type(model_fn)
+    if kind is ClassConditional:
+        labels = _rows_of_batch(model_fn.labels, batch_size, rows, "class labels")
+        return ClassConditional(model_fn.model, labels, guidance=model_fn.guidance, null_label=model_fn.null_label)
+    if kind is DiTConditional:
+        labels = _rows_of_batch(model_fn.labels, batch_size, rows, "class labels")
+        return DiTConditional(model_fn.model, labels, guidance=model_fn.guidance, null_class=model_fn.null_class)
+    if kind is TextConditional:
+        def cut(t, name):
+            return None if t is None else _rows_of_batch(t, batch_size, rows, name)
+
+        def cut_added(added, name):
+            return {k: cut(v, f"{name} {k} rows") for k, v in added.items()}
+        return TextConditional(model_fn.model, cut(model_fn.cond, "prompt_embeds rows"),
+                               cut(model_fn.uncond, "negative_prompt_embeds rows"),
+                               cut_added(model_fn.added, "added_cond_kwargs"),
+                               cut_added(model_fn.negative_added, "negative_added_cond_kwargs"))
+    return model_fn
+
+
+def _global_kept_calls_full(schedule: Schedule, kept: Tensor) -> Schedule:
+    """``schedule`` with the row of every call the GLOBAL batch keeps computing in full: each
+    rank's chain then caches exactly as one process running the whole batch does (a rank's
+    own samples may keep fewer calls)."""
+    keep = schedule.keep.clone()
+    keep[sorted(set(kept.tolist()))] = True
+    return Schedule(keep, schedule.graph, name=schedule.name, params=schedule.params,
+                    sampler=schedule.sampler, steps=schedule.steps)
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank when it is True on any: the ranks stop at the same iteration (a rank
+    that left alone would leave the others waiting in the next all_reduce)."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t)
+
+
 def finetune(
     model: torch.nn.Module,
     scheduler,
@@ -151,7 +213,9 @@ def finetune(
         some sample keeps full). The held-out reward is always evaluated with the full model.
     model_fn: ``model_fn(x, t)`` as in ``shortcut_sample``; default
         ``ClassConditional(model, model.null_label)`` (e.g. ``ClassConditional(model, labels,
-        guidance=True)`` for labels with guidance).
+        guidance=True)`` for labels with guidance). Per-sample conditioning (``ClassConditional``
+        / ``DiTConditional`` labels, ``TextConditional`` prompt rows) has one row per sample of
+        the global batch (or one row for all); each rank conditions its slice.
     optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (default ``weight_optimizer()``:
         AdamW, lr 3e-3, no weight decay).
     sample_shape: ``(C, H, W)`` of the noise; default: from the model's config.
@@ -164,7 +228,10 @@ def finetune(
     or your own ``init_process_group``), ``batch_size`` is the global batch; every rank draws
     the same global noise and kept calls (same ``seed``) and runs its slice, and the gradients
     are averaged with ``all_reduce`` before each step: the weights stay identical on every rank
-    and equal one process running the whole batch. Checkpoints are written by rank 0.
+    and equal one process running the whole batch. Each rank's chain draws the global batch's
+    sampler noise and takes its rows; a chain schedule computes in full the rows of every call
+    the global batch keeps; a stop (callback or ``time_budget``) on any rank stops every rank
+    after the same iteration. Checkpoints are written by rank 0.
     Raises ``RewardError`` (the weights are not updated with a bad reward).
     """
     cfg = config or FinetuneConfig()
@@ -192,6 +259,7 @@ def finetune(
             raise ValueError("give model_fn: the model has no null_label to sample unconditionally "
                              "(e.g. model_fn=ClassConditional(model, labels))")
         model_fn = ClassConditional(model, null, guidance=chain.guidance is not None)
+    rank_fn = _rank_conditioning(model_fn, batch_size, local)  # model_fn stays global: evaluation
     if cfg.lora:
         params = [p for n, p in _backbone(model).named_parameters() if "lora_" in n]
         if not params:
@@ -256,13 +324,15 @@ def finetune(
             # the global batch's noise and kept calls, the same on every rank; this rank's slice
             noise = torch.randn((batch_size, *shape), generator=gen)[local].to(device=device, dtype=dtype)
             run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
-            run_policy = pol
+            run_chain = chain
             if pol.one_call:
                 kept = pol.kept_calls(0, plan.n, batch_size, run_gen, probs)
                 weights = pol.grad_weights(kept, 0, probs)
-                run_policy = Policy.given(kept[local], None if weights is None else weights[local])
-            x0 = shortcut_sample(model_fn, scheduler, noise, chain.with_policy(run_policy), generator=run_gen,
-                                 params=params, plan=plan)
+                run_chain = chain.with_policy(Policy.given(kept[local], None if weights is None else weights[local]))
+                if chain.chain_schedule is not None:
+                    run_chain = replace(run_chain, chain_schedule=_global_kept_calls_full(chain.chain_schedule, kept))
+            x0 = shortcut_sample(rank_fn, scheduler, noise, run_chain, generator=run_gen, params=params, plan=plan,
+                                 noise_rows=(batch_size, local))
             try:
                 r = check_reward(reward(x0), noise.shape[0])
             except RewardError as err:
@@ -304,7 +374,8 @@ def finetune(
         asked_to_stop = bool(callback(entry)) if callback else False
         if ckpt is not None and ((it + 1) % cfg.save_every == 0 or it + 1 == iters):
             save()
-        if asked_to_stop or (cfg.time_budget is not None and train_seconds >= cfg.time_budget):
+        out_of_time = cfg.time_budget is not None and train_seconds >= cfg.time_budget
+        if _any_rank(asked_to_stop or out_of_time, world):
             if eval_noise is not None and result.eval_history[-1]["iter"] != it + 1:
                 evaluate(it + 1)
             save()
