@@ -4,9 +4,10 @@
     x0 = sdo.shortcut_sample(model_fn, scheduler, x_T, "first")          # one call keeps its graph
     reward(x0).sum().backward()                                         # gradient to x_T / weights
 
-Submodules: ``config`` (ChainConfig and the loops' configs), ``chain`` (shortcut_sample, warmup),
-``policy``, ``rewards``, ``optimize``
-(optimize_latents), ``finetuning`` (finetune, LoRA save/load), ``cli``. Imported lazily: this package stays light.
+Submodules: ``config`` (ChainConfig and the loops' configs), ``chain`` (shortcut_sample,
+warmup), ``policy``, ``rewards``, ``optimize`` (optimize_latents), ``finetuning`` (finetune,
+LoRA save/load), ``lora_merge``. Imported lazily: this package stays light. The ``sdo``
+command lives in ``shortcut_kernels.cli.sdo``.
 """
 from __future__ import annotations
 

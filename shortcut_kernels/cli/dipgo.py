@@ -25,10 +25,10 @@ from .. import zoo
 from ..models import available_models, build_model, load_model
 from ..report.plots import schedule_map
 from ..zoo.dipgo_eval import search
-from . import builders as S
-from .runtime import accelerate
-from .schedule import Schedule
-from .train import train
+from ..dipgo import builders as S
+from ..dipgo.runtime import accelerate
+from ..dipgo.schedule import Schedule
+from ..dipgo.train import train
 
 ZOO_MODELS = ("digits-unet", "digits-dit")
 SCHEDULER_HELP = ("a diffusers scheduler class compatible with the model's (e.g. DDIMScheduler, "

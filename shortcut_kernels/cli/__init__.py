@@ -1,20 +1,20 @@
-"""`python -m shortcut_kernels ...` (also the `shortcut-kernels` command).
+"""`python -m shortcut_kernels ...` (also the `shortcut-kernels` command): the top layer.
 
-`info` lives here; the algorithm layers add their own subcommands: each module named in
-`COMMAND_MODULES` has `add_commands(subparsers)`, which registers its parsers with
-`set_defaults(run=callable(args) -> int)`. A module that is not there yet is skipped, so
-each layer owns its commands in its own file.
+`info` lives here; each layer's commands have a module of this package (`dipgo`: schedule,
+sample, prune; `sdo`: sdo; `report`: report) whose `add_commands(subparsers)` registers its
+parsers with `set_defaults(run=callable(args) -> int)`. The commands run the zoo models: the
+CLI is a user of the library and of the zoo, which is why it sits above both.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 
 import torch
 
-from . import __version__, _ext, backends
+from .. import __version__, _ext, backends
+from . import dipgo, report, sdo
 
 
 def info() -> str:
@@ -44,9 +44,6 @@ def info() -> str:
     return "\n".join(lines)
 
 
-COMMAND_MODULES = ("shortcut_kernels.dipgo.cli", "shortcut_kernels.sdo.cli", "shortcut_kernels.report.cli")
-
-
 def _print_info(args) -> int:
     print(info())
     return 0
@@ -56,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shortcut-kernels", description="shortcut_kernels tools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, which backends loaded, and why not").set_defaults(run=_print_info)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that layer is not installed in this tree
-            raise
+    for module in (dipgo, sdo, report):
         module.add_commands(sub)
     return parser
 

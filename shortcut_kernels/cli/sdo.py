@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from .. import zoo
-from ..zoo.rewards import digits_reward
 from ..models.conditioning import ClassConditional
-from .chain import shortcut_sample
-from .config import ChainConfig, OptimizeConfig
-from .optimize import RewardTarget, latent_optimizer, latent_regularizer, optimize_latents
-from .rewards import ShiftAveraged
+from ..sdo.chain import shortcut_sample
+from ..sdo.config import ChainConfig, OptimizeConfig
+from ..sdo.optimize import RewardTarget, latent_optimizer, latent_regularizer, optimize_latents
+from ..sdo.rewards import ShiftAveraged
+from ..zoo.rewards import digits_reward
 
 
 def add_commands(subparsers) -> None:

@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import build
-from .headline import headline, write_results
+from ..report import build
+from ..report.headline import headline, write_results
 
 
 def _run(args) -> int:
