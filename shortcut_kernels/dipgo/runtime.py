@@ -16,10 +16,19 @@ the per-run :class:`CacheState`:
   one ``cache_residual(x, [delta_1, ..., delta_k])`` at the first block, the others pass
   their input on;
 * ``DEAD``: nothing that runs reads the block: it returns an empty tensor of the right
-  shape (recorded at call 0) without computing anything.
+  shape (recorded at call 0) without computing anything. Its values are garbage, read by
+  no one as long as the block graph names every consumer; ``accelerate(..., debug=True)``
+  fills them with NaN and checks every call's output, so a graph that misses a consumer
+  raises ``FloatingPointError`` naming the dead blocks instead of passing garbage on.
 
 A NaN/inf in a cached tensor raises ``FloatingPointError`` at the first call that would
-reuse it (``check_finite=False`` turns that off; compiled calls skip it).
+reuse it. The check (``bool(isfinite(t).all())``) waits for the device, so by default
+(``check_finite=None``) it runs on CPU tensors only: on a GPU the default path adds no
+host-device sync; ``check_finite=True`` checks on every device, ``False`` nowhere;
+compiled calls skip it.
+
+One accelerate per model: a second ``accelerate`` on a model that is already accelerated
+(any schedule, any granularity) raises until the first handle's ``remove()``.
 
 Calls and runs. A forward pre-hook on the denoiser counts calls. The counter restarts at
 the start of every sampling run, decided in this order:
@@ -31,8 +40,16 @@ the start of every sampling run, decided in this order:
    ``len(timesteps) - begin`` (``begin``: the scheduler's ``begin_index``, or the
    position of the first call's timestep - img2img) and must equal the schedule's
    (``ValueError`` naming both, unless ``auto_resize=True``);
-3. otherwise (a bare model, no scheduler): runs are ``schedule.calls`` calls long and
-   follow each other.
+3. otherwise (a bare model, no scheduler): a run starts after ``schedule.calls`` calls,
+   and earlier at a call whose timestep is above the previous call's (samplers' timesteps
+   fall, so a higher one is a new run: an interrupted run does not shift the next). A
+   call 1 with call 0's timestep is ambiguous (a run restarted at the same timestep, or
+   two calls per step) and raises ``RuntimeError``. This reads each call's timestep (a
+   host sync when it lives on a GPU: give ``scheduler=`` or use ``handle.run()`` there).
+
+A call that raises ends its run (the next call starts a new one), in every mode but 1.
+With a scheduler whose timesteps did not change, the first timestep after a complete run
+starts a new run too (a custom loop sampling twice after one ``set_timesteps``).
 
 The call index never comes from ``scheduler.timesteps.index(t)`` (wrong for multi-call
 samplers), so DDIM, PLMS, DPM-Solver++, Euler and Heun all work: the schedule counts
@@ -41,12 +58,18 @@ cond/uncond passes) is refused: its second call of a step gets the same timestep
 first where the scheduler expects the next one - a ``RuntimeError`` says so. Batched CFG
 (one call on a doubled batch) and PAG (one call, tripled batch) are one call.
 
+Threads. A handle holds one run's caches, so runs through it must not overlap: a call
+from another thread while a run is in progress raises ``RuntimeError`` (``reset()`` ends
+a run that its thread abandoned; a run whose thread died ends by itself).
+
 torch.compile. ``handle.compile(**options)`` compiles the denoiser's forward
 (``fullgraph=True`` by default) below the call counter: the keep-pattern of the call is
 plain Python state, so each distinct pattern compiles once and no call breaks the graph.
 (Compiling the whole model yourself, ``torch.compile(unet)``, would trace the counter
 and recompile for every call index.) Call 0 of each run runs eagerly (it records the
-output shapes the ``DEAD`` blocks need).
+output shapes the ``DEAD`` blocks need). ``compile()`` raises Dynamo's global recompile
+limit to the number of keep-patterns (``remove()`` puts the old value back) and skips the
+NaN check in compiled calls whatever ``check_finite`` says.
 
 Stable API (used by ``shortcut_kernels.sdo``): ``accelerate``, ``Accelerated.remove``,
 ``.run()``, ``.reset()``, ``.compile()``, ``.state``, ``.schedule``, ``.model``.
@@ -54,6 +77,8 @@ Stable API (used by ``shortcut_kernels.sdo``): ``accelerate``, ``Accelerated.rem
 from __future__ import annotations
 
 import contextlib
+import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -84,7 +109,7 @@ class CacheState:
         self.modes: tuple[int, ...] = (COMPUTE,) * num_blocks
         self.runs: tuple[tuple[int, ...], ...] = ((),) * num_blocks
         self.record = False  # record output shapes (call 0)
-        self.check_finite = True
+        self.check_finite: bool | None = None  # the handle's setting, see _checks_finite
         self.cache: list[Any] = [None] * num_blocks
         self.inputs: list[Any] = [None] * num_blocks  # inputs of transformer blocks being computed
         self.unchecked = [False] * num_blocks
@@ -148,6 +173,22 @@ def _describe(out):
     if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
         return ("tuple", tuple((tuple(t.shape), t.dtype, t.device) for t in out))
     raise TypeError(f"block returned a {type(out).__name__}; cached blocks return a tensor or a tuple of tensors")
+
+
+def _checks_finite(setting: bool | None, device: torch.device) -> bool:
+    """Whether a cached tensor on ``device`` is checked for NaN/inf. The check waits for the
+    device (``bool()`` of a device tensor), so the default (``None``) checks host tensors only."""
+    if setting is None:
+        return device.type == "cpu"
+    return bool(setting)
+
+
+def _poison(out):
+    """Fill a placeholder's floating-point leaves with NaN (debug mode): a read of it shows."""
+    for t in _leaves(out):
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+    return out
 
 
 def _placeholder(meta):
@@ -239,13 +280,15 @@ class Accelerated:
     """Handle of an accelerated model (see :func:`accelerate`). Context manager; ``remove()``."""
 
     def __init__(self, target: Any, model: nn.Module, schedule: Schedule, scheduler: Any = None,
-                 check_finite: bool = True, auto_resize: bool = False, store_all: bool = False):
+                 check_finite: bool | None = None, auto_resize: bool = False, store_all: bool = False,
+                 debug: bool = False):
         self.target = target
         self.model = model
         self.schedule = schedule
         self.check_finite = check_finite
         self.auto_resize = auto_resize
         self.store_all = store_all
+        self.debug = debug
         self._scheduler_source = scheduler
         self._modes_by_calls: dict[int, _CallModes] = {schedule.calls: _CallModes(schedule, store_all)}
         self._call_modes = self._modes_by_calls[schedule.calls]
@@ -256,8 +299,14 @@ class Accelerated:
         self._swapped: list[nn.Module] = []
         self._hooks = []
         self._compiled = None
+        self._dynamo_limit = None  # (config name, value before compile(), value compile() set)
         self._active = False
         self.runs_started = 0
+        self._timestep_position = _timestep_position(model)
+        self._last_t: float | None = None  # timestep of the previous call (bare models)
+        self._aborted = False  # the last call raised: the next call starts a run
+        self._lock = threading.Lock()
+        self._owner: threading.Thread | None = None  # the thread whose run is in progress
 
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:
@@ -269,7 +318,8 @@ class Accelerated:
                 for j, p in enumerate(paths):
                     mod = self.model.get_submodule(p)
                     if isinstance(mod, _CachedBlock):
-                        raise RuntimeError(f"{p} is already cached by another accelerate(); remove() that first")
+                        raise RuntimeError(f"{p} is already cached by another accelerate(); call handle.remove() "
+                                           "on that handle first")
                     if "forward" in mod.__dict__:
                         raise RuntimeError(f"{p} has an instance-level forward (patched by another library, e.g. "
                                            "DeepCache's helper, which leaves them behind after disable()); "
@@ -303,8 +353,8 @@ class Accelerated:
         if self._compiled is not None:
             self.model.__dict__.pop("forward", None)
             self._compiled = None
-        self.state.reset()
-        self._ts_ref = self._run_ts = None
+        self._restore_dynamo_limit()
+        self.reset()
         self._active = False
 
     def __enter__(self) -> "Accelerated":
@@ -319,9 +369,41 @@ class Accelerated:
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
-        """Start a new run at the next call."""
+        """Start a new run at the next call (ends the run in progress, whichever thread runs it)."""
+        self._forget_run()
+        self._release()
+
+    def _forget_run(self) -> None:
         self.state.reset()
-        self._ts_ref = self._run_ts = None
+        self._ts_ref = self._run_ts = self._last_t = None
+        self._aborted = False
+
+    # one run at a time: a run's caches belong to the thread that runs it
+    def _claim(self) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            owner = self._owner
+            if owner is not None and owner is not me:
+                if owner.is_alive():
+                    raise RuntimeError(
+                        f"another thread ({owner.name!r}) is in the middle of a sampling run through this "
+                        f"accelerated {type(self.model).__name__}: a handle holds one run's caches, so runs through "
+                        "it must not overlap - sample from one thread at a time (a lock around the sampling call) "
+                        "or accelerate a copy of the model per thread (if that thread abandoned its run, "
+                        "handle.reset() ends it)")
+                self._aborted = True  # its thread died mid-run: start afresh
+            self._owner = me
+
+    def _release(self) -> None:
+        with self._lock:
+            self._owner = None
+
+    def _abort(self) -> None:
+        """The call raised: the run is broken; the next call starts a new one."""
+        self._aborted = True
+        if not self._explicit:
+            self.state.clear()
+            self._release()
 
     @contextlib.contextmanager
     def run(self):
@@ -329,7 +411,8 @@ class Accelerated:
         must make exactly ``schedule.calls`` calls (ValueError at exit otherwise)."""
         if self._explicit:
             raise RuntimeError("handle.run() contexts do not nest")
-        self.reset()
+        self._claim()
+        self._forget_run()
         self._explicit = True
         ok = False
         try:
@@ -339,6 +422,7 @@ class Accelerated:
             self._explicit = False
             made = self.state.call + 1
             self.state.reset()
+            self._release()
             if ok and made not in (0, self._call_modes.schedule.calls):
                 raise ValueError(f"the run made {made} denoiser calls but the schedule has "
                                  f"{self._call_modes.schedule.calls}; use schedule.resize({made})")
@@ -363,9 +447,10 @@ class Accelerated:
             for mod in self._swapped:
                 mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
 
-    @staticmethod
-    def _timestep(args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    def _timestep(self, args, kwargs):
+        """The call's timestep (its first element), or None."""
+        pos = self._timestep_position
+        t = kwargs.get("timestep", args[pos] if pos is not None and len(args) > pos else None)
         if isinstance(t, torch.Tensor):
             return float(t.reshape(-1)[0]) if t.numel() else None
         return float(t) if isinstance(t, (int, float)) else None
@@ -375,41 +460,20 @@ class Accelerated:
         self.runs_started += 1
 
     def _pre_call(self, module, args, kwargs):
-        st = self.state
-        sched = None if self._explicit else self._scheduler()
-        ts = getattr(sched, "timesteps", None) if sched is not None else None
+        self._claim()
         if self._explicit:
-            if st.call + 1 >= self._call_modes.schedule.calls:
+            if self.state.call + 1 >= self._call_modes.schedule.calls:
                 raise ValueError(f"more than the schedule's {self._call_modes.schedule.calls} denoiser calls in one "
                                  "handle.run(); use schedule.resize(...)")
-        elif isinstance(ts, torch.Tensor) and ts.numel():
-            if ts is not self._ts_ref:  # set_timesteps ran: a new sampling run
-                self._ts_ref = ts
-                self._start_run()
-                begin = getattr(sched, "begin_index", None)
-                if begin is None:
-                    t0 = self._timestep(args, kwargs)
-                    hits = (ts.detach().float().cpu() == t0).nonzero().flatten().tolist() if t0 is not None else []
-                    begin = hits[0] if hits else 0
-                self._run_ts = (ts, int(begin))
-                self._use_calls(len(ts) - int(begin), f"{len(ts)} scheduler timesteps from index {begin}")
-            elif st.call + 1 >= self._call_modes.schedule.calls:
-                raise RuntimeError(
-                    f"the denoiser was called more than {self._call_modes.schedule.calls} times in one sampling run: "
-                    "pipelines that call it more than once per step (separate cond/uncond passes) are not "
-                    "supported - batch classifier-free guidance into one call")
-            if st.call == 0 and self._run_ts is not None:
-                ts_, begin = self._run_ts
-                t = self._timestep(args, kwargs)
-                k = begin + st.call + 1
-                if t is not None and k < len(ts_) and float(ts_[k]) != t and float(ts_[k - 1]) == t:
-                    raise RuntimeError(
-                        f"denoiser call {st.call + 1} of this run got timestep {t:g} again where the scheduler's "
-                        f"next timestep is {float(ts_[k]):g}: the pipeline calls the denoiser more than once per "
-                        "step (separate cond/uncond passes?), which schedules do not support - batch classifier-free "
-                        "guidance into one call")
-        elif st.call < 0 or st.call + 1 >= self._call_modes.schedule.calls:  # bare model: runs follow each other
-            self._start_run()
+        else:
+            sched = self._scheduler()
+            ts = getattr(sched, "timesteps", None) if sched is not None else None
+            if isinstance(ts, torch.Tensor) and ts.numel():
+                self._scheduler_call(sched, ts, args, kwargs)
+            else:
+                self._bare_call(args, kwargs)
+        self._aborted = False
+        st = self.state
         st.call += 1
         plan = self._call_modes
         st.calls = plan.schedule.calls
@@ -419,17 +483,99 @@ class Accelerated:
         st.check_finite = self.check_finite
         return None
 
-    def _post_call(self, module, args, output):
+    def _scheduler_call(self, sched, ts: torch.Tensor, args, kwargs) -> None:
+        """Run boundaries from the scheduler: new timesteps (set_timesteps ran), an aborted
+        run, or the first timestep again after a complete run."""
         st = self.state
+        calls = self._call_modes.schedule.calls
+        if ts is not self._ts_ref or self._aborted:
+            self._ts_ref = ts
+            self._start_run()
+            begin = getattr(sched, "begin_index", None)
+            if begin is None:
+                t0 = self._timestep(args, kwargs)
+                hits = (ts.detach().float().cpu() == t0).nonzero().flatten().tolist() if t0 is not None else []
+                begin = hits[0] if hits else 0
+            self._run_ts = (ts, int(begin))
+            self._use_calls(len(ts) - int(begin), f"{len(ts)} scheduler timesteps from index {begin}")
+        elif st.call + 1 >= calls:
+            ts_, begin = self._run_ts
+            t = self._timestep(args, kwargs)
+            if t is None or begin >= len(ts_) or float(ts_[begin]) != t:
+                raise RuntimeError(
+                    f"the denoiser was called more than {calls} times in one sampling run (the scheduler's "
+                    f"timesteps did not change and this call's timestep is not their first): a loop that samples "
+                    "again with the same timesteps must call scheduler.set_timesteps(...) or handle.reset() "
+                    "before it; a pipeline that calls the denoiser more than once per step (separate cond/uncond "
+                    "passes) must batch classifier-free guidance into one call")
+            self._start_run()  # a custom loop samples again over the same timesteps
+        elif st.call == 0:
+            self._check_second_call(args, kwargs)
+
+    def _check_second_call(self, args, kwargs) -> None:
+        """Call 1 with call 0's timestep where the scheduler has another: two calls per step."""
+        ts_, begin = self._run_ts
+        t = self._timestep(args, kwargs)
+        k = begin + 1
+        if t is not None and k < len(ts_) and float(ts_[k]) != t and float(ts_[k - 1]) == t:
+            raise RuntimeError(
+                f"denoiser call 1 of this run got timestep {t:g} again where the scheduler's next timestep is "
+                f"{float(ts_[k]):g}: either the pipeline calls the denoiser more than once per step (separate "
+                "cond/uncond passes, which schedules do not support - batch classifier-free guidance into one "
+                "call), or a loop started again at the same timesteps without scheduler.set_timesteps(...) "
+                "(call handle.reset() between runs)")
+
+    def _bare_call(self, args, kwargs) -> None:
+        """Run boundaries of a bare model: every ``schedule.calls`` calls, after an aborted
+        run, and at a timestep above the previous call's (a new run after an interrupted one)."""
+        st = self.state
+        t = self._timestep(args, kwargs)
+        last, self._last_t = self._last_t, t
+        if st.call < 0 or st.call + 1 >= self._call_modes.schedule.calls or self._aborted:
+            self._start_run()
+        elif t is not None and last is not None:
+            if t > last:
+                self._start_run()
+            elif t == last and st.call == 0:
+                raise RuntimeError(
+                    f"denoiser call 1 of this run got call 0's timestep ({t:g}) again: a bare model cannot tell a "
+                    "new run that started at the same timestep from two calls per step - give "
+                    "accelerate(..., scheduler=...) (runs then start at set_timesteps), call handle.reset() "
+                    "between runs (or sample inside `with handle.run():`), or, if the loop calls the denoiser "
+                    "twice per step (separate cond/uncond passes), batch classifier-free guidance into one call")
+
+    def _post_call(self, module, args, output):
+        if self._owner is not threading.current_thread():
+            return None  # another thread's refused call: not this run's
+        st = self.state
+        if output is None:  # the call raised (an always_call hook sees None): the run is broken
+            self._abort()
+            return None
+        if self.debug:
+            self._check_output(output)
         if st.call >= st.calls - 1:
             st.clear()  # the run is over: hold nothing
+            if not self._explicit:
+                self._release()
         return None
+
+    def _check_output(self, output) -> None:
+        """Debug mode: dead blocks returned NaN; a non-finite output names them."""
+        st = self.state
+        dead = [self.schedule.graph.names[b] for b, m in enumerate(st.modes) if m == DEAD]
+        leaves = [t for t in _leaves(output) if t.is_floating_point()]
+        if dead and not all(bool(torch.isfinite(t).all()) for t in leaves):
+            self._abort()  # raising here skips the always_call path
+            raise FloatingPointError(
+                f"debug: the output of call {st.call} is not finite, and at this call the dead blocks "
+                f"{', '.join(dead)} returned NaN: the block graph misses a consumer of one of them (or the model "
+                "made NaN itself - compare with debug=False)")
 
     # ------------------------------------------------------------------ blocks
     def _check(self, slot: _Slot, tensors) -> None:
         st = self.state
         for t in tensors:
-            if not bool(torch.isfinite(t).all()):
+            if _checks_finite(st.check_finite, t.device) and not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(
                     f"the cached output of block {slot.name!r} (computed at call {st.computed_at[slot.block]}) "
                     f"contains NaN or inf; call {st.call} would reuse it")
@@ -454,12 +600,14 @@ class Accelerated:
             if out is None:
                 raise RuntimeError(f"block {slot.name!r} has no cached output at call {st.call} "
                                    "(was the run restarted mid-way?)")
-            if st.check_finite and st.unchecked[b] and not torch.compiler.is_compiling():
+            if st.check_finite is not False and st.unchecked[b] and not torch.compiler.is_compiling():
                 self._check(slot, _leaves(out))
             return out
         if st.meta[b] is None:
             raise RuntimeError(f"block {slot.name!r} is not needed at call {st.call} but its output shape is unknown "
                                "(call 0 of a run records it)")
+        if self.debug:
+            return _poison(_placeholder(st.meta[b]))
         if torch.compiler.is_compiling() or torch.is_grad_enabled():  # a graph may save it: fresh each call
             return _placeholder(st.meta[b])
         held = st.placeholders[b]
@@ -490,7 +638,7 @@ class Accelerated:
                 raise RuntimeError(f"block {self.schedule.graph.names[missing[0]]!r} has no cached residual at "
                                    f"call {st.call}")
             out = cache_residual(x, caches)
-            if st.check_finite and not torch.compiler.is_compiling():
+            if st.check_finite is not False and not torch.compiler.is_compiling():
                 self._check_run(st.runs[b], out)
             return out
         return x  # inside a run: the run's first block added every delta
@@ -503,7 +651,7 @@ class Accelerated:
         fresh = [c for c in run if st.unchecked[c]]
         if not fresh:
             return
-        if not bool(torch.isfinite(out).all()):
+        if _checks_finite(st.check_finite, out.device) and not bool(torch.isfinite(out).all()):
             for c in fresh:
                 mod = next(m for m in self._swapped if m._sk_slot.block == c)
                 self._check(mod._sk_slot, [st.cache[c]])
@@ -513,17 +661,17 @@ class Accelerated:
     # ------------------------------------------------------------------ compile
     def compile(self, **options) -> "Accelerated":
         """Compile the denoiser's forward below the call counter (``fullgraph=True`` unless
-        given): one compile per distinct keep-pattern; call 0 of a run stays eager."""
+        given): one compile per distinct keep-pattern; call 0 of a run stays eager.
+
+        Two global effects: Dynamo's recompile limit (``torch._dynamo.config.recompile_limit``)
+        is raised to the number of keep-patterns, so that Dynamo keeps one graph per pattern
+        (``remove()`` puts the old value back, unless someone changed it in between); and
+        compiled calls skip the NaN check whatever ``check_finite`` says (call 0, eager, keeps it)."""
         if self._compiled is not None:
             raise RuntimeError("already compiled")
         options.setdefault("fullgraph", True)
         patterns = {p for m in self._modes_by_calls.values() for p in m.modes}
-        try:  # one graph per distinct pattern: let Dynamo keep them all
-            cfg = torch._dynamo.config
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), len(patterns) + 2))
-        except Exception:  # pragma: no cover
-            pass
+        self._raise_dynamo_limit(len(patterns) + 2)
         model = self.model
         eager = type(model).forward.__get__(model)
         compiled = torch.compile(eager, **options)
@@ -539,9 +687,45 @@ class Accelerated:
         model.forward = forward
         return self
 
+    def _raise_dynamo_limit(self, graphs: int) -> None:
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        old = getattr(cfg, name)
+        new = max(old, graphs)
+        setattr(cfg, name, new)
+        self._dynamo_limit = (name, old, new)
 
-def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None, check_finite: bool = True,
-               auto_resize: bool = False, store_all: bool = False) -> Accelerated:
+    def _restore_dynamo_limit(self) -> None:
+        if self._dynamo_limit is None:
+            return
+        name, old, new = self._dynamo_limit
+        cfg = torch._dynamo.config
+        if getattr(cfg, name) == new:  # not changed by someone else since
+            setattr(cfg, name, old)
+        self._dynamo_limit = None
+
+
+def _timestep_position(model: nn.Module) -> int | None:
+    """Position of ``timestep`` among the positional arguments of the model's forward
+    (DiT and PixArt take ``encoder_hidden_states`` second), or None."""
+    try:
+        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _refuse_if_accelerated(model: nn.Module) -> None:
+    """Two schedules on one model would both run (a coarse block around fine ones), and
+    removing one would leave the other: one accelerate per model."""
+    if any(isinstance(m, _CachedBlock) for m in model.modules()):
+        raise RuntimeError(f"this {type(model).__name__} is already accelerated (its blocks are already cached by "
+                           "another accelerate()): call handle.remove() on that handle first, then accelerate "
+                           "again")
+
+
+def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None, check_finite: bool | None = None,
+               auto_resize: bool = False, store_all: bool = False, debug: bool = False) -> Accelerated:
     """Sample with ``schedule``: blocks reuse their cached outputs where it says so.
 
     Args:
@@ -550,11 +734,19 @@ def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None,
         schedule: a :class:`Schedule` built for this model (checked: class, blocks).
         scheduler: for bare models, the scheduler whose ``set_timesteps`` starts a run
             (pipelines use ``pipe.scheduler``); see the module docstring for how runs start.
-        check_finite: raise at the first reuse of a cached tensor holding NaN/inf.
+        check_finite: raise at the first reuse of a cached tensor holding NaN/inf: ``None``
+            (default) for CPU tensors only (the check waits for the device, so the default
+            adds no host-device sync on a GPU), ``True`` on every device, ``False`` never.
         auto_resize: when a run makes another number of calls than the schedule, use
             ``schedule.resize(calls)`` instead of raising.
         store_all: keep every computed block's output in ``handle.state.cache``, not only
             those a later call reads (DiP-GO's shortcut training reads them all; costs memory).
+        debug: dead blocks return NaN instead of uninitialised memory, and a call whose
+            output is not finite while some block is dead raises ``FloatingPointError``
+            naming them: a block graph that misses a consumer shows instead of passing
+            garbage on. Costs a fill per dead block and a host sync per call.
+    A model takes one accelerate at a time: a second one raises ``RuntimeError`` until
+    ``handle.remove()`` of the first. Runs through one handle must not overlap across threads.
     Returns the :class:`Accelerated` handle (``remove()``, context manager, ``run()``,
     ``compile()``).
     """
@@ -564,11 +756,12 @@ def accelerate(pipe_or_model: Any, schedule: Schedule, *, scheduler: Any = None,
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError("accelerate() the model before compiling it, then use handle.compile()")
     model_kind(model)
+    _refuse_if_accelerated(model)
     if type(model).__name__ == "SD3Transformer2DModel":
         raise NotImplementedError("SD3's joint transformer blocks return two streams; schedules support DiT, "
                                   "PixArt and UNets")
     schedule.validate(pipe_or_model)
     handle = Accelerated(pipe_or_model, model, schedule, scheduler=scheduler, check_finite=check_finite,
-                         auto_resize=auto_resize, store_all=store_all)
+                         auto_resize=auto_resize, store_all=store_all, debug=debug)
     handle._install()
     return handle
