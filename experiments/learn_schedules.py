@@ -1,0 +1,169 @@
+"""The DiP-GO learner (``dipgo.learn``) against the best hand-made schedule and ``dipgo.search``.
+
+Two parts, each writable on its own (run them as parallel processes, one thread each) and
+merged into one JSON:
+
+* ``--part spearman``: on a fixed bank of training noise, the forward-difference estimate of
+  every single whole-call flip of a start schedule against its measured effect (the chain
+  rerun with the flip), Spearman within drops and within adds.
+* ``--part learn --target T``: from the same start (the hand-made schedule that scores best on
+  the bank within ``T``), ``learn`` and ``local_search`` (what ``zoo.dipgo_eval.search`` runs
+  after choosing its start) for the same seconds, wall-clock and CPU; then held-out quality
+  (``zoo.dipgo_eval.evaluate``) of both, the start and the hand-made schedules within 2% of
+  the learned MACs.
+* ``--merge A.json B.json ...``: one JSON.
+
+    python -m experiments.learn_schedules --part spearman --out s.json
+    python -m experiments.learn_schedules --part learn --target 0.402 --time-budget 360 --out l40.json
+    python -m experiments.learn_schedules --merge s.json l40.json --out experiments/measurements/dipgo-learn-estimate.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shortcut_kernels import zoo
+from shortcut_kernels.dipgo import skip_steps
+from shortcut_kernels.dipgo.learn import _null_label, bank_loss, estimate, learn, make_bank
+from shortcut_kernels.dipgo.schedule import Schedule
+from shortcut_kernels.dipgo.search import local_search, with_trades
+from shortcut_kernels.dipgo.supernet import SuperNet
+from shortcut_kernels.dipgo.train import _Chain
+from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade, zoo_sampler
+from shortcut_kernels.zoo.sampling import make_scheduler
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for k, i in enumerate(order):
+            r[i] = float(k)
+        return torch.tensor(r)
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def _setup(name: str, calls: int):
+    z = zoo.load(name)
+    sched = make_scheduler(z.scheduler_config)
+    sched.set_timesteps(calls)
+    return z.model, sched
+
+
+def part_spearman(args) -> dict:
+    model, sched = _setup(args.model, args.calls)
+    start = skip_steps(model, args.calls, count=args.spearman_count, placement="power", exponent=1.5)
+    bank = make_bank(model, sched, args.spearman_bank)
+    net = SuperNet(model, graph=start.graph)
+    chain = _Chain(net, sched, 3.0, _null_label(model))
+    t0, c0 = time.perf_counter(), time.process_time()
+    est = estimate(chain, bank, start)
+    est_wall, est_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = []
+    for u, p in zip(est.units, est.predicted.tolist()):
+        keep = start.keep.clone()
+        keep[u.call] = torch.tensor(u.row)
+        true = bank_loss(chain, bank, Schedule(keep, start.graph)) - est.loss
+        rows.append(dict(call=u.call, kind=u.kind, predicted=p, measured=true))
+        print(json.dumps(rows[-1]), flush=True)
+    net.remove()
+    out = dict(start=f"skip_steps({args.spearman_count}, power 1.5)", start_macs=start.macs_kept,
+               bank=args.spearman_bank, loss=est.loss, estimate_seconds=est_wall, estimate_cpu_seconds=est_cpu,
+               flips=rows)
+    for kind in ("drop", "add"):
+        sel = [r for r in rows if r["kind"] == kind]
+        out[f"spearman_{kind}s"] = _spearman([r["predicted"] for r in sel], [r["measured"] for r in sel])
+        out[f"sign_agreement_{kind}s"] = sum((r["predicted"] < 0) == (r["measured"] < 0) for r in sel) / max(1, len(sel))
+    return out
+
+
+def _start(model, sched, calls: int, target: float, bank) -> tuple[Schedule, dict]:
+    """The hand-made schedule within ``target`` (top 10% of it) that scores best on the bank."""
+    net = SuperNet(model, "coarse")
+    chain = _Chain(net, sched, 3.0, _null_label(model))
+    options = {k: s for k, s in handmade(model, calls).items() if s.macs_kept <= target + 1e-9}
+    top = max(s.macs_kept for s in options.values())
+    scores = {k: 10 * math.log10(4 / bank_loss(chain, bank, s)) for k, s in options.items() if s.macs_kept >= 0.9 * top}
+    net.remove()
+    key = max(scores, key=scores.get)
+    return options[key], dict(start=key, start_scores=scores)
+
+
+def part_learn(args) -> dict:
+    model, sched = _setup(args.model, args.calls)
+    bank = make_bank(model, sched, args.bank)
+    start, info = _start(model, sched, args.calls, args.target, bank)
+    print("start", info, flush=True)
+    # the learner
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = learn(model, sched, args.target, start=start, bank=bank, time_budget=args.time_budget,
+                estimate_size=args.estimate_size, patterns=args.patterns, progress=True)
+    learned = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, start_psnr=res.start_psnr,
+                   psnr=res.psnr, evaluations=res.evaluations, history=res.history,
+                   keep=res.schedule.keep.int().tolist(), macs_kept=res.schedule.macs_kept)
+    print("learned", json.dumps({k: v for k, v in learned.items() if k != "keep"}), flush=True)
+    # the search from the same start, for the same seconds (on the search's own bank sampler)
+    sampler = zoo_sampler(model, sched, n=args.bank, calls=args.calls)
+    sampler(None)  # the reference samples are set-up, as the learner's bank is
+    s_start, patterns = with_trades(model, start)
+    t0, c0 = time.perf_counter(), time.process_time()
+    found = local_search(s_start, sampler, time_budget=args.time_budget, patterns=patterns)
+    searched = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+                    start_psnr=found.start_psnr, psnr=found.psnr, evaluations=found.evaluations,
+                    history=found.history, keep=found.schedule.keep.int().tolist(), macs_kept=found.schedule.macs_kept)
+    print("searched", json.dumps({k: v for k, v in searched.items() if k != "keep"}), flush=True)
+    # held-out quality
+    m = res.schedule.macs_kept
+    schedules = {"learned": res.schedule, "searched": found.schedule, f"start {info['start']}": start}
+    schedules.update({k: s for k, s in handmade(model, args.calls).items()
+                      if abs(s.macs_kept - m) <= 0.02 * m and k != info["start"]})
+    rows = evaluate(args.model, schedules, per_class=args.per_class)
+    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
+                                          estimate_size=args.estimate_size, patterns=args.patterns, **info,
+                                          learned=learned, searched=searched, heldout=rows)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["spearman", "learn"])
+    ap.add_argument("--merge", nargs="+", help="JSONs of the parts to merge into --out")
+    ap.add_argument("--model", default="digits-unet")
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--target", type=float, default=0.402, help="kept-MAC budget (skip_steps(20) keeps 40.1%%)")
+    ap.add_argument("--time-budget", type=float, default=360.0, help="seconds of learning, and of search")
+    ap.add_argument("--bank", type=int, default=8, help="training samples moves are validated on")
+    ap.add_argument("--estimate-size", type=int, default=4, help="bank samples the estimate runs on")
+    ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
+    ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
+    ap.add_argument("--spearman-bank", type=int, default=4)
+    ap.add_argument("--spearman-count", type=int, default=20, help="computed calls of the skip_steps start")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = dict(command="python -m experiments.learn_schedules " + " ".join(sys.argv[1:] if argv is None else argv),
+               date=time.strftime("%Y-%m-%d"), threads=args.threads)
+    if args.merge:
+        out = dict(parts=[json.loads(Path(p).read_text()) for p in args.merge])
+    elif args.part == "spearman":
+        out.update(model=args.model, calls=args.calls, spearman=part_spearman(args))
+    elif args.part == "learn":
+        out.update(model=args.model, calls=args.calls, **part_learn(args))
+    else:
+        ap.error("give --part or --merge")
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
