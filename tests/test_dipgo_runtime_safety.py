@@ -9,7 +9,7 @@ import torch
 
 import shortcut_kernels.dipgo.runtime as rt
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo import DEAD, READ, accelerate, deepcache, fora, full, skip_steps
+from shortcut_kernels.dipgo import DEAD, READ, accelerate, deepcache, fora, skip_steps
 from shortcut_kernels.models import available_models, build_model
 
 from _dipgo_models import tiny_dit, tiny_sd15_unet, zoo_unet_inputs

@@ -47,7 +47,8 @@ the start of every sampling run, decided in this order:
    two calls per step) and raises ``RuntimeError``. This reads each call's timestep (a
    host sync when it lives on a GPU: give ``scheduler=`` or use ``handle.run()`` there).
 
-A call that raises ends its run (the next call starts a new one), in every mode but 1.
+A call that raises ends its run: the next call starts a new one (inside ``handle.run()``
+the block stays the run).
 With a scheduler whose timesteps did not change, the first timestep after a complete run
 starts a new run too (a custom loop sampling twice after one ``set_timesteps``).
 
