@@ -46,26 +46,44 @@ def _bank(model, scheduler, n=3):
     return Bank(bank.noise, bank.labels, bank.targets + 0.05 * torch.randn_like(bank.targets))
 
 
-def _records(chain, bank, schedule):
-    """Every call's guided output in a run of ``schedule`` (through the SuperNet, no skipping)."""
-    outs = {}
+def _inputs(chain, bank, schedule):
+    """The sample entering every call of a run of ``schedule`` and the final sample."""
+    xs = {}
+    x0 = chain.run(bank.noise, bank.labels, schedule.keep.to(bank.noise.dtype),
+                   on_call=lambda i, x, c: xs.__setitem__(i, x), skip_reused=False)
+    return xs, x0
 
-    def on_output(i, eu, ec):
-        outs[i] = _guided(chain, eu, ec)
-        return eu, ec
 
-    x0 = chain.run(bank.noise, bank.labels, schedule.keep.to(bank.noise.dtype), on_output=on_output,
-                   skip_reused=False)
-    return x0, outs
+def _held_input_outputs(chain, bank, schedule, xs):
+    """Brute force: every call of ``schedule`` recomputed on the held inputs ``xs``, its caches
+    passed from call 0 on: each call's guided output."""
+    caches, outs = None, {}
+    for s in range(chain.n):
+        eu, ec, caches = chain.call(chain.steps[s].input_scale * xs[s], chain.timesteps[s], bank.labels,
+                                    schedule.keep[s].to(bank.noise.dtype), caches)
+        outs[s] = _guided(chain, eu, ec)
+    return outs
+
+
+def _replay(chain, bank, outs):
+    """The final sample of the chain whose calls return ``outs`` (model-free)."""
+    return chain.chain.run(chain.chain.first_latent(bank.noise), lambda i, x, t: (outs[i], outs[i]))
+
+
+def _flipped(schedule, u):
+    keep = schedule.keep.clone()
+    keep[u.call] = torch.tensor(u.row)
+    return Schedule(keep, schedule.graph)
 
 
 @pytest.mark.parametrize("build,granularity,cls", [(_tiny_unet, "fine", None),
                                                    (_tiny_unet, "coarse", "DPMSolverMultistepScheduler"),
                                                    (_tiny_dit, "fine", None)])
 def test_estimate_is_exact_for_the_linearised_loss(build, granularity, cls):
-    """Brute force: rerun the chain with call t's output replaced by the flipped row's true
-    output and every other output held; the estimate is <dL/dx0, x0' - x0> (fp64), and the
-    flipped output is what the flipped schedule itself computes at call t."""
+    """Brute force: hold every call's input at the current run's, recompute every call of the
+    flipped schedule on those inputs (its caches passed on from call 0), replay the chain with
+    those outputs: the estimate is <dL/dx0, x0' - x0> (fp64), also for flips whose reuse
+    segment reaches later calls through the caches."""
     model = build()
     sched = _scheduler(6, cls=cls)
     start = skip_steps(model, 6, compute=[0, 2, 3], granularity=granularity)
@@ -75,16 +93,14 @@ def test_estimate_is_exact_for_the_linearised_loss(build, granularity, cls):
     bank = _bank(model, sched)
     est = estimate(chain, bank, start, patterns=patterns)
     assert {u.kind for u in est.units} == {"drop", "add"} and len(est.units) >= 5 * (1 + bool(patterns))
-    x0, outs = _records(chain, bank, start)
+    xs, x0 = _inputs(chain, bank, start)
+    torch.testing.assert_close(_replay(chain, bank, _held_input_outputs(chain, bank, start, xs)), x0)
     x0 = x0.requires_grad_()
     g, = torch.autograd.grad(consistency_loss(x0, bank.targets, "mse").mean(), x0)
-    for j in torch.randperm(len(est.units))[:4].tolist():
+    drop_3 = next(j for j, u in enumerate(est.units) if u.call == 3 and not any(u.row))  # calls 4, 5 read its caches
+    for j in [drop_3] + torch.randperm(len(est.units))[:3].tolist():
         u = est.units[j]
-        flipped = Schedule(torch.cat([start.keep[:u.call], torch.tensor([u.row]), start.keep[u.call + 1:]]),
-                           start.graph)
-        _, flipped_outs = _records(chain, bank, flipped)  # the same calls before t: same inputs and caches
-        held = {**outs, u.call: flipped_outs[u.call]}
-        x_lin = chain.chain.run(chain.chain.first_latent(bank.noise), lambda i, x, t: (held[i], held[i]))
+        x_lin = _replay(chain, bank, _held_input_outputs(chain, bank, _flipped(start, u), xs))
         reference = float((g * (x_lin - x0.detach())).sum())
         assert abs(reference) > 0
         torch.testing.assert_close(est.predicted[j].item(), reference, rtol=1e-7, atol=1e-14)

@@ -11,12 +11,14 @@ eps_u)``. With every other call's output held, the final sample is linear in ``o
 scalar ``gamma_t = Plan.output_sensitivity(t, 0)`` (SDO's shortcut), so changing call ``t``'s
 row changes the consistency loss by, to first order,
 
-    gamma_t * <dL/dx_0, out_t(flipped row) - out_t(current row)>
+    sum_s gamma_s * <dL/dx_0, out_s(flipped) - out_s(current)>
 
-where ``out_t(flipped row)`` is one SuperNet call on the recorded inputs and caches (one
-forward per unit, nothing backpropagates through the chain). It is exact for the linearised
-loss with the other outputs held; it leaves out what the flip does to the caches later calls
-read, which is why every move is validated.
+over ``s = t`` and the later calls up to the next call that computes every block: those read
+the caches the flip changes (the reuse segment it opens or closes). ``out_s(flipped)`` is a
+SuperNet call on the recorded input of call ``s`` and the caches the flip leaves (forwards
+only, nothing backpropagates through the chain). It is exact for the loss linearised in the
+calls' outputs with every call's input held; it leaves out how the changed samples move the
+later calls' inputs, which is why every move is validated.
 
 **The learner.** Start from the hand-made schedule that scores best on the bank within the
 budget; propose single flips that keep the MACs within ``target_macs`` and equal-budget swaps
@@ -174,7 +176,10 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
              patterns=()) -> Estimate:
     """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
     ``schedule`` (default: :func:`units_of`), from one no-graph run that records every call's
-    inputs, caches and guided output, then one SuperNet forward per unit on those records."""
+    inputs, caches and guided output. Per unit, SuperNet forwards on those records: the
+    flipped call, then each later call up to the next whole call, on the caches the flip
+    leaves (the reuse segment it opens or closes), every call's input held. Exact for the
+    loss linearised in the calls' outputs with their inputs held."""
     if schedule.graph.names != chain.net.graph.names:
         raise ValueError("schedule is on another block graph than the chain's SuperNet: build the SuperNet with "
                          "graph=schedule.graph")
@@ -195,14 +200,21 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
     with torch.enable_grad():
         loss = consistency_loss(x0, bank.targets, "mse").mean()
         (g,) = torch.autograd.grad(loss, x0)
+    g = g.double()
+    keep = schedule.keep.to(bank.noise.dtype)
     predicted = torch.zeros(len(units), dtype=torch.float64)
     for j, u in enumerate(units):
-        x = xs[u.call]
-        row = torch.tensor(u.row, dtype=x.dtype)
-        eu, ec, _ = chain.call(chain.steps[u.call].input_scale * x, chain.timesteps[u.call], bank.labels, row,
-                               caches[u.call])
-        delta = _guided(chain, eu, ec) - outs[u.call]
-        predicted[j] = chain.plan.output_sensitivity(u.call, 0) * float((g.double() * delta.double()).sum())
+        # the flipped call, then the calls up to the next whole call that read the caches it leaves
+        row, c, total = torch.tensor(u.row, dtype=keep.dtype), caches[u.call], 0.0
+        for s in range(u.call, chain.n):
+            if s > u.call:
+                if bool(schedule.keep[s].all()):
+                    break  # a call that computes every block reads no cache: the flip's reach ends
+                row = keep[s]
+            eu, ec, c = chain.call(chain.steps[s].input_scale * xs[s], chain.timesteps[s], bank.labels, row, c)
+            delta = (_guided(chain, eu, ec) - outs[s]).double()
+            total += chain.plan.output_sensitivity(s, 0) * float((g * delta).sum())
+        predicted[j] = total
     return Estimate(float(loss), units, predicted)
 
 
