@@ -39,6 +39,7 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, 0.0),
     "ddim-eta": ("DDIMScheduler", {}, 0.6),
     "ddim-v": ("DDIMScheduler", {"prediction_type": "v_prediction"}, 0.0),
+    "ddim-sample": ("DDIMScheduler", {"prediction_type": "sample"}, 0.0),
     "ddpm": ("DDPMScheduler", {}, 0.0),
     "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "leading"}, 0.0),
     "euler-v": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "prediction_type": "v_prediction"}, 0.0),
@@ -99,13 +100,20 @@ def test_memory_light_equals_autograd_chain(name, policy, guidance):
     model = Tiny(pair=guidance is not None)
     x_T = torch.randn(3, 1, 5, 5, dtype=torch.float64)
     seed = int(torch.randint(0, 2**31, ()))
+    plan = Plan(sched, eta)
+    if name == "plms" and policy == "fixed:-1":
+        # PLMS's last call (t=0, alpha_prev = alpha_0) has a zero coefficient: keeping it by name
+        # would give an exactly zero weight gradient, so it is refused
+        for light in (False, True):
+            with pytest.raises(ValueError, match="keep another call"):
+                grads(model, sched, x_T, policy, guidance, eta, light, seed)
+        return
     out_a, gx_a, gp_a = grads(model, sched, x_T, policy, guidance, eta, False, seed)
     out_b, gx_b, gp_b = grads(model, sched, x_T, policy, guidance, eta, True, seed)
     torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
     assert gx_a.abs().sum() > 0
     assert rel_err(gx_b, gx_a) <= 1e-5
-    # PLMS's last call (t=0, alpha_prev = alpha_0) has a zero coefficient: no weight gradient
-    plan = Plan(sched, eta)
+    # a random draw may still land on PLMS's last call: no weight gradient
     dead = all(plan.output_sensitivity(k, 0) == 0 for k in grads.kept.tolist())
     for pb, pa in zip(gp_b, gp_a):
         assert (pa.abs().sum() == 0) if dead else (pa.abs().sum() > 0)
@@ -135,10 +143,24 @@ def _step_kwargs(sched, gen):
     return {"generator": gen} if isinstance(sched, diffusers.DDPMScheduler) else {}
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddim-v", "plms", "ddpm"])
+def _eps_held(sched, out, y, t):
+    """A call's output with its noise prediction eps held constant (``y = a*x0 + s*eps``): the
+    output still depends on ``y`` through the parametrisation."""
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return out.detach()
+    ab = float(sched.alphas_cumprod[int(t)])
+    a, s = math.sqrt(ab), math.sqrt(1 - ab)
+    if kind == "v_prediction":  # eps = s*y + a*v
+        return ((s * y + a * out).detach() - s * y) / a
+    assert kind == "sample"  # eps = (y - a*x0) / s
+    return (y - s * ((y - a * out) / s).detach()) / a
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddim-v", "ddim-sample", "plms", "ddpm"])
 def test_reference_equals_autograd_through_scheduler_step(name):
     """(a) is the autograd chain through diffusers' own step(), the kept call's output live and
-    the others detached (schedulers whose step() keeps fp64)."""
+    the others' eps held (schedulers whose step() keeps fp64)."""
     sched, _ = scheduler(name)
     model = Tiny()
     x_T = torch.randn(2, 1, 5, 5, dtype=torch.float64)
@@ -152,7 +174,7 @@ def test_reference_equals_autograd_through_scheduler_step(name):
         y = x * sched.init_noise_sigma
         for i, t in enumerate(sched.timesteps):
             out = model(sched.scale_model_input(y, t), t)
-            y = sched.step(out if i == k else out.detach(), t, y, **_step_kwargs(sched, gen)).prev_sample
+            y = sched.step(out if i == k else _eps_held(sched, out, y, t), t, y, **_step_kwargs(sched, gen)).prev_sample
         target = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
         ((y - target) ** 2 * torch.arange(1, 3, dtype=y.dtype).view(-1, 1, 1, 1)).sum().backward()
         # step() computes its coefficients in fp32 (alphas_cumprod is fp32); ours in fp64

@@ -1,12 +1,14 @@
 """The shortcut sampler: a sampling chain in which one denoiser call keeps its graph.
 
-With every other call's output held constant, each sampler update is linear in the samples
-(``shortcut_kernels.samplers``), so the final sample's Jacobian w.r.t. any latent of the
-chain is a scalar times the identity, plus the kept call's own Jacobian. Two
-implementations of that one gradient:
+With every other call's noise prediction held constant (eps, whatever the model predicts:
+a v or x0 output is held as the eps it stands for, so that it still depends on its input
+through the parametrisation; flow matching holds the velocity: ``LinearStep.held``), each
+sampler update is linear in the samples (``shortcut_kernels.samplers``), so the final
+sample's Jacobian w.r.t. any latent of the chain is a scalar times the identity, plus the kept
+call's own Jacobian. Two implementations of that one gradient:
 
-- reference (``memory_light=False``): the chain under autograd, outputs of the other calls
-  detached. Also serves the baselines that keep several calls (``full``, ``draft:K``,
+- reference (``memory_light=False``): the chain under autograd, the other calls' held
+  quantities constant. Also serves the baselines that keep several calls (``full``, ``draft:K``,
   ``alignprop``), each kept call under activation checkpointing.
 - memory-light (default for one-call policies): the chain runs under
   ``torch.inference_mode()`` and stores only the kept call's input; ``_Shortcut`` recomputes
@@ -290,8 +292,8 @@ def shortcut_sample(
         ``per-sample``); with guidance, it returns ``(output_uncond, output_cond)``
         (``models.conditioning``: ``ClassConditional`` wraps a zoo model, ``TextConditional`` a
         diffusers text UNet, ``DiTConditional`` a class-conditional DiT). Outputs are what the
-        scheduler's ``prediction_type`` says (eps, v, ...). Must be deterministic (recomputed
-        at backward).
+        scheduler's ``prediction_type`` says (eps, v, ...); the gradient is the same for
+        every parametrisation of one model. Must be deterministic (recomputed at backward).
     scheduler: a diffusers scheduler with ``set_timesteps`` called (see
         ``shortcut_kernels.samplers`` for the supported ones). It is not mutated.
     x_T: unit Gaussian noise ``[B, ...]`` (scaled by ``init_noise_sigma`` here, as diffusers
@@ -300,7 +302,8 @@ def shortcut_sample(
     config: a :class:`~shortcut_kernels.sdo.config.ChainConfig` (policy, guidance, eta,
         autocast, memory-light path, chain schedule, adapter merging), or just a policy.
         Noise (DDIM eta > 0, DDPM) is drawn from ``generator`` once per call of this function
-        and held fixed, as are the random policies' choices.
+        and held fixed, as are the random policies' choices. ``first`` / ``fixed:k`` naming a call
+        the final sample does not depend on raise ValueError (its gradient would be zero).
     params: tensors the gradient should reach through the kept call (default: the
         parameters of ``model_fn`` that require grad, if it is a Module).
     chain_model: the model that ``config.chain_schedule`` applies to and whose LoRA adapters
