@@ -160,3 +160,15 @@ def test_decoded_clip_reward_drives_latent_optimisation_through_a_pipeline():
                      latents=res.latents, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt").images
         decoded = pipe.vae.decode(res.x0 / pipe.vae.config.scaling_factor).sample
     torch.testing.assert_close(image, (decoded / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_given_the_pipeline_names_its_denoiser():
+    """A pipeline is not the model to fine-tune: the error says to pass ``pipe.unet`` (it used to
+    ask for ``sample_shape``), and the pipeline is left as it was."""
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler.set_timesteps(STEPS)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(TypeError, match=r"pipe\.unet"):
+        sdo.finetune(pipe, pipe.scheduler, lambda x0: x0.flatten(1).mean(1), sdo.FinetuneConfig(iters=1),
+                     progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
