@@ -334,7 +334,7 @@ def shortcut_sample(
     memory_light = pol.one_call if cfg.memory_light is None else cfg.memory_light
     chain = Chain(scheduler, cfg.guidance, generator=generator, plan=plan, autocast=cfg.autocast,
                   noise_rows=noise_rows)
-    runner = _Runner(chain, model_fn, warm_start, kept, progress, checkpoint_kept=not pol.one_call)
+    runner = _Runner(chain, model_fn, warm_start, kept, progress, checkpoint_kept=not pol.one_call and cfg.checkpoint)
     runner.weights = pol.grad_weights(kept, start, probs)
     if cfg.chain_schedule is not None:
         runner.chain_schedule = _kept_calls_full(cfg.chain_schedule,

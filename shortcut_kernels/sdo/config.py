@@ -40,6 +40,9 @@ class ChainConfig:
         they reuse cached blocks as it says; the kept calls compute everything.
     merge_adapters: the calls that keep no graph run with the model's LoRA adapters merged
         into their base weights (restored bit-exactly after).
+    checkpoint: the baselines that keep several calls (``full``, ``draft:K``, ``alignprop``) run
+        each kept call under activation checkpointing (memory of one call, a second forward
+        at backward time); False keeps every activation: faster, where memory allows.
     """
 
     policy: str | Policy = "first"
@@ -50,6 +53,7 @@ class ChainConfig:
     memory_light: bool | None = None
     chain_schedule: object | None = None
     merge_adapters: bool = True
+    checkpoint: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "policy", parse_policy(self.policy))
