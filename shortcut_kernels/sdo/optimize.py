@@ -15,6 +15,13 @@ latent to a step of the same size, including the many where the reward's gradien
 which is a sign-gradient attack on the reward's classifier (its samples fool the reward and not
 an independent judge). Each sample keeps the best latent it has had (``keep_best``): the reward
 of every evaluated latent is exact, only its gradient takes the shortcut.
+
+The result is always a consistent pair: ``result.x0`` is the sample of ``result.latents`` and
+``result.reward`` its reward (the latent after the last step is evaluated once more). Samplers
+that draw noise (DDPM, DDIM with eta > 0) draw the same noise in every iteration (from
+``result.noise_seed``), so a latent's reward is a function of the latent and the best one is
+reproducible: ``shortcut_sample(model_fn, scheduler, result.latents, "first",
+generator=result.noise_generator(), warm_start=result.warm_start)`` gives ``result.x0``.
 """
 from __future__ import annotations
 
@@ -30,16 +37,18 @@ from tqdm import tqdm
 from ..samplers import Plan
 from .chain import WarmStart, shortcut_sample, warmup
 from .config import OptimizeConfig
+from .policy import Policy
 from .rewards import RewardError, check_reward
 
 __all__ = ["optimize_latents", "OptimizeResult", "NormalizedAscent", "RewardTarget", "gaussian_shell",
            "gaussian_prior", "latent_regularizer", "latent_optimizer", "clip_per_sample_"]
 
 
-def gaussian_shell(x: Tensor) -> Tensor:
-    """Per-sample ``(||x|| - sqrt(d))^2``: 0 on the shell where ``N(0, I)`` samples concentrate."""
-    d = x[0].numel()
-    return (x.flatten(1).norm(dim=1) - math.sqrt(d)) ** 2
+def gaussian_shell(x: Tensor, radius: float | Tensor | None = None) -> Tensor:
+    """Per-sample ``(||x|| - radius)^2``; the default radius ``sqrt(d)`` is the shell where
+    ``N(0, I)`` samples concentrate (``radius``: a float or one per sample ``[B]``)."""
+    r = math.sqrt(x[0].numel()) if radius is None else radius
+    return (x.flatten(1).norm(dim=1) - r) ** 2
 
 
 def gaussian_prior(x: Tensor, block: int = 4, shuffles: int = 4, generator: torch.Generator | None = None) -> Tensor:
@@ -116,14 +125,23 @@ class NormalizedAscent(torch.optim.Optimizer):
 @dataclass
 class OptimizeResult:
     latents: Tensor                 # optimised latent (x_T, or the warm-start latent)
-    x0: Tensor | None               # its sample (keep_best: each sample's best; else the last evaluated)
+    x0: Tensor | None               # the sample of ``latents`` (keep_best: each sample's best)
     history: list = field(default_factory=list)  # per iteration: reward mean/per sample, seconds
     stopped_early: bool = False
     warm_start: WarmStart | None = None
+    reward: Tensor | None = None    # the reward of ``x0`` per sample
+    noise_seed: int | None = None   # the chains' noise (DDPM, DDIM eta > 0): the same every iteration
 
     @property
     def rewards(self) -> list[float]:
         return [h["reward_mean"] for h in self.history]
+
+    def noise_generator(self) -> torch.Generator | None:
+        """A generator that draws the run's chain noise again (None when the sampler draws
+        none): ``shortcut_sample(model_fn, scheduler, result.latents, "first", generator=
+        result.noise_generator(), warm_start=result.warm_start)`` gives ``result.x0``. Give a
+        policy that draws nothing from the generator (``first``, ``fixed:k``, ``full``)."""
+        return None if self.noise_seed is None else torch.Generator().manual_seed(self.noise_seed)
 
 
 @dataclass(frozen=True)
@@ -195,10 +213,15 @@ def optimize_latents(
     regularizer: ``regularizer(latent, generator) -> [B]``, added to ``-reward`` (default
         ``latent_regularizer()``: ``0.01 * gaussian_shell``; its ``prior`` weight adds
         ``gaussian_prior``, which keeps the latent's statistics typical of Gaussian noise);
-        None: no regulariser.
+        None: no regulariser. It judges the latent as unit noise: with ``warmup_calls`` it
+        gets the latent divided by its starting scale (starting norm / sqrt(d), per sample),
+        as the warm-started latent's norm is about ``sigma * sqrt(d)``, not ``sqrt(d)``.
     stop: a :class:`RewardTarget` (stop once enough samples reach a reward, optionally
         freezing those that do).
     callback: called with each iteration's record; returning True stops.
+    Returns an :class:`OptimizeResult`: ``latents`` with their sample ``x0`` and its ``reward``
+    (keep_best: each sample's best evaluated latent; else the latent after the last step,
+    evaluated once more), and ``noise_generator()`` to sample them again.
     Raises ``RewardError`` (a ValueError; ``.result`` holds the state so far) when the reward
     returns the wrong shape or non-finite values; the latent is not updated with them.
     """
@@ -216,26 +239,31 @@ def optimize_latents(
         warm = warmup(model_fn, scheduler, latent, cfg.warmup_calls, chain, generator=gen, plan=plan)
         latent = warm.x.detach().clone()
     norms0 = latent.flatten(1).norm(dim=1).view(-1, *([1] * (latent.dim() - 1)))
+    # the regulariser judges unit noise: a warm start's latent (sigma-scaled, the image in it) in
+    # units of its starting scale, so that the shell sits where the latent starts
+    unit = norms0 / math.sqrt(latent[0].numel()) if warm is not None else None
+    first_call = 0 if warm is None else warm.index
+    probs = plan.importance(first_call) if chain.policy.importance else None
     latent.requires_grad_(True)
     opt = (optimizer or latent_optimizer())([latent])
     lr = [group["lr"] for group in opt.param_groups]
     scaler = chain.loss_scaler(latent.device)
-    result = OptimizeResult(latent.detach(), None, [], False, warm)
+    result = OptimizeResult(latent.detach(), None, [], False, warm, noise_seed=_noise_seed(plan, gen))
     best = None  # (reward, latent, x0) per sample
+    stepped = False  # the latent moved since it was last evaluated
     start = time.perf_counter()
     bar = tqdm(range(cfg.iters), desc=f"optimize_latents ({chain.policy})", disable=not progress)
     for it in bar:
-        # the same noise/choice stream each iteration would freeze a random policy: draw anew
+        # the same policy draws each iteration would freeze a random policy: draw anew (the
+        # chain's generator draws only its noise, the same each iteration)
         run_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen))) if gen else None
-        x0 = shortcut_sample(model_fn, scheduler, latent, chain, generator=run_gen, warm_start=warm, plan=plan)
-        try:
-            r = check_reward(reward(x0), latent.shape[0])
-        except RewardError as err:
-            err.result = result  # the state before this evaluation; the latent is untouched
-            raise
+        policy = _iteration_policy(chain.policy, first_call, plan, latent.shape[0], run_gen, probs)
+        x0 = shortcut_sample(model_fn, scheduler, latent, chain.with_policy(policy),
+                             generator=result.noise_generator(), warm_start=warm, plan=plan)
+        r = _checked_reward(reward, x0, result)
         loss = -r.sum()
         if regularizer is not None:
-            loss = loss + regularizer(latent, run_gen).sum()
+            loss = loss + regularizer(latent if unit is None else latent / unit, run_gen).sum()
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
@@ -243,14 +271,13 @@ def optimize_latents(
         if cfg.grad_clip is not None:
             clip_per_sample_(latent.grad, cfg.grad_clip)
         rd = r.detach()
-        if cfg.keep_best:
-            best = _keep_better(best, rd, latent.detach(), x0.detach())
+        best = _record(result, best, cfg.keep_best, latent.detach().clone(), x0.detach(), rd)
+        stepped = False
         entry = {"iter": it, "reward_mean": float(rd.mean()), "reward": rd.cpu().tolist(),
                  "seconds": time.perf_counter() - start}
         if stop is not None:
             entry["fraction_reached"] = float(stop.reached(rd).float().mean())
         result.history.append(entry)
-        result.x0 = x0.detach() if best is None else best[2].clone()
         asked_to_stop = bool(callback(entry)) if callback else False
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
         if stop is not None and stop.done(rd):  # the evaluated latent already reaches the target: keep it
@@ -271,13 +298,57 @@ def optimize_latents(
         if before is not None:
             with torch.no_grad():
                 latent[frozen] = before[frozen]
-        result.latents = latent.detach().clone() if best is None else best[1].clone()
+        stepped = True
         if asked_to_stop or (cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget):
             result.stopped_early = True
             break
     bar.close()
-    result.latents = latent.detach().clone() if best is None else best[1].clone()
+    if stepped:  # the latent after the last step: its own sample, so that the result is one pair
+        final = latent.detach().clone()
+        with torch.no_grad():
+            x0 = shortcut_sample(model_fn, scheduler, final, chain.with_policy("first"),
+                                 generator=result.noise_generator(), warm_start=warm, plan=plan)
+            _record(result, best, cfg.keep_best, final, x0, _checked_reward(reward, x0, result))
     return result
+
+
+def _noise_seed(plan: Plan, gen: torch.Generator | None) -> int | None:
+    """The seed of the chains' noise, or None for a sampler that draws none. Every iteration
+    draws the same noise: a latent's reward is then a function of the latent alone, and the
+    best latent's reward is reproducible."""
+    if not plan.needs_noise:
+        return None
+    return int(torch.randint(0, 2**62, (), generator=gen))
+
+
+def _iteration_policy(policy: Policy, first_call: int, plan: Plan, batch: int, run_gen, probs) -> Policy:
+    """One iteration's policy with its random draws made here from ``run_gen``, so that the
+    chain's own generator draws nothing but the noise: the kept calls of ``random`` /
+    ``per-sample`` (and their importance weights), alignprop's truncation."""
+    if policy.kind in ("random", "per-sample"):
+        kept = policy.kept_calls(first_call, plan.n, batch, run_gen, probs)
+        return Policy.given(kept, policy.grad_weights(kept, first_call, probs))
+    if policy.kind == "alignprop":
+        return Policy("draft", int(policy.kept_calls(first_call, plan.n, batch, run_gen).numel()))
+    return policy
+
+
+def _checked_reward(reward: Callable, x0: Tensor, result: OptimizeResult) -> Tensor:
+    try:
+        return check_reward(reward(x0), x0.shape[0])
+    except RewardError as err:
+        err.result = result  # the state before this evaluation; the latent is untouched
+        raise
+
+
+def _record(result: OptimizeResult, best, keep_best: bool, latent: Tensor, x0: Tensor, reward: Tensor):
+    """Put an evaluated (latent, sample, reward) in ``result`` (keep_best: per sample, the best
+    so far) and return the best-so-far state."""
+    if keep_best:
+        best = _keep_better(best, reward, latent, x0)
+        latent, x0, reward = best[1], best[2], best[0]
+    result.latents, result.x0, result.reward = latent.clone(), x0.clone(), reward.clone()
+    return best
 
 
 def _keep_better(best, reward: Tensor, latent: Tensor, x0: Tensor):

@@ -2,12 +2,13 @@
 
 SDO policies keep exactly one call per sample:
   ``first``       the first call of the (re-run) chain: the published code;
-  ``fixed:k``     call k (an index into ``scheduler.timesteps``; negative counts from the end);
+  ``fixed:k``     call k (an index into ``scheduler.timesteps``; negative counts from the end;
+                  ``shortcut_sample`` refuses a call the final sample does not depend on);
   ``random``      one call drawn uniformly per run (from ``generator``);
   ``per-sample``  one uniform call per sample of the batch (each sample its own);
   ``random:importance`` / ``per-sample:importance``
                   the same draws with call k drawn with probability p_k proportional to
-                  |dx_0/d out_k| (``Plan.importance``: the one call-dependent scalar the shortcut
+                  |dx_0/d eps_k| (``Plan.importance``: the one call-dependent scalar the shortcut
                   gradient carries, and the reason early calls' gradients are up to ~100x the late
                   ones'), the kept call's gradient multiplied by 1/(n p_k): the same expected
                   gradient as the uniform draw, with far less variance between runs;
