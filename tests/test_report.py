@@ -378,3 +378,28 @@ def test_results_appends_to_a_file_without_markers(tmp_path):
     assert main(["report", str(d), "--results", str(new), "--headline"]) == 0
     assert new.read_text().startswith("# Results\n\n" + RESULTS_BEGIN)
     assert f"{docs['dipgo-learn']['train']['iterations']} iterations" in new.read_text()
+
+
+def test_sdo_ratios_quote_the_faster_full_backprop(tmp_path, capsys):
+    """With `full` both checkpointed and plain in the run, "x faster than full" and the headline
+    divide by the faster of the two (the stronger baseline), and the memory ratio by the smaller
+    peak; best-of-N rows (curves only) appear in the table."""
+    d, env, docs = _bench_dir(tmp_path)
+    sdo = docs["sdo"]
+    plain = "full, no checkpointing"
+    sdo["methods"] = ["full", plain] + [m for m in sdo["methods"] if m != "full"]
+    sdo["cost"][plain] = {"median_s": sdo["cost"]["full"]["median_s"] / 1.6, "min_s": 0.1, "rounds": 2}
+    sdo["memory"][plain] = {"base_kib": 1000, "peak_kib": 9000, "delta_mib": 3 * sdo["memory"]["full"]["delta_mib"]}
+    curve = {"iterations": 12, "reward_final": -0.123, "target_fraction": 0.5,
+             "curve": [{"seconds": 1.0, "reward_mean": -0.5}]}
+    sdo["curves"]["methods"]["best-of-N"] = curve
+    (d / "sdo.json").write_text(json.dumps(sdo))
+    md = (d / "report.md").read_text() if main(["report", str(d)]) == 0 else ""
+    fast = sdo["cost"][plain]["median_s"]
+    row = next(line for line in md.splitlines() if line.startswith("| first |"))  # the method table comes first
+    assert f"{fast / sdo['cost']['first']['median_s']:.2f}" in row
+    assert f"{sdo['memory']['full']['delta_mib'] / sdo['memory']['first']['delta_mib']:.2f}" in row
+    assert "-0.12" in _row(md, "best-of-N |")
+    assert main(["report", str(d), "--headline"]) == 0
+    head = _row(capsys.readouterr().out, "SDO gradient")
+    assert f"{fast / sdo['cost']['first']['median_s']:.2f}x faster" in head and f"(`{plain}`)" in head

@@ -26,7 +26,11 @@ from shortcut_kernels import sdo, zoo
 
 from .common import ROOT, images_to_json
 
-METHODS = ["full", "draft:1", "draft:2", "alignprop", "first", "per-sample"]  # baselines, then SDO
+# baselines, then SDO; PLAIN_FULL is exact backprop keeping every activation (no checkpointing):
+# faster than `full` where memory allows, so the stronger baseline for time
+PLAIN_FULL = "full, no checkpointing"
+METHODS = ["full", PLAIN_FULL, "draft:1", "draft:2", "alignprop", "first", "per-sample"]
+BEST_OF_N, BEST_OF_N_THEN_SDO = "best-of-N", "best-of-N, then first"
 TARGET = 7
 
 
@@ -63,6 +67,13 @@ def settings(full: bool) -> Settings:
     return Settings(steps=50, batch=8, draws=4, rounds=3, curve_seconds=60.0)
 
 
+def chain_config(method: str, **kwargs) -> sdo.ChainConfig:
+    """The chain of a method name: a policy, or PLAIN_FULL."""
+    if method == PLAIN_FULL:
+        return sdo.ChainConfig(policy="full", checkpoint=False, **kwargs)
+    return sdo.ChainConfig(policy=method, **kwargs)
+
+
 def setup(steps: int, dtype=torch.float32):
     model, cfg = zoo.load("digits-unet", dtype=dtype)
     sched = zoo.make_scheduler(cfg)
@@ -76,7 +87,7 @@ def grad_of(fn, sched, x_T, reward, policy, params, seed, memory_light=None, cha
         p.grad = None
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    config = sdo.ChainConfig(policy=policy, memory_light=memory_light, chain_schedule=chain_schedule)
+    config = chain_config(policy, memory_light=memory_light, chain_schedule=chain_schedule)
     x0 = sdo.shortcut_sample(fn, sched, x, config, generator=gen, params=params)
     reward(x0).sum().backward()
     sec = time.perf_counter() - t0
@@ -202,7 +213,7 @@ def memory_child(method: str, steps: int, batch: int, memory_light: bool | None 
         if method == "one_call":
             reward(fn(x, sched.timesteps[0])).sum().backward()
         elif method != "load":
-            x0 = sdo.shortcut_sample(fn, sched, x, sdo.ChainConfig(policy=method, memory_light=memory_light),
+            x0 = sdo.shortcut_sample(fn, sched, x, chain_config(method, memory_light=memory_light),
                                      generator=torch.Generator().manual_seed(0))
             reward(x0).sum().backward()
     print(json.dumps({"base_kib": m.base, "peak_kib": m.peak}))
@@ -226,7 +237,9 @@ def method_memory(s: Settings) -> dict:
 
 def latent_curves(s: Settings, cost: dict | None = None) -> dict:
     """optimize_latents per method on the same noise, each for the same wall-clock budget
-    (``cost``: method_cost's result, which sizes each method's iteration count)."""
+    (``cost``: method_cost's result, which sizes each method's iteration count); beside them
+    best-of-N (fresh noise per sample, the best by the reward) for the same budget, and
+    best-of-N for half of it, then SDO (``first``) from the winners for the other half."""
     model, sched = setup(s.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
     reward = zoo.digits_reward(s.target)
@@ -240,18 +253,56 @@ def latent_curves(s: Settings, cost: dict | None = None) -> dict:
     x0, r0, acc0 = final(x_T)
     out = {"budget_s": s.curve_seconds, "optimizer": s.optimizer, "lr": s.lr,
            "before": {"reward": r0, "target_fraction": acc0}, "methods": {}, "samples": {"before": images_to_json(x0)}}
-    for m in METHODS:
+    def optimize(m: str, start, budget: float):
         # the budget stops the run; iters (from the cost part's seconds per iteration) sizes the bar
         per_iter = (cost or {}).get(m, {}).get("median_s")
-        iters = int(1.5 * s.curve_seconds / per_iter) + 10 if per_iter else 10_000
-        config = sdo.OptimizeConfig(iters=iters, seed=0, time_budget=s.curve_seconds, chain=sdo.ChainConfig(policy=m))
-        res = sdo.optimize_latents(fn, sched, reward, x_T, config, optimizer=sdo.latent_optimizer(s.optimizer, s.lr))
-        x0, r, acc = final(res.latents)
-        out["methods"][m] = {"iterations": len(res.history), "reward_final": r, "target_fraction": acc,
-                             "curve": [{"seconds": h["seconds"], "reward_mean": h["reward_mean"]}
-                                       for h in res.history]}
-        out["samples"][m] = images_to_json(x0)
+        iters = int(1.5 * budget / per_iter) + 10 if per_iter else 10_000
+        config = sdo.OptimizeConfig(iters=iters, seed=0, time_budget=budget, chain=chain_config(m))
+        res = sdo.optimize_latents(fn, sched, reward, start, config, optimizer=sdo.latent_optimizer(s.optimizer, s.lr))
+        return res.latents, len(res.history), [{"seconds": h["seconds"], "reward_mean": h["reward_mean"]}
+                                                for h in res.history]
+
+    def record(name: str, latents, iterations: int, curve: list) -> None:
+        x0, r, acc = final(latents)
+        out["methods"][name] = {"iterations": iterations, "reward_final": r, "target_fraction": acc, "curve": curve}
+        out["samples"][name] = images_to_json(x0)
+
+    for m in METHODS:
+        record(m, *optimize(m, x_T, s.curve_seconds))
+
+    def sample(x):
+        with torch.no_grad():
+            return sdo.shortcut_sample(fn, sched, x, "first")
+
+    start = (x_T, reward(sample(x_T)))
+    latents, _, draws, curve = best_of_n(sample, reward, x_T, s.curve_seconds, seed=1, start=start)
+    record(BEST_OF_N, latents, draws, curve)
+    latents, _, draws, curve = best_of_n(sample, reward, x_T, s.curve_seconds / 2, seed=1, start=start)
+    latents, iterations, more = optimize("first", latents, s.curve_seconds / 2)
+    half = curve[-1]["seconds"]
+    record(BEST_OF_N_THEN_SDO, latents, draws + iterations,
+           curve + [{"seconds": half + c["seconds"], "reward_mean": c["reward_mean"]} for c in more])
     return out
+
+
+def best_of_n(sample, reward, noise_like, budget_s: float, seed: int, start=None):
+    """The gradient-free baseline: fresh noise for every sample until ``budget_s`` is spent,
+    each sample keeping its draw of highest reward (``start``: a first candidate and its
+    reward). Returns (latents, their rewards, draws per sample, curve)."""
+    gen = torch.Generator().manual_seed(seed)
+    best, best_r = start if start is not None else (None, None)
+    curve, draws, t0 = [], 0, time.perf_counter()
+    while time.perf_counter() - t0 < budget_s or best is None:
+        x = torch.randn(noise_like.shape, generator=gen, dtype=noise_like.dtype)
+        r = reward(sample(x))
+        if best is None:
+            best, best_r = x, r
+        else:
+            better = r > best_r
+            best, best_r = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x, best), torch.maximum(r, best_r)
+        draws += 1
+        curve.append({"seconds": time.perf_counter() - t0, "reward_mean": best_r.mean().item()})
+    return best, best_r, draws, curve
 
 
 def chain_of(method: str, model, steps: int):
