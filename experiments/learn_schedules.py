@@ -107,12 +107,27 @@ def part_learn(args) -> dict:
     # the learner
     t0, c0 = time.perf_counter(), time.process_time()
     res = learn(model, sched, args.target, start=start, bank=bank, time_budget=args.time_budget,
-                estimate_size=args.estimate_size, patterns=args.patterns, progress=True)
+                estimate_size=args.estimate_size, patterns=args.patterns, max_validations=args.max_validations,
+                progress=True)
     learned = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, start_psnr=res.start_psnr,
                    psnr=res.psnr, evaluations=res.evaluations, history=res.history,
                    keep=res.schedule.keep.int().tolist(), macs_kept=res.schedule.macs_kept)
     print("learned", json.dumps({k: v for k, v in learned.items() if k != "keep"}), flush=True)
-    # the search from the same start, for the same seconds (on the search's own bank sampler)
+    schedules = {"learned": res.schedule, f"start {info['start']}": start}
+    searched = None
+    if not args.skip_search:  # the search from the same start, for the same seconds (its own bank sampler)
+        searched, schedules["searched"] = _search(args, model, sched, start)
+    m = res.schedule.macs_kept
+    schedules.update({k: s for k, s in handmade(model, args.calls).items()
+                      if abs(s.macs_kept - m) <= 0.02 * m and k != info["start"]})
+    rows = evaluate(args.model, schedules, per_class=args.per_class)
+    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
+                                          estimate_size=args.estimate_size, patterns=args.patterns,
+                                          max_validations=args.max_validations, **info,
+                                          learned=learned, searched=searched, heldout=rows)}
+
+
+def _search(args, model, sched, start):
     sampler = zoo_sampler(model, sched, n=args.bank, calls=args.calls)
     sampler(None)  # the reference samples are set-up, as the learner's bank is
     s_start, patterns = with_trades(model, start)
@@ -122,15 +137,7 @@ def part_learn(args) -> dict:
                     start_psnr=found.start_psnr, psnr=found.psnr, evaluations=found.evaluations,
                     history=found.history, keep=found.schedule.keep.int().tolist(), macs_kept=found.schedule.macs_kept)
     print("searched", json.dumps({k: v for k, v in searched.items() if k != "keep"}), flush=True)
-    # held-out quality
-    m = res.schedule.macs_kept
-    schedules = {"learned": res.schedule, "searched": found.schedule, f"start {info['start']}": start}
-    schedules.update({k: s for k, s in handmade(model, args.calls).items()
-                      if abs(s.macs_kept - m) <= 0.02 * m and k != info["start"]})
-    rows = evaluate(args.model, schedules, per_class=args.per_class)
-    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
-                                          estimate_size=args.estimate_size, patterns=args.patterns, **info,
-                                          learned=learned, searched=searched, heldout=rows)}
+    return searched, found.schedule
 
 
 def main(argv=None) -> None:
@@ -144,6 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bank", type=int, default=8, help="training samples moves are validated on")
     ap.add_argument("--estimate-size", type=int, default=4, help="bank samples the estimate runs on")
     ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
+    ap.add_argument("--max-validations", type=int, default=32, help="learner proposals sampled per schedule")
+    ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=4)
     ap.add_argument("--spearman-count", type=int, default=20, help="computed calls of the skip_steps start")
@@ -154,7 +163,7 @@ def main(argv=None) -> None:
     out = dict(command="python -m experiments.learn_schedules " + " ".join(sys.argv[1:] if argv is None else argv),
                date=time.strftime("%Y-%m-%d"), threads=args.threads)
     if args.merge:
-        out = dict(parts=[json.loads(Path(p).read_text()) for p in args.merge])
+        out.update(parts=[json.loads(Path(p).read_text()) for p in args.merge])
     elif args.part == "spearman":
         out.update(model=args.model, calls=args.calls, spearman=part_spearman(args))
     elif args.part == "learn":

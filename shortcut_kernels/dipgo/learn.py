@@ -279,7 +279,7 @@ class LearnConfig:
     patterns: bool = True       # DeepCache-branch rows as units (UNets; their fine graph)
     swaps: bool = True          # equal-budget swaps besides single flips
     validate: int = 4           # proposals sampled per batch; the best improving one is taken
-    max_validations: int = 12   # proposals sampled at one schedule before stopping
+    max_validations: int = 32   # proposals sampled at one schedule (best predicted first) before stopping
     min_gain: float = 0.02      # dB of bank PSNR a move must add
 
 
