@@ -96,8 +96,9 @@ class OptimizeConfig:
     iters: optimisation steps (each one chain and one backward).
     decay_to: the learning rate follows a cosine from the optimiser's lr to ``decay_to`` times
         it over ``iters`` (1 keeps it constant): late steps of full length overshoot.
-    keep_best: each sample's result is the best latent it had by the (exact) reward, not the
-        last one.
+    keep_best: each sample's result is the best latent it had by the (exact) reward; else the
+        latent after the last step, evaluated once more. With DDPM or eta > 0 every iteration
+        draws the same noise (``result.noise_generator()``), so the result is reproducible.
     project: after each step, rescale each sample's latent back to its starting norm (on the
         Gaussian shell, for noise), so the sample stays a sample of the model.
     warmup_calls: run the first calls once and optimise the latent after them.
