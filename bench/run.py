@@ -31,7 +31,7 @@ SECTIONS = {
     "ops": (ops.run, 150),
     "dipgo": (dipgo.run, 60),
     "dipgo-learn": (dipgo_learn.run, 300),
-    "sdo": (sdo.run, 240),
+    "sdo": (sdo.run, 300),  # with the plain full baseline and best-of-N beside the curves
     "gpu": (gpu.run, gpu.BUDGET_S),  # GPU machines only (a CPU machine records a note)
 }
 
