@@ -27,6 +27,7 @@ import diffusers
 import torch
 
 from shortcut_kernels import zoo
+from shortcut_kernels.chain import Chain
 from shortcut_kernels.dipgo import accelerate, deepcache, fora, full, skip_steps
 from shortcut_kernels.models import build_model
 
@@ -97,14 +98,14 @@ class Loop:
 
     @torch.no_grad()
     def run(self):
-        s = self.scheduler
-        s.set_timesteps(self.calls)
-        x = self.x0.clone()
-        for t in s.timesteps:
-            e = self.call(torch.cat([x, x]), t)
-            ec, eu = e.chunk(2)
-            x = s.step(eu + self.guidance * (ec - eu), t, x).prev_sample
-        return x
+        self.scheduler.set_timesteps(self.calls)
+        chain = Chain(self.scheduler, self.guidance)
+
+        def call(i, x_in, t):
+            ec, eu = self.call(torch.cat([x_in, x_in]), t.to(x_in.device)).chunk(2)  # conditional half first
+            return eu, ec
+
+        return chain.run(chain.first_latent(self.x0), call)
 
 
 def _deepcache_package(loop, interval, branch):

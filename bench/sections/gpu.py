@@ -102,13 +102,13 @@ def call(model, xx, t, cond):
 
 
 def denoise(model, scheduler, x_T, cond, calls: int = CALLS):
-    """One sampling run: CFG batched (uncond | cond halves), DDIM updates."""
+    """One sampling run: CFG batched (uncond | cond halves), DDIM updates (the library's chain)."""
+    from shortcut_kernels.chain import Chain
+
     scheduler.set_timesteps(calls, device=x_T.device)
-    x = x_T.clone()
-    for t in scheduler.timesteps:
-        eu, ec = call(model, torch.cat([x, x]), t, cond).chunk(2)
-        x = scheduler.step(eu + GUIDANCE * (ec - eu), t, x).prev_sample
-    return x
+    chain = Chain(scheduler, GUIDANCE)
+    return chain.run(chain.first_latent(x_T),
+                     lambda i, x_in, t: call(model, torch.cat([x_in, x_in]), t.to(x_in.device), cond).chunk(2))
 
 
 def schedules(name: str, calls: int, shape, overrides=None) -> dict:
