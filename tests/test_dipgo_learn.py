@@ -223,3 +223,26 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="graph=schedule.graph"):
         estimate(_Chain(net, sched, 3.0, 10), bank, start)
     net.remove()
+
+
+def test_proposals_keep_the_budget_rank_by_prediction_and_spread_over_units():
+    from shortcut_kernels.dipgo.learn import Estimate, Unit, proposals
+
+    units = [Unit(c, (False,), -0.01, "drop") for c in range(1, 6)] + [Unit(c, (True,), 0.01, "add")
+                                                                         for c in range(6, 12)]
+    pred = torch.randn(len(units), dtype=torch.float64)
+    est = Estimate(1.0, units, pred)
+    moves = proposals(est, macs=0.4, budget=0.4, max_per_unit=2)
+    score = dict(zip(units, pred.tolist()))
+    assert moves and [m[0] for m in moves] == sorted(m[0] for m in moves)
+    for p, us in moves:
+        assert 0.4 + sum(u.macs for u in us) <= 0.4 + 1e-9  # adds come only with a drop
+        assert p == pytest.approx(sum(score[u] for u in us))
+        if len(us) == 2:
+            assert {u.kind for u in us} == {"drop", "add"} and us[0].call != us[1].call
+    counts = {}
+    for _, us in moves:
+        for u in us:
+            counts[u] = counts.get(u, 0) + 1
+    assert max(counts.values()) <= 2
+    assert all(len(us) == 1 for _, us in proposals(est, 0.4, 0.4, swaps=False))

@@ -22,9 +22,9 @@ later calls' inputs, which is why every move is validated.
 
 **The learner.** Start from the hand-made schedule that scores best on the bank within the
 budget; propose single flips that keep the MACs within ``target_macs`` and equal-budget swaps
-(one drop plus one add), ranked by the summed estimates; sample the top few on the bank (the
-true loss) and accept the best one that raises its PSNR by ``min_gain``; re-estimate at the new
-schedule and repeat. It stops at ``time_budget`` or when no validated proposal helps, so the
+(one drop plus one add), ranked by the summed estimates; sample them in that order, a few at
+a time, on the bank (the true loss) and accept the best of a few that raises its PSNR by
+``min_gain``; re-estimate at the new schedule and repeat. It stops at ``time_budget`` or when no validated proposal helps, so the
 result is never worse on the bank than the start and never over the budget.
 """
 from __future__ import annotations
@@ -240,20 +240,22 @@ def _with_units(schedule: Schedule, units) -> Schedule:
 
 def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
               max_per_unit: int = 2) -> list[tuple[float, tuple[Unit, ...]]]:
-    """Moves predicted to lower the loss, best first: single units that keep the MACs within
-    ``budget`` and (``swaps``) one drop plus one add at another call within it. The predicted
-    change of a swap is the sum of its units'. No unit appears in more than ``max_per_unit``
-    moves, so the top few are not one unit paired with everything."""
+    """Moves within the MAC ``budget``, best predicted first: single units and (``swaps``) one
+    drop plus one add at another call. The predicted change of a swap is the sum of its
+    units'. Moves predicted to hurt stay in the list, last: the estimate is first order (it
+    overrates drops of the first calls), so after the predicted gains the learner still tries
+    the least harmful ones. No unit appears in more than ``max_per_unit`` moves, so the top
+    few are not one unit paired with everything."""
     p = est.predicted.tolist()
     idx = list(range(len(est.units)))
-    moves = [(p[i], (est.units[i],)) for i in idx if p[i] < 0 and macs + est.units[i].macs <= budget + 1e-9]
+    moves = [(p[i], (est.units[i],)) for i in idx if macs + est.units[i].macs <= budget + 1e-9]
     if swaps:
         drops = [i for i in idx if est.units[i].kind == "drop"]
         adds = [i for i in idx if est.units[i].kind == "add"]
         for d in drops:
             for a in adds:
                 ud, ua = est.units[d], est.units[a]
-                if ud.call != ua.call and p[d] + p[a] < 0 and macs + ud.macs + ua.macs <= budget + 1e-9:
+                if ud.call != ua.call and macs + ud.macs + ua.macs <= budget + 1e-9:
                     moves.append((p[d] + p[a], (ud, ua)))
     moves.sort(key=lambda m: m[0])
     used: dict[Unit, int] = {}
