@@ -244,8 +244,8 @@ def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
     drop plus one add at another call. The predicted change of a swap is the sum of its
     units'. Moves predicted to hurt stay in the list, last: the estimate is first order (it
     overrates drops of the first calls), so after the predicted gains the learner still tries
-    the least harmful ones. No unit appears in more than ``max_per_unit`` moves, so the top
-    few are not one unit paired with everything."""
+    the least harmful ones. A unit's moves beyond its first ``max_per_unit`` go after all the
+    others, so the top few are not one unit paired with everything."""
     p = est.predicted.tolist()
     idx = list(range(len(est.units)))
     moves = [(p[i], (est.units[i],)) for i in idx if macs + est.units[i].macs <= budget + 1e-9]
@@ -259,13 +259,15 @@ def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
                     moves.append((p[d] + p[a], (ud, ua)))
     moves.sort(key=lambda m: m[0])
     used: dict[Unit, int] = {}
-    out = []
+    out, later = [], []
     for m in moves:
         if all(used.get(u, 0) < max_per_unit for u in m[1]):
             out.append(m)
             for u in m[1]:
                 used[u] = used.get(u, 0) + 1
-    return out
+        else:
+            later.append(m)
+    return out + later
 
 
 # ----------------------------------------------------------------------------- the learner
