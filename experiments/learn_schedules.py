@@ -11,6 +11,8 @@ merged into one JSON:
   after choosing its start) for the same seconds, wall-clock and CPU; then held-out quality
   (``zoo.dipgo_eval.evaluate``) of both, the start and the hand-made schedules within 2% of
   the learned MACs.
+* ``--part heldout --from A.json ...``: the learned and searched schedules of learn parts
+  evaluated again (e.g. on more held-out samples) beside the hand-made ones.
 * ``--merge A.json B.json ...``: one JSON.
 
     python -m experiments.learn_schedules --part spearman --out s.json
@@ -31,7 +33,7 @@ import torch
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
 from shortcut_kernels.dipgo.learn import _null_label, bank_loss, estimate, learn, make_bank
-from shortcut_kernels.dipgo.schedule import Schedule
+from shortcut_kernels.dipgo.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import local_search, with_trades
 from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.dipgo.train import _Chain
@@ -140,9 +142,41 @@ def _search(args, model, sched, start):
     return searched, found.schedule
 
 
+def _rebuilt(model, keep) -> Schedule:
+    """A schedule from its keep rows, on the graph of the model whose block count they match."""
+    for granularity in ("coarse", "fine"):
+        g = graph_of(model, granularity)
+        if len(g) == len(keep[0]):
+            return Schedule(torch.tensor(keep, dtype=torch.bool), g)
+    raise ValueError(f"no graph of the model has {len(keep[0])} blocks")
+
+
+def part_heldout(args) -> dict:
+    """Held-out quality (``--per-class``) of the learned and searched schedules of ``--from``
+    part JSONs (the latest given wins per target and kind) beside the hand-made ones within 2%."""
+    model, _ = _setup(args.model, args.calls)
+    out = {}
+    found: dict[str, dict] = {}
+    for path in args.sources:
+        for key, v in json.loads(Path(path).read_text()).items():
+            if key.startswith("target_"):
+                entry = found.setdefault(key, {"start": v["start"]})
+                for kind in ("learned", "searched"):
+                    if v.get(kind):
+                        entry[kind] = (path, v[kind]["keep"])
+    for key, entry in found.items():
+        schedules = {f"{kind} ({Path(entry[kind][0]).name})": _rebuilt(model, entry[kind][1])
+                     for kind in ("learned", "searched") if kind in entry}
+        m = next(iter(schedules.values())).macs_kept
+        schedules.update({k: s for k, s in handmade(model, args.calls).items() if abs(s.macs_kept - m) <= 0.02 * m})
+        out[key] = dict(start=entry["start"], heldout=evaluate(args.model, schedules, per_class=args.per_class))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["spearman", "learn"])
+    ap.add_argument("--part", choices=["spearman", "learn", "heldout"])
+    ap.add_argument("--from", dest="sources", nargs="+", help="--part heldout: the learn parts' JSONs")
     ap.add_argument("--merge", nargs="+", help="JSONs of the parts to merge into --out")
     ap.add_argument("--model", default="digits-unet")
     ap.add_argument("--calls", type=int, default=50)
@@ -166,6 +200,8 @@ def main(argv=None) -> None:
         out.update(parts=[json.loads(Path(p).read_text()) for p in args.merge])
     elif args.part == "spearman":
         out.update(model=args.model, calls=args.calls, spearman=part_spearman(args))
+    elif args.part == "heldout":
+        out.update(model=args.model, calls=args.calls, heldout=part_heldout(args))
     elif args.part == "learn":
         out.update(model=args.model, calls=args.calls, **part_learn(args))
     else:
