@@ -276,17 +276,23 @@ def test_no_finite_check_sync_for_cuda_tensors_by_default(monkeypatch, check_fin
 # ----------------------------------------------------------------------------- compile
 
 
-def test_remove_restores_dynamos_recompile_limit(monkeypatch):
+def test_remove_restores_dynamos_recompile_limit():
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(cfg, name, 1)
-    model = tiny_dit()
-    s = skip_steps(model, 6, compute=[0, 2, 4], granularity="fine")
-    h = accelerate(model, s)
-    h.compile(backend=lambda gm, inputs: gm.forward)
-    assert getattr(cfg, name) > 1  # one graph per distinct keep-pattern
-    h.remove()
-    assert getattr(cfg, name) == 1
+    before = getattr(cfg, name)
+    # set and restored by hand: monkeypatch's undo deletes a config-module attribute, which
+    # hides it from Dynamo for every later test
+    setattr(cfg, name, 1)
+    try:
+        model = tiny_dit()
+        s = skip_steps(model, 6, compute=[0, 2, 4], granularity="fine")
+        h = accelerate(model, s)
+        h.compile(backend=lambda gm, inputs: gm.forward)
+        assert getattr(cfg, name) > 1  # one graph per distinct keep-pattern
+        h.remove()
+        assert getattr(cfg, name) == 1
+    finally:
+        setattr(cfg, name, before)
 
 
 # ----------------------------------------------------------------------------- threads
