@@ -13,26 +13,7 @@ import diffusers
 from shortcut_kernels import sdo
 from shortcut_kernels.samplers import Plan
 
-BASE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
-STEPS = 6
-
-
-class Tiny(torch.nn.Module):
-    """A small deterministic eps model, fp64; with ``pair`` it returns (uncond, cond)."""
-
-    def __init__(self, pair: bool = False):
-        super().__init__()
-        self.pair = pair
-        self.inp = torch.nn.Conv2d(1, 6, 3, padding=1)
-        self.time = torch.nn.Linear(2, 6)
-        self.out = torch.nn.Conv2d(6, 2 if pair else 1, 3, padding=1)
-        self.double()
-
-    def forward(self, x, t):
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1) / 1000.0
-        emb = self.time(torch.stack([torch.sin(3 * t), torch.cos(5 * t)], -1))
-        y = self.out(torch.tanh(self.inp(x) + emb[:, :, None, None]))
-        return tuple(y.split(1, dim=1)) if self.pair else y
+from test_sdo_chain import BASE, STEPS, Tiny  # the small deterministic eps model, fp64
 
 
 class Reparam(torch.nn.Module):
