@@ -47,8 +47,8 @@ def test_sample_command_with_schedule(tmp_path, capsys):
 
 def test_prune_command_learns_a_schedule_that_sample_uses(tmp_path, capsys):
     out = tmp_path / "learned.json"
-    assert main(["prune", "--model", "digits-unet", "--steps", "6", "--target", "0.5", "--iters", "2",
-                 "--batch-size", "2", "--granularity", "coarse", "--quiet", "-o", str(out)]) == 0
+    assert main(["prune", "--model", "digits-unet", "--steps", "6", "--target", "0.5", "--mode", "shortcut",
+                 "--iters", "2", "--batch-size", "2", "--granularity", "coarse", "--quiet", "-o", str(out)]) == 0
     s = Schedule.load(out)
     assert s.calls == 6 and s.name == "from_scores" and s.macs_kept <= 0.5 + 1e-9 and s.params["slack"] == 0.01
     assert out.with_suffix(".pruner.pt").is_file() and len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 2
@@ -57,6 +57,19 @@ def test_prune_command_learns_a_schedule_that_sample_uses(tmp_path, capsys):
                  "-o", str(grid), "--quiet"]) == 0
     assert main(["prune", "--model", "digits-unet", "--target", "1.5", "-o", str(out)]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_prune_learns_with_the_estimate_by_default_within_the_budget(tmp_path, capsys):
+    """`prune` without --mode runs dipgo.learn: from the best hand-made schedule, never over the
+    MAC budget, never worse on its bank than the start."""
+    out = tmp_path / "learned.json"
+    assert main(["prune", "--model", "digits-unet", "--steps", "6", "--target", "0.5", "--bank", "2",
+                 "--time-budget", "5", "--quiet", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.calls == 6 and s.macs_kept <= 0.5 + 1e-9
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "training-bank PSNR" in ln][0]
+    start, end = (float(v.split(" dB")[0]) for v in line.split("PSNR ")[1].split(" -> "))
+    assert end >= start - 1e-9
 
 
 def test_prune_search_mode_starts_from_the_best_handmade_and_keeps_the_budget(tmp_path, capsys):

@@ -26,6 +26,7 @@ from ..models import available_models, build_model, load_model
 from ..report.plots import schedule_map
 from ..zoo.dipgo_eval import search
 from ..dipgo import builders as S
+from ..dipgo.learn import learn, make_bank
 from ..dipgo.runtime import accelerate
 from ..dipgo.schedule import Schedule
 from ..dipgo.train import train
@@ -185,6 +186,15 @@ def _cmd_prune(args) -> int:
         return 2
     scheduler.set_timesteps(args.steps)
     out = Path(args.output)
+    if args.mode == "learn":
+        bank = make_bank(model, scheduler, args.bank, guidance=args.guidance, seed=10_000 + args.seed)
+        found = learn(model, scheduler, args.target, bank=bank, time_budget=args.time_budget,
+                      guidance=args.guidance, progress=not args.quiet)
+        found.schedule.save(out)
+        print(found.schedule.summary())
+        print(f"wrote {out} ({found.seconds:.0f} s of learning, {found.evaluations} bank runs; training-bank PSNR "
+              f"{found.start_psnr:.2f} dB at the best hand-made start -> {found.psnr:.2f} dB)")
+        return 0
     if args.mode == "search":
         found = search(model, scheduler, args.target, calls=args.steps, bank=args.bank, guidance=args.guidance,
                        time_budget=args.time_budget, progress=not args.quiet)
@@ -271,11 +281,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--slack", type=float, default=0.01,
                    help="the learned schedule keeps between TARGET*(1-SLACK) and TARGET of the MACs when some "
                         "reuse allows it (DiP-GO's post-processing may otherwise overshoot by a whole cascade)")
-    p.add_argument("--mode", choices=["shortcut", "exact", "search"], default="shortcut",
-                   help="train the pruner (exact: the published full-chain backprop; shortcut: SDO) or search: "
-                        "validated local search from the best hand-made schedule (UNets: with trades of whole "
-                        "calls for DeepCache-branch rows)")
-    p.add_argument("--bank", type=int, default=30, help="search: training samples each candidate is scored on")
+    p.add_argument("--mode", choices=["learn", "shortcut", "exact", "search"], default="learn",
+                   help="learn (default): moves ranked by the forward-difference estimate, validated on a bank, "
+                        "from the best hand-made schedule (dipgo.learn); shortcut / exact: train the pruner "
+                        "(exact: the published full-chain backprop; shortcut: SDO's); search: validated local "
+                        "search from the best hand-made schedule (UNets: with trades of whole calls for "
+                        "DeepCache-branch rows)")
+    p.add_argument("--bank", type=int, default=30,
+                   help="learn / search: training samples each candidate is scored on")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.01)
