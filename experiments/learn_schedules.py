@@ -33,7 +33,7 @@ import torch
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
 from shortcut_kernels.dipgo.learn import _null_label, bank_loss, estimate, learn, make_bank
-from shortcut_kernels.dipgo.schedule import Schedule, graph_of
+from shortcut_kernels.runtime.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import local_search, with_trades
 from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.dipgo.train import _Chain

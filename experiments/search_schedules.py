@@ -17,7 +17,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import Schedule, local_search, skip_steps
-from shortcut_kernels.dipgo.schedule import graph_of
+from shortcut_kernels.runtime.schedule import graph_of
 from shortcut_kernels.dipgo.search import with_trades
 from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade, zoo_sampler
 

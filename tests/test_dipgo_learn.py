@@ -10,7 +10,7 @@ from shortcut_kernels.dipgo import accelerate, skip_steps
 from shortcut_kernels.dipgo.learn import (Bank, LabelConditioned, _guided, bank_loss, estimate, learn, make_bank,
                                           units_of)
 from shortcut_kernels.dipgo.losses import consistency_loss
-from shortcut_kernels.dipgo.schedule import Schedule, graph_of
+from shortcut_kernels.runtime.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import branch_patterns
 from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.dipgo.train import _Chain

@@ -5,10 +5,10 @@ import diffusers
 import pytest
 import torch
 
-import shortcut_kernels.dipgo.runtime as rt
+import shortcut_kernels.runtime.cache as rt
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import COMPUTE, READ, Schedule, accelerate, deepcache, fora, full, skip_steps
-from shortcut_kernels.dipgo.runtime import _CachedBlock
+from shortcut_kernels.runtime.cache import _CachedBlock
 
 from _dipgo_models import (cfg_loop, run_pipe, tiny_dit, tiny_pixart, tiny_sd15_unet, tiny_sd_pipeline, tiny_unet2d,
                            zoo_unet_inputs)

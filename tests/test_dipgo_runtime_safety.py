@@ -7,7 +7,7 @@ import diffusers
 import pytest
 import torch
 
-import shortcut_kernels.dipgo.runtime as rt
+import shortcut_kernels.runtime.cache as rt
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import DEAD, READ, accelerate, deepcache, fora, skip_steps
 from shortcut_kernels.models import available_models, build_model

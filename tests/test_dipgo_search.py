@@ -8,7 +8,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import deepcache, skip_steps
-from shortcut_kernels.dipgo.schedule import graph_of
+from shortcut_kernels.runtime.schedule import graph_of
 from shortcut_kernels.dipgo.evaluate import handmade
 from shortcut_kernels.dipgo.search import branch_patterns, local_search, psnr, search, whole_calls_on
 from shortcut_kernels.zoo import dipgo_eval

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shortcut_kernels.cli import main
-from shortcut_kernels.dipgo.schedule import Schedule
+from shortcut_kernels.runtime.schedule import Schedule
 from shortcut_kernels.models.graph import EXTERNAL, BlockGraph
 
 rng = random.Random(0)

@@ -1,9 +1,9 @@
 """`python -m shortcut_kernels ...` (also the `shortcut-kernels` command): the top layer.
 
-`info` lives here; each layer's commands have a module of this package (`dipgo`: schedule,
-sample, prune; `sdo`: sdo; `report`: report) whose `add_commands(subparsers)` registers its
-parsers with `set_defaults(run=callable(args) -> int)`. The commands run the zoo models: the
-CLI is a user of the library and of the zoo, which is why it sits above both.
+`info` lives here and `report` in `cli/report.py`; the commands that run the zoo models
+(`schedule`, `sample`, `prune`: `zoo/dipgo_commands.py`; `sdo`: `zoo/sdo_commands.py`) belong to
+the zoo, which is a user of the library. Each module's `add_commands(subparsers)` registers its
+parsers with `set_defaults(run=callable(args) -> int)`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 import torch
 
 from .. import __version__, _ext, backends
-from . import dipgo, report, sdo
+from ..zoo import dipgo_commands, sdo_commands
+from . import report
 
 
 def info() -> str:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shortcut-kernels", description="shortcut_kernels tools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, which backends loaded, and why not").set_defaults(run=_print_info)
-    for module in (dipgo, sdo, report):
+    for module in (dipgo_commands, sdo_commands, report):
         module.add_commands(sub)
     return parser
 

@@ -5,16 +5,15 @@
     with accelerate(pipe, s):                               # the handle is a context manager
         images = pipe(prompt_embeds=..., num_inference_steps=50).images
 
-:mod:`.schedule` - :class:`Schedule` and its JSON; :mod:`.builders` - hand-made schedules;
-:mod:`.resize` - mapping a schedule to another number of calls; :mod:`.runtime` -
-``accelerate``; :mod:`.postprocess` - a pruner's scores into a schedule; :mod:`.search` -
+:class:`Schedule`, the builders and ``accelerate`` live in :mod:`shortcut_kernels.runtime` (below
+DiP-GO and SDO) and are re-exported here; :mod:`.postprocess` - a pruner's scores into a
+schedule; :mod:`.learn` - the estimate-guided learner; :mod:`.search` -
 ``local_search`` (a schedule learned by validated moves on training noise).
 This module stays light: importing it loads no model.
 """
-from .builders import deepcache, fora, full, skip_steps
+from ..runtime import (COMPUTE, DEAD, READ, Accelerated, CacheState, Schedule, accelerate, deepcache, fora, full,
+                       skip_steps)
 from .postprocess import from_ranking, from_scores
-from .runtime import Accelerated, CacheState, accelerate
-from .schedule import COMPUTE, DEAD, READ, Schedule
 from .search import local_search
 
 __all__ = ["Schedule", "accelerate", "Accelerated", "CacheState", "full", "deepcache", "skip_steps", "fora",

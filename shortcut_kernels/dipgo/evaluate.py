@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..models.deepcache import num_skips
-from .builders import deepcache, fora, skip_steps
-from .schedule import Schedule, graph_of
+from ..runtime.builders import deepcache, fora, skip_steps
+from ..runtime.schedule import Schedule, graph_of
 
 __all__ = ["handmade", "best_handmade"]
 

@@ -41,7 +41,7 @@ from ..models.conditioning import sample_shape
 from ..ops.guided_step import guided_step
 from .evaluate import handmade
 from .losses import consistency_loss
-from .schedule import Schedule
+from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
 from .train import _Chain, full_samples

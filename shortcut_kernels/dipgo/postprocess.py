@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..models import BlockGraph
-from .schedule import Schedule, graph_of
+from ..runtime.schedule import Schedule, graph_of
 
 __all__ = ["from_scores", "from_ranking", "budget_rows"]
 

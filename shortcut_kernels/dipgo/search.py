@@ -35,9 +35,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..models.deepcache import num_skips
-from .builders import deepcache
+from ..runtime.builders import deepcache
 from .evaluate import handmade
-from .schedule import Schedule, graph_of
+from ..runtime.schedule import Schedule, graph_of
 
 __all__ = ["local_search", "search", "branch_patterns", "whole_calls_on", "with_trades", "psnr", "SearchResult"]
 

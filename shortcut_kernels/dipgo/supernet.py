@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..models import denoiser
 from ..ops.gated_blend import gated_blend
-from .schedule import graph_of
+from ..runtime.schedule import graph_of
 
 __all__ = ["SuperNet"]
 

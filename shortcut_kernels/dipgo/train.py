@@ -40,8 +40,8 @@ from ..models.conditioning import guidance_batch, sample_shape
 from ..ops.guided_step import guided_step
 from .losses import consistency_loss, kept_macs_fraction, sparsity_loss
 from .pruner import Pruner
-from .runtime import accelerate
-from .schedule import Schedule
+from ..runtime.cache import accelerate
+from ..runtime.schedule import Schedule
 from .supernet import SuperNet, _flatten
 
 __all__ = ["TrainConfig", "TrainResult", "train", "full_samples", "MODES"]

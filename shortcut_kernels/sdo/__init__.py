@@ -7,7 +7,7 @@
 Submodules: ``config`` (ChainConfig and the loops' configs), ``chain`` (shortcut_sample,
 warmup), ``policy``, ``rewards``, ``optimize`` (optimize_latents), ``finetuning`` (finetune,
 LoRA save/load), ``lora_merge``. Imported lazily: this package stays light. The ``sdo``
-command lives in ``shortcut_kernels.cli.sdo``.
+command lives in ``shortcut_kernels.zoo.sdo_commands``.
 """
 from __future__ import annotations
 

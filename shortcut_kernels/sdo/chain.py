@@ -31,12 +31,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..chain import Chain
-from ..dipgo import Schedule, accelerate
+from ..runtime import Schedule, accelerate
 from ..ops.guided_step import guided_step
 from ..samplers import Plan
 from .lora_merge import merged_adapters
 from .config import ChainConfig
-from .policy import Policy, parse_policy
+from .policy import Policy
 
 __all__ = ["shortcut_sample", "warmup", "WarmStart"]
 

@@ -10,8 +10,6 @@ Baselines (``full``, ``draft:K``, ``alignprop``) run behind the same loop.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..dipgo import Schedule
+from ..runtime import Schedule
 from ..models.conditioning import ClassConditional, DiTConditional, TextConditional
 from ..models.conditioning import sample_shape as model_sample_shape
 from ..samplers import Plan

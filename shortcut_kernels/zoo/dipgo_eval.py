@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from ..dipgo import evaluate as _dipgo_evaluate
 from ..dipgo import search as _dipgo_search
-from ..dipgo.runtime import accelerate
-from ..dipgo.schedule import Schedule
+from ..runtime.cache import accelerate
+from ..runtime.schedule import Schedule
 from ..dipgo.search import SearchResult
 from . import metrics
 from .registry import load

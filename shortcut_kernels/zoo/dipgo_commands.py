@@ -25,10 +25,10 @@ from .. import zoo
 from ..models import available_models, build_model, load_model
 from ..report.plots import schedule_map
 from ..zoo.dipgo_eval import search
-from ..dipgo import builders as S
+from ..runtime import builders as S
 from ..dipgo.learn import learn, make_bank
-from ..dipgo.runtime import accelerate
-from ..dipgo.schedule import Schedule
+from ..runtime.cache import accelerate
+from ..runtime.schedule import Schedule
 from ..dipgo.train import train
 
 ZOO_MODELS = ("digits-unet", "digits-dit")
@@ -186,21 +186,17 @@ def _cmd_prune(args) -> int:
         return 2
     scheduler.set_timesteps(args.steps)
     out = Path(args.output)
-    if args.mode == "learn":
-        bank = make_bank(model, scheduler, args.bank, guidance=args.guidance, seed=10_000 + args.seed)
-        found = learn(model, scheduler, args.target, bank=bank, time_budget=args.time_budget,
-                      guidance=args.guidance, progress=not args.quiet)
+    if args.mode in ("learn", "search"):
+        if args.mode == "learn":
+            bank = make_bank(model, scheduler, args.bank, guidance=args.guidance, seed=10_000 + args.seed)
+            found = learn(model, scheduler, args.target, bank=bank, time_budget=args.time_budget,
+                          guidance=args.guidance, progress=not args.quiet)
+        else:
+            found = search(model, scheduler, args.target, calls=args.steps, bank=args.bank, guidance=args.guidance,
+                           time_budget=args.time_budget, progress=not args.quiet)
         found.schedule.save(out)
         print(found.schedule.summary())
-        print(f"wrote {out} ({found.seconds:.0f} s of learning, {found.evaluations} bank runs; training-bank PSNR "
-              f"{found.start_psnr:.2f} dB at the best hand-made start -> {found.psnr:.2f} dB)")
-        return 0
-    if args.mode == "search":
-        found = search(model, scheduler, args.target, calls=args.steps, bank=args.bank, guidance=args.guidance,
-                       time_budget=args.time_budget, progress=not args.quiet)
-        found.schedule.save(out)
-        print(found.schedule.summary())
-        print(f"wrote {out} ({found.seconds:.0f} s of search, {found.evaluations} schedules sampled; training-bank "
+        print(f"wrote {out} ({found.seconds:.0f} s of {args.mode}, {found.evaluations} bank runs; training-bank "
               f"PSNR {found.start_psnr:.2f} dB at the best hand-made start -> {found.psnr:.2f} dB)")
         return 0
     result = train(model, scheduler, mode=args.mode, target=args.target, iters=args.iters,
