@@ -82,56 +82,6 @@ def part_memory(args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "methods": out}
 
 
-def independent_classifier():
-    """An RBF SVM on the real train digits: a different model family from the reward's CNN."""
-    from sklearn.svm import SVC
-
-    x, y = zoo.load_digits("train")
-    xt, yt = zoo.load_digits("test")
-    clf = SVC(C=10.0, gamma="scale").fit(x.flatten(1).numpy(), y.numpy())
-    acc = float((clf.predict(xt.flatten(1).numpy()) == yt.numpy()).mean())
-    return clf, acc
-
-
-def independent_cnn():
-    """A second judge: a small CNN of another design than the reward's (5x5 then 3x3 convolutions,
-    GELU, average pooling), trained here from its own seed with +-1 px shifts. The SVM reads
-    pixels; in tuning it rejected digit-3 samples drawn with heavier strokes that this one accepted.
-    Returns ``(predict, test accuracy)``; ``predict`` takes images ``[N, 1, 16, 16]``."""
-    x, y = zoo.load_digits("train")
-    xt, yt = zoo.load_digits("test")
-    gen = torch.Generator().manual_seed(123)
-    with torch.random.fork_rng():
-        torch.manual_seed(123)
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.GELU(), torch.nn.AvgPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(60):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
-            dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            loss = torch.nn.functional.cross_entropy(net(torch.roll(x[b], (dy, dx), (2, 3))), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval().requires_grad_(False)
-
-    def predict(images):
-        with torch.no_grad():
-            return net(images.reshape(-1, 1, 16, 16).float()).argmax(1).numpy()
-
-    return predict, float((predict(xt) == yt.numpy()).mean())
-
-
-def judged_fractions(images, digit: int, svm, cnn) -> dict:
-    """Fraction of ``images`` each independent judge (the SVM, the CNN) assigns to ``digit``."""
-    return {"judged_target_fraction": float((svm.predict(images.flatten(1).numpy()) == digit).mean()),
-            "judged_target_fraction_cnn": float((cnn(images) == digit).mean())}
-
-
 def latent_statistics(latents, x_T) -> dict:
     """How Gaussian the optimised latents still look (sdo.gaussian_prior: 0 for typical noise,
     fixed orders) and how far they moved (cosine to their start)."""
@@ -169,8 +119,8 @@ def objective_record(args) -> dict:
 def part_latents(args) -> dict:
     model, sched = setup(args.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    judge, judge_acc = independent_classifier()
-    judge_cnn, judge_cnn_acc = independent_cnn()
+    judge, judge_cnn = zoo.judges.svm_judge(), zoo.judges.cnn_judge()
+    judge_acc, judge_cnn_acc = judge.test_accuracy, judge_cnn.test_accuracy
     rows = []
     for digit in args.digits:
         reward = zoo.digits_reward(digit)  # reported: the plain log p
@@ -183,7 +133,7 @@ def part_latents(args) -> dict:
             r_sdo = reward(x0).mean().item()
         row = {"digit": digit, "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
                "reward_first": res.history[0]["reward_mean"], "reward_final": r_sdo,
-               **judged_fractions(x0, digit, judge, judge_cnn),
+               **zoo.judges.judged_fractions(x0, digit, judge, judge_cnn),
                "reward_classifier_target_fraction": zoo.metrics.class_accuracy(x0, digit),
                "latent_norm_mean": res.latents.flatten(1).norm(dim=1).mean().item(),
                **latent_statistics(res.latents, x_T)}
@@ -205,7 +155,7 @@ def part_latents(args) -> dict:
             "policy": args.policy,
             "prior_weight": args.prior_weight, **objective_record(args),
             "judge": "sklearn SVC(rbf, C=10) on the real train digits", "judge_test_accuracy": judge_acc,
-            "judge_cnn": "experiments.sdo_parts.independent_cnn", "judge_cnn_test_accuracy": judge_cnn_acc,
+            "judge_cnn": "shortcut_kernels.zoo.judges.cnn_judge", "judge_cnn_test_accuracy": judge_cnn_acc,
             "digits_reaching_90pct": sum(ok), "digits_reaching_90pct_cnn_judge": sum(ok_cnn), "rows": rows}
 
 
@@ -216,26 +166,26 @@ def part_judge_agreement(args) -> dict:
     both judges' accuracy on the model's own class-conditional samples (guidance 1 and 3)."""
     model, sched = setup(args.steps)
     fn = sdo.ClassConditional(model, [zoo.NULL_LABEL])
-    judge, _ = independent_classifier()
+    judge = zoo.judges.svm_judge()
     x_T = zoo.initial_noise(320, seed=4242)
     with torch.no_grad():
         x0 = torch.cat([sdo.shortcut_sample(fn, sched, x_T[i:i + 64], "first") for i in range(0, 320, 64)]).clamp(-1, 1)
         log_p = torch.stack([zoo.digits_reward(d)(x0) for d in range(10)], 1)
     cnn, p = log_p.argmax(1).numpy(), log_p.max(1).values.exp().numpy()
-    svm = judge.predict(x0.flatten(1).numpy())
+    svm = judge.predict(x0)
     out = {"samples": 320, "agree_all": float((svm == cnn).mean())}
     for thr in (0.5, 0.9):
         m = p >= thr
         out[f"cnn_p_ge_{thr:g}"] = int(m.sum())
         out[f"agree_where_cnn_p_ge_{thr:g}"] = float((svm[m] == cnn[m]).mean())
     # how well each judge reads the model's own class-conditional samples (32 per digit)
-    judge_cnn, _ = independent_cnn()
+    judge_cnn = zoo.judges.cnn_judge()
     labels = torch.arange(10).repeat_interleave(32)
     for w in (1.0, 3.0):
         cond = zoo.sample(model, sched, labels, steps=args.steps, guidance=w, seed=9100, progress=False).clamp(-1, 1)
-        out[f"svm_accuracy_conditional_guidance_{w:g}"] = float((judge.predict(cond.flatten(1).numpy())
+        out[f"svm_accuracy_conditional_guidance_{w:g}"] = float((judge.predict(cond)
                                                                  == labels.numpy()).mean())
-        out[f"cnn_judge_accuracy_conditional_guidance_{w:g}"] = float((judge_cnn(cond) == labels.numpy()).mean())
+        out[f"cnn_judge_accuracy_conditional_guidance_{w:g}"] = float((judge_cnn.predict(cond) == labels.numpy()).mean())
     print(json.dumps(out), flush=True)
     return out
 
@@ -261,7 +211,7 @@ def part_latents_fd(args) -> dict:
            "prior_weight": args.prior_weight, **objective_record(args), "noise_seed": args.fd_noise_seed + digit,
            "iterations": len(res.history), "seconds": res.history[-1]["seconds"],
            "target_fraction_after": zoo.metrics.class_accuracy(after, digit),
-           **judged_fractions(after, digit, independent_classifier()[0], independent_cnn()[0]),
+           **zoo.judges.judged_fractions(after, digit, zoo.judges.svm_judge(), zoo.judges.cnn_judge()),
            "fd_optimised": zoo.metrics.digits_fd(after, real),
            "fd_null_class_before": zoo.metrics.digits_fd(before, real)}
     for w in (1.0, 3.0):
@@ -294,7 +244,7 @@ def part_direct_sum(args) -> dict:
 def part_adapter_merge(args) -> dict:
     """Seconds per ``finetune`` iteration (LoRA rank 4) with ``merge_adapters`` on and off, in
     interleaved rounds; each run's first iteration warms up and is left out."""
-    methods = [m for m in args.methods if m != "full"]
+    methods = [m for m in (args.methods or ["per-sample:importance+deepcache:2"]) if "full" not in m]
     times = {f"{m} {state}": [] for m in methods for state in ("merged", "apart")}
     for r in range(args.rounds):
         for method in methods:
@@ -315,7 +265,10 @@ def part_adapter_merge(args) -> dict:
 
 def section_settings(args) -> Settings:
     """The command line's values of the section's settings (bench.sections.sdo.Settings)."""
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
+    if "ft_levels" in given:
+        given["ft_levels"] = tuple(given["ft_levels"])
+    return Settings(**given)
 
 
 def main(argv=None) -> int:
@@ -347,16 +300,19 @@ def main(argv=None) -> int:
     ap.add_argument("--fd-noise-seed", type=int, default=5000,
                     help="latents-fd: the noise is zoo.initial_noise(seed=FD_NOISE_SEED + target)")
     ap.add_argument("--compare-full", action="store_true", help="latents: run full at SDO's wall-clock")
-    ap.add_argument("--methods", nargs="+", default=["per-sample", "full", "draft:1", "alignprop"],
-                    help="finetune: policies compared (POLICY+deepcache:N: the chain through deepcache)")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="finetune: learning rates")
     ap.add_argument("--policy", default="first", help="latents: the kept-call policy, or a baseline (full, draft:K)")
-    ap.add_argument("--budget-fraction", type=float, default=1.0,
-                    help="finetune: the other methods train for this fraction of full's time")
-    ap.add_argument("--ft-iters", type=int, default=50, help="finetune: iterations per run")
-    ap.add_argument("--eval-every", type=int, default=5, help="finetune: held-out evaluation interval")
-    ap.add_argument("--ft-seeds", type=int, default=1,
-                    help="finetune: seeds; past the first, each method reruns at its best lr beside full's rerun")
+    ft = ap.add_argument_group("finetune (bench.sections.sdo.finetune; unset: the section's FULL settings)")
+    ft.add_argument("--methods", nargs="+", default=None,
+                    help="the baseline first, then POLICY or POLICY+deepcache:N (the chain through deepcache)")
+    ft.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates tried on the tuning seed")
+    ft.add_argument("--budget-fraction", type=float, default=None,
+                    help="the other methods train for this fraction of the baseline's time")
+    ft.add_argument("--ft-iters", type=int, default=None, help="the baseline's iterations when tuning")
+    ft.add_argument("--ft-seeds", type=int, default=None, help="reported seeds (SEED, SEED+1, ...)")
+    ft.add_argument("--ft-tune-seed", type=int, default=None, help="the seed the learning rates are picked on")
+    ft.add_argument("--ft-max-iters", type=int, default=None, help="the baseline's cap when run to its plateau")
+    ft.add_argument("--ft-levels", type=float, nargs="+", default=None, help="reward levels timed")
+    ft.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="sdo.json")
     args = ap.parse_args(argv)

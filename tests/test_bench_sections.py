@@ -12,32 +12,35 @@ from bench.sections import gpu as gpu_section
 from bench.sections import sdo as sdo_section
 
 
-def test_full_sdo_settings_run_the_finetune_part(one_thread):
+def test_finetune_protocol_tunes_on_its_own_seed_and_reports_every_seed(one_thread):
     args = sdo_section.settings(full=True)
-    args.steps, args.batch, args.ft_iters, args.eval_every = 2, 2, 1, 1
-    sdo_method = args.methods[0]  # the settings' own SDO run: importance draws, a cached chain
-    assert "+deepcache:" in sdo_method
-    args.methods, args.lrs = ["full", sdo_method], args.lrs[:1]
+    assert args.ft_tune_seed not in range(args.seed, args.seed + args.ft_seeds)  # tuning is never reported
+    baseline, sdo_method = args.methods[0], args.methods[1]
+    assert baseline == sdo_section.PLAIN_FULL and "+deepcache:" in sdo_method  # the stronger baseline, the chain
+    args.steps, args.batch, args.ft_iters, args.eval_every, args.ft_seeds, args.ft_max_iters = 2, 2, 1, 1, 2, 3
+    args.methods, args.lrs = [baseline, sdo_method], [1e-3, 1e-2]
     out = sdo_section.finetune(args)
-    assert [r["method"] for r in out["runs"]] == ["full", sdo_method]
-    assert out["runs"][1]["chain_macs_kept"] < 1.0 and set(out["best"]) == {"full", sdo_method}
+    assert {r["seed"] for r in out["tuning"]} == {args.ft_tune_seed} and len(out["tuning"]) == 4
+    assert [(r["method"], r["seed"]) for r in out["rows"]] == [(m, s) for s in (0, 1) for m in args.methods]
+    for m, summary in out["summary"].items():
+        tuned = max((r for r in out["tuning"] if r["method"] == m), key=lambda r: r["final"])
+        assert summary["lr"] == tuned["lr"] and all(r["lr"] == tuned["lr"] for r in out["rows"] if r["method"] == m)
+        assert len(summary["fraction_of_baseline_per_level"]) == len(args.ft_levels) + 1
+    for seed in (0, 1):
+        base = next(r for r in out["runs"] if r["seed"] == seed and r["method"] == baseline)
+        assert base["iterations"] <= args.ft_max_iters
+        row = next(r for r in out["rows"] if r["seed"] == seed and r["method"] == baseline)
+        assert row["levels"][-1] == base["best"] and row["fraction_of_baseline"][-1] == 1.0
+        for r in out["rows"]:
+            assert 0.0 <= r["samples"]["judged_target_fraction"] <= 1.0 and r["samples"]["fd_to_real_digit"] >= 0
 
 
-def test_finetune_part_pairs_extra_seeds_with_full_on_the_same_seed(one_thread):
-    args = sdo_section.settings(full=True)
-    args.steps, args.batch, args.ft_iters, args.eval_every, args.ft_seeds = 2, 2, 1, 1, 2
-    args.methods, args.lrs = ["per-sample", "full"], [1e-3, 1e-2]
-    out = sdo_section.finetune(args)
-    grid, extra = out["runs"][:4], out["runs"][4:]
-    assert [(r["method"], r["seed"]) for r in extra] == [("full", 1), ("per-sample", 1)]
-    for m, b in out["best"].items():  # the extra seed reruns the grid's best lr
-        assert extra[[r["method"] for r in extra].index(m)]["lr"] == b["lr"]
-        assert [s["seed"] for s in b["seeds"]] == [0, 1] and 0 <= b["seeds_within_fifth"] <= 2
-        assert b["seeds"][1]["full_final"] == extra[0]["final"]  # paired with full on seed 1
-        assert b["seeds"][0]["full_final"] == max(r["final"] for r in grid if r["method"] == "full")
-    assert out["best"]["full"]["seeds"][1]["fraction_of_full_time"] <= 1.0  # full reaches its own final
-
-
+@pytest.mark.parametrize("rewards, stops", [([-1.0, -0.5, -0.3, -0.29, -0.3, -0.31], True),
+                                            ([-1.0, -0.5, -0.3, -0.2, -0.1, -0.05], False),
+                                            ([-1.0, -1.0, -1.0], False)])
+def test_plateau_rule(rewards, stops):
+    # window 3, 5%: the last three evaluations must beat the best before them by 5% of its size
+    assert sdo_section.plateaued(rewards, 3, 0.05) is stops
 # ---- the GPU section's parts, on tiny versions of the architectures on the CPU ------------
 
 TINY_SD = {"block_out_channels": [16, 16, 32, 32], "cross_attention_dim": 16, "norm_num_groups": 8,

@@ -20,6 +20,11 @@ def r2(lo, hi):  # values with two decimals: their formatting in the report is u
     return round(rng.uniform(lo, hi), 2)
 
 
+def spread(lo, hi):  # a median [min, max] over three seeds, as bench.sections.sdo.spread writes it
+    lo_, mid, hi_ = sorted(r2(lo, hi) for _ in range(3))
+    return {"median": mid, "min": lo_, "max": hi_, "missing": 0}
+
+
 def images(n):
     return [[[rng.randrange(256) for _ in range(16)] for _ in range(16)] for _ in range(n)]
 
@@ -99,11 +104,16 @@ def sections():
            "finetune": {"runs": [{"method": m, "lr": 0.003, "final": r2(-3, 0),
                                   "eval": [{"seconds": 3.0 * i, "reward_mean": r2(-5, 0)} for i in range(5)]}
                                  for m in methods],
-                        "best": {m: {"lr": 0.003, "final": r2(-3, 0), "seconds_to_full_final": r2(5, 50),
-                                     "fraction_of_full_time": r2(0.1, 1), "reward_at_fifth_of_full_time": r2(-3, 0),
-                                     "seeds": [{"seed": k} for k in range(3)], "seeds_within_fifth": rng.randrange(4),
-                                     "median_fraction_of_full_time": r2(0.1, 1)}
-                                 for m in methods}}}
+                        "baseline": "full", "tune_seed": 100, "seeds": [0, 1, 2], "budget_fraction": 0.4,
+                        "target": 7, "levels": [-0.1, -0.03, -0.01, "baseline's plateau"],
+                        "untuned_samples": {"fd_to_real_digit": r2(1, 9), "spread_over_real": r2(0.5, 1.5)},
+                        "summary": {m: {"lr": 0.003, "final": spread(-3, 0),
+                                        "fraction_of_baseline_per_level": [spread(0.05, 1) for _ in range(4)],
+                                        **{k: spread(0, 1) for k in ("reward_cnn_target_fraction",
+                                                                     "judged_target_fraction",
+                                                                     "judged_target_fraction_cnn",
+                                                                     "fd_to_real_digit", "spread_over_real")}}
+                                    for m in methods}}}
     return env, {
         "ops": {"section": "ops", "wall_s": 150.0, "budget_s": 180, "selection": "real sizes", "rows": op_rows()},
         "dipgo": {"section": "dipgo", "wall_s": 80.0, "budget_s": 90, "calls": 12, "rows": eff},
@@ -152,9 +162,10 @@ def test_report_has_machine_and_every_number(built):
         expect += [f"{r['cos_xT']:.3f}", f"{r['cos_lora']:.3f}"]
     step = {"normalized": "normalised steps", "adam": "Adam"}[sdo["curves"]["optimizer"]]
     expect.append(f"({step}, lr {sdo['curves']['lr']:g})")
-    for b in sdo["finetune"]["best"].values():
-        expect += [f"{b['final']:.4f}", f"{b['reward_at_fifth_of_full_time']:.4f}",
-                   f"{b['seeds_within_fifth']} of 3", f"{100 * b['median_fraction_of_full_time']:.0f}%"]
+    for b in sdo["finetune"]["summary"].values():
+        expect += [f"{b['final']['median']:.4f}", f"{b['final']['max']:.4f}", f"{b['fd_to_real_digit']['median']:.2f}"]
+        expect += [f"{100 * sp['median']:.0f}%" for sp in b["fraction_of_baseline_per_level"]]
+        expect += [f"{100 * b['judged_target_fraction']['min']:.0f}%"]
     missing = [e for e in expect if e not in md]
     assert not missing, f"numbers of the JSON missing from report.md: {missing}"
     assert docs["gpu"]["skipped"] in md  # the GPU section says why it did not run
@@ -297,10 +308,11 @@ def test_headline_states_each_claim_beside_its_baseline_and_json(tmp_path, capsy
     assert f"`first`: {cost['first']['median_s']:.3f} s" in row  # the one SDO method of the synthetic run
     assert f"{cost['full']['median_s'] / cost['first']['median_s']:.2f}x faster" in row
     assert f"`full`): {cost['full']['median_s']:.3f} s" in row
-    ft = {m: r for m, r in sdo["finetune"]["best"].items() if m != "full"}
-    quickest = min(ft, key=lambda m: ft[m]["fraction_of_full_time"])
+    ft = {m: r["fraction_of_baseline_per_level"][-1] for m, r in sdo["finetune"]["summary"].items() if m != "full"}
+    quickest = min(ft, key=lambda m: ft[m]["median"])
     row = _row(md, "SDO LoRA fine-tuning")
-    assert f"`{quickest}`" in row and f"{100 * ft[quickest]['fraction_of_full_time']:.0f}% of its time" in row
+    assert f"`{quickest}`" in row and f"{100 * ft[quickest]['median']:.0f}% of its time" in row
+    assert f"{100 * ft[quickest]['min']:.0f}%-{100 * ft[quickest]['max']:.0f}%" in row
 
     cpu = [r for r in docs["ops"]["rows"] if r["provider"] == "cpu"]
     row = _row(md, "fused ops, `cpu` kernels")

@@ -38,7 +38,7 @@ TARGET = 7
 class Settings:
     """What the section's parts read: the chain (steps, batch), the reward's digit, the timed
     rounds and draws, the latent curves' optimiser and budget, and the LoRA fine-tuning grid
-    (``methods``: POLICY or POLICY+deepcache:N, each at every lr in ``lrs``)."""
+    (``methods``: the baseline first, then POLICY or POLICY+deepcache:N; :func:`finetune`)."""
 
     steps: int = 20
     batch: int = 4
@@ -50,13 +50,18 @@ class Settings:
     curve_seconds: float = 15.0
     lr: float = 0.2
     optimizer: str = "normalized"
-    methods: list = field(default_factory=lambda: ["per-sample:importance+deepcache:2", "per-sample", "full",
-                                                   "draft:1", "alignprop"])
+    methods: list = field(default_factory=lambda: [PLAIN_FULL, "per-sample:importance+deepcache:2", "draft:1",
+                                                   "alignprop"])
     lrs: list = field(default_factory=lambda: [3e-3, 1e-2])
     ft_iters: int = 50
-    ft_seeds: int = 1
+    ft_seeds: int = 3
+    ft_tune_seed: int = 100
+    ft_max_iters: int = 150
+    ft_plateau_window: int = 4
+    ft_plateau_tol: float = 0.05
+    ft_levels: tuple = (-0.1, -0.03, -0.01)
     eval_every: int = 5
-    budget_fraction: float = 0.3
+    budget_fraction: float = 0.4
     prior_weight: float = 0.0
 
 
@@ -319,76 +324,140 @@ def chain_of(method: str, model, steps: int):
     return policy, dipgo.deepcache(model, steps, interval=int(n), branch=0)
 
 
-def finetune_run(s: Settings, method: str, lr: float, seed: int, budget: float | None, eval_noise) -> dict:
-    """One LoRA fine-tuning run: ``full`` runs ``s.ft_iters`` iterations; any other method may run
-    more, up to ``budget`` training seconds (evaluation excluded)."""
+def finetune_run(s: Settings, method: str, lr: float, seed: int, stop: dict, eval_noise, judges=None) -> dict:
+    """One LoRA fine-tuning run. ``stop``: ``{"iters": N}`` (a fixed count), ``{"seconds": S}``
+    (training seconds, evaluation excluded; the last iteration may overrun) or ``{"plateau": True}``
+    (until the held-out reward stops improving, :func:`plateaued`, at most ``s.ft_max_iters``).
+    With ``judges`` (svm, cnn), the fine-tuned model's samples are judged at the end."""
     model, sched = setup(s.steps)
     policy, chain = chain_of(method, model, s.steps)
-    iters = s.ft_iters if method == "full" or budget is None else 20 * s.ft_iters
+    iters = stop.get("iters", s.ft_max_iters if "plateau" in stop else 20 * s.ft_iters)
+    base = chain_config(policy)
     config = sdo.FinetuneConfig(lora=4, iters=iters, batch_size=s.batch, eval_every=s.eval_every, seed=seed,
-                                time_budget=None if method == "full" else budget,
-                                chain=sdo.ChainConfig(policy=policy, chain_schedule=chain))
+                                time_budget=stop.get("seconds"),
+                                chain=sdo.ChainConfig(policy=base.policy, checkpoint=base.checkpoint,
+                                                      chain_schedule=chain))
+    evals = []
+
+    def at_plateau(record: dict) -> bool:
+        if not result_evals(evals, record):
+            return False
+        return "plateau" in stop and plateaued([e["reward_mean"] for e in evals], s.ft_plateau_window,
+                                               s.ft_plateau_tol)
+
     res = sdo.finetune(model, sched, zoo.digits_reward(s.target), config, optimizer=sdo.weight_optimizer(lr=lr),
-                       eval_noise=eval_noise, progress=False)
-    run = {"method": method, "lr": lr, "seed": seed, "chain_macs_kept": chain and chain.macs_kept,
-           "iterations": res.iterations, "eval": res.eval_history, "final": res.eval_history[-1]["reward_mean"]}
+                       eval_noise=eval_noise, progress=False, callback=at_plateau)
+    run = {"method": method, "lr": lr, "seed": seed, "stop": stop, "chain_macs_kept": chain and chain.macs_kept,
+           "iterations": res.iterations, "eval": res.eval_history, "final": res.eval_history[-1]["reward_mean"],
+           "best": max(e["reward_mean"] for e in res.eval_history), "seconds": res.eval_history[-1]["seconds"]}
+    if judges is not None:
+        run["samples"] = judge_samples(model, sched, s, *judges)
     print(json.dumps({k: v for k, v in run.items() if k != "eval"}), flush=True)
     return run
 
 
-def against_full(run: dict, full: dict) -> dict:
-    """When ``run`` first reaches the held-out reward ``full`` ended at, in seconds and as a
-    fraction of ``full``'s training time; its reward at 1/5 of that time."""
-    goal, full_s = full["final"], full["eval"][-1]["seconds"]
-    hit = next((e for e in run["eval"] if e["reward_mean"] >= goal), None)
-    at_fifth = [e for e in run["eval"] if e["seconds"] <= full_s / 5]
-    return {"seconds_to_full_final": hit and hit["seconds"], "fraction_of_full_time": hit and hit["seconds"] / full_s,
-            "reward_at_fifth_of_full_time": at_fifth[-1]["reward_mean"]}
+def result_evals(evals: list, record: dict) -> bool:
+    """Collect the held-out evaluations from ``finetune``'s per-iteration records; True when
+    ``record`` carries a new one."""
+    if "eval_reward_mean" not in record:
+        return False
+    evals.append({"iter": record["iter"], "reward_mean": record["eval_reward_mean"]})
+    return True
+
+
+def plateaued(rewards: list, window: int, tol: float) -> bool:
+    """The held-out reward stopped improving: the best of the last ``window`` evaluations is not
+    above the best before them by more than ``tol`` of its size (the reward is a mean log p,
+    negative, so the relative gain shrinks as p -> 1)."""
+    if len(rewards) <= window:
+        return False
+    before = max(rewards[:-window])
+    return max(rewards[-window:]) <= before + tol * abs(before)
+
+
+def judge_samples(model, sched, s: Settings, svm, cnn, n: int = 64) -> dict:
+    """Reward hacking check on the fine-tuned model's samples (fixed noise, seed 777, the null
+    class as in training): the reward's own CNN, two independent judges, and the samples'
+    diversity against the real digits (``zoo.judges``)."""
+    x = zoo.sample(model, sched, labels=zoo.NULL_LABEL, n=n, steps=s.steps, guidance=1.0, seed=777, progress=False)
+    reward_cnn = float((zoo.metrics.predict(x) == s.target).float().mean())
+    return {"n": n, "reward_cnn_target_fraction": reward_cnn,
+            **zoo.judges.judged_fractions(x, s.target, svm, cnn), **zoo.judges.diversity(x, s.target)}
+
+
+def seconds_to(run: dict, level: float) -> float | None:
+    """Training seconds at the first evaluation whose held-out reward reaches ``level``."""
+    hit = next((e for e in run["eval"] if e["reward_mean"] >= level), None)
+    return hit and hit["seconds"]
+
+
+def spread(values: list) -> dict:
+    """Median, min and max of the finite values; how many were not reached (None)."""
+    got = [v for v in values if v is not None]
+    return {"median": statistics.median(got) if got else None, "min": min(got, default=None),
+            "max": max(got, default=None), "missing": len(values) - len(got)}
 
 
 def finetune(s: Settings) -> dict:
-    """LoRA fine-tuning so that the null class draws ``s.target``: every method at every lr on
-    ``s.seed``, held-out reward on 32 fixed noises (evaluation time excluded) against training
-    seconds. ``s.ft_seeds = N`` reruns each method at its best lr on N-1 more seeds, each paired
-    with ``full`` on the same seed (its final reward and time set that seed's goal)."""
-    runs = []
+    """LoRA fine-tuning so that the null class draws ``s.target``, as a reviewer would have it:
+
+    1. tuning, on seed ``s.ft_tune_seed`` (never reported): every method at every lr; the
+       baseline (``s.methods[0]``) runs ``s.ft_iters`` iterations, the others
+       ``s.budget_fraction`` of its time; each method keeps the lr with the best final reward;
+    2. reported seeds ``s.seed .. s.seed + s.ft_seeds - 1``: the baseline at its lr until its
+       held-out reward stops improving (:func:`plateaued`), then every other method at its lr for
+       ``s.budget_fraction`` of the baseline's seconds on that seed;
+    3. per seed and method: training seconds to reach each reward level of ``s.ft_levels`` and
+       the baseline's plateau reward, the ratio to the baseline's seconds, and the samples of the
+       final weights judged for reward hacking (:func:`judge_samples`); spreads over the seeds.
+
+    Held-out reward on 32 fixed noises every ``s.eval_every`` iterations (evaluation excluded
+    from the seconds)."""
     eval_noise = zoo.initial_noise(32, seed=12345)
-    methods = sorted(s.methods, key=lambda m: m != "full")  # full first: it sets the time budget
+    judges = (zoo.judges.svm_judge(), zoo.judges.cnn_judge())
+    baseline, others = s.methods[0], s.methods[1:]
+    tuning, lr_of = [], {}
     budget = None
-    for method in methods:
+    for method in s.methods:
         for lr in s.lrs:
-            run = finetune_run(s, method, lr, s.seed, None if budget is None else budget * s.budget_fraction,
-                               eval_noise)
-            if method == "full":
-                budget = max(budget or 0.0, run["eval"][-1]["seconds"])
-            runs.append(run)
-    best = {}
-    for r in runs:
-        if r["method"] not in best or r["final"] > best[r["method"]]["final"]:
-            best[r["method"]] = r
+            stop = {"iters": s.ft_iters} if method == baseline else {"seconds": budget * s.budget_fraction}
+            run = finetune_run(s, method, lr, s.ft_tune_seed, stop, eval_noise)
+            tuning.append(run)
+            if method == baseline:
+                budget = max(budget or 0.0, run["seconds"])
+        lr_of[method] = max((r for r in tuning if r["method"] == method), key=lambda r: r["final"])["lr"]
+    runs, rows = [], []
+    untuned = judge_samples(setup(s.steps)[0], setup(s.steps)[1], s, *judges)
+    for seed in range(s.seed, s.seed + s.ft_seeds):
+        base = finetune_run(s, baseline, lr_of[baseline], seed, {"plateau": True}, eval_noise, judges)
+        runs.append(base)
+        levels = [*s.ft_levels, base["best"]]
+        for method in s.methods:
+            run = base if method == baseline else finetune_run(
+                s, method, lr_of[method], seed, {"seconds": base["seconds"] * s.budget_fraction}, eval_noise, judges)
+            if run is not base:
+                runs.append(run)
+            reach = [seconds_to(run, lv) for lv in levels]
+            base_reach = [seconds_to(base, lv) for lv in levels]
+            rows.append({"method": method, "seed": seed, "lr": run["lr"], "final": run["final"], "best": run["best"],
+                         "seconds": run["seconds"], "iterations": run["iterations"], "levels": levels,
+                         "seconds_to_level": reach,
+                         "fraction_of_baseline": [r / b if r is not None and b else None
+                                                  for r, b in zip(reach, base_reach)],
+                         "samples": run["samples"]})
     summary = {}
-    if "full" in best:
-        for m, r in best.items():
-            summary[m] = {"lr": r["lr"], "final": r["final"], **against_full(r, best["full"])}
-        paired = {m: [(r, best["full"])] for m, r in best.items()}
-        for seed in range(s.seed + 1, s.seed + s.ft_seeds):
-            full = finetune_run(s, "full", best["full"]["lr"], seed, None, eval_noise)
-            runs.append(full)
-            paired["full"].append((full, full))
-            for m in methods[1:]:
-                if m in best:
-                    runs.append(finetune_run(s, m, best[m]["lr"], seed,
-                                             full["eval"][-1]["seconds"] * s.budget_fraction, eval_noise))
-                    paired[m].append((runs[-1], full))
-        if s.ft_seeds > 1:
-            for m, pairs in paired.items():
-                per_seed = [{"seed": r["seed"], "final": r["final"], "full_final": f["final"], **against_full(r, f)}
-                            for r, f in pairs]
-                fractions = sorted(s["fraction_of_full_time"] or math.inf for s in per_seed)
-                summary[m].update(seeds=per_seed, seeds_within_fifth=sum(f <= 0.2 for f in fractions),
-                                  median_fraction_of_full_time=_finite(statistics.median(fractions)))
-    return {"steps": s.steps, "batch": s.batch, "target": s.target, "seeds": s.ft_seeds,
-            "runs": runs, "best": summary}
+    for method in s.methods:
+        mine = [r for r in rows if r["method"] == method]
+        summary[method] = {
+            "lr": lr_of[method], "final": spread([r["final"] for r in mine]),
+            "fraction_of_baseline_per_level": [spread([r["fraction_of_baseline"][i] for r in mine])
+                                               for i in range(len(s.ft_levels) + 1)],
+            **{k: spread([r["samples"][k] for r in mine]) for k in mine[0]["samples"] if k != "n"}}
+    return {"steps": s.steps, "batch": s.batch, "target": s.target, "baseline": baseline, "tune_seed": s.ft_tune_seed,
+            "seeds": list(range(s.seed, s.seed + s.ft_seeds)), "levels": list(s.ft_levels) + ["baseline's plateau"],
+            "budget_fraction": s.budget_fraction, "plateau": {"window": s.ft_plateau_window, "tol": s.ft_plateau_tol,
+                                                             "max_iters": s.ft_max_iters},
+            "untuned_samples": untuned, "tuning": tuning, "runs": runs, "rows": rows, "summary": summary}
 
 
 def _finite(x: float) -> float | None:

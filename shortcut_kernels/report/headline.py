@@ -126,16 +126,17 @@ def _sdo_headline(doc: dict) -> list[list[str]]:
         out.append([f"SDO gradient, digits-unet, {doc['steps']} calls, batch {doc['batch']}", result,
                     f"exact backprop, the faster of `full` with and without checkpointing (`{strongest}`): "
                     f"{num(full, '.3f')} s"])
-    best = doc.get("finetune", {}).get("best", {})
-    ours = {m: r for m, r in best.items() if m != "full" and r.get("fraction_of_full_time") is not None}
+    ft = doc.get("finetune", {})
+    ours = {m: r for m, r in ft.get("summary", {}).items()
+            if m != ft.get("baseline") and r["fraction_of_baseline_per_level"][-1]["median"] is not None}
     if ours:
-        m = min(ours, key=lambda k: ours[k]["fraction_of_full_time"])
-        r = ours[m]
-        result = (f"`{m}` reaches `full`'s final reward in {pct(r['fraction_of_full_time'], '.0f')} of its time")
-        if r.get("seeds"):
-            result += (f" ({r['seeds_within_fifth']} of {len(r['seeds'])} seeds within 1/5, median "
-                       f"{pct(r['median_fraction_of_full_time'], '.0f')})")
-        out.append(["SDO LoRA fine-tuning, digits-unet", result, "exact backprop (`full`), same seed"])
+        m = min(ours, key=lambda k: ours[k]["fraction_of_baseline_per_level"][-1]["median"])
+        sp = ours[m]["fraction_of_baseline_per_level"][-1]
+        result = (f"`{m}` reaches the plateau reward of `{ft['baseline']}` in {pct(sp['median'], '.0f')} of its time "
+                  f"(median of {len(ft['seeds'])} seeds, {pct(sp['min'], '.0f')}-{pct(sp['max'], '.0f')}"
+                  + (f", {sp['missing']} not reached" if sp["missing"] else "") + ")")
+        out.append(["SDO LoRA fine-tuning, digits-unet", result,
+                    f"exact backprop (`{ft['baseline']}`) until its reward stops improving, same seeds"])
     return out
 
 

@@ -271,20 +271,48 @@ def sdo_part(doc: dict, plots) -> list[str]:
         lines += table(["policy", "cos x_T", "cos x_T per sample", "cos LoRA", "s"],
                        [[r["policy"], num(r.get("cos_xT"), ".3f"), num(r.get("cos_xT_per_sample"), ".3f"),
                          num(r.get("cos_lora"), ".3f"), num(r.get("seconds"), ".3f")] for r in others]) + [""]
-    if doc.get("finetune", {}).get("best"):
-        ft = doc["finetune"]["best"]
-        lines += ["LoRA fine-tuning (best learning rate per method; time to reach `full`'s final reward):", ""]
-        seeds = any("seeds" in r for r in ft.values())
-        lines += table(["method", "lr", "final held-out reward", "reward at 1/5 of full's time",
-                        "seconds to full's final", "of full's time"]
-                       + (["seeds within 1/5", "median of full's time"] if seeds else []),
-                       [[m, f"{r['lr']:g}", num(r["final"], ".4f"), num(r.get("reward_at_fifth_of_full_time"), ".4f"),
-                         num(r["seconds_to_full_final"], ".0f"), pct(r["fraction_of_full_time"], ".0f")]
-                        + ([f"{r['seeds_within_fifth']} of {len(r['seeds'])}", pct(r["median_fraction_of_full_time"],
-                                                                                   ".0f")] if seeds else [])
-                        for m, r in ft.items()]) + [""]
+    if doc.get("finetune", {}).get("summary"):
+        lines += finetune_lines(doc["finetune"])
     for name in ("sdo_reward_vs_time.png", "sdo_samples.png", "sdo_finetune.png"):
         lines += image(plots, name)
+    return lines
+
+
+def _spread(sp: dict, spec: str, fmt=num) -> str:
+    """``median [min, max]`` of a spread, with how many seeds did not get there."""
+    if sp["median"] is None:
+        return "not reached"
+    out = fmt(sp["median"], spec)
+    if sp["min"] != sp["max"]:
+        out += f" [{fmt(sp['min'], spec)}, {fmt(sp['max'], spec)}]"
+    return out + (f", {sp['missing']} not reached" if sp["missing"] else "")
+
+
+def finetune_lines(ft: dict) -> list[str]:
+    """The LoRA fine-tuning protocol (``bench.sections.sdo.finetune``): time to each reward level
+    as a share of the baseline's, and the reward-hacking checks, median [min, max] over seeds."""
+    base, levels = ft["baseline"], ft["levels"]
+    seeds = ", ".join(map(str, ft["seeds"]))
+    lines = [f"LoRA fine-tuning (learning rates picked on seed {ft['tune_seed']}, not reported; seeds {seeds}; "
+             f"`{base}` until its held-out reward stops improving, the others for "
+             f"{pct(ft['budget_fraction'], '.0f')} of its seconds; median [min, max] over the seeds):", ""]
+    head = ["method", "lr", "final held-out reward"] + [
+        f"time to {lv if isinstance(lv, str) else format(lv, 'g')}, share of `{base}`'s" for lv in levels]
+    rows = [[m, f"{r['lr']:g}", _spread(r["final"], ".4f")]
+            + [_spread(sp, ".0f", pct) for sp in r["fraction_of_baseline_per_level"]]
+            for m, r in ft["summary"].items()]
+    lines += table(head, rows) + [""]
+    un = ft.get("untuned_samples", {})
+    judged = [("reward_cnn_target_fraction", "reward's CNN"), ("judged_target_fraction", "SVM judge"),
+              ("judged_target_fraction_cnn", "CNN judge")]
+    lines += [f"Reward hacking: the final weights' samples classed as {ft['target']} by the reward's CNN and by two "
+              f"independent judges, their FD to the real {ft['target']}s and their spread over the real ones' "
+              f"(the model before fine-tuning: FD {num(un.get('fd_to_real_digit'))}, spread "
+              f"{num(un.get('spread_over_real'))}):", ""]
+    lines += table(["method"] + [name for _, name in judged] + [f"FD to real {ft['target']}s", "spread / real"],
+                   [[m] + [_spread(r[k], ".0f", pct) for k, _ in judged]
+                    + [_spread(r["fd_to_real_digit"], ".2f"), _spread(r["spread_over_real"], ".2f")]
+                    for m, r in ft["summary"].items()]) + [""]
     return lines
 
 

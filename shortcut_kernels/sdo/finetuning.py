@@ -221,7 +221,9 @@ def finetune(
         (evaluation time is not counted in ``seconds``).
     checkpoint_dir / resume: the trainable weights, optimiser, generator and history are saved
         there every ``save_every`` steps; ``resume=True`` continues from the saved iteration.
-    callback: called with each iteration's record; returning True stops (after a checkpoint).
+    callback: called with each iteration's record (``iter``, ``reward_mean``, ``seconds``, and
+        ``eval_reward_mean`` after a held-out evaluation, e.g. to stop at a plateau); returning
+        True stops (after a checkpoint).
     Distributed: when ``torch.distributed`` is initialised (``torchrun``, ``accelerate launch``,
     or your own ``init_process_group``), ``batch_size`` is the global batch; every rank draws
     the same global noise and kept calls (same ``seed``) and runs its slice, and the gradients
@@ -369,6 +371,7 @@ def finetune(
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}")
         if eval_noise is not None and ((it + 1) % cfg.eval_every == 0 or it + 1 == iters):
             evaluate(it + 1)
+            entry["eval_reward_mean"] = result.eval_history[-1]["reward_mean"]
         asked_to_stop = bool(callback(entry)) if callback else False
         if ckpt is not None and ((it + 1) % cfg.save_every == 0 or it + 1 == iters):
             save()

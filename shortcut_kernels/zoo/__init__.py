@@ -16,7 +16,7 @@ features define the digits Fréchet distance). Reproduce the weights with
 """
 from __future__ import annotations
 
-from . import data, metrics, models, rewards
+from . import data, judges, metrics, models, rewards
 from .data import load_digits
 from .models import NULL_LABEL, DigitsClassifier, DigitsDiT, DigitsUNet
 from .registry import NAMES, WEIGHTS_DIR, ZooModel, info, load, weights_path
