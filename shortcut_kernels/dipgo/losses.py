@@ -3,11 +3,18 @@
 * :func:`consistency_loss` compares the pruned sample with the full model's sample from
   the same noise: ``mse``, ``l1``, ``ssim`` (``1 - SSIM``, the paper's choice on decoded
   images) or ``ssim+l1``.
-* :func:`sparsity_loss` is the paper's ``mean_t sum_b g_keep(t, b) * r(b)``, where
-  ``r(b)`` is block b's MAC share *including the blocks that die with it through the
-  cascade* (``BlockGraph.flops_share``): reusing ``up_blocks.0`` of a UNet is worth the
-  whole UNet. It is switched off once the kept MACs (counted exactly, with the cascade,
-  on the hard gates) are at or below the target, so training stops pushing below it.
+* :func:`sparsity_loss` is the kept-MAC share of the *cascaded* gates, ``mean_t sum_b
+  eff(t, b) * m(b) / M`` with ``eff = cascade(keep)`` (``eff_b = keep_b * need_b``). The
+  paper puts ``sum_b keep(t, b) * r(b)`` on the raw gates, with ``r(b)`` the MAC share
+  including the blocks that die with ``b``: there a gate whose block is dead (all its
+  consumers reuse) still feels the sparsity pull but, through the cascade, no consistency
+  pull, so it drifts toward "reuse" and the post-processing later reads that drift. On the
+  cascaded gates a dead gate gets no gradient from either term, and an outer gate still
+  carries its inner blocks' MACs (through ``need``). With a ``target`` the term is
+  two-sided: it pushes the gates down while the hard gates keep more MACs than the target
+  and back up while they keep fewer, so training holds the budget the schedule is then
+  selected at (the paper switches it off below the target; with SGD the gates then
+  overshoot, trained at ~20% of the MACs for a 40% target).
 """
 from __future__ import annotations
 
@@ -63,16 +70,20 @@ def kept_macs_fraction(keep: Tensor, graph) -> Tensor:
 
 
 def sparsity_loss(keep: Tensor, graph, target: float | None = None) -> Tensor:
-    """``mean_t sum_b keep(t, b) * r(b)`` over the gates ``[calls, blocks]`` (or with a
-    leading batch dim, averaged over it); 0 when the hard gates' cascaded kept-MAC share
-    is already at or below ``target``."""
+    """The kept-MAC share of the cascaded gates ``keep`` ``[calls, blocks]`` (or with a
+    leading batch dim, averaged over it), overhead included; differentiable. With
+    ``target``: ``share - target`` while the hard gates' cascaded share is above it,
+    ``target - share`` while below, 0 on it (the sign a Lagrange multiplier of the budget
+    would take; the value is the distance to the budget)."""
     if keep.shape[-1] != len(graph):
         raise ValueError(f"keep gates have {keep.shape[-1]} blocks, the graph has {len(graph)}")
-    share = torch.tensor(graph.flops_share, dtype=keep.dtype, device=keep.device)
-    loss = (keep * share).sum(-1).mean()
-    if target is not None:
-        with torch.no_grad():
-            kept = kept_macs_fraction((keep.detach() > 0.5), graph).mean()
-        if float(kept) <= target:
-            return loss * 0
-    return loss
+    share = kept_macs_fraction(keep, graph).mean()
+    if target is None:
+        return share
+    with torch.no_grad():
+        kept = float(kept_macs_fraction(keep.detach() > 0.5, graph).mean())
+    if kept > target:
+        return share - target
+    if kept < target:
+        return target - share
+    return share * 0

@@ -5,6 +5,12 @@ MAC budget (:meth:`~.pruner.Pruner.to_schedule`, :meth:`~.pruner.Pruner.budget_g
   reuse with its cascade, until the kept MACs meet the target;
 * :func:`from_ranking` / :func:`budget_rows` - by rank, no threshold: the rule the
   budgeted training mode trains with, so the schedule is the one it trained.
+
+Ties between calls (every score ties at a new pruner's "keep everything") are broken in
+:func:`tie_order`, a deterministic even spread over the chain with call 1 last. Breaking them
+earliest call first made the first reuses calls 1, 2, 3, ..., the calls whose reuse moves every
+later input the most, so a budget met by ties alone was the worst placement rather than a
+neutral one (an even spread is ``skip_steps``' uniform placement).
 """
 from __future__ import annotations
 
@@ -13,7 +19,26 @@ import torch
 from ..models import BlockGraph
 from ..runtime.schedule import Schedule, graph_of
 
-__all__ = ["from_scores", "from_ranking", "budget_rows"]
+__all__ = ["from_scores", "from_ranking", "budget_rows", "tie_order"]
+
+
+def tie_order(calls: int) -> list[int]:
+    """Calls ``1 .. calls - 1`` in the order equal scores are taken: call ``1 + floor(v_k *
+    (calls - 1))`` for the base-2 van der Corput sequence ``v_1, v_2, ... = 1/2, 1/4, 3/4,
+    1/8, ...`` (repeats skipped), so every prefix is spread evenly over the chain; the middle
+    call comes first and call 1, the most damaging to reuse, last."""
+    n = calls - 1
+    out, seen, k = [], set(), 1
+    while len(out) < n:
+        v, half, i = 0.0, 0.5, k
+        while i:  # bit-reverse k into [0, 1)
+            v, half, i = v + half * (i & 1), half / 2, i >> 1
+        t = 1 + int(v * n)
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+        k += 1
+    return out
 
 
 def _checked_scores(graph: BlockGraph, scores, target_macs: float) -> torch.Tensor:
@@ -36,9 +61,10 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
             softmax for "reuse").
         target_macs: the fraction of the full model's MACs to keep (DiP-GO's prune
             ratio 0.8 is ``target_macs=0.2``).
-        threshold, step: start at ``threshold``; walking the blocks from the output side,
-            reuse every (call > 0, block) whose probability exceeds it (with its cascade)
-            until the target is met; if it is not met, lower the threshold by ``step``.
+        threshold, step: start at ``threshold``; walking the blocks from the output side
+            (and the calls of each block in :func:`tie_order`), reuse every (call > 0, block)
+            whose probability exceeds it (with its cascade) until the target is met; if it
+            is not met, lower the threshold by ``step``.
         slack: if given, a reuse that would take the kept MACs below ``target_macs * (1 - slack)``
             is passed over (the walk goes on to the next candidate), so the schedule lands
             within ``slack`` of the target whenever some small enough reuse is left. Without
@@ -59,9 +85,10 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
     spent = sum(row_macs)
     thr = threshold
     order = list(reversed(range(len(g))))  # output side first
+    call_order = tie_order(calls)
     while spent / total > target_macs + 1e-12:
         for b in order:
-            for t in range(1, calls):
+            for t in call_order:
                 if spent / total <= target_macs + 1e-12:
                     break
                 if rows[t][b] and s[t, b] > thr:
@@ -90,7 +117,7 @@ def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: in
 
 def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool]]:
     """Keep rows meeting a MAC budget by rank: reuse the (call > 0, block) pairs in decreasing
-    order of ``scores`` (ties: the output side first, then earlier calls), each with its
+    order of ``scores`` (ties: the output side first, then the calls in :func:`tie_order`), each with its
     cascade, until at most ``target_macs`` of the MACs are kept (or nothing is left to reuse).
     Unlike :func:`from_scores` no threshold is involved, so the budget is met to within one
     block; the budgeted training mode (``shortcut_kernels.dipgo.train``, through
@@ -102,7 +129,7 @@ def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool
     row_macs = [graph.total_macs] * calls
     spent = sum(row_macs)
     # candidates in the tie order, then a stable sort by decreasing score
-    cand = [(t, b) for b in reversed(range(n)) for t in range(1, calls)]
+    cand = [(t, b) for b in reversed(range(n)) for t in tie_order(calls)]
     order = sorted(range(len(cand)), key=lambda i: -float(s[cand[i]]))
     for i in order:
         if spent / total <= target_macs + 1e-12:

@@ -59,7 +59,7 @@ class TrainConfig:
     """
 
     mode: str = "shortcut"
-    target: float = 0.4  # kept-MAC share at which the sparsity loss switches off
+    target: float = 0.4  # kept-MAC share: the sparsity term's budget and the one the schedule is selected at
     iters: int = 200
     batch_size: int = 8
     lr: float = 0.01
@@ -87,10 +87,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """The trained pruner and ``schedule``: its reuse scores by rank (:func:`.from_ranking`)
+    at ``config.target``, the budget it was trained at (the budgeted mode's forward gates,
+    the sparsity term's target), so training and selection share one budget."""
+
     pruner: Pruner
     history: list[dict] = field(default_factory=list)
     config: TrainConfig | None = None
     seconds: float = 0.0
+    schedule: Schedule | None = None
 
 
 # ----------------------------------------------------------------------------- the chain
@@ -371,7 +376,7 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             if cfg.budget == "anneal":
                 gates = pruner.budget_gates(_annealed_target(cfg, it))
                 sparsity = torch.zeros(())
-            else:
+            else:  # the sparsity of the cascaded gates, two-sided about the target (losses.sparsity_loss)
                 gates = pruner(cfg.gumbel_tau)
                 sparsity = sparsity_loss(gates, net.graph, cfg.target)
             # the chain runs what the schedule will: a block whose consumers all reuse is not
@@ -426,4 +431,5 @@ def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, 
             log.close()
         net.remove()
     result.seconds = result.history[-1]["seconds"] if result.history else 0.0
+    result.schedule = pruner.to_schedule(cfg.target, ranked=True)
     return result
