@@ -11,10 +11,10 @@ schedule; :mod:`.learn` - the estimate-guided learner; :mod:`.search` -
 ``local_search`` (a schedule learned by validated moves on training noise).
 This module stays light: importing it loads no model.
 """
-from ..runtime import (COMPUTE, DEAD, READ, Accelerated, CacheState, Schedule, accelerate, deepcache, fora, full,
-                       skip_steps)
+from ..runtime import (COMPUTE, DEAD, FORECAST, READ, Accelerated, CacheState, Schedule, accelerate, deepcache, fora,
+                       full, skip_steps)
 from .postprocess import from_ranking, from_scores
 from .search import local_search
 
 __all__ = ["Schedule", "accelerate", "Accelerated", "CacheState", "full", "deepcache", "skip_steps", "fora",
-           "from_scores", "from_ranking", "local_search", "COMPUTE", "READ", "DEAD"]
+           "from_scores", "from_ranking", "local_search", "COMPUTE", "READ", "DEAD", "FORECAST"]

@@ -13,6 +13,9 @@
 
 Each is registered with :func:`~.schedule.rebuildable`, so ``Schedule.resize`` rebuilds
 their schedules from the stored arguments (rows edited since building are resized as rows).
+``deepcache``, ``skip_steps`` and ``fora`` take ``forecast=`` (0, the default: reused blocks
+repeat their cached output; 1 or 2: they extrapolate it from their last computed outputs,
+:mod:`.forecast`); a non-zero order is stored in ``params``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Iterable
 import torch
 
 from ..models import deepcache_keep, skip_keep
+from .forecast import check_order
 from .schedule import Schedule, check_calls, graph_of, rebuildable
 
 __all__ = ["full", "deepcache", "skip_steps", "fora"]
@@ -38,6 +42,12 @@ def full(model, calls: int, *, granularity: str = "coarse", sample_shape=None) -
 def _check_interval(interval) -> None:
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"interval must be a positive int, got {interval!r}")
+
+
+def _forecast_params(forecast) -> dict:
+    """``{"forecast": order}`` for a non-zero order, ``{}`` for 0 (the schedules of earlier
+    versions, bit for bit); ValueError naming ``forecast`` otherwise."""
+    return {"forecast": forecast} if check_order(forecast) else {}
 
 
 def _full_calls_uniform(calls: int, interval: int) -> list[int]:
@@ -64,7 +74,8 @@ def _full_calls_centered(calls: int, n: int, center: int, power: float) -> list[
 
 @rebuildable
 def deepcache(model, calls: int, interval: int = 3, branch: int | None = 0, *, skip: int | None = None,
-              uniform: bool = True, center: int = 15, power: float = 1.4, sample_shape=None) -> Schedule:
+              uniform: bool = True, center: int = 15, power: float = 1.4, sample_shape=None,
+              forecast: int = 0) -> Schedule:
     """DeepCache (UNets, fine graph): full calls every ``interval`` calls; at the others only
     the shallow path above the cache branch runs.
 
@@ -76,10 +87,13 @@ def deepcache(model, calls: int, interval: int = 3, branch: int | None = 0, *, s
         skip: instead of ``branch``: the skip index (keep skips ``0..skip`` fresh).
         uniform, center, power: the package pipelines' non-uniform variant - full calls
             dense around call ``center``, spread by a power law of exponent ``power``.
+        forecast: 0 repeats the cached deep features; 1 / 2 extrapolate them from their last
+            2 / 3 computations (linear / quadratic in the call index).
     """
     g = graph_of(model, "fine", sample_shape)
     calls = check_calls(calls)
     _check_interval(interval)
+    fc = _forecast_params(forecast)
     try:
         model_kind_name = g.blocks[0].deepcache
     except IndexError:  # pragma: no cover
@@ -103,7 +117,8 @@ def deepcache(model, calls: int, interval: int = 3, branch: int | None = 0, *, s
     keep = torch.tensor([retrieval] * calls, dtype=torch.bool)
     keep[full_calls] = True
     return Schedule(keep, g, name="deepcache", params=dict(interval=interval, branch=branch, skip=skip,
-                                                           uniform=uniform, center=center, power=power))
+                                                           uniform=uniform, center=center, power=power, **fc),
+                    forecast=forecast)
 
 
 def _placement(calls: int, count: int, placement: str, exponent: float) -> list[int]:
@@ -125,7 +140,7 @@ def _placement(calls: int, count: int, placement: str, exponent: float) -> list[
 @rebuildable
 def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count: int | None = None,
                placement: str = "uniform", exponent: float = 1.5, granularity: str = "coarse",
-               sample_shape=None) -> Schedule:
+               sample_shape=None, forecast: int = 0) -> Schedule:
     """Whole-call reuse: the model runs only at the ``compute`` calls; every other call
     reuses everything (UNets: the last output, through the cascade; transformers: each
     block's cached residual on the current input).
@@ -133,9 +148,12 @@ def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count
     Give the calls explicitly (``compute=[0, 13, 19, ...]``, call 0 added if missing) or a
     ``count`` placed ``"uniform"``-ly or early-dense by a ``"power"`` law
     (``floor(calls * (i / count) ** exponent)``: more of them early).
+    ``forecast=1`` / ``2``: a reused call extrapolates each block's output (transformers: its
+    residual) from its last 2 / 3 computed calls instead of repeating the last one.
     """
     g = graph_of(model, granularity, sample_shape)
     calls = check_calls(calls)
+    fc = _forecast_params(forecast)
     if (compute is None) == (count is None):
         raise ValueError("give either compute= (explicit calls) or count= (how many calls compute)")
     if compute is not None:
@@ -150,19 +168,23 @@ def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count
     keep = torch.zeros(calls, len(g), dtype=torch.bool)
     keep[comp] = True
     return Schedule(keep, g, name="skip_steps", params=dict(compute=None if compute is None else comp, count=count,
-                                                            placement=placement, exponent=exponent))
+                                                            placement=placement, exponent=exponent, **fc),
+                    forecast=forecast)
 
 
 @rebuildable
-def fora(model, calls: int, interval: int = 3, *, granularity: str = "fine", sample_shape=None) -> Schedule:
+def fora(model, calls: int, interval: int = 3, *, granularity: str = "fine", sample_shape=None,
+         forecast: int = 0) -> Schedule:
     """FORA-style reuse for transformers (DiT, PixArt): full calls every ``interval``
-    calls, every transformer block reused (its cached residual) in between."""
+    calls, every transformer block reused (its cached residual) in between; with
+    ``forecast=1`` / ``2`` the residual is extrapolated from the last 2 / 3 full calls."""
     g = graph_of(model, granularity, sample_shape)
     calls = check_calls(calls)
     _check_interval(interval)
+    fc = _forecast_params(forecast)
     if not all(b.residual for b in g):
         raise ValueError(f"fora() reuses transformer blocks; {g.model_class} is a UNet: use deepcache() or "
                          "skip_steps()")
     keep = torch.zeros(calls, len(g), dtype=torch.bool)
     keep[_full_calls_uniform(calls, interval)] = True
-    return Schedule(keep, g, name="fora", params=dict(interval=interval))
+    return Schedule(keep, g, name="fora", params=dict(interval=interval, **fc), forecast=forecast)

@@ -15,6 +15,12 @@ the per-run :class:`CacheState`:
 * ``READ``: return the cached output; a run of consecutive reused transformer blocks is
   one ``cache_residual(x, [delta_1, ..., delta_k])`` at the first block, the others pass
   their input on;
+* ``FORECAST``: return the output (transformer blocks: ``x`` + the residual) extrapolated
+  from the block's last 2 or 3 computed ones (:mod:`.forecast`) on the fused
+  ``gated_blend`` op; the gates are 0-d tensors on the block's device, made once per
+  (call, block) and handed to the block at the call's start. A block that some call
+  forecasts keeps its last ``order + 1`` computed outputs (``CacheState.older`` holds those
+  before the newest), per run like every cache;
 * ``DEAD``: nothing that runs reads the block: it returns an empty tensor of the right
   shape (recorded at call 0) without computing anything. Its values are garbage, read by
   no one as long as the block graph names every consumer; ``accelerate(..., debug=True)``
@@ -25,7 +31,8 @@ A NaN/inf in a cached tensor raises ``FloatingPointError`` at the first call tha
 reuse it. The check (``bool(isfinite(t).all())``) waits for the device, so by default
 (``check_finite=None``) it runs on CPU tensors only: on a GPU the default path adds no
 host-device sync; ``check_finite=True`` checks on every device, ``False`` nowhere;
-compiled calls skip it.
+compiled calls skip it. A forecast checks its output and, when that is not finite, names the
+block whose cached outputs hold the NaN/inf.
 
 One accelerate per model: a second ``accelerate`` on a model that is already accelerated
 (any schedule, any granularity) raises until the first handle's ``remove()``.
@@ -65,7 +72,8 @@ a run that its thread abandoned; a run whose thread died ends by itself).
 
 torch.compile. ``handle.compile(**options)`` compiles the denoiser's forward
 (``fullgraph=True`` by default) below the call counter: the keep-pattern of the call is
-plain Python state, so each distinct pattern compiles once and no call breaks the graph.
+plain Python state, so each distinct pattern (modes and forecast orders) compiles once and
+no call breaks the graph; the forecast weights are tensor inputs, not constants of a graph.
 (Compiling the whole model yourself, ``torch.compile(unet)``, would trace the counter
 and recompile for every call index.) Call 0 of each run runs eagerly (it records the
 output shapes the ``DEAD`` blocks need). ``compile()`` raises Dynamo's global recompile
@@ -89,7 +97,8 @@ from torch import nn
 from ..models import denoiser
 from ..models.adapters import model_kind
 from ..ops.cache_residual import cache_residual
-from .schedule import COMPUTE, DEAD, READ, Schedule
+from . import forecast as _forecast
+from .schedule import COMPUTE, DEAD, FORECAST, READ, Schedule
 
 __all__ = ["accelerate", "Accelerated", "CacheState"]
 
@@ -109,13 +118,18 @@ class CacheState:
         self.calls = 0  # calls of the current run (the schedule's)
         self.modes: tuple[int, ...] = (COMPUTE,) * num_blocks
         self.runs: tuple[tuple[int, ...], ...] = ((),) * num_blocks
+        self.orders: tuple[int, ...] = (0,) * num_blocks  # this call's forecast orders
+        self.gates: tuple[Any, ...] = (None,) * num_blocks  # this call's forecast gates (0-d tensors)
+        self.reads: list[Any] = [None] * num_blocks  # this call's forecast inputs, newest first
         self.record = False  # record output shapes (call 0)
         self.check_finite: bool | None = None  # the handle's setting, see _checks_finite
         self.cache: list[Any] = [None] * num_blocks
+        self.older: list[tuple] = [()] * num_blocks  # forecast blocks: computed outputs before the newest
         self.inputs: list[Any] = [None] * num_blocks  # inputs of transformer blocks being computed
         self.unchecked = [False] * num_blocks
         self.computed_at = [-1] * num_blocks
         self.meta: list[Any] = [None] * num_blocks  # (structure, [(shape, dtype, device)])
+        self.where: list[Any] = [None] * num_blocks  # (device, gate dtype) per block, recorded at call 0
         # (meta, placeholder output) per dead block: one allocation per run, not one per call
         # (torch.empty on a GPU costs microseconds of host time; a cached SD-1.5 call has ~27)
         self.placeholders: list[Any] = [None] * num_blocks
@@ -125,10 +139,14 @@ class CacheState:
         self.call = -1
         self.clear()
         self.meta = [None] * self.num_blocks
+        self.where = [None] * self.num_blocks
 
     def clear(self) -> None:
         """Drop the cached tensors (keeps the call index)."""
         self.cache = [None] * self.num_blocks
+        self.older = [()] * self.num_blocks
+        self.gates = (None,) * self.num_blocks
+        self.reads = [None] * self.num_blocks
         self.inputs = [None] * self.num_blocks
         self.unchecked = [False] * self.num_blocks
         self.placeholders = [None] * self.num_blocks
@@ -136,7 +154,7 @@ class CacheState:
     def cached_tensors(self) -> list[torch.Tensor]:
         """The tensors the state holds now."""
         out = []
-        for c in self.cache + self.inputs:
+        for c in self.cache + self.inputs + [o for old in self.older for o in old]:
             out.extend(_leaves(c))
         return out
 
@@ -174,6 +192,13 @@ def _describe(out):
     if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out):
         return ("tuple", tuple((tuple(t.shape), t.dtype, t.device) for t in out))
     raise TypeError(f"block returned a {type(out).__name__}; cached blocks return a tensor or a tuple of tensors")
+
+
+def _where(leaf) -> tuple:
+    """(device, gate dtype) of a block from one output leaf's (shape, dtype, device): the
+    gates of its forecasts live there, in the fused op's accumulation dtype."""
+    _, dtype, device = leaf
+    return (device, torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def _checks_finite(setting: bool | None, device: torch.device) -> bool:
@@ -255,6 +280,14 @@ class _CallModes:
         g = schedule.graph
         self.schedule = schedule
         self.modes = [tuple(row) for row in schedule.modes]
+        self.orders = [tuple(row) for row in schedule.forecast_orders]
+        self.depth = tuple(schedule.forecast_depth)
+        self.forecasts = tuple(b for b, d in enumerate(self.depth) if d)  # blocks with a history
+        self.patterns = set(zip(self.modes, self.orders))
+        self._gate_values = [tuple(None if w is None else _forecast.gates(w) for w in row)
+                             for row in schedule.forecast_weights]
+        self._gates: dict[tuple, tuple] = {}
+        self._no_gates = (None,) * len(g)
         cached = set(range(len(g))) if store_all else set(schedule.cached_blocks)
         self.store = tuple(b in cached for b in range(len(g)))
         self.runs = []
@@ -272,6 +305,29 @@ class _CallModes:
                 else:
                     b += 1
             self.runs.append(tuple(runs))
+
+    def gates(self, call: int, where: list) -> tuple:
+        """Per block: the forecast gates of ``call`` as 0-d tensors on the block's device
+        (``where``: (device, dtype) per block, recorded at call 0), made once per call and
+        placement; None for blocks that do not forecast."""
+        values = self._gate_values[call]
+        if not any(values):
+            return self._no_gates
+        key = (call, tuple(where[b] for b, v in enumerate(values) if v is not None))
+        out = self._gates.get(key)
+        if out is None:
+            out = []
+            for b, v in enumerate(values):
+                if v is None:
+                    out.append(None)
+                    continue
+                if where[b] is None:
+                    raise RuntimeError(f"block {self.schedule.graph.names[b]!r} forecasts at call {call} but its "
+                                       "device is unknown (call 0 of a run records it)")
+                dev, dtype = where[b]
+                out.append(tuple(None if x is None else torch.tensor(x, dtype=dtype, device=dev) for x in v))
+            out = self._gates[key] = tuple(out)
+        return out
 
 
 # ----------------------------------------------------------------------------- handle
@@ -441,12 +497,15 @@ class Accelerated:
             if calls not in self._modes_by_calls:
                 self._modes_by_calls[calls] = _CallModes(self.schedule.resize(calls), self.store_all)
             self._call_modes = self._modes_by_calls[calls]
-            for mod in self._swapped:  # store flags follow the plan
-                mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
+            self._follow_plan()
         elif self._call_modes.schedule.calls != self.schedule.calls:
             self._call_modes = self._modes_by_calls[self.schedule.calls]
-            for mod in self._swapped:
-                mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
+            self._follow_plan()
+
+    def _follow_plan(self) -> None:
+        """Store flags follow the plan in use."""
+        for mod in self._swapped:
+            mod._sk_slot.store = self._call_modes.store[mod._sk_slot.block]
 
     def _timestep(self, args, kwargs):
         """The call's timestep (its first element), or None."""
@@ -480,9 +539,35 @@ class Accelerated:
         st.calls = plan.schedule.calls
         st.modes = plan.modes[st.call]
         st.runs = plan.runs[st.call]
+        st.orders = plan.orders[st.call]
+        st.gates = plan.gates(st.call, st.where)
+        if plan.forecasts:
+            self._prepare_forecasts(plan)
         st.record = st.call == 0
         st.check_finite = self.check_finite
         return None
+
+    def _prepare_forecasts(self, plan: _CallModes) -> None:
+        """The history bookkeeping of forecast blocks, done here (eager, before the call) so
+        that a compiled call sees only this call's tensors, as many as its pattern says: a
+        block that computes at this call moves its previous output into ``older`` (the
+        newest ``depth`` are kept); a block that forecasts gets its ``order + 1`` newest
+        computed outputs in ``reads``."""
+        st = self.state
+        reads = [None] * st.num_blocks
+        for b in plan.forecasts:
+            mode = st.modes[b]
+            if mode == COMPUTE and st.cache[b] is not None:
+                st.older[b] = ((st.cache[b],) + st.older[b])[:plan.depth[b]]
+            elif mode == FORECAST:
+                need = st.orders[b]
+                if st.cache[b] is None or len(st.older[b]) < need:
+                    raise RuntimeError(
+                        f"block {self.schedule.graph.names[b]!r} forecasts at call {st.call} from its last {need + 1} "
+                        f"computed outputs but has {0 if st.cache[b] is None else 1 + len(st.older[b])} (was the "
+                        "run restarted mid-way?)")
+                reads[b] = [st.cache[b], *st.older[b][:need]]
+        st.reads = reads
 
     def _scheduler_call(self, sched, ts: torch.Tensor, args, kwargs) -> None:
         """Run boundaries from the scheduler: new timesteps (set_timesteps ran), an aborted
@@ -580,7 +665,8 @@ class Accelerated:
                 raise FloatingPointError(
                     f"the cached output of block {slot.name!r} (computed at call {st.computed_at[slot.block]}) "
                     f"contains NaN or inf; call {st.call} would reuse it")
-        st.unchecked[slot.block] = False
+        if not st.older[slot.block]:  # the older outputs of a forecast block are checked by its forecasts
+            st.unchecked[slot.block] = False
 
     def _block_forward(self, module, slot: _Slot, args, kwargs):
         st = self.state
@@ -590,6 +676,7 @@ class Accelerated:
             out = slot.forward(module, *args, **kwargs)
             if st.record:
                 st.meta[b] = _describe(out)
+                st.where[b] = _where(st.meta[b][1][0])
             if slot.store:
                 st.cache[b] = out
                 st.unchecked[b] = True
@@ -603,6 +690,12 @@ class Accelerated:
                                    "(was the run restarted mid-way?)")
             if st.check_finite is not False and st.unchecked[b] and not torch.compiler.is_compiling():
                 self._check(slot, _leaves(out))
+            return out
+        if mode == FORECAST:
+            caches = st.reads[b]
+            out = _forecast.extrapolate_output(caches, st.gates[b])
+            if st.check_finite is not False and st.unchecked[b] and not torch.compiler.is_compiling():
+                self._check_forecast(slot, caches, _leaves(out))
             return out
         if st.meta[b] is None:
             raise RuntimeError(f"block {slot.name!r} is not needed at call {st.call} but its output shape is unknown "
@@ -622,6 +715,8 @@ class Accelerated:
         x = args[0] if args else kwargs["hidden_states"]
         mode = st.modes[b]
         if mode == COMPUTE:
+            if slot.first and st.record:
+                st.where[b] = _where((None, x.dtype, x.device))
             if slot.first and slot.store:
                 st.inputs[b] = x
             out = slot.forward(module, *args, **kwargs)
@@ -642,7 +737,30 @@ class Accelerated:
             if st.check_finite is not False and not torch.compiler.is_compiling():
                 self._check_run(st.runs[b], out)
             return out
-        return x  # inside a run: the run's first block added every delta
+        if mode == FORECAST and slot.first:
+            caches = st.reads[b]
+            out = _forecast.extrapolate(caches, st.gates[b], residual=x)
+            if st.check_finite is not False and st.unchecked[b] and not torch.compiler.is_compiling():
+                self._check_forecast(slot, caches, [out])
+            return out
+        return x  # inside a run (or a forecast block's later modules): the first one added every delta
+
+    def _check_forecast(self, slot: _Slot, caches: list, leaves: list) -> None:
+        """A NaN or inf in a cached output reaches the forecast, so one check of the forecast
+        stands for all the outputs it read; only when it fails are they searched for the
+        culprit. Checked when it read every output the block holds."""
+        st = self.state
+        b = slot.block
+        if _checks_finite(st.check_finite, leaves[0].device) and not all(bool(torch.isfinite(t).all())
+                                                                         for t in leaves):
+            for c in caches:
+                for t in _leaves(c):
+                    if not bool(torch.isfinite(t).all()):
+                        raise FloatingPointError(
+                            f"a cached output of block {slot.name!r} contains NaN or inf; call {st.call} would "
+                            "forecast from it")
+        if len(caches) == 1 + len(st.older[b]):
+            st.unchecked[b] = False
 
     def _check_run(self, run, out) -> None:
         """A NaN or inf in any cached residual reaches the run's output, so one check of the
@@ -657,7 +775,8 @@ class Accelerated:
                 mod = next(m for m in self._swapped if m._sk_slot.block == c)
                 self._check(mod._sk_slot, [st.cache[c]])
         for c in fresh:
-            st.unchecked[c] = False
+            if not st.older[c]:
+                st.unchecked[c] = False
 
     # ------------------------------------------------------------------ compile
     def compile(self, **options) -> "Accelerated":
@@ -671,7 +790,7 @@ class Accelerated:
         if self._compiled is not None:
             raise RuntimeError("already compiled")
         options.setdefault("fullgraph", True)
-        patterns = {p for m in self._modes_by_calls.values() for p in m.modes}
+        patterns = {p for m in self._modes_by_calls.values() for p in m.patterns}
         self._raise_dynamo_limit(len(patterns) + 2)
         model = self.model
         eager = type(model).forward.__get__(model)

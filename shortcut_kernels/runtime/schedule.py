@@ -9,24 +9,34 @@ batched into one call is one call.
 
 Every schedule is cascade-normalised (a block none of whose consumers needs its output
 is reused too, :meth:`BlockGraph.cascade`) and call 0 computes everything (there is
-nothing cached yet). Each (call, block) then has one of three *modes*:
+nothing cached yet). Each (call, block) then has one of four *modes*:
 
-* :data:`COMPUTE` - the block runs (and its output is cached if a later call reuses it);
-* :data:`READ`    - the block's cached output (transformer blocks: cached residual) is read;
-* :data:`DEAD`    - nothing that runs needs the block: it costs nothing at all.
+* :data:`COMPUTE`  - the block runs (and its output is cached if a later call reuses it);
+* :data:`READ`     - the block's cached output (transformer blocks: cached residual) is read;
+* :data:`FORECAST` - the block's output (residual) is extrapolated from its last 2 or 3
+  computed ones (:mod:`.forecast`; the schedule's ``forecast`` orders, 0 = ``READ``);
+* :data:`DEAD`     - nothing that runs needs the block: it costs nothing at all.
+
+Forecast orders (:attr:`Schedule.forecast`, one per (call, block); builders take one int)
+change only how a reused block's output is made, never which blocks compute: the cascade
+and ``DEAD`` follow the keep rows alone. A reused cell forecasts at the order its block's
+computed outputs so far allow (fewer than ``order + 1``: the lower order, down to ``READ``).
 
 This module holds the type, its JSON (:meth:`Schedule.save`, :meth:`Schedule.load`; the
-JSON carries the keep rows, the modes and the graph, so a report can draw a schedule
-without this package) and the check against the model it is applied to
+JSON carries the keep rows, the modes, the forecast orders and the graph, so a report can
+draw a schedule without this package; format version 2, version-1 files - no forecast -
+still load) and the check against the model it is applied to
 (:meth:`Schedule.validate`). The builders are in :mod:`.builders` (``full``,
 ``deepcache``, ``skip_steps``, ``fora``), the post-processing of learned scores in
 :mod:`.postprocess` (``from_scores``, ``from_ranking``); :meth:`Schedule.resize` maps a
 schedule to another number of calls (rebuilding it, or with :mod:`.resize`). Stable API
 (used by ``shortcut_kernels.sdo``): ``Schedule``, its properties ``keep``, ``calls``,
-``graph``, ``modes``, ``macs_kept``, ``ideal_speedup``.
+``graph``, ``modes``, ``macs_kept``, ``ideal_speedup``; for forecast reuse ``forecast``,
+``forecast_orders``, ``forecast_weights``, :meth:`Schedule.with_forecast`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -35,17 +45,20 @@ import torch
 
 from ..models import BlockGraph, block_graph, denoiser
 from ..models.adapters import model_kind
+from . import forecast as _forecast
 from .resize import mapped_calls, resized_rows
 
-COMPUTE, READ, DEAD = 0, 1, 2
+COMPUTE, READ, DEAD, FORECAST = 0, 1, 2, 3
 """Modes of a block at one call (see the module docstring); the JSON writes them as digits."""
-MODE_NAMES = ("compute", "read", "dead")
+MODE_NAMES = ("compute", "read", "dead", "forecast")
 
 FORMAT = "shortcut_kernels.dipgo.schedule"
-VERSION = 1
+VERSION = 2
+"""2: the ``forecast`` orders and mode 3 (``FORECAST``); version-1 files load with no forecast."""
+VERSIONS = (1, 2)
 
 __all__ = ["Schedule", "graph_of", "check_calls", "check_graph_indices", "rebuildable", "COMPUTE", "READ", "DEAD",
-           "MODE_NAMES"]
+           "FORECAST", "MODE_NAMES"]
 
 _REBUILD: dict[str, Callable[..., "Schedule"]] = {}
 
@@ -122,10 +135,15 @@ class Schedule:
         name, params: the builder and its arguments (kept in the JSON; :meth:`resize`
             rebuilds from them).
         sampler, steps: optional metadata (scheduler class name, sampler steps).
+        forecast: how reused blocks make their output (:mod:`.forecast`): 0 repeats the
+            cache (``READ``), 1 / 2 extrapolate linearly / quadratically from the block's
+            last computed outputs; an int for every block, one per block, or ``[calls,
+            blocks]``. Stored as :attr:`forecast`, ``[calls, blocks]`` with 0 where a block
+            computes.
     """
 
     def __init__(self, keep, graph: BlockGraph, *, name: str = "custom", params: dict | None = None,
-                 sampler: str | None = None, steps: int | None = None):
+                 sampler: str | None = None, steps: int | None = None, forecast=0):
         if not isinstance(graph, BlockGraph):
             raise TypeError(f"graph must be a BlockGraph, got {type(graph).__name__}")
         k = torch.as_tensor(keep)
@@ -140,11 +158,14 @@ class Schedule:
                              f"(row 0 reuses {[graph.names[i] for i in (~k[0]).nonzero().flatten().tolist()]})")
         self.graph = graph
         self.keep = graph.cascade(k).clone()
+        self.forecast = _forecast.normalise(forecast, self.keep)
         self.name = name
         self.params = dict(params or {})
         self.sampler = sampler
         self.steps = steps
         self._modes = None
+        self._orders = None
+        self._weights = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -168,28 +189,87 @@ class Schedule:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Schedule) and torch.equal(self.keep, other.keep)
+                and torch.equal(self.forecast, other.forecast)
                 and self.graph.names == other.graph.names and self.model_class == other.model_class)
 
     def __repr__(self) -> str:
+        order = int(self.forecast.max()) if self.forecast.numel() else 0
         return (f"Schedule({self.name}, {self.model_class} {self.granularity}, {self.calls} calls x "
                 f"{len(self.graph)} blocks, {100 * self.macs_kept:.1f}% MACs kept, "
-                f"ideal speedup {self.ideal_speedup:.2f}x)")
+                f"ideal speedup {self.ideal_speedup:.2f}x" + (f", forecast order <= {order}" if order else "") + ")")
 
     @property
     def modes(self) -> list[tuple[int, ...]]:
-        """Per call, per block: :data:`COMPUTE`, :data:`READ` or :data:`DEAD`."""
+        """Per call, per block: :data:`COMPUTE`, :data:`READ`, :data:`FORECAST` or :data:`DEAD`."""
         if self._modes is None:
-            out = []
-            for row in self.keep.tolist():
-                live = self.graph.live(row)
-                out.append(tuple(COMPUTE if k else (READ if lv else DEAD) for k, lv in zip(row, live)))
-            self._modes = out
+            self._plan()
         return self._modes
 
     @property
+    def forecast_orders(self) -> list[tuple[int, ...]]:
+        """Per call, per block: the forecast order that runs (1 or 2 where the mode is
+        :data:`FORECAST`, 0 elsewhere) - :attr:`forecast` lowered to what the block's
+        computed outputs before the call allow."""
+        if self._orders is None:
+            self._plan()
+        return self._orders
+
+    @property
+    def forecast_weights(self) -> list[tuple[tuple[float, ...] | None, ...]]:
+        """Per call, per block: the Lagrange weights of the block's last computed outputs
+        (newest first) where it forecasts, else None (:func:`.forecast.weights`)."""
+        if self._weights is None:
+            self._plan()
+        return self._weights
+
+    def _plan(self) -> None:
+        """Modes, effective forecast orders and weights of every (call, block)."""
+        modes, orders, weights = [], [], []
+        computed: list[list[int]] = [[] for _ in range(len(self.graph))]
+        for t, (row, f) in enumerate(zip(self.keep.tolist(), self.forecast.tolist())):
+            live = self.graph.live(row)
+            m, o, w = [], [], []
+            for b, (k, lv) in enumerate(zip(row, live)):
+                order = min(f[b], len(computed[b]) - 1) if lv and not k else 0
+                m.append(COMPUTE if k else (DEAD if not lv else (FORECAST if order else READ)))
+                o.append(order)
+                w.append(_forecast.weights(t, computed[b][::-1][:order + 1]) if order else None)
+            for b, k in enumerate(row):
+                if k:
+                    computed[b].append(t)
+            modes.append(tuple(m))
+            orders.append(tuple(o))
+            weights.append(tuple(w))
+        self._modes, self._orders, self._weights = modes, orders, weights
+
+    @property
     def cached_blocks(self) -> list[int]:
-        """Blocks whose output some call reads from the cache."""
-        return sorted({b for row in self.modes for b, m in enumerate(row) if m == READ})
+        """Blocks whose output some call reads from the cache (repeated or forecast)."""
+        return sorted({b for row in self.modes for b, m in enumerate(row) if m in (READ, FORECAST)})
+
+    @property
+    def forecast_depth(self) -> list[int]:
+        """Per block: how many computed outputs before the newest the runtime keeps (the
+        highest forecast order it runs at)."""
+        return [max(row[b] for row in self.forecast_orders) for b in range(len(self.graph))]
+
+    @property
+    def forecast_blocks(self) -> list[int] | None:
+        """One forecast order per block if every reused cell of each block has the same one
+        (what the builders make), else None."""
+        return _forecast.per_block(self.forecast, self.keep)
+
+    def with_forecast(self, forecast) -> "Schedule":
+        """This schedule with other forecast orders (an int, one per block or ``[calls,
+        blocks]``; 0 = plain ``READ``): same keep rows, name and metadata. A builder's
+        schedule given an int keeps rebuilding (``params["forecast"]``)."""
+        params = {k: v for k, v in self.params.items() if k != "forecast"}
+        builder = _REBUILD.get(self.name)
+        if isinstance(forecast, int) and not isinstance(forecast, bool) and forecast and builder is not None \
+                and "forecast" in inspect.signature(builder).parameters:
+            params["forecast"] = forecast
+        return Schedule(self.keep, self.graph, name=self.name, params=params, sampler=self.sampler, steps=self.steps,
+                        forecast=forecast)
 
     def computed_calls(self, block: int | str | None = None) -> list[int]:
         """Calls at which ``block`` computes (``None``: calls at which any block does)."""
@@ -229,12 +309,14 @@ class Schedule:
             rb, _, rh, rw = (int(x) for x in ref)
             scale = (b * h * w) / (rb * rh * rw)
         size = torch.empty((), dtype=dtype).element_size()
-        return int(round(sum(self.graph.blocks[b].output_numel() for b in self.cached_blocks) * scale)) * size
+        depth = self.forecast_depth
+        return int(round(sum(self.graph.blocks[b].output_numel() * (1 + depth[b]) for b in self.cached_blocks)
+                         * scale)) * size
 
     # ------------------------------------------------------------------ display
     def summary(self, sample_shape=None, dtype: torch.dtype = torch.float32, max_blocks: int = 60) -> str:
         """MACs kept, ideal speedup, cache memory and a calls x blocks map
-        (``#`` compute, ``o`` read from cache, ``.`` not needed)."""
+        (``#`` compute, ``o`` read from cache, ``f`` forecast, ``.`` not needed)."""
         shape = sample_shape or self.graph.input_shapes.get("sample") or self.graph.input_shapes.get("hidden_states")
         lines = [
             f"{self.name} schedule for {self.model_class} ({self.granularity}, {len(self.graph)} blocks), "
@@ -245,9 +327,9 @@ class Schedule:
             f"cache: {len(self.cached_blocks)} blocks, {self.cache_bytes(sample_shape, dtype) / 2**20:.2f} MiB "
             f"({str(dtype).replace('torch.', '')}, input {tuple(shape) if shape else '?'})",
             f"full calls: {[t for t in range(self.calls) if bool(self.keep[t].all())]}",
-            "map (rows = calls, columns = blocks; # compute, o cached, . not needed):",
+            "map (rows = calls, columns = blocks; # compute, o cached, f forecast, . not needed):",
         ]
-        sym = "#o."
+        sym = "#o.f"
         n = len(self.graph)
         cols = range(min(n, max_blocks))
         for t, row in enumerate(self.modes):
@@ -264,6 +346,7 @@ class Schedule:
             "macs_kept": self.macs_kept, "ideal_speedup": self.ideal_speedup,
             "keep": ["".join("1" if x else "0" for x in row) for row in self.keep.tolist()],
             "modes": ["".join(str(m) for m in row) for row in self.modes],
+            "forecast": _forecast.to_json(self.forecast, self.keep),
             "graph": self.graph.to_dict(),
         }
 
@@ -271,8 +354,9 @@ class Schedule:
     def from_dict(cls, d: dict) -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"not a schedule (expected \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
-            raise ValueError(f"schedule format version {d.get('version')!r} is not supported (expected {VERSION})")
+        if d.get("version") not in VERSIONS:
+            raise ValueError(f"schedule format version {d.get('version')!r} is not supported (this package reads "
+                             f"{', '.join(map(str, VERSIONS))})")
         try:
             check_graph_indices(d["graph"])
             graph = BlockGraph.from_dict(d["graph"])
@@ -280,6 +364,8 @@ class Schedule:
             keep = [[c == "1" for c in row] for row in rows]
             if any(set(row) - {"0", "1"} for row in rows):
                 raise ValueError("keep rows must be strings of 0/1")
+            forecast = _forecast.from_json(d.get("forecast") if d["version"] >= 2 else None, len(rows),
+                                           len(graph.names))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed schedule: {e!r}") from e
         if d.get("block_names") is not None and list(d["block_names"]) != graph.names:
@@ -287,7 +373,7 @@ class Schedule:
         if d.get("calls") is not None and int(d["calls"]) != len(keep):
             raise ValueError(f"malformed schedule: calls={d['calls']} but {len(keep)} keep rows")
         return cls(keep, graph, name=d.get("name", "custom"), params=d.get("params"), sampler=d.get("sampler"),
-                   steps=d.get("steps"))
+                   steps=d.get("steps"), forecast=forecast)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -312,7 +398,11 @@ class Schedule:
 
     def validate(self, model: Any, calls: int | None = None) -> None:
         """Raise ValueError naming the mismatch if this schedule does not fit ``model``
-        (class, granularity's block names) or ``calls`` denoiser calls."""
+        (class, granularity's block names) or ``calls`` denoiser calls, or if its
+        ``forecast`` orders are not a ``[calls, blocks]`` tensor of 0, 1 and 2."""
+        if not torch.equal(_forecast.normalise(self.forecast, self.keep), self.forecast):
+            raise ValueError("schedule.forecast was changed in place into something that is not its normal form "
+                             "(0 at computing cells); use schedule.with_forecast(...)")
         m = denoiser(model)
         cls = type(m).__name__
         if cls != self.model_class:
@@ -364,7 +454,9 @@ class Schedule:
         nearest its own and, for each kind of row (whole calls, and each pattern of partial
         rows), its density along the trajectory (halving merges pairs of adjacent segments;
         an early-dense schedule stays early-dense); whole calls are placed first, call 0
-        among them (:func:`~.resize.resized_rows`).
+        among them (:func:`~.resize.resized_rows`). The forecast orders stay: a builder's
+        through its arguments, one order per block as it is, per-cell orders from the old
+        call at the same place in the run (:func:`.forecast.mapped`).
         """
         calls = check_calls(calls)
         if calls == self.calls:
@@ -375,8 +467,10 @@ class Schedule:
             if params.get("compute") is not None:
                 params.update(compute=mapped_calls(params["compute"], self.calls, calls), count=None)
             return builder(self.graph, calls, **params)
+        blocks = self.forecast_blocks
         return Schedule(resized_rows(self.keep, calls, self.graph), self.graph, name=self.name,
-                        params={**self.params, "resized_from": self.calls}, sampler=self.sampler)
+                        params={**self.params, "resized_from": self.calls}, sampler=self.sampler,
+                        forecast=blocks if blocks is not None else _forecast.mapped(self.forecast, self.keep, calls))
 
     def _builder(self) -> Callable[..., "Schedule"] | None:
         """The registered builder that makes exactly these rows from ``params``, else None.
@@ -390,4 +484,4 @@ class Schedule:
             rebuilt = builder(self.graph, self.calls, **self.params)
         except (TypeError, ValueError):  # arguments the builder no longer takes: the rows are the schedule
             return None
-        return builder if torch.equal(rebuilt.keep, self.keep) else None
+        return builder if torch.equal(rebuilt.keep, self.keep) and torch.equal(rebuilt.forecast, self.forecast) else None

@@ -1,0 +1,190 @@
+"""Forecast reuse: a reused block's output extrapolated from its last computed outputs.
+
+Where a schedule reuses block ``b`` at call ``t``, ``READ`` returns the output ``b`` last
+computed (transformer blocks: its residual ``out - in``). With a forecast order ``p`` (1 or
+2) the runtime returns instead the value at ``t`` of the polynomial of degree ``p`` through
+the block's last ``p + 1`` computed outputs ``y_0, y_1, y_2`` (newest first, computed at
+calls ``c_0 > c_1 > c_2``):
+
+    y(t) = sum_i L_i(t) y_i,    L_i(t) = prod_{j != i} (t - c_j) / (c_i - c_j)
+
+(Lagrange weights, summing to 1). Order 1 is ``y_0 + a (y_0 - y_1)`` with
+``a = (t - c_0) / (c_0 - c_1)``; order 2 adds the second difference. On equally spaced
+computed calls (spacing ``h``, ``s = (t - c_0) / h``) this is Newton's backward form
+``y_0 + s D1 + s (s + 1) / 2 D2`` (``D1 = y_0 - y_1``, ``D2 = y_0 - 2 y_1 + y_2``).
+
+The variable is the denoiser call index, not the timestep. cache-dit's TaylorSeer does the
+same (its "elapsed" is the number of steps since the last computed one, its derivatives are
+differences divided by that step window); its order-2 term ``s^2 / 2 D2`` is a Taylor
+expansion with the backward difference standing in for the derivative at ``c_0``, where the
+polynomial above is exact for quadratic trajectories on any spacing of the computed calls
+(learned and ``skip_steps`` schedules space them unevenly). Call indices are known when the
+schedule is built, so the weights are constants of the schedule: nothing reads the
+scheduler's timesteps or waits for the device, and compiled calls take the weights as
+tensor inputs (one graph per pattern of modes and orders). For DDIM and the other
+single-call samplers with evenly spaced timesteps (the zoo's, the pipelines' default
+spacings) the timestep is affine in the call index, so both give the same extrapolation.
+
+Fallback: at a call where fewer than ``p + 1`` computed outputs exist (early in a run: call
+0 computes every block, the next computation of the block comes later), the order drops to
+what they allow; with one computed output that is order 0, a plain ``READ``.
+
+Evaluation with the fused op (:func:`shortcut_kernels.ops.gated_blend.gated_blend`,
+``residual + g fresh + (1 - g) cache``, any real gate): order 1 is
+``gated_blend(y_0, y_1, L_0)``; order 2 is ``gated_blend(y_0, p, L_0)`` with
+``p = gated_blend(y_1, y_2, L_1 / (L_1 + L_2))``. ``L_0 > 1`` for any call after ``c_0``, so
+``L_1 + L_2 = 1 - L_0`` is never 0. A transformer block adds its input as the op's
+``residual``: its forecast output is one fused pass (order 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops.gated_blend import gated_blend
+
+ORDERS = (0, 1, 2)
+"""Forecast orders: 0 repeats the cache (``READ``), 1 extrapolates linearly, 2 quadratically."""
+
+__all__ = ["ORDERS", "check_order", "normalise", "per_block", "to_json", "from_json", "mapped", "weights",
+           "gates", "extrapolate", "extrapolate_output"]
+
+
+def check_order(value, name: str = "forecast") -> int:
+    """``value`` if it is a forecast order (0, 1 or 2), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ORDERS:
+        raise ValueError(f"{name} must be 0 (repeat the cached output), 1 (linear) or 2 (quadratic extrapolation "
+                         f"from the block's last computed outputs), got {value!r}")
+    return value
+
+
+def normalise(forecast: Any, keep: Tensor) -> Tensor:
+    """A ``[calls, blocks]`` int8 tensor of forecast orders from ``forecast``: an int (every
+    block), one order per block, or one per (call, block). Cells where ``keep`` computes hold 0
+    (a computing block forecasts nothing), so equal schedules have equal tensors."""
+    calls, blocks = keep.shape
+    if forecast is None:
+        forecast = 0
+    if isinstance(forecast, int) and not isinstance(forecast, bool):
+        f = torch.full((calls, blocks), check_order(forecast), dtype=torch.int8)
+    else:
+        if isinstance(forecast, bool) or isinstance(forecast, (str, bytes)):
+            raise ValueError(f"forecast must be an int, {blocks} ints (one per block) or [{calls}, {blocks}] ints, "
+                             f"got {forecast!r}")
+        try:
+            t = torch.as_tensor(forecast)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"forecast must be an int, {blocks} ints (one per block) or [{calls}, {blocks}] ints: "
+                             f"{e}") from e
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"forecast must hold ints 0, 1 or 2, got dtype {t.dtype}")
+        if t.shape == (blocks,):
+            t = t.expand(calls, blocks)
+        elif t.shape != (calls, blocks):
+            raise ValueError(f"forecast must be an int, {blocks} ints (one per block) or [{calls}, {blocks}] ints "
+                             f"(one per call and block), got shape {tuple(t.shape)}")
+        bad = sorted({int(v) for v in t.flatten().tolist()} - set(ORDERS))
+        if bad:
+            raise ValueError(f"forecast holds {bad}: orders are 0 (repeat the cached output), 1 (linear) or 2 "
+                             "(quadratic extrapolation)")
+        f = t.to(torch.int8).clone()
+    f[keep.to(torch.bool)] = 0
+    return f
+
+
+def per_block(forecast: Tensor, keep: Tensor) -> list[int] | None:
+    """One order per block if every reused cell of each block has the same one, else None."""
+    out = []
+    reused = ~keep.to(torch.bool)
+    for b in range(forecast.shape[1]):
+        values = set(forecast[:, b][reused[:, b]].tolist())
+        if len(values) > 1:
+            return None
+        out.append(int(values.pop()) if values else 0)
+    return out
+
+
+def to_json(forecast: Tensor, keep: Tensor) -> list:
+    """The JSON of a forecast tensor: one int per block where that says it all, else one
+    string of digits per call."""
+    blocks = per_block(forecast, keep)
+    if blocks is not None:
+        return blocks
+    return ["".join(str(int(v)) for v in row) for row in forecast.tolist()]
+
+
+def from_json(value: Any, calls: int, blocks: int) -> Any:
+    """The ``forecast`` field of a schedule file, as :func:`normalise` takes it (ValueError
+    naming the field when malformed)."""
+    if value is None:
+        return 0
+    if isinstance(value, list) and value and all(isinstance(r, str) for r in value):
+        if len(value) != calls or any(len(r) != blocks or set(r) - set("012") for r in value):
+            raise ValueError(f"malformed schedule: forecast rows must be {calls} strings of {blocks} digits 0-2")
+        return [[int(c) for c in r] for r in value]
+    if not isinstance(value, list) or len(value) != blocks:
+        raise ValueError(f"malformed schedule: forecast must be {blocks} orders (one per block) or {calls} rows")
+    return value
+
+
+def mapped(forecast: Tensor, keep: Tensor, calls: int) -> Tensor:
+    """Per-cell orders of an ``old``-call schedule on ``calls`` calls: each new call takes the
+    row of the old call at the same place in the run (the resized rows then mask it). A cell
+    where the old schedule computes (order 0 there) takes the order of the block's next reused
+    cell (those forecast from that computation; after the last one, the last one's), so that a
+    new reused cell landing there gets an order the old schedule used nearby."""
+    old, blocks = forecast.shape
+    filled = forecast.clone()
+    reused = ~keep.to(torch.bool)
+    for b in range(blocks):
+        cells = reused[:, b].nonzero().flatten().tolist()
+        if not cells:
+            continue
+        for t in range(old):
+            if not reused[t, b]:
+                source = next((c for c in cells if c > t), cells[-1])
+                filled[t, b] = forecast[source, b]
+    rows = [min(old - 1, round(t * (old - 1) / max(1, calls - 1))) for t in range(calls)]
+    return filled[rows].clone()
+
+
+def weights(call: int, computed: Sequence[int]) -> tuple[float, ...]:
+    """Lagrange weights at ``call`` of the outputs computed at ``computed`` (newest first)."""
+    out = []
+    for i, ci in enumerate(computed):
+        w = 1.0
+        for j, cj in enumerate(computed):
+            if j != i:
+                w *= (call - cj) / (ci - cj)
+        out.append(w)
+    return tuple(out)
+
+
+def gates(w: Sequence[float]) -> tuple[float, float | None]:
+    """The two gates of :func:`extrapolate` for Lagrange weights ``w`` (2 or 3 of them):
+    ``(L_0, None)`` or ``(L_0, L_1 / (L_1 + L_2))``."""
+    if len(w) == 2:
+        return (w[0], None)
+    return (w[0], w[1] / (w[1] + w[2]))
+
+
+def extrapolate(caches: Sequence[Tensor], gate: Sequence[Tensor | None], residual: Tensor | None = None) -> Tensor:
+    """The forecast of one tensor from ``caches`` (newest first, 2 or 3) with the 0-d gate
+    tensors of :func:`gates`, plus ``residual`` if given, on the fused op."""
+    g0, inner = gate
+    prev = caches[1] if len(caches) == 2 else gated_blend(caches[1], caches[2], inner)
+    return gated_blend(caches[0], prev, g0, residual)
+
+
+def extrapolate_output(caches: Sequence[Any], gate: Sequence[Tensor | None]) -> Any:
+    """:func:`extrapolate` over block outputs of any structure the runtime caches: a tensor,
+    a tuple of tensors, or a UNet down block's ``(hidden, (skips, ...))``."""
+    first = caches[0]
+    if isinstance(first, Tensor):
+        return extrapolate(caches, gate)
+    if isinstance(first, tuple):
+        return tuple(extrapolate_output([c[i] for c in caches], gate) for i in range(len(first)))
+    raise TypeError(f"cannot forecast a block output of type {type(first).__name__}: forecast reuse works on "
+                    "blocks returning tensors or tuples of tensors (use forecast=0 for this block)")
