@@ -23,8 +23,8 @@ SCRIPT = textwrap.dedent("""
     m = zoo.load("digits-unet")
     s = make_scheduler(m.scheduler_config)
     s.set_timesteps(5)
-    r = train(m.model, s, mode=mode, iters=3, batch_size=4, bank_size=4, lr=0.05, warmup=1, sparsity_weight=5.0,
-              granularity="coarse", progress=False, pruner_dim=16, pruner_hidden=8)
+    r = train(m.model, s, method="ste", mode=mode, iters=3, batch_size=4, bank_size=4, lr=0.05, warmup=1,
+              sparsity_weight=5.0, granularity="coarse", progress=False, pruner_dim=16, pruner_hidden=8)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save({"state": r.pruner.state_dict(), "history": r.history,
                 "schedule": r.pruner.to_schedule(0.5).keep}, f"{out}/rank{rank}.pt")

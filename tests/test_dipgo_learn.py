@@ -249,3 +249,36 @@ def test_proposals_keep_the_budget_rank_by_prediction_and_spread_over_units():
     assert later and [m[0] for m in first] == sorted(m[0] for m in first)
     assert [m[0] for m in later] == sorted(m[0] for m in later)
     assert all(len(us) == 1 for _, us in proposals(est, 0.4, 0.4, swaps=False))
+
+
+def test_train_defaults_to_the_learner_and_refuses_the_other_methods_settings():
+    """``dipgo.train`` is the learner unless ``method="ste"``; a setting of the other method is
+    refused by name rather than ignored."""
+    from shortcut_kernels.dipgo.learn import LearnConfig, LearnResult
+    from shortcut_kernels.dipgo.train import TrainConfig, TrainResult, train
+
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(6)
+    bank = make_bank(model, sched, 2)
+    start = skip_steps(model, 6, compute=[0, 4])
+    target = start.macs_kept + 0.01
+    res = train(model, sched, target=target, start=start, bank=bank, progress=False, estimate_size=1,
+                max_validations=4)
+    direct = learn(model, sched, target, start=start, bank=bank, progress=False, estimate_size=1, max_validations=4)
+    assert isinstance(res, LearnResult) and res.schedule == direct.schedule and res.psnr == direct.psnr
+    via_config = train(model, sched, LearnConfig(estimate_size=1, max_validations=4), target=target, start=start,
+                       bank=bank, progress=False)
+    assert via_config.schedule == direct.schedule
+    for kwargs, name in [(dict(mode="exact"), "mode"), (dict(iters=3), "iters"), (dict(resume=True), "resume"),
+                         (dict(config=TrainConfig(lr=0.2)), "lr")]:
+        with pytest.raises(ValueError, match=f"{name}: settings of method='ste'"):
+            train(model, sched, target=target, start=start, bank=bank, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="estimate_size: settings of method='learn'"):
+        train(model, sched, method="ste", estimate_size=2, progress=False)
+    with pytest.raises(ValueError, match="start and bank"):
+        train(model, sched, method="ste", start=start, progress=False)
+    with pytest.raises(ValueError, match="method must be one of"):
+        train(model, sched, method="sgd", progress=False)
+    ste = train(model, sched, method="ste", target=0.5, iters=2, batch_size=2, bank_size=2, granularity="coarse",
+                progress=False, pruner_dim=8, pruner_hidden=8)
+    assert isinstance(ste, TrainResult) and ste.schedule.macs_kept <= 0.5 + 1e-9

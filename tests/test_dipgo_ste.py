@@ -98,7 +98,7 @@ def test_sparsity_holds_the_budget_from_both_sides(coarse):
 def test_the_schedule_is_selected_at_the_budget_it_was_trained_at(unet, budget):
     s = make_scheduler(unet.scheduler_config)
     s.set_timesteps(6)
-    r = train(unet.model, s, budget=budget, anneal=0.5, target=0.5, iters=4, batch_size=2,
+    r = train(unet.model, s, method="ste", budget=budget, anneal=0.5, target=0.5, iters=4, batch_size=2,
               bank_size=4, lr=0.05, warmup=1, sparsity_weight=5.0, granularity="coarse", progress=False,
               pruner_dim=16, pruner_hidden=8)
     one_call = 1 / 6

@@ -128,9 +128,10 @@ def test_training_prunes_and_resume_is_exact(unet, mode, gumbel, tmp_path):
     def run(resume, stop_at=None):
         s = make_scheduler(unet.scheduler_config)
         s.set_timesteps(6)
-        return train(unet.model, s, mode=mode, iters=4, batch_size=2, bank_size=4, lr=0.05, warmup=1,
-                     sparsity_weight=5.0, granularity="coarse", checkpoint_path=tmp_path / "ck.pt",
-                     checkpoint_every=3, resume=resume, progress=False, pruner_dim=16, pruner_hidden=8, gumbel_tau=gumbel,
+        return train(unet.model, s, method="ste", mode=mode, iters=4, batch_size=2, bank_size=4, lr=0.05,
+                     warmup=1, sparsity_weight=5.0, granularity="coarse", checkpoint_path=tmp_path / "ck.pt",
+                     checkpoint_every=3, resume=resume, progress=False, pruner_dim=16, pruner_hidden=8,
+                     gumbel_tau=gumbel,
                      callback=None if stop_at is None else lambda rec: rec["iteration"] == stop_at)
 
     straight = run(False)
@@ -149,8 +150,8 @@ def test_training_prunes_and_resume_is_exact(unet, mode, gumbel, tmp_path):
 def test_budgeted_training_meets_its_annealed_budget(unet):
     s = make_scheduler(unet.scheduler_config)
     s.set_timesteps(6)
-    r = train(unet.model, s, budget="anneal", anneal=0.5, target=0.5, iters=4, batch_size=2, bank_size=4, lr=0.05,
-              warmup=1, granularity="coarse", progress=False, pruner_dim=16, pruner_hidden=8)
+    r = train(unet.model, s, method="ste", budget="anneal", anneal=0.5, target=0.5, iters=4, batch_size=2,
+              bank_size=4, lr=0.05, warmup=1, granularity="coarse", progress=False, pruner_dim=16, pruner_hidden=8)
     kept = [h["kept_macs"] for h in r.history]
     # the budget falls 1 -> 0.5 over the first 2 iterations, then stays: the forward meets it
     assert kept[0] <= 0.75 + 1e-9 and all(k <= 0.5 + 1e-9 for k in kept[1:])
@@ -159,13 +160,13 @@ def test_budgeted_training_meets_its_annealed_budget(unet):
     assert sched.name == "from_ranking" and sched.macs_kept <= 0.5 + 1e-9
     assert all(h["sparsity"] == 0 for h in r.history)  # no sparsity loss in this mode
     with pytest.raises(ValueError, match="budget"):
-        train(unet.model, s, budget="hard", iters=1, progress=False)
+        train(unet.model, s, method="ste", budget="hard", iters=1, progress=False)
 
 
 def test_train_errors(unet):
     s = make_scheduler(unet.scheduler_config)
     with pytest.raises(ValueError, match="set_timesteps"):
-        train(unet.model, s, iters=1, progress=False)
+        train(unet.model, s, method="ste", iters=1, progress=False)
     s.set_timesteps(4)
     with pytest.raises(ValueError, match="mode"):
-        train(unet.model, s, mode="full", iters=1, progress=False)
+        train(unet.model, s, method="ste", mode="full", iters=1, progress=False)

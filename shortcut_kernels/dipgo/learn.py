@@ -44,7 +44,7 @@ from .losses import consistency_loss
 from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
-from .train import _Chain, full_samples
+from .gated_chain import _Chain, full_samples
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "estimate", "learn",
            "LabelConditioned", "TRAIN_SEED"]
@@ -295,6 +295,7 @@ class LearnResult:
     psnr: float
     evaluations: int            # chain runs on the bank (start scoring, validations)
     seconds: float
+    estimates: int = 0          # iterations: estimates made (each followed by its validations)
     history: list[dict] = field(default_factory=list)  # the start, then one record per accepted move
 
 
@@ -370,6 +371,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
 
         while not out_of_time():
             est = estimate(chain, est_bank, best, patterns=patterns)
+            result.estimates += 1
             moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps)[:cfg.max_validations]
             accepted = None
             for lo in range(0, len(moves), cfg.validate):

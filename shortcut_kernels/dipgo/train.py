@@ -1,4 +1,12 @@
-"""DiP-GO's few-step gradient optimisation of the pruner, in two modes.
+"""Learning a cache schedule: ``train(model, scheduler, target=0.4)``.
+
+``method="learn"`` (the default) runs :func:`.learn.learn`, the estimate-guided learner: moves
+proposed by a forward-difference shortcut estimate and validated on a bank of training noise.
+``method="ste"`` runs DiP-GO's few-step gradient optimisation of a pruner network (the paper's
+straight-through method, kept as a baseline), in two modes, below. Both results carry
+``.schedule`` (at most ``target`` of the MACs), ``.history`` and ``.seconds``.
+
+The pruner's training:
 
 Both modes run the SuperNet (:mod:`.supernet`) over a whole sampling run with the
 pruner's straight-through gates and compare the final sample with the full model's from
@@ -32,21 +40,21 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ..chain import Chain
-from ..models.conditioning import guidance_batch, sample_shape
+from ..models.conditioning import sample_shape
 from ..ops.guided_step import guided_step
+from .gated_chain import _Chain, full_samples
+from .learn import LearnConfig, LearnResult, learn
 from .losses import consistency_loss, kept_macs_fraction, sparsity_loss
 from .pruner import Pruner
-from ..runtime.cache import accelerate
 from ..runtime.schedule import Schedule
-from .supernet import SuperNet, _flatten
+from .supernet import SuperNet
 
-__all__ = ["TrainConfig", "TrainResult", "train", "full_samples", "MODES"]
+__all__ = ["TrainConfig", "TrainResult", "train", "full_samples", "MODES", "METHODS"]
 
 MODES = ("exact", "shortcut")
+METHODS = ("learn", "ste")
 
 
 @dataclass
@@ -58,7 +66,8 @@ class TrainConfig:
     iterations, 500 iterations, ``1 - SSIM`` on decoded images.
     """
 
-    mode: str = "shortcut"
+    method: str = "learn"  # "learn": dipgo.learn (LearnConfig's fields apply); "ste": the pruner (the rest)
+    mode: str = "shortcut"  # ste: "exact" | "shortcut"
     target: float = 0.4  # kept-MAC share: the sparsity term's budget and the one the schedule is selected at
     iters: int = 200
     batch_size: int = 8
@@ -96,96 +105,6 @@ class TrainResult:
     config: TrainConfig | None = None
     seconds: float = 0.0
     schedule: Schedule | None = None
-
-
-# ----------------------------------------------------------------------------- the chain
-
-
-class _Chain:
-    """One sampling run of a class-conditional zoo-style model ``model(x, t, labels) -> eps``
-    with classifier-free guidance, through the SuperNet: the gates of call ``i`` are row ``i``,
-    the caches pass from call to call."""
-
-    def __init__(self, net: SuperNet, scheduler, guidance: float, null_label: int):
-        self.net = net
-        self.chain = Chain(scheduler, guidance)
-        self.plan = self.chain.plan
-        if self.plan is None:
-            raise ValueError(f"{type(scheduler).__name__} has no linear form: DiP-GO training needs one "
-                             "(see shortcut_kernels.samplers)")
-        self.steps, self.timesteps, self.n = self.plan.steps, self.plan.timesteps, self.plan.n
-        self.w = self.chain.w
-        self.null = null_label
-
-    def call(self, x: Tensor, t: Tensor, labels: Tensor, gates: Tensor, caches):
-        """One guided denoiser call on ``x`` (already input-scaled): (eps_u, eps_c, caches)."""
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        g = gates if gates.dim() == 1 else torch.cat([gates, gates])  # per-sample rows: both halves
-        out, caches = self.net(*guidance_batch(x, t, labels, self.null), gates=g, caches=caches)
-        eu, ec = out.chunk(2)
-        return eu, ec, caches
-
-    def schedule_of(self, gates: Tensor) -> Schedule | None:
-        """The schedule that hard, cascade-normalised gates describe (None for any other gates:
-        soft values, per-sample rows, call 0 not computing, or nothing reused)."""
-        if gates.dim() != 2 or not bool(((gates == 0) | (gates == 1)).all()) or bool(gates.all()):
-            return None
-        keep = gates.detach().cpu() > 0.5
-        if not bool(keep[0].all()) or not torch.equal(self.net.graph.cascade(keep), keep):
-            return None
-        return Schedule(keep, self.net.graph)
-
-    def _run_skipping(self, x_T: Tensor, labels: Tensor, schedule: Schedule, on_call: Callable | None,
-                      on_output: Callable | None = None):
-        """The no-graph run through the runtime (:func:`.accelerate`): reused blocks are not
-        computed, so the run costs the kept MACs. With hard cascade-normalised gates the
-        SuperNet computes the same sample (it computes every block and then discards the
-        reused ones) and leaves the same caches, which ``on_call`` receives in its format."""
-        with accelerate(self.net.model, schedule, store_all=on_call is not None) as handle, handle.run():
-            def seen(i: int, x: Tensor) -> None:
-                on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
-
-            def call(i: int, x_in: Tensor, t: Tensor):
-                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
-                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
-
-            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
-                                  on_output=on_output)
-
-    def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
-            skip_reused: bool = True, on_output: Callable | None = None):
-        """The final sample. ``grad``: ``"none"`` (no graph), ``"exact"`` (graph through every
-        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs,
-        ``on_output(i, eps_u, eps_c) -> (eps_u, eps_c)`` its outputs (:meth:`Chain.run`).
-        Without a graph and with hard gates (``skip_reused``) reused blocks are skipped."""
-        schedule = self.schedule_of(gates) if skip_reused and grad == "none" and not torch.is_grad_enabled() else None
-        if schedule is not None:
-            return self._run_skipping(x_T, labels, schedule, on_call, on_output)
-        caches = None
-
-        def seen(i: int, x: Tensor) -> None:
-            on_call(i, x, caches)
-
-        def call(i: int, x_in: Tensor, t: Tensor):
-            nonlocal caches
-            if grad == "exact":  # the caches pass as inputs, so the recompute sees this call's
-                eu, ec, caches = checkpoint(self.call, x_in, t, labels, gates[i], caches, use_reentrant=False)
-            else:
-                eu, ec, caches = self.call(x_in, t, labels, gates[i], caches)
-            return eu, ec
-
-        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
-                              on_output=on_output)
-
-
-@torch.no_grad()
-def full_samples(net: SuperNet, scheduler, noise: Tensor, labels: Tensor, guidance: float, null_label: int,
-                 batch_size: int = 64) -> Tensor:
-    """The full model's samples (every gate at 1: the model itself, bit for bit)."""
-    chain = _Chain(net, scheduler, guidance, null_label)
-    ones = torch.ones(chain.n, net.num_blocks)
-    return torch.cat([chain.run(noise[i:i + batch_size], labels[i:i + batch_size], ones)
-                      for i in range(0, noise.shape[0], batch_size)])
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -293,26 +212,75 @@ def _annealed_target(cfg: TrainConfig, it: int) -> float:
     return 1.0 - (1.0 - cfg.target) * min(1.0, (it + 1) / span)
 
 
-def train(model: torch.nn.Module, scheduler, config: TrainConfig | None = None, *, pruner: Pruner | None = None,
+_LEARN_FIELDS = tuple(LearnConfig.__dataclass_fields__)
+
+
+def train(model: torch.nn.Module, scheduler, config: TrainConfig | LearnConfig | None = None, *,
+          pruner: Pruner | None = None, start: Schedule | None = None, bank=None,
           checkpoint_path: str | Path | None = None, resume: bool = False, progress: bool = True,
           log_path: str | Path | None = None, time_budget: float | None = None,
-          callback: Callable[[dict], bool] | None = None, **overrides) -> TrainResult:
-    """Learn a pruner for ``model`` sampled with ``scheduler`` (``set_timesteps`` called:
-    one gate row per denoiser call).
+          callback: Callable[[dict], bool] | None = None, **overrides) -> LearnResult | TrainResult:
+    """Learn a cache schedule for ``model`` sampled with ``scheduler`` (``set_timesteps``
+    called: one row per denoiser call) keeping at most ``target`` (default 0.4) of the MACs.
 
     model: a class-conditional zoo-style model ``model(x, t, labels) -> eps`` (e.g.
-        ``zoo.load("digits-unet").model``), sampled with classifier-free guidance.
-    config / overrides: :class:`TrainConfig` fields (``mode="exact"|"shortcut"``, ``target``,
-        ``iters``, ...).
-    pruner: continue from this pruner (default: a new one, keeping everything).
-    checkpoint_path / resume: save pruner, optimiser, iteration, RNG and history every
-        ``checkpoint_every`` iterations; with ``resume`` continue from that file if it exists.
-    time_budget: stop after this many seconds (the measured comparisons run both modes on
-        the same wall-clock budget).
-    callback: called with each iteration's record; returning True stops (after a checkpoint).
-    Returns a :class:`TrainResult` (the pruner, a history of per-iteration records).
+        ``zoo.load("digits-unet").model``, or :class:`.learn.LabelConditioned` around a bare
+        diffusers denoiser), sampled with classifier-free guidance.
+    config / overrides: ``method`` - ``"learn"`` (default) or ``"ste"``; ``target``; then the
+        method's settings: :class:`.learn.LearnConfig` fields for ``learn`` (a ``LearnConfig``
+        may be the config), :class:`TrainConfig` fields for ``ste`` (``mode="exact"|"shortcut"``,
+        ``iters``, ``lr``, ...). A setting of the other method is refused by name.
+    start, bank: ``learn`` - the first schedule (default: the best hand-made one on the bank
+        within the budget) and the training bank (:func:`.learn.make_bank`).
+    pruner, checkpoint_path, resume, log_path, callback: ``ste`` - continue from this pruner
+        (default: a new one, keeping everything); save pruner, optimiser, iteration, RNG and
+        history every ``checkpoint_every`` iterations, with ``resume`` continue from that file;
+        a JSON-lines log; ``callback(record)`` after each iteration, True stops.
+    time_budget: stop after this many seconds of learning.
+    Returns a :class:`.learn.LearnResult` or a :class:`TrainResult`; both have ``.schedule``.
     """
-    cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    if isinstance(config, LearnConfig):
+        method = overrides.pop("method", "learn")
+        if method != "learn":
+            raise ValueError(f"config is a LearnConfig, the settings of method='learn'; got method={method!r}: "
+                             "give a TrainConfig for method='ste'")
+        target = overrides.pop("target", TrainConfig.target)
+        lcfg = LearnConfig(**{**config.__dict__, **overrides})
+    else:
+        method = overrides.get("method", config.method if config is not None else TrainConfig.method)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "ste":
+            if start is not None or bank is not None:
+                raise ValueError("start and bank are settings of method='learn'; to start the pruner from a "
+                                 "schedule pass pruner=Pruner.from_schedule(start)")
+            wrong = [k for k in overrides if k in _LEARN_FIELDS and k not in TrainConfig.__dataclass_fields__]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: settings of method='learn', not of method='ste'")
+            cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+            return _train_ste(model, scheduler, cfg, pruner, checkpoint_path, resume, progress, log_path,
+                              time_budget, callback)
+        defaults = TrainConfig()
+        wrong = [k for k in overrides if k not in _LEARN_FIELDS and k not in ("method", "target")]
+        if config is not None:
+            wrong += [k for k, v in asdict(config).items()
+                      if k not in ("method", "target", "guidance", "bank_size") and v != getattr(defaults, k)]
+        wrong += [k for k, v in (("pruner", pruner), ("checkpoint_path", checkpoint_path), ("resume", resume),
+                                 ("log_path", log_path), ("callback", callback)) if v not in (None, False)]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: settings of method='ste' (the pruner's straight-through "
+                             "training); pass method='ste', or leave them out for the default learner")
+        base = {} if config is None else {k: getattr(config, k) for k in ("guidance", "bank_size")
+                                          if getattr(config, k) != getattr(defaults, k)}
+        lcfg = LearnConfig(**{**base, **{k: v for k, v in overrides.items() if k in _LEARN_FIELDS}})
+        target = overrides.get("target", config.target if config is not None else defaults.target)
+    return learn(model, scheduler, target, start=start, bank=bank, time_budget=time_budget, config=lcfg,
+                 progress=progress)
+
+
+def _train_ste(model, scheduler, cfg: TrainConfig, pruner, checkpoint_path, resume, progress, log_path,
+               time_budget, callback) -> TrainResult:
+    """The pruner's training (method "ste"): see the module docstring and :func:`train`."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.budget not in ("penalty", "anneal"):

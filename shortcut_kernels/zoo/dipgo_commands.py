@@ -199,11 +199,11 @@ def _cmd_prune(args) -> int:
         print(f"wrote {out} ({found.seconds:.0f} s of {args.mode}, {found.evaluations} bank runs; training-bank "
               f"PSNR {found.start_psnr:.2f} dB at the best hand-made start -> {found.psnr:.2f} dB)")
         return 0
-    result = train(model, scheduler, mode=args.mode, target=args.target, iters=args.iters,
+    result = train(model, scheduler, method="ste", mode=args.mode, target=args.target, iters=args.iters,
                    batch_size=args.batch_size, lr=args.lr, guidance=args.guidance, granularity=args.granularity,
                    seed=args.seed, checkpoint_path=out.with_suffix(".pruner.pt"), resume=args.resume,
                    log_path=out.with_suffix(".log.jsonl"), progress=not args.quiet, time_budget=args.time_budget)
-    s = result.pruner.to_schedule(args.target, slack=args.slack)
+    s = result.schedule  # the pruner's ranking read at the budget it trained at
     s.save(out)
     print(s.summary())
     print(f"wrote {out} ({result.seconds:.0f} s of training, {len(result.history)} iterations; "
@@ -274,9 +274,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoiser calls of the sampler")
     p.add_argument("--scheduler", default="DDIMScheduler", help=SCHEDULER_HELP)
     p.add_argument("--target", type=float, default=0.4, help="fraction of the MACs to keep")
-    p.add_argument("--slack", type=float, default=0.01,
-                   help="the learned schedule keeps between TARGET*(1-SLACK) and TARGET of the MACs when some "
-                        "reuse allows it (DiP-GO's post-processing may otherwise overshoot by a whole cascade)")
     p.add_argument("--mode", choices=["learn", "shortcut", "exact", "search"], default="learn",
                    help="learn (default): moves ranked by the forward-difference estimate, validated on a bank, "
                         "from the best hand-made schedule (dipgo.learn); shortcut / exact: train the pruner "

@@ -1,0 +1,110 @@
+"""A sampling run of a class-conditional model through the SuperNet, call by call: the chain
+that DiP-GO's pruner training (:mod:`.train`) and the estimate-guided learner (:mod:`.learn`)
+both run, and the full model's samples they are compared with.
+
+``_Chain.run`` takes one gate row per call; with hard, cascade-normalised gates and no graph it
+runs through the runtime (``accelerate``), which skips the reused blocks, so the run costs the
+kept MACs. ``on_call`` / ``on_output`` see each call's inputs, caches and outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..chain import Chain
+from ..models.conditioning import guidance_batch
+from ..runtime.cache import accelerate
+from ..runtime.schedule import Schedule
+from .supernet import SuperNet, _flatten
+
+__all__ = ["full_samples"]
+
+
+class _Chain:
+    """One sampling run of a class-conditional zoo-style model ``model(x, t, labels) -> eps``
+    with classifier-free guidance, through the SuperNet: the gates of call ``i`` are row ``i``,
+    the caches pass from call to call."""
+
+    def __init__(self, net: SuperNet, scheduler, guidance: float, null_label: int):
+        self.net = net
+        self.chain = Chain(scheduler, guidance)
+        self.plan = self.chain.plan
+        if self.plan is None:
+            raise ValueError(f"{type(scheduler).__name__} has no linear form: DiP-GO training needs one "
+                             "(see shortcut_kernels.samplers)")
+        self.steps, self.timesteps, self.n = self.plan.steps, self.plan.timesteps, self.plan.n
+        self.w = self.chain.w
+        self.null = null_label
+
+    def call(self, x: Tensor, t: Tensor, labels: Tensor, gates: Tensor, caches):
+        """One guided denoiser call on ``x`` (already input-scaled): (eps_u, eps_c, caches)."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        g = gates if gates.dim() == 1 else torch.cat([gates, gates])  # per-sample rows: both halves
+        out, caches = self.net(*guidance_batch(x, t, labels, self.null), gates=g, caches=caches)
+        eu, ec = out.chunk(2)
+        return eu, ec, caches
+
+    def schedule_of(self, gates: Tensor) -> Schedule | None:
+        """The schedule that hard, cascade-normalised gates describe (None for any other gates:
+        soft values, per-sample rows, call 0 not computing, or nothing reused)."""
+        if gates.dim() != 2 or not bool(((gates == 0) | (gates == 1)).all()) or bool(gates.all()):
+            return None
+        keep = gates.detach().cpu() > 0.5
+        if not bool(keep[0].all()) or not torch.equal(self.net.graph.cascade(keep), keep):
+            return None
+        return Schedule(keep, self.net.graph)
+
+    def _run_skipping(self, x_T: Tensor, labels: Tensor, schedule: Schedule, on_call: Callable | None,
+                      on_output: Callable | None = None):
+        """The no-graph run through the runtime (:func:`.accelerate`): reused blocks are not
+        computed, so the run costs the kept MACs. With hard cascade-normalised gates the
+        SuperNet computes the same sample (it computes every block and then discards the
+        reused ones) and leaves the same caches, which ``on_call`` receives in its format."""
+        with accelerate(self.net.model, schedule, store_all=on_call is not None) as handle, handle.run():
+            def seen(i: int, x: Tensor) -> None:
+                on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
+
+            def call(i: int, x_in: Tensor, t: Tensor):
+                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
+                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
+
+            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
+                                  on_output=on_output)
+
+    def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
+            skip_reused: bool = True, on_output: Callable | None = None):
+        """The final sample. ``grad``: ``"none"`` (no graph), ``"exact"`` (graph through every
+        call, one checkpoint per call). ``on_call(i, x, caches)`` sees each call's inputs,
+        ``on_output(i, eps_u, eps_c) -> (eps_u, eps_c)`` its outputs (:meth:`Chain.run`).
+        Without a graph and with hard gates (``skip_reused``) reused blocks are skipped."""
+        schedule = self.schedule_of(gates) if skip_reused and grad == "none" and not torch.is_grad_enabled() else None
+        if schedule is not None:
+            return self._run_skipping(x_T, labels, schedule, on_call, on_output)
+        caches = None
+
+        def seen(i: int, x: Tensor) -> None:
+            on_call(i, x, caches)
+
+        def call(i: int, x_in: Tensor, t: Tensor):
+            nonlocal caches
+            if grad == "exact":  # the caches pass as inputs, so the recompute sees this call's
+                eu, ec, caches = checkpoint(self.call, x_in, t, labels, gates[i], caches, use_reentrant=False)
+            else:
+                eu, ec, caches = self.call(x_in, t, labels, gates[i], caches)
+            return eu, ec
+
+        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
+                              on_output=on_output)
+
+
+@torch.no_grad()
+def full_samples(net: SuperNet, scheduler, noise: Tensor, labels: Tensor, guidance: float, null_label: int,
+                 batch_size: int = 64) -> Tensor:
+    """The full model's samples (every gate at 1: the model itself, bit for bit)."""
+    chain = _Chain(net, scheduler, guidance, null_label)
+    ones = torch.ones(chain.n, net.num_blocks)
+    return torch.cat([chain.run(noise[i:i + batch_size], labels[i:i + batch_size], ones)
+                      for i in range(0, noise.shape[0], batch_size)])
