@@ -14,12 +14,16 @@ Parts:
             batch that an independent classifier (an RBF SVM trained here on the real digits,
             not the reward's CNN) assigns to the target, and optionally `full` at equal
             wall-clock.
-  finetune  LoRA fine-tuning curves of every method at every learning rate.
+  finetune  the LoRA fine-tuning protocol (bench.sections.sdo.finetune): learning rates picked
+            on a tuning seed, the baseline to its plateau on the reported seeds, time to each
+            reward level, the final samples judged for reward hacking.
   direct-sum  the ceiling of the one-call policies: the cosine to the exact gradient of the sum
             of every call's shortcut gradient (what `per-sample` averages to), and of the best
             weighting of the calls (least squares on the exact gradient: an upper bound).
   adapter-merge  seconds per LoRA fine-tuning iteration with the no-graph chain's adapters
             merged (the default) and apart, interleaved rounds.
+  importance-variance  the one-call LoRA gradient estimator's variance under uniform,
+            |gamma_k| (importance), running |gamma_k| * |v_k| and oracle draws of the kept call.
 fidelity and finetune are bench.sections.sdo's (the `make bench` section; finetune under FULL).
 Run it under `flock /tmp/sk_heavy.lock` on a shared machine.
 """
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.sections.sdo import Settings, chain_of, cos, fidelity, finetune, gradient_case, grad_of, peak_memory, setup
+from bench.sections.sdo import PLAIN_FULL, Settings, chain_of, cos, fidelity, finetune, gradient_case, grad_of, peak_memory, setup
 from shortcut_kernels import sdo, zoo
 
 
@@ -51,7 +55,8 @@ def part_cost(args) -> dict:
     # DeepCache interval 3, branch 0: 40.3% of the MACs kept on digits-unet at 50 calls
     cache = dipgo.deepcache(model, args.steps, interval=3, branch=0)
     methods = {"sdo_light": ("first", True, None), "sdo_reference": ("first", False, None),
-               "full": ("full", None, None), "sdo_light_deepcache": ("first", True, cache)}
+               "full": ("full", None, None), PLAIN_FULL: (PLAIN_FULL, None, None),
+               "sdo_light_deepcache": ("first", True, cache)}
     times = {m: [] for m in methods}
     for r in range(args.rounds + 1):
         for name, (pol, light, chain) in methods.items():
@@ -66,6 +71,9 @@ def part_cost(args) -> dict:
     out["full_over_sdo_light"] = out["full"]["median_s"] / out["sdo_light"]["median_s"]
     out["full_over_sdo_reference"] = out["full"]["median_s"] / out["sdo_reference"]["median_s"]
     out["full_over_sdo_light_deepcache"] = out["full"]["median_s"] / out["sdo_light_deepcache"]["median_s"]
+    # the faster exact baseline where memory allows (every activation kept)
+    out["plain_full_over_sdo_light"] = out[PLAIN_FULL]["median_s"] / out["sdo_light"]["median_s"]
+    out["plain_full_over_sdo_light_deepcache"] = out[PLAIN_FULL]["median_s"] / out["sdo_light_deepcache"]["median_s"]
     return {"steps": args.steps, "batch": args.batch, "deepcache_macs_kept": cache.macs_kept, "methods": out}
 
 
@@ -241,6 +249,36 @@ def part_direct_sum(args) -> dict:
     return out
 
 
+def part_importance_variance(args) -> dict:
+    """Variance of the one-call LoRA gradient estimator under each draw of the kept call.
+
+    Per sample i, g_ik is the shortcut gradient keeping call k (``fixed:k``, the fidelity case's
+    LoRA); drawing k with probability p_k and taking g_ik / p_k estimates G_i = sum_k g_ik with
+    variance V_i(p) = sum_k |g_ik|^2 / p_k - |G_i|^2, computed exactly. Draws: uniform;
+    ``importance`` (p_k ~ |dx_0/d out_k|, ``Plan.importance``, what the policies use); ``running``
+    (p_k ~ the mean |g_jk| over the *other* samples j: |gamma_k| times a running estimate of the
+    VJP norm |v_k|, what an estimator could keep from earlier iterations); ``oracle`` (p_k ~ |g_ik|,
+    the least variance any draw of one call can have). Reported: sum_i V_i / sum_i |G_i|^2."""
+    from shortcut_kernels.samplers import Plan
+
+    case, _ = gradient_case(args.steps, args.batch, args.target, args.seed)
+    fn, sched, x_T, reward, params = case
+    g = torch.stack([torch.stack([grad_of(fn, sched, x_T[i:i + 1], reward, f"fixed:{k}", params, 0)[1]
+                                  for k in range(args.steps)]) for i in range(args.batch)]).double()  # [B, K, P]
+    norms = g.norm(dim=2)  # [B, K]
+    total = g.sum(1).norm(dim=1) ** 2  # |G_i|^2
+    gamma_p = Plan(sched).importance(0)
+    others = (norms.sum(0, keepdim=True) - norms) / (args.batch - 1)
+    draws = {"uniform": torch.full_like(norms, 1.0 / args.steps), "importance": gamma_p.expand_as(norms),
+             "running": others / others.sum(1, keepdim=True), "oracle": norms / norms.sum(1, keepdim=True)}
+    out = {"steps": args.steps, "batch": args.batch, "relative_variance": {}}
+    for name, p in draws.items():
+        var = (norms ** 2 / p).sum(1) - total
+        out["relative_variance"][name] = float(var.sum() / total.sum())
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def part_adapter_merge(args) -> dict:
     """Seconds per ``finetune`` iteration (LoRA rank 4) with ``merge_adapters`` on and off, in
     interleaved rounds; each run's first iteration warms up and is left out."""
@@ -275,7 +313,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["fidelity", "cost", "memory"],
                     choices=["fidelity", "cost", "memory", "latents", "latents-fd", "judge-agreement", "finetune",
-                             "direct-sum", "adapter-merge"])
+                             "direct-sum", "adapter-merge", "importance-variance"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--target", type=int, default=7)
@@ -323,7 +361,7 @@ def main(argv=None) -> int:
     parts = {"fidelity": lambda a: fidelity(section_settings(a)), "cost": part_cost, "memory": part_memory, "latents": part_latents,
              "latents-fd": part_latents_fd, "judge-agreement": part_judge_agreement,
              "finetune": lambda a: finetune(section_settings(a)), "direct-sum": part_direct_sum,
-             "adapter-merge": part_adapter_merge}
+             "adapter-merge": part_adapter_merge, "importance-variance": part_importance_variance}
     for name in args.part:
         t0 = time.perf_counter()
         record[name] = parts[name](args)
