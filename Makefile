@@ -32,7 +32,7 @@ endif
 # A CUDA build of torch: pip takes it from the local package cache where there is one.
 TORCH_SPEC ?= torch==2.14.1
 DEPS := triton diffusers numpy safetensors scikit-learn tqdm ninja setuptools wheel \
-        pytest pytest-benchmark hypothesis expecttest matplotlib peft accelerate transformers DeepCache pytorch-msssim
+        pytest pytest-benchmark hypothesis expecttest matplotlib peft accelerate transformers DeepCache cache-dit==1.5.3 pytorch-msssim
 STAMP := $(VENV)/.deps-installed
 BENCH_OUT ?=
 FULL ?=

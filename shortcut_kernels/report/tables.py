@@ -6,6 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 
+from .cache_dit import cache_dit_part
 from .plots import PLOTS
 
 
@@ -360,7 +361,8 @@ def gpu_part(doc: dict, plots) -> list[str]:
     return lines + ([""] if doc.get("notes") else [])
 
 
-PARTS = {"ops": ops_part, "dipgo": dipgo_part, "dipgo-learn": learn_part, "sdo": sdo_part, "gpu": gpu_part}
+PARTS = {"ops": ops_part, "dipgo": dipgo_part, "dipgo-learn": learn_part, "sdo": sdo_part,
+         "cache-dit": cache_dit_part, "gpu": gpu_part}
 
 
 def markdown(env: dict, sections: dict, plots: list[str]) -> str:

@@ -1,0 +1,122 @@
+"""bench/sections/cache_dit.py: compute is counted the same way for the cache-dit package and
+for our runtime, on the zoo DiT at a tiny setting (10 DDIM calls, one sample per digit, fresh
+noise): what the hooks count is checked against what each library says it computed."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("cache_dit")
+
+from bench.sections import cache_dit as cd  # noqa: E402
+from shortcut_kernels.report.cache_dit import cache_dit_part  # noqa: E402
+from shortcut_kernels.runtime import full, skip_steps  # noqa: E402
+
+CALLS = 10
+BLOCKS = 6
+
+
+@pytest.fixture(scope="module")
+def bench():
+    torch.set_num_threads(1)
+    b = cd.Bench(cd.Protocol(calls=CALLS, per_class=1, seed=random.randrange(20_000, 30_000)))
+    row = b.full()
+    assert row["compute"] == 1.0 and row["psnr"] == math.inf
+    return b
+
+
+def test_cache_dit_computing_everything_is_the_full_model(bench, fresh_seed):
+    # threshold 0 never reuses: every block runs, the images are the full model's bit for bit
+    rng = random.Random(fresh_seed)
+    s = cd.CacheDiTSetting(Fn=rng.randint(1, 3), threshold=0.0, warmup=0, order=rng.randint(0, 2))
+    row = bench.cache_dit(s)
+    assert row["compute"] == 1.0 and row["macs"] == pytest.approx(1.0, abs=1e-12)
+    assert row["cached_steps"] == [] and row["counts_agree"]
+    assert row["psnr"] == math.inf and row["psnr_image_mean"] == math.inf
+
+
+def test_cache_dit_static_mask_runs_only_the_first_blocks_at_cached_calls(bench, fresh_seed):
+    rng = random.Random(fresh_seed)
+    fn, k, lead = rng.randint(1, 3), rng.randint(2, CALLS - 2), rng.randint(1, 3)
+    mask = cd.spread_mask(CALLS, k, lead)
+    assert sum(mask) == k and mask[:min(lead, k)] == (1,) * min(lead, k)
+    s = cd.CacheDiTSetting(Fn=fn, warmup=lead, order=rng.randint(0, 2), mask=mask, policy="static", mask_name="t")
+    # hooks on the blocks themselves: a block cache-dit skips is not called at all
+    row = bench.cache_dit(s, on_blocks=True)
+    want = "".join(str(BLOCKS if m else fn) for m in mask)
+    assert row["blocks_per_call"] == want
+    assert row["cached_steps"] == [t for t, m in enumerate(mask) if not m] and row["counts_agree"]
+    assert row["compute"] == pytest.approx((BLOCKS * k + fn * (CALLS - k)) / (BLOCKS * CALLS), abs=1e-15)
+    assert 0 < row["psnr"] < math.inf
+    # the same run counted on the blocks' attention (what the section counts) agrees
+    assert bench.cache_dit(s)["blocks_per_call"] == want
+
+
+def test_ours_counts_equal_the_schedule(bench, fresh_seed):
+    rng = random.Random(fresh_seed)
+    count = rng.randint(2, CALLS - 1)
+    s = skip_steps(bench.model, CALLS, count=count, placement=rng.choice(["uniform", "power"]), granularity="fine")
+    row = bench.ours("skip", s)  # raises if the blocks that ran are not the schedule's computed ones
+    assert row["compute"] == count / CALLS
+    assert row["macs"] == pytest.approx(s.macs_kept, rel=1e-12)
+    assert 0 < row["psnr"] < math.inf
+    every = bench.ours("full", full(bench.model, CALLS, granularity="fine"))
+    assert every["compute"] == 1.0 and every["psnr"] == math.inf
+
+
+def test_ours_forecast_rows_count_only_computed_blocks(bench):
+    if cd.forecast_orders() == (0,):
+        pytest.skip("this runtime has no forecast reuse")
+    s = skip_steps(bench.model, CALLS, count=4, granularity="fine", forecast=1)
+    row = bench.ours("skip forecast", s)
+    assert row["compute"] == 4 / CALLS and 0 < row["psnr"] < math.inf
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_most_full_calls_is_the_largest_that_fits(trial, fresh_seed):
+    rng = random.Random(fresh_seed + trial)
+    calls, fn, budget = rng.randint(5, 60), rng.randint(1, 3), rng.uniform(0.1, 1.0)
+
+    def share(k):
+        return (BLOCKS * k + fn * (calls - k)) / (BLOCKS * calls)
+
+    k = cd.most_full_calls(calls, BLOCKS, fn, budget)
+    if k == 0:
+        assert share(1) > budget + cd.EPS
+    else:
+        assert share(k) <= budget + cd.EPS and (k == calls or share(k + 1) > budget + cd.EPS)
+
+
+def test_bests_pick_each_library_best_at_no_more_compute(fresh_seed):
+    rng = random.Random(fresh_seed)
+    rows = [dict(library=rng.choice(["ours", "cache-dit"]), key=f"r{i}", compute=rng.uniform(0.1, 0.7),
+                 macs=0.0, psnr=rng.uniform(10, 50), psnr_image_mean=0.0, class_accuracy=1.0, time_vs_full=None)
+            for i in range(40)]
+    for e in cd.bests(rows, (0.2, 0.4, 0.6), margin=1.0):
+        for lib in ("ours", "cache-dit"):
+            ok = [r for r in rows if r["library"] == lib and r["compute"] <= e["budget"]]
+            if not ok:
+                assert e[lib] is None
+                continue
+            assert e[lib]["compute"] <= e["budget"]
+            assert e[lib]["psnr"] == max(r["psnr"] for r in ok)
+        if e["ours"] and e["cache-dit"]:
+            assert e["holds"] == (e["ours"]["psnr"] - e["cache-dit"]["psnr"] >= 1.0)
+
+
+def test_section_end_to_end_at_a_tiny_setting(bench):
+    """The section's measurement (quick grid) on 10 calls: every row counted, the bests and the
+    report part."""
+    doc = cd.measure(bench, cd.Plan(budgets=(0.2, 0.5), per_class=1), full=False)
+    libs = {r["library"] for r in doc["rows"]}
+    assert libs == {"full", "ours", "cache-dit"}
+    assert all(r["counts_agree"] for r in doc["rows"] if r["library"] == "cache-dit")
+    assert "deepcache" in doc["not_applicable"]
+    assert [e["budget"] for e in doc["bests"]] == [0.2, 0.5]
+    ours_20 = doc["bests"][0]["ours"]
+    assert ours_20 is not None and ours_20["compute"] <= 0.2
+    text = "\n".join(cache_dit_part({"section": "cache-dit", **doc}))
+    assert f"`{ours_20['key']}`" in text and f"{ours_20['psnr']:.2f}" in text
