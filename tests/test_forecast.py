@@ -1,6 +1,6 @@
 """Forecast reuse (shortcut_kernels.runtime.forecast): a reused block's output extrapolated from
 its last computed outputs. Checked against a plain-PyTorch reference loop written here (every
-block hooked: computed outputs kept, reused ones extrapolated by a Vandermonde solve in fp64),
+block hooked: computed outputs kept, reused ones extrapolated by hand from divided differences),
 order 0 against plain READ bit for bit, the JSON (version 2, version-1 files), resize, compile
 and the pipelines."""
 import json
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class Reference:
     """A schedule run by hand: forward hooks count the denoiser calls; every block of the
     schedule's graph keeps the outputs (transformer blocks: residuals ``out - in``) it computes
-    where ``keep`` says so, and elsewhere returns the value at the call of the polynomial
-    through its last ``min(order, computed - 1) + 1`` computed outputs (order 0: the last one),
-    fitted by solving the Vandermonde system in fp64. ``order`` is one int for every block."""
+    where ``keep`` says so, and elsewhere extrapolates from its last ``min(order, computed - 1)
+    + 1`` computed outputs (order 0: the last one) by divided differences, in fp64 (:func:`_by_hand`).
+    ``order`` is one int for every block."""
 
     def __init__(self, model, schedule: Schedule, order: int):
         self.model, self.schedule, self.order = denoiser(model), schedule, order
@@ -83,7 +83,7 @@ class Reference:
         hist = self.hist[b]
         n = min(self.order, len(hist) - 1) + 1
         pts = hist[-n:]
-        return _map(lambda *ys: _poly_at(self.call, [c for c, _ in pts], ys), *[y for _, y in pts])
+        return _map(lambda *ys: _by_hand(self.call, [c for c, _ in pts][::-1], ys[::-1]), *[y for _, y in pts])
 
 
 def _map(fn, *outs):
@@ -92,15 +92,20 @@ def _map(fn, *outs):
     return tuple(_map(fn, *parts) for parts in zip(*outs))
 
 
-def _poly_at(t, calls, ys):
-    """The polynomial through (calls[i], ys[i]) at t, by a Vandermonde solve in fp64."""
-    n = len(calls)
-    c = torch.tensor(calls, dtype=torch.float64)
-    v = torch.stack([c ** k for k in range(n)], 1)  # [n, n]
-    y = torch.stack([x.double().flatten() for x in ys])  # [n, numel]
-    coef = torch.linalg.solve(v, y)
-    val = sum(coef[k] * float(t) ** k for k in range(n))
-    return val.reshape(ys[0].shape).to(ys[0].dtype)
+def _by_hand(t, calls, ys):
+    """The forecast at ``t`` from outputs ``ys`` computed at ``calls`` (newest first), in fp64:
+    ``y_0 + e d1 + e^2 d2`` with the slope ``d1`` of the last two and the second divided
+    difference ``d2`` of the last three (``e = t - calls[0]``)."""
+    y = [x.double() for x in ys]
+    e = t - calls[0]
+    out = y[0]
+    if len(y) > 1:
+        d1 = (y[0] - y[1]) / (calls[0] - calls[1])
+        out = out + e * d1
+    if len(y) > 2:
+        d1_before = (y[1] - y[2]) / (calls[1] - calls[2])
+        out = out + e * e * (d1 - d1_before) / (calls[0] - calls[2])
+    return out.to(ys[0].dtype)
 
 
 def _zoo_samples(model, scheduler, calls, n=6, seed=0):
@@ -115,14 +120,24 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("order", [1, 2])
-def test_weights_evaluate_polynomials_through_uneven_calls(order):
+def test_weights_are_exact_on_lines_and_sum_to_one(order):
     calls = sorted(torch.randperm(30)[:order + 1].tolist(), reverse=True)  # newest first, uneven spacing
     t = calls[0] + int(torch.randint(1, 8, ()))
-    coef = torch.randn(order + 1, dtype=torch.float64)
-    poly = lambda x: sum(float(coef[k]) * x ** k for k in range(order + 1))  # noqa: E731
+    a, b = torch.randn(2, dtype=torch.float64).tolist()
     w = F.weights(t, calls)
     assert abs(sum(w) - 1) < 1e-12 and w[0] > 1
-    assert abs(sum(wi * poly(c) for wi, c in zip(w, calls)) - poly(t)) < 1e-9 * (1 + abs(poly(t)))
+    assert abs(sum(wi * (a + b * c) for wi, c in zip(w, calls)) - (a + b * t)) < 1e-9
+
+
+def test_order_two_on_even_spacing_is_taylorseer():
+    """cache-dit's TaylorSeer on evenly spaced computations (window h, s = e / h):
+    y_0 + s D1 + s^2 / 2 D2 with the backward differences D1, D2."""
+    h, e = int(torch.randint(1, 6, ())), int(torch.randint(1, 6, ()))
+    c0 = 2 * h + int(torch.randint(0, 10, ()))
+    s = e / h
+    w = F.weights(c0 + e, [c0, c0 - h, c0 - 2 * h])
+    want = (1 + s + s * s / 2, -s - s * s, s * s / 2)  # y_0 + s (y_0 - y_1) + s^2/2 (y_0 - 2 y_1 + y_2)
+    assert w == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -136,8 +151,7 @@ def test_extrapolate_on_the_fused_op_is_the_weighted_sum(order):
     want = x + sum(wi * y for wi, y in zip(w, ys))
     torch.testing.assert_close(F.extrapolate(ys, gates, residual=x), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(F.extrapolate(ys, gates), want - x, rtol=1e-12, atol=1e-12)
-    assert torch.equal(_poly_at(t, calls, ys), _poly_at(t, calls, ys))  # the reference is deterministic
-    torch.testing.assert_close(_poly_at(t, calls, ys), want - x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_by_hand(t, calls, ys), want - x, rtol=1e-9, atol=1e-9)
 
 
 def test_fallback_to_the_order_the_computed_outputs_allow():

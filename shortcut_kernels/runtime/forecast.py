@@ -2,35 +2,37 @@
 
 Where a schedule reuses block ``b`` at call ``t``, ``READ`` returns the output ``b`` last
 computed (transformer blocks: its residual ``out - in``). With a forecast order ``p`` (1 or
-2) the runtime returns instead the value at ``t`` of the polynomial of degree ``p`` through
-the block's last ``p + 1`` computed outputs ``y_0, y_1, y_2`` (newest first, computed at
-calls ``c_0 > c_1 > c_2``):
+2) the runtime extrapolates from the block's last ``p + 1`` computed outputs ``y_0, y_1,
+y_2`` (newest first, computed at calls ``c_0 > c_1 > c_2``), ``e = t - c_0`` calls after the
+newest:
 
-    y(t) = sum_i L_i(t) y_i,    L_i(t) = prod_{j != i} (t - c_j) / (c_i - c_j)
+    order 1:  y(t) = y_0 + e d_1,                 d_1 = (y_0 - y_1) / (c_0 - c_1)
+    order 2:  y(t) = y_0 + e d_1 + e^2 d_2,       d_2 = (d_1 - (y_1 - y_2) / (c_1 - c_2)) / (c_0 - c_2)
 
-(Lagrange weights, summing to 1). Order 1 is ``y_0 + a (y_0 - y_1)`` with
-``a = (t - c_0) / (c_0 - c_1)``; order 2 adds the second difference. On equally spaced
-computed calls (spacing ``h``, ``s = (t - c_0) / h``) this is Newton's backward form
-``y_0 + s D1 + s (s + 1) / 2 D2`` (``D1 = y_0 - y_1``, ``D2 = y_0 - 2 y_1 + y_2``).
+a Taylor expansion at ``c_0`` whose derivatives are divided differences (``d_1`` the slope
+of the last two computations, ``2 d_2`` the second derivative). On evenly spaced computed
+calls (spacing ``h``, ``s = e / h``) order 2 is ``y_0 + s D1 + s^2 / 2 D2`` (``D1 = y_0 - y_1``,
+``D2 = y_0 - 2 y_1 + y_2``), cache-dit's TaylorSeer exactly; on uneven spacing (learned and
+``skip_steps`` schedules) ``d_2`` stays a second divided difference where TaylorSeer divides
+by the last window only. (The parabola through the three points, ``s (s + 1) / 2 D2``, would
+be exact on quadratic trajectories but extrapolates further; docs/dipgo.md compares the two.)
 
-The variable is the denoiser call index, not the timestep. cache-dit's TaylorSeer does the
-same (its "elapsed" is the number of steps since the last computed one, its derivatives are
-differences divided by that step window); its order-2 term ``s^2 / 2 D2`` is a Taylor
-expansion with the backward difference standing in for the derivative at ``c_0``, where the
-polynomial above is exact for quadratic trajectories on any spacing of the computed calls
-(learned and ``skip_steps`` schedules space them unevenly). Call indices are known when the
-schedule is built, so the weights are constants of the schedule: nothing reads the
-scheduler's timesteps or waits for the device, and compiled calls take the weights as
-tensor inputs (one graph per pattern of modes and orders). For DDIM and the other
-single-call samplers with evenly spaced timesteps (the zoo's, the pipelines' default
-spacings) the timestep is affine in the call index, so both give the same extrapolation.
+The variable is the denoiser call index, not the timestep. TaylorSeer does the same (its
+"elapsed" is the number of steps since the last computed one, its differences are divided by
+the step window). Call indices are known when the schedule is built, so the weights are
+constants of the schedule: nothing reads the scheduler's timesteps or waits for the device,
+and compiled calls take the weights as tensor inputs (one graph per pattern of modes and
+orders). For DDIM and the other single-call samplers with evenly spaced timesteps (the zoo's,
+the pipelines' default spacings) the timestep is affine in the call index, so both variables
+give the same extrapolation.
 
 Fallback: at a call where fewer than ``p + 1`` computed outputs exist (early in a run: call
 0 computes every block, the next computation of the block comes later), the order drops to
 what they allow; with one computed output that is order 0, a plain ``READ``.
 
 Evaluation with the fused op (:func:`shortcut_kernels.ops.gated_blend.gated_blend`,
-``residual + g fresh + (1 - g) cache``, any real gate): order 1 is
+``residual + g fresh + (1 - g) cache``, any real gate): both orders are weighted sums
+``L_0 y_0 + L_1 y_1 (+ L_2 y_2)`` with weights summing to 1 (:func:`weights`). Order 1 is
 ``gated_blend(y_0, y_1, L_0)``; order 2 is ``gated_blend(y_0, p, L_0)`` with
 ``p = gated_blend(y_1, y_2, L_1 / (L_1 + L_2))``. ``L_0 > 1`` for any call after ``c_0``, so
 ``L_1 + L_2 = 1 - L_0`` is never 0. A transformer block adds its input as the op's
@@ -151,15 +153,16 @@ def mapped(forecast: Tensor, keep: Tensor, calls: int) -> Tensor:
 
 
 def weights(call: int, computed: Sequence[int]) -> tuple[float, ...]:
-    """Lagrange weights at ``call`` of the outputs computed at ``computed`` (newest first)."""
-    out = []
-    for i, ci in enumerate(computed):
-        w = 1.0
-        for j, cj in enumerate(computed):
-            if j != i:
-                w *= (call - cj) / (ci - cj)
-        out.append(w)
-    return tuple(out)
+    """The weights ``L_i`` of the outputs computed at ``computed`` (newest first, 2 or 3
+    calls) in the forecast at ``call`` (the module docstring's formulas, expanded)."""
+    e = call - computed[0]
+    w0 = computed[0] - computed[1]
+    if len(computed) == 2:
+        return (1 + e / w0, -e / w0)
+    w1 = computed[1] - computed[2]
+    span = computed[0] - computed[2]
+    q = e * e / span
+    return (1 + e / w0 + q / w0, -e / w0 - q / w0 - q / w1, q / w1)
 
 
 def gates(w: Sequence[float]) -> tuple[float, float | None]:
