@@ -342,12 +342,13 @@ def _kw(model, seed, batch=2):
                 class_labels=torch.tensor([seed % 10] * batch))
 
 
-@pytest.mark.parametrize("make,build", [
-    (tiny_dit, lambda m: fora(m, 11, 3, forecast=2)),
-    (tiny_dit, lambda m: skip_steps(m, 11, compute=[0, 1, 4, 5, 8], forecast=1, granularity="fine")),
-    (tiny_sd15_unet, lambda m: deepcache(m, 11, 3, 2, forecast=2)),
-], ids=["dit-fora-2", "dit-skip-1", "unet-deepcache-2"])
-def test_compile_fullgraph_one_graph_per_pattern(make, build):
+@pytest.mark.parametrize("make,build,backend", [
+    (tiny_dit, lambda m: fora(m, 11, 3, forecast=2), "counting"),
+    (tiny_dit, lambda m: fora(m, 11, 3, forecast=2), "aot_eager"),
+    (tiny_dit, lambda m: skip_steps(m, 11, compute=[0, 1, 4, 5, 8], forecast=1, granularity="fine"), "counting"),
+    (tiny_sd15_unet, lambda m: deepcache(m, 11, 3, 2, forecast=2), "counting"),
+], ids=["dit-fora-2", "dit-fora-2-aot", "dit-skip-1", "unet-deepcache-2"])
+def test_compile_fullgraph_one_graph_per_pattern(make, build, backend):
     torch._dynamo.reset()
     model = make()
     s = build(model)
@@ -366,8 +367,15 @@ def test_compile_fullgraph_one_graph_per_pattern(make, build):
         graphs.append(gm)
         return gm.forward
 
+    def aot(gm, inputs):  # through AOTAutograd: the fused op's fake kernel and functionalisation
+        graphs.append(gm)
+        from functorch.compile import nop
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=nop)(gm, inputs)
+
     with accelerate(model, s) as h:
-        h.compile(backend=counting)  # fullgraph=True: a graph break raises
+        h.compile(backend=counting if backend == "counting" else aot)  # fullgraph=True: a graph break raises
         got = run()
     patterns = set(zip(s.modes[1:], s.forecast_orders[1:]))
     assert len(graphs) == len(patterns)  # weights differ per call, graphs do not
