@@ -55,6 +55,19 @@ def test_cache_dit_static_mask_runs_only_the_first_blocks_at_cached_calls(bench,
     assert bench.cache_dit(s)["blocks_per_call"] == want
 
 
+def test_cache_dit_masks_as_our_schedules_compute_and_repeat_alike(bench, fresh_seed):
+    # the same keep rows on our runtime: the same blocks run, and repeating each block's residual
+    # (ours) gives the images of repeating their sum (cache-dit) up to rounding
+    rng = random.Random(fresh_seed)
+    fn, k = rng.randint(1, 2), rng.randint(2, CALLS - 3)
+    s = cd.CacheDiTSetting(Fn=fn, warmup=1, mask=cd.spread_mask(CALLS, k, 1), policy="static", mask_name="lead1+even")
+    ours = cd.mask_schedules(cd.Ours(), bench.model, [s], orders=(0,), fns=(fn,))
+    (key, schedule), = ours.schedules.items()
+    a, b = bench.cache_dit(s), bench.ours(key, schedule)
+    assert a["blocks_per_call"] == b["blocks_per_call"] and a["compute"] == b["compute"]
+    assert abs(a["psnr"] - b["psnr"]) < 0.05
+
+
 def test_ours_counts_equal_the_schedule(bench, fresh_seed):
     rng = random.Random(fresh_seed)
     count = rng.randint(2, CALLS - 1)
@@ -120,3 +133,7 @@ def test_section_end_to_end_at_a_tiny_setting(bench):
     assert ours_20 is not None and ours_20["compute"] <= 0.2
     text = "\n".join(cache_dit_part({"section": "cache-dit", **doc}))
     assert f"`{ours_20['key']}`" in text and f"{ours_20['psnr']:.2f}" in text
+    mirrors = [r for r in doc["rows"] if r.get("builder") == "cache-dit-mask"]
+    assert mirrors and "The same blocks computed by both" in text
+    for r in mirrors:
+        assert any(c["library"] == "cache-dit" and c["blocks_per_call"] == r["blocks_per_call"] for c in doc["rows"])

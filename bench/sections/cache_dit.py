@@ -440,8 +440,9 @@ def mask_schedules(ours: Ours, model, settings, orders=(0,), fns=(1, 2)) -> Ours
         keep[[t for t, m in enumerate(st.mask) if m]] = True
         key = f"first{st.Fn}+mask({st.mask_name},{sum(st.mask)} full)"
         for o in orders if has_forecast else (0,):
-            sched = Schedule(keep, g, name="cache-dit-mask", params={"Fn": st.Fn, "mask": st.to_json()["mask"]},
-                             **({"forecast": o} if o else {}))
+            fc = {"forecast": o} if o else {}
+            sched = Schedule(keep, g, name="cache-dit-mask", params={"Fn": st.Fn, "mask": st.to_json()["mask"], **fc},
+                             **fc)
             ours.add(key + (f" forecast{o}" if o else ""), sched)
     return ours
 
