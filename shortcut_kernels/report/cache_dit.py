@@ -47,7 +47,7 @@ def best_lines(doc: dict, times: bool = True) -> list[str]:
     side = ["compute", "set PSNR", "mean PSNR"] + (["time / full"] if times else [])
     head = ["budget", "cache-dit best", *side, "ours best", *side, "ours - cache-dit (dB)",
             f">= {doc.get('margin_db', 1.0):g} dB"]
-    return _table(head, body, left=(1, 2 + len(side)))
+    return _table(head, body, left=(0, 1, 2 + len(side)))
 
 
 def pattern_lines(doc: dict) -> list[str]:
