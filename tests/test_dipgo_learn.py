@@ -249,6 +249,23 @@ def test_proposals_keep_the_budget_rank_by_prediction_and_spread_over_units():
     assert later and [m[0] for m in first] == sorted(m[0] for m in first)
     assert [m[0] for m in later] == sorted(m[0] for m in later)
     assert all(len(us) == 1 for _, us in proposals(est, 0.4, 0.4, swaps=False))
+    # a floor (LearnConfig.window): no single drop, only equal-MAC swaps and what stays above it
+    floored = proposals(est, 0.4, 0.4, floor=0.395)
+    assert floored and all(len(us) == 2 for _, us in floored)
+
+
+def test_learner_window_keeps_the_macs_near_the_target():
+    """With a window the moves never take the MACs below (1 - window) of the target (a drop
+    that helps on the bank is otherwise accepted, and the comparison at equal MACs is lost)."""
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(8)
+    start = skip_steps(model, 8, compute=[0, 1, 2, 5])
+    bank = make_bank(model, sched, 4)
+    res = learn(model, sched, start.macs_kept, start=start, bank=bank, progress=False, estimate_size=2,
+                max_validations=8, window=0.02, patterns=False)
+    assert all(start.macs_kept * 0.98 - 1e-9 <= h["macs_kept"] <= start.macs_kept + 1e-9 for h in res.history)
+    with pytest.raises(ValueError, match="window"):
+        learn(model, sched, start.macs_kept, start=start, bank=bank, window=1.0)
 
 
 def test_train_defaults_to_the_learner_and_refuses_the_other_methods_settings():

@@ -170,3 +170,5 @@ def test_train_errors(unet):
     s.set_timesteps(4)
     with pytest.raises(ValueError, match="mode"):
         train(unet.model, s, method="ste", mode="full", iters=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(unet.model, s, method="ste", batch_size=8, bank_size=2, iters=1, progress=False)

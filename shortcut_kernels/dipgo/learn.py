@@ -21,11 +21,13 @@ calls' outputs with every call's input held; it leaves out how the changed sampl
 later calls' inputs, which is why every move is validated.
 
 **The learner.** Start from the hand-made schedule that scores best on the bank within the
-budget; propose single flips that keep the MACs within ``target_macs`` and equal-budget swaps
+budget; propose single flips that keep the MACs within ``target_macs`` (and, with
+``LearnConfig.window``, above ``(1 - window) * target_macs``) and equal-budget swaps
 (one drop plus one add), ranked by the summed estimates; sample them in that order, a few at
 a time, on the bank (the true loss) and accept the best of a few that raises its PSNR by
-``min_gain``; re-estimate at the new schedule and repeat. It stops at ``time_budget`` or when no validated proposal helps, so the
-result is never worse on the bank than the start and never over the budget.
+``min_gain``; re-estimate at the new schedule and repeat. It stops at ``time_budget`` or when
+no validated proposal helps, so the result is never worse on the bank than the start and never
+over the budget.
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ from .search import with_trades
 from .supernet import SuperNet
 from .gated_chain import _Chain, full_samples
 
-__all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "estimate", "learn",
-           "LabelConditioned", "TRAIN_SEED"]
+__all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
+           "learn", "LabelConditioned", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
 
@@ -173,13 +175,14 @@ def _guided(chain: _Chain, eu: Tensor, ec: Tensor) -> Tensor:
 
 @torch.no_grad()
 def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | None = None, *,
-             patterns=()) -> Estimate:
+             patterns=(), max_batch: int = 256) -> Estimate:
     """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
     ``schedule`` (default: :func:`units_of`), from one no-graph run that records every call's
     inputs, caches and guided output. Per unit, SuperNet forwards on those records: the
     flipped call, then each later call up to the next whole call, on the caches the flip
-    leaves (the reuse segment it opens or closes), every call's input held. Exact for the
-    loss linearised in the calls' outputs with their inputs held."""
+    leaves (the reuse segment it opens or closes), every call's input held; the units' forwards
+    run batched, up to ``max_batch`` samples per SuperNet call. Exact for the loss linearised in
+    the calls' outputs with their inputs held."""
     if schedule.graph.names != chain.net.graph.names:
         raise ValueError("schedule is on another block graph than the chain's SuperNet: build the SuperNet with "
                          "graph=schedule.graph")
@@ -203,18 +206,36 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
     g = g.double()
     keep = schedule.keep.to(bank.noise.dtype)
     predicted = torch.zeros(len(units), dtype=torch.float64)
-    for j, u in enumerate(units):
-        # the flipped call, then the calls up to the next whole call that read the caches it leaves
-        row, c, total = torch.tensor(u.row, dtype=keep.dtype), caches[u.call], 0.0
-        for s in range(u.call, chain.n):
-            if s > u.call:
-                if bool(schedule.keep[s].all()):
-                    break  # a call that computes every block reads no cache: the flip's reach ends
-                row = keep[s]
-            eu, ec, c = chain.call(chain.steps[s].input_scale * xs[s], chain.timesteps[s], bank.labels, row, c)
-            delta = (_guided(chain, eu, ec) - outs[s]).double()
-            total += chain.plan.output_sensitivity(s, 0) * float((g * delta).sum())
-        predicted[j] = total
+    # per unit: the flipped call, then the calls up to the next whole call that read the caches it
+    # leaves; one batched SuperNet call per step along the segments, for up to `chunk` units at once
+    # (per-sample timesteps, gate rows and cache rows)
+    b = len(bank)
+    chunk = max(1, max_batch // b)
+    for lo in range(0, len(units), chunk):
+        part = list(range(lo, min(lo + chunk, len(units))))
+        state = {j: (units[j].call, torch.tensor(units[j].row, dtype=keep.dtype), caches[units[j].call])
+                 for j in part}
+        while state:
+            js = list(state)
+            x = torch.cat([chain.steps[state[j][0]].input_scale * xs[state[j][0]] for j in js])
+            t = torch.cat([chain.timesteps[state[j][0]].reshape(1).expand(b) for j in js])
+            rows = torch.cat([state[j][1].expand(b, -1) for j in js])
+            both = [[torch.cat([c[:b] for c in ts] + [c[b:] for c in ts]) for ts in zip(*per)]
+                    for per in zip(*[state[j][2] for j in js])]  # [uncond of every unit; cond of every unit]
+            eu, ec, new = chain.call(x, t, bank.labels.repeat(len(js)), rows, both)
+            out = _guided(chain, eu, ec)
+            n = len(js) * b
+            for k, j in enumerate(js):
+                step = state[j][0]
+                delta = (out[k * b:(k + 1) * b] - outs[step]).double()
+                predicted[j] += chain.plan.output_sensitivity(step, 0) * float((g * delta).sum())
+                nxt = step + 1
+                if nxt >= chain.n or bool(schedule.keep[nxt].all()):
+                    del state[j]  # a call that computes every block reads no cache: the flip's reach ends
+                    continue
+                mine = [[torch.cat([c[k * b:(k + 1) * b], c[n + k * b:n + (k + 1) * b]]) for c in blk]
+                        for blk in new]
+                state[j] = (nxt, keep[nxt], mine)
     return Estimate(float(loss), units, predicted)
 
 
@@ -224,6 +245,21 @@ def bank_loss(chain: _Chain, bank: Bank, schedule: Schedule) -> float:
     is judged by (through the runtime, any graph of the model)."""
     x0 = chain._run_skipping(bank.noise, bank.labels, schedule, None)
     return float(consistency_loss(x0, bank.targets, "mse").mean())
+
+
+def bank_sampler(model, scheduler, bank: Bank, *, guidance: float = 3.0):
+    """``sample(schedule) -> images`` on the bank's noise and labels, through the runtime;
+    ``sample(None)`` is the bank's targets. What :func:`.search.local_search` scores, so a
+    search validates on the same samples as the learner."""
+    net = SuperNet(model, "coarse")
+    net.remove()  # the runtime run needs the model and the chain only, not the SuperNet's hooks
+    chain = _Chain(net, scheduler, guidance, _null_label(model))
+
+    @torch.no_grad()
+    def sample(schedule: Schedule | None) -> Tensor:
+        return bank.targets if schedule is None else chain._run_skipping(bank.noise, bank.labels, schedule, None)
+
+    return sample
 
 
 # ----------------------------------------------------------------------------- proposals
@@ -239,8 +275,9 @@ def _with_units(schedule: Schedule, units) -> Schedule:
 
 
 def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
-              max_per_unit: int = 2) -> list[tuple[float, tuple[Unit, ...]]]:
-    """Moves within the MAC ``budget``, best predicted first: single units and (``swaps``) one
+              max_per_unit: int = 2, floor: float = 0.0) -> list[tuple[float, tuple[Unit, ...]]]:
+    """Moves within the MAC ``budget`` (and keeping at least ``floor``), best predicted first:
+    single units and (``swaps``) one
     drop plus one add at another call. The predicted change of a swap is the sum of its
     units'. Moves predicted to hurt stay in the list, last: the estimate is first order (it
     overrates drops of the first calls), so after the predicted gains the learner still tries
@@ -248,14 +285,17 @@ def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
     others, so the top few are not one unit paired with everything."""
     p = est.predicted.tolist()
     idx = list(range(len(est.units)))
-    moves = [(p[i], (est.units[i],)) for i in idx if macs + est.units[i].macs <= budget + 1e-9]
+    def fits(d: float) -> bool:
+        return floor - 1e-9 <= macs + d <= budget + 1e-9
+
+    moves = [(p[i], (est.units[i],)) for i in idx if fits(est.units[i].macs)]
     if swaps:
         drops = [i for i in idx if est.units[i].kind == "drop"]
         adds = [i for i in idx if est.units[i].kind == "add"]
         for d in drops:
             for a in adds:
                 ud, ua = est.units[d], est.units[a]
-                if ud.call != ua.call and macs + ud.macs + ua.macs <= budget + 1e-9:
+                if ud.call != ua.call and fits(ud.macs + ua.macs):
                     moves.append((p[d] + p[a], (ud, ua)))
     moves.sort(key=lambda m: m[0])
     used: dict[Unit, int] = {}
@@ -285,6 +325,9 @@ class LearnConfig:
     validate: int = 4           # proposals sampled per batch; the best improving one is taken
     max_validations: int = 32   # proposals sampled at one schedule (best predicted first) before stopping
     min_gain: float = 0.02      # dB of bank PSNR a move must add
+    # moves keep at least target_macs * (1 - window) of the MACs (or the start's, if fewer): for
+    # comparisons at equal MACs; None: any share up to the target
+    window: float | None = None
 
 
 @dataclass
@@ -314,6 +357,8 @@ def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: Le
             raise ValueError(f"start keeps {start.macs_kept:.1%} of the MACs, over target_macs {target_macs:.1%}")
     if time_budget is not None and not time_budget > 0:
         raise ValueError(f"time_budget must be positive seconds or None, got {time_budget!r}")
+    if cfg.window is not None and not 0 <= cfg.window < 1:
+        raise ValueError(f"config: window is a fraction in [0, 1) of target_macs, got {cfg.window!r}")
     if cfg.validate < 1 or cfg.max_validations < cfg.validate:
         raise ValueError(f"config: need 1 <= validate ({cfg.validate}) <= max_validations ({cfg.max_validations})")
     _null_label(model)
@@ -358,6 +403,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
     est_bank = bank.head(cfg.estimate_size)
+    floor = 0.0 if cfg.window is None else min(start.macs_kept, target_macs * (1 - cfg.window))
     t0 = time.perf_counter()
     try:
         best, best_loss = start, bank_loss(chain, bank, start)
@@ -372,7 +418,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
         while not out_of_time():
             est = estimate(chain, est_bank, best, patterns=patterns)
             result.estimates += 1
-            moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps)[:cfg.max_validations]
+            moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)[:cfg.max_validations]
             accepted = None
             for lo in range(0, len(moves), cfg.validate):
                 tried = []

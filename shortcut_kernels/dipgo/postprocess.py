@@ -115,38 +115,53 @@ def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: in
     return delta
 
 
-def budget_rows(graph: BlockGraph, scores, target_macs: float) -> list[list[bool]]:
+def budget_rows(graph: BlockGraph, scores, target_macs: float, slack: float | None = None) -> list[list[bool]]:
     """Keep rows meeting a MAC budget by rank: reuse the (call > 0, block) pairs in decreasing
-    order of ``scores`` (ties: the output side first, then the calls in :func:`tie_order`), each with its
-    cascade, until at most ``target_macs`` of the MACs are kept (or nothing is left to reuse).
-    Unlike :func:`from_scores` no threshold is involved, so the budget is met to within one
-    block; the budgeted training mode (``shortcut_kernels.dipgo.train``, through
-    :meth:`~.pruner.Pruner.budget_gates`) uses the same rule at every iteration."""
+    order of ``scores`` (ties: the output side first, then the calls in :func:`tie_order`), each
+    with its cascade, until at most ``target_macs`` of the MACs are kept (or nothing is left to
+    reuse). Unlike :func:`from_scores` no threshold is involved; the budgeted training mode
+    (``shortcut_kernels.dipgo.train``, through :meth:`~.pruner.Pruner.budget_gates`) uses the
+    same rule at every iteration. ``slack``: a reuse that would take the kept MACs below
+    ``target_macs * (1 - slack)`` is passed over for the next one (a last reuse of an outer
+    block takes its whole cascade, a whole call on a UNet), so the rows land within ``slack``
+    of the target whenever some smaller reuse allows it (equal-MAC comparisons); when none does,
+    a second pass without the window meets the budget all the same."""
+    if slack is not None and not 0 <= slack < 1:
+        raise ValueError(f"slack must be a fraction in [0, 1), got {slack}")
     s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
     calls, n = s.shape
     total = calls * graph.total_macs
+    floor = -1.0 if slack is None else target_macs * (1 - slack) - 1e-12
     rows = [[True] * n for _ in range(calls)]
     row_macs = [graph.total_macs] * calls
     spent = sum(row_macs)
     # candidates in the tie order, then a stable sort by decreasing score
     cand = [(t, b) for b in reversed(range(n)) for t in tie_order(calls)]
     order = sorted(range(len(cand)), key=lambda i: -float(s[cand[i]]))
-    for i in order:
-        if spent / total <= target_macs + 1e-12:
-            break
-        t, b = cand[i]
-        if not rows[t][b]:
-            continue  # already reused by a cascade
-        spent += _reuse(graph, rows, row_macs, t, b)
+    for lowest in (floor, -1.0):  # when no reuse lands in the window, the budget still holds
+        for i in order:
+            if spent / total <= target_macs + 1e-12:
+                return rows
+            t, b = cand[i]
+            if not rows[t][b]:
+                continue  # already reused by a cascade
+            before = rows[t][:], row_macs[t]
+            delta = _reuse(graph, rows, row_macs, t, b)
+            if (spent + delta) / total < lowest:
+                rows[t], row_macs[t] = before  # overshoots the window: try a smaller one
+                continue
+            spent += delta
     return rows
 
 
-def from_ranking(model, scores, target_macs: float, *, granularity: str | None = None,
+def from_ranking(model, scores, target_macs: float, *, slack: float | None = None, granularity: str | None = None,
                  sample_shape=None) -> Schedule:
     """A schedule at a MAC budget from ``[calls, blocks]`` reuse scores by rank
-    (:func:`budget_rows`): the post-processing that matches the budgeted training mode."""
+    (:func:`budget_rows`, ``slack`` its window): the post-processing that matches the budgeted
+    training mode."""
     g = graph_of(model, granularity or "coarse", sample_shape)
     s = _checked_scores(g, scores, target_macs)
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores must be finite")
-    return Schedule(budget_rows(g, s, target_macs), g, name="from_ranking", params=dict(target_macs=target_macs))
+    return Schedule(budget_rows(g, s, target_macs, slack), g, name="from_ranking",
+                    params=dict(target_macs=target_macs, slack=slack))

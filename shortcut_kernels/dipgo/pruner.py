@@ -142,21 +142,21 @@ class Pruner(nn.Module):
         :class:`~shortcut_kernels.dipgo.Schedule` keeping ``target_macs`` of the MACs
         (:func:`~shortcut_kernels.dipgo.from_scores`; ``kw``: its threshold options), or with
         ``ranked`` by rank (:func:`~shortcut_kernels.dipgo.from_ranking`, the rule the
-        budgeted training mode trains with)."""
+        budgeted training mode trains with; ``kw``: its ``slack``)."""
         if self.graph is None:
             raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
         if ranked:
-            return from_ranking(self.graph, self.reuse_scores(), target_macs)
+            return from_ranking(self.graph, self.reuse_scores(), target_macs, **kw)
         return from_scores(self.graph, self.reuse_scores(), target_macs, **kw)
 
-    def budget_gates(self, target_macs: float) -> Tensor:
+    def budget_gates(self, target_macs: float, slack: float | None = None) -> Tensor:
         """``[calls, blocks]`` straight-through gates that meet a MAC budget: the forward value
         is the ranked keep-mask (:func:`~shortcut_kernels.dipgo.postprocess.budget_rows` of the
-        reuse probabilities), the gradient that of the keep probabilities."""
+        reuse probabilities, ``slack`` its window), the gradient that of the keep probabilities."""
         if self.graph is None:
             raise ValueError("this pruner does not know its block graph: build it with Pruner.for_graph()")
         soft = self.keep_probs()
-        hard = torch.tensor(budget_rows(self.graph, 1 - soft.detach(), target_macs), dtype=soft.dtype)
+        hard = torch.tensor(budget_rows(self.graph, 1 - soft.detach(), target_macs, slack), dtype=soft.dtype)
         return hard - soft.detach() + soft
 
     # ---- identity ---------------------------------------------------------------------

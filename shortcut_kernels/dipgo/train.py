@@ -69,6 +69,9 @@ class TrainConfig:
     method: str = "learn"  # "learn": dipgo.learn (LearnConfig's fields apply); "ste": the pruner (the rest)
     mode: str = "shortcut"  # ste: "exact" | "shortcut"
     target: float = 0.4  # kept-MAC share: the sparsity term's budget and the one the schedule is selected at
+    # ranked rows pass over a reuse that would keep fewer than target * (1 - slack) of the MACs
+    # (budgeted forward and selection alike), so the schedule lands within it of the target
+    slack: float | None = 0.01
     iters: int = 200
     batch_size: int = 8
     lr: float = 0.01
@@ -97,7 +100,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """The trained pruner and ``schedule``: its reuse scores by rank (:func:`.from_ranking`)
-    at ``config.target``, the budget it was trained at (the budgeted mode's forward gates,
+    at ``config.target`` within ``config.slack``, the budget it was trained at (the budgeted mode's forward gates,
     the sparsity term's target), so training and selection share one budget."""
 
     pruner: Pruner
@@ -285,6 +288,9 @@ def _train_ste(model, scheduler, cfg: TrainConfig, pruner, checkpoint_path, resu
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.budget not in ("penalty", "anneal"):
         raise ValueError(f"budget must be 'penalty' or 'anneal', got {cfg.budget!r}")
+    if not 1 <= cfg.batch_size <= cfg.bank_size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be between 1 and bank_size ({cfg.bank_size}): a batch "
+                         "is drawn from the bank without repeats")
     if getattr(scheduler, "timesteps", None) is None or not len(scheduler.timesteps):
         raise ValueError("call scheduler.set_timesteps(calls) first: the pruner has one gate row per call")
     torch.manual_seed(cfg.seed)
@@ -342,7 +348,7 @@ def _train_ste(model, scheduler, cfg: TrainConfig, pruner, checkpoint_path, resu
             idx = torch.randperm(cfg.bank_size, generator=gen)[:cfg.batch_size][local]
             x_T, labels, target = bank_noise[idx], bank_labels[idx], bank_full[idx]
             if cfg.budget == "anneal":
-                gates = pruner.budget_gates(_annealed_target(cfg, it))
+                gates = pruner.budget_gates(_annealed_target(cfg, it), cfg.slack)
                 sparsity = torch.zeros(())
             else:  # the sparsity of the cascaded gates, two-sided about the target (losses.sparsity_loss)
                 gates = pruner(cfg.gumbel_tau)
@@ -399,5 +405,5 @@ def _train_ste(model, scheduler, cfg: TrainConfig, pruner, checkpoint_path, resu
             log.close()
         net.remove()
     result.seconds = result.history[-1]["seconds"] if result.history else 0.0
-    result.schedule = pruner.to_schedule(cfg.target, ranked=True)
+    result.schedule = pruner.to_schedule(cfg.target, ranked=True, slack=cfg.slack)
     return result

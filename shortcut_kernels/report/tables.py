@@ -150,11 +150,101 @@ def dipgo_part(doc: dict, plots) -> list[str]:
     return lines + image(plots, "speedup_vs_macs.png")
 
 
+def _learn_target(run: dict) -> list[str]:
+    """learn_part's rows for one target of a section that ran ``dipgo.learn``, the search and STE."""
+    quality = {r["schedule"]: r for r in run["quality"]}
+    full = quality.get("full", {})
+    lk, fk, sk = run["learned"], run.get("searched"), run.get("ste")
+    bs, bm = run.get("handmade_best"), run.get("handmade_best_mean")
+    le, se, tr, cost = run["learn"], run.get("search") or {}, run.get("train") or {}, run.get("cost", {})
+    n = full.get("n_samples", "?")
+    lines = [f"**Target {pct(run['target'], '.0f')} of the MACs**, `{run.get('start', '?')}` the learner's start "
+             f"(the best hand-made schedule on the bank within the target). Each method learned for "
+             f"{num(le['time_budget_s'], '.0f')} s on the same {le['bank_samples']} training noises (the "
+             f"estimate on {le['estimate_samples']}): `dipgo.learn` {le['moves']} moves, bank PSNR "
+             f"{num(le['start_psnr'])} -> {num(le['bank_psnr'])} dB; `dipgo.search` {se.get('evaluations', '-')} "
+             f"schedules, {num(se.get('bank_psnr_start'))} -> {num(se.get('bank_psnr'))} dB; STE (shortcut mode) "
+             f"{tr.get('iterations', '-')} iterations. Held out: {n} samples (seed 1234) against the full model's "
+             "from the same noise.", ""]
+    best_mean = quality.get(bm, {}).get("psnr_image_mean")
+    best_set = quality.get(bs, {}).get("psnr_vs_full")
+    per_it = {lk: cost.get("learn", {}).get("per_iteration"), fk: cost.get("search", {}).get("per_iteration"),
+              sk: cost.get("ste-shortcut", {}).get("per_iteration")}
+    body = [["full", "-", pct(1.0, ".2f"), "-", "-", "-", pct(full.get("class_accuracy")),
+             num(full.get("digits_fd")), "-"]]
+    what = {lk: "dipgo.learn", fk: "dipgo.search", sk: "STE, shortcut", bs: "best hand-made (set PSNR)",
+            bm: "best hand-made (mean PSNR)"}
+    for key in dict.fromkeys(k for k in (lk, fk, sk, bs, bm) if k):
+        q = quality.get(key, {})
+        mean, setp = q.get("psnr_image_mean"), q.get("psnr_vs_full")
+        gap = "-" if key in (bs, bm) or mean is None or best_mean is None or best_set is None else \
+            f"{mean - best_mean:+.2f} / {setp - best_set:+.2f}"
+        body.append([key, what[key] if key not in (bs, bm) or bs != bm else "best hand-made",
+                     pct(q.get("macs_kept"), ".2f"), num(mean), num(setp), gap, pct(q.get("class_accuracy")),
+                     num(q.get("digits_fd")), num(per_it.get(key), ".0f")])
+    lines += table(["schedule", "method", "MACs kept", "mean PSNR dB", "set PSNR dB", "vs best hand-made dB "
+                    "(mean / set)", "class acc.", "FD", "cost / iteration"], body, right_from=2) + [""]
+    eq = run["equal_macs"]
+    macs = ", ".join(f"`{k}` {pct(v, '.2f')}" for k, v in eq["macs_kept"].items())
+    lines += [f"Equal MACs: {macs}; largest relative gap {pct(eq['max_relative_gap'], '.2f')} "
+              f"({'within' if eq['holds'] else '**not within**'} the {pct(eq['tolerance'], '.0f')} tolerance). "
+              f"Hand-made schedules held out: {', '.join(f'`{k}`' for k in run['handmade_within'])}"
+              + (f" (the {len(run['handmade_within'])} best on the training bank of the "
+                 f"{len(run['handmade_bank_psnr'])} within 2% of the learned MACs)."
+                 if len(run.get("handmade_bank_psnr", {})) > len(run["handmade_within"]) else
+                 " (every one within 2% of the learned MACs)."), ""]
+    def curve(history, key) -> str:
+        return ", ".join(f"{num(h.get('seconds', 0.0), '.0f')} s {num(h[key])}" for h in history if key in h)
+
+    lines += [f"Bank PSNR (dB) against seconds of learning: `dipgo.learn` {curve(le['history'], 'psnr')}; "
+              f"`dipgo.search` 0 s {num(se.get('bank_psnr_start'))}"
+              + "".join(f", {num(h.get('seconds'), '.0f')} s {num(h['score'])}" for h in se.get("history", [])
+                        if "score" in h) + ".", ""]
+    ex, sc = cost.get("ste-exact", {}), cost.get("ste-shortcut", {})
+    lines += [f"Cost of a learning iteration, counted in denoiser-call equivalents (the full model on one sample "
+              f"once; a backward 2x the forward MACs it goes through): `dipgo.learn` "
+              f"{num(cost.get('learn', {}).get('per_iteration'), '.0f')} (one estimate and its validations; "
+              f"{cost.get('learn', {}).get('estimates', '-')} iterations), `dipgo.search` "
+              f"{num(cost.get('search', {}).get('per_iteration'), '.0f')} (one candidate), STE shortcut "
+              f"{num(sc.get('per_iteration'), '.0f')}, STE exact {num(ex.get('per_iteration'), '.0f')} (one "
+              "optimiser step each).", ""]
+    if best_mean is not None and best_set is not None:
+        for name, key in (("learned", lk), ("searched", fk), ("STE", sk)):
+            q = quality.get(key)
+            if q:
+                lines.append(f"The {name} schedule is {q['psnr_image_mean'] - best_mean:+.2f} dB (mean PSNR) and "
+                             f"{q['psnr_vs_full'] - best_set:+.2f} dB (set PSNR) from the best hand-made schedule "
+                             f"(`{bm}`, `{bs}`).")
+        lines.append("")
+    return lines
+
+
 def learn_part(doc: dict, plots) -> list[str]:
     lines = ["## DiP-GO: a schedule learned in this run against hand-made ones at equal MACs", ""]
     bad = section_problem(doc)
     if bad:
         return lines + bad
+    if doc.get("ste"):  # the learner, the search and STE per target (sections since 2026-12)
+        for run in [doc] + list(doc.get("more_targets", [])):
+            lines += _learn_target(run)
+        timing = doc.get("timing") or []
+        if timing:
+            t0 = timing[0]
+            lines += [f"Wall-clock of the first target's schedules: one sampling run of {doc['calls']} calls at "
+                      f"{t0.get('batch_per_call', '?')} samples per call, median of {t0.get('reps', '?')} "
+                      "interleaved runs with the full model.", ""]
+            lines += table(["schedule", "MACs kept", "ideal x", "measured x", "wall s", "full s"],
+                           [[r["schedule"], pct(r["macs_kept"], ".2f"), num(r["mac_ideal"]), num(r["speedup"]),
+                             num(r["ours_s"], ".3f"), num(r["full_s"], ".3f")] for r in timing]) + [""]
+        tr = doc.get("train") or {}
+        if tr.get("history"):
+            lines += [f"STE training: {tr['iterations']} iterations, the last keeping "
+                      f"{pct(tr['history'][-1]['kept_macs'])} of the MACs at consistency "
+                      f"{num(tr['history'][-1]['consistency'], '.4f')}.", ""]
+        lines += verdict(doc, {r["schedule"]: r for r in doc["quality"]}) + [""]
+        for name in ("dipgo_samples.png", "learned_schedule.png", "dipgo_training.png"):
+            lines += image(plots, name)
+        return lines
     tr, eq = doc["train"], doc["equal_macs"]
     st = tr["settings"]
     last = tr["history"][-1] if tr["history"] else {}
