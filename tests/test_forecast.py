@@ -446,3 +446,42 @@ def test_sd15_pipeline():
 def test_full_has_nothing_to_forecast():
     s = full(tiny_dit(), 5).with_forecast(2)
     assert not s.forecast.any() and s.forecast_depth == [0] * len(s.graph)
+
+
+# ----------------------------------------------------------------------------- the schedule map
+
+
+def _colour_pixels(path, hex_colour):
+    import matplotlib.image
+    import numpy as np
+
+    rgb = np.round(np.asarray(matplotlib.image.imread(path))[..., :3] * 255).astype(int)
+    want = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return int((rgb == want).all(-1).sum())
+
+
+def test_schedule_map_draws_forecast_apart_from_read(tmp_path):
+    """The map has a colour of its own for FORECAST cells (it was drawn as 'not needed' once)."""
+    from shortcut_kernels.report import plots
+
+    calls = 9
+    repeat, forecast = fora(tiny_dit(), calls, 3), fora(tiny_dit(), calls, 3, forecast=1)
+    assert FORECAST in {m for row in forecast.modes for m in row}
+    modes = plots.schedule_modes(forecast.to_dict())
+    assert modes.tolist() == [list(row) for row in forecast.modes]
+    paths = [plots.schedule_map(s.to_dict(), tmp_path / f"{i}.png") for i, s in enumerate((repeat, forecast))]
+    read_colour, dead_colour, forecast_colour = (plots._MODE_COLOURS[m] for m in (READ, 2, FORECAST))
+    assert len(set(plots._MODE_COLOURS)) == len(plots._MODE_COLOURS)
+    assert _colour_pixels(paths[0], forecast_colour) == 0
+    assert _colour_pixels(paths[1], forecast_colour) > 1000  # the cells, not only a legend patch
+    assert _colour_pixels(paths[1], read_colour) < _colour_pixels(paths[0], read_colour)
+    assert _colour_pixels(paths[1], dead_colour) == _colour_pixels(paths[0], dead_colour)
+
+
+def test_schedule_map_rejects_unknown_modes(tmp_path):
+    from shortcut_kernels.report import plots
+
+    d = fora(tiny_dit(), 6, 3).to_dict()
+    d["modes"] = [row[:-1] + "7" for row in d["modes"]]
+    with pytest.raises(ValueError, match="modes hold \\[7\\]"):
+        plots.schedule_map(d, tmp_path / "x.png")

@@ -127,38 +127,51 @@ def dipgo_samples(sections: dict, path: Path) -> bool:
                       col_labels=s.get("labels"))
 
 
-# colours of a schedule's modes, in the order of their digits in the JSON: compute, read, dead
-_MODE_COLOURS = ("#2b6cb0", "#f6ad55", "#edf2f7")
+# colours and legend labels of a schedule's modes, in the order of their digits in the JSON
+# (runtime.schedule.MODE_NAMES): compute, read, dead, forecast
+_MODE_COLOURS = ("#2b6cb0", "#f6ad55", "#edf2f7", "#38a169")
+_MODE_LABELS = ("compute", "cached: repeated", "not needed", "cached: forecast")
 _READ = 1
 
 
 def schedule_modes(schedule: dict) -> np.ndarray:
     """``[calls, blocks]`` modes of a schedule's JSON (``Schedule.to_dict``): 0 compute,
-    1 read from the cache, 2 not needed. JSON written before the modes were stored has only
-    the keep rows: every block it does not compute is drawn as read."""
+    1 read from the cache, 2 not needed, 3 forecast from the cache. JSON written before the
+    modes were stored has only the keep rows: every block it does not compute is drawn as read."""
     rows = schedule.get("modes")
     if rows is None:
         return np.array([[0 if c == "1" else _READ for c in row] for row in schedule["keep"]], dtype=np.int64)
-    return np.array([[int(c) for c in row] for row in rows], dtype=np.int64)
+    data = np.array([[int(c) for c in row] for row in rows], dtype=np.int64)
+    bad = sorted(set(np.unique(data).tolist()) - set(range(len(_MODE_COLOURS))))
+    if bad:
+        raise ValueError(f"schedule modes hold {bad}: a map draws 0 compute, 1 read, 2 not needed, 3 forecast "
+                         "(a file from a newer version?)")
+    return data
 
 
 def schedule_map(schedule: dict, path: str | Path, label: str | None = None) -> Path:
     """Save a schedule's calls x blocks map as a PNG (blue compute, orange read from the
-    cache, grey not needed), drawn from its JSON dict alone; the title starts with ``label``
-    (default: the schedule's name) and gives the MACs kept and the ideal speedup."""
+    cache, green forecast from the cache, grey not needed; a legend names the modes the map
+    has), drawn from its JSON dict alone; the title starts with ``label`` (default: the
+    schedule's name) and gives the MACs kept and the ideal speedup."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     data = schedule_modes(schedule)
     names = schedule["block_names"]
     calls = len(data)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * len(names), 20), min(2 + 0.12 * calls, 14)))
-    ax.imshow(data, aspect="auto", interpolation="nearest", vmin=0, vmax=2, cmap=ListedColormap(_MODE_COLOURS))
+    fig, ax = plt.subplots(figsize=(min(3.5 + 0.25 * len(names), 20), min(2 + 0.12 * calls, 14)))
+    last = len(_MODE_COLOURS) - 1
+    ax.imshow(data, aspect="auto", interpolation="nearest", vmin=0, vmax=last, cmap=ListedColormap(_MODE_COLOURS))
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("denoiser call")
+    present = sorted(set(np.unique(data).tolist()))
+    ax.legend(handles=[Patch(facecolor=_MODE_COLOURS[m], edgecolor="#4a5568", label=_MODE_LABELS[m]) for m in present],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     ax.set_title(f"{label or schedule['name']}: {100 * schedule['macs_kept']:.1f}% MACs kept, "
-                 f"ideal {schedule['ideal_speedup']:.2f}x (blue compute, orange cached)", fontsize=9)
+                 f"ideal {schedule['ideal_speedup']:.2f}x", fontsize=9)
     path = Path(path)
     _save(plt, fig, path, dpi=120)
     return path
