@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="sdo.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    record = {"bench": "sdo", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
+    record = {"section": "sdo", "bench": "sdo", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
               "python": platform.python_version(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
     parts = {"fidelity": lambda a: fidelity(section_settings(a)), "cost": part_cost, "memory": part_memory, "latents": part_latents,
