@@ -74,10 +74,27 @@ def test_gpu_section_sdxl_and_dit_rows(name, overrides, one_thread):
 def test_gpu_section_sdo_cost_rows(one_thread):
     doc = gpu_section.sdo_rows("sd-1.5", 16, rounds=1, dtype=torch.float32, device="cpu", overrides=TINY_SD, calls=8)
     rows = {r["method"]: r for r in doc["rows"]}
-    assert set(rows) == {"full", "sdo", "sdo+deepcache(3,0)", "sdo+deepcache(5,0)"}
+    assert set(rows) == {"full", sdo_section.PLAIN_FULL, "sdo", "sdo+deepcache(3,0)", "sdo+deepcache(5,0)"}
     assert rows["full"]["full_over_this"] == 1.0 and rows["sdo"]["chain_macs_kept"] == 1.0
     assert rows["sdo+deepcache(5,0)"]["chain_macs_kept"] < rows["sdo+deepcache(3,0)"]["chain_macs_kept"] < 1
     assert all(r["grad_finite"] and r["seconds"] > 0 for r in rows.values())
+
+
+def test_gpu_section_sdo_records_exact_backprop_that_does_not_fit(one_thread, monkeypatch):
+    from shortcut_kernels import sdo
+
+    real = sdo.shortcut_sample
+
+    def without_room(fn, sched, x, config, **kw):
+        if config.policy.kind == "full" and not config.checkpoint:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fn, sched, x, config, **kw)
+
+    monkeypatch.setattr(sdo, "shortcut_sample", without_room)
+    doc = gpu_section.sdo_rows("sd-1.5", 16, rounds=1, dtype=torch.float32, device="cpu", overrides=TINY_SD, calls=4)
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert rows[sdo_section.PLAIN_FULL] == {"method": sdo_section.PLAIN_FULL, "policy": "full", "fits_in_memory": False}
+    assert rows["full"]["seconds"] > 0 and rows["sdo"]["grad_finite"]
 
 
 def test_gpu_section_compile_rows(one_thread):

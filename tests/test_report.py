@@ -345,6 +345,18 @@ def test_headline_reads_a_section_file_and_gpu_rows(tmp_path, capsys):
     row = _row(md, "SDO gradient, sd-1.5 bfloat16")
     assert "`sdo+deepcache(5,0)`: 0.640 s, 12.50x faster" in row and "`full` (checkpointed): 8.000 s, 474 MiB" in row
     assert "`gpu-somewhere.json`" in row
+    for plain, against in ((dict(seconds=6.4, full_over_this=1.25, peak_mib_over_weights=9000.0, grad_finite=True),
+                            "`full, no checkpointing`: 6.400 s, 9000 MiB"),  # the faster exact baseline is quoted
+                           (dict(fits_in_memory=False), "`full, no checkpointing` did not fit in memory")):
+        doc = json.loads(f.read_text())
+        doc["sdo"]["rows"].append(dict(method="full, no checkpointing", policy="full", **plain))
+        f.write_text(json.dumps(doc))
+        assert main(["report", str(f), "--headline"]) == 0
+        row = _row(capsys.readouterr().out, "SDO gradient, sd-1.5 bfloat16")
+        assert against in row
+        assert ("10.00x faster" if "6.400" in against else "12.50x faster") in row
+        doc["sdo"]["rows"].pop()
+        f.write_text(json.dumps(doc))
     assert main(["report", str(f)]) == 2
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a section JSON"):

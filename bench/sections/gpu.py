@@ -33,6 +33,8 @@ import traceback
 import torch
 from tqdm import tqdm
 
+from .sdo import PLAIN_FULL
+
 CALLS = 50
 GUIDANCE = 7.5
 # name: (latent side, timed runs of each variant)
@@ -235,7 +237,8 @@ def sdo_rows(name: str = "sd-1.5", latent: int = 64, rounds: int = 2, dtype=torc
     meta = build_model(name, device="meta", overrides=overrides)
     shape = (2, c.in_channels, latent, latent)
     chains = {f"deepcache({n},{b})": deepcache(meta, calls, n, b, sample_shape=shape) for n, b in SDO_CHAINS}
-    methods = {"full": ("full", None), "sdo": ("random", None),
+    # exact backprop checkpointed, and keeping every activation where that fits in memory (faster)
+    methods = {"full": ("full", None), PLAIN_FULL: ("full", None), "sdo": ("random", None),
                **{f"sdo+{k}": ("random", s) for k, s in chains.items()}}
     autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
     times = {m: [] for m in methods}
@@ -246,16 +249,28 @@ def sdo_rows(name: str = "sd-1.5", latent: int = 64, rounds: int = 2, dtype=torc
     def iteration(method: str, r: int):
         policy, chain = methods[method]
         x = x_T.clone().requires_grad_(True)
-        config = sdo.ChainConfig(policy=policy, guidance=GUIDANCE, autocast=autocast, chain_schedule=chain)
+        config = sdo.ChainConfig(policy=policy, guidance=GUIDANCE, autocast=autocast, chain_schedule=chain,
+                                 checkpoint=method != PLAIN_FULL)
         x0 = sdo.shortcut_sample(fn, scheduler, x, config, params=[], generator=torch.Generator().manual_seed(r))
         (x0 * weight).sum().backward()
         grads[method] = x.grad
 
+    too_big = set()
     for r in tqdm(range(rounds + 1), desc=f"gpu sdo {name}"):  # round 0 warms up
         for m in methods:
+            if m in too_big:
+                continue
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            sec = _timed(lambda: iteration(m, r), dev)
+            try:
+                sec = _timed(lambda: iteration(m, r), dev)
+            except torch.cuda.OutOfMemoryError:
+                if m != PLAIN_FULL:
+                    raise
+                too_big.add(m)  # every activation of every call does not fit: reported, not timed
+                grads.pop(m, None)
+                torch.cuda.empty_cache()
+                continue
             if r:
                 times[m].append(sec)
                 peak = _peak_mib(dev)
@@ -263,6 +278,9 @@ def sdo_rows(name: str = "sd-1.5", latent: int = 64, rounds: int = 2, dtype=torc
     full = statistics.median(times["full"])
     rows = []
     for m, (policy, chain) in methods.items():
+        if m in too_big:
+            rows.append({"method": m, "policy": policy, "fits_in_memory": False})
+            continue
         sec = statistics.median(times[m])
         rows.append({"method": m, "policy": policy, "chain_macs_kept": 1.0 if chain is None else chain.macs_kept,
                      "seconds": sec, "full_over_this": full / sec,

@@ -434,11 +434,13 @@ def gpu_part(doc: dict, plots) -> list[str]:
         lines += [f"SDO: one gradient of a reward on the final latent w.r.t. the initial noise, {sdo['model']} in "
                   f"{sdo['dtype']}, batch {sdo['batch']}, latent {sdo['latent']}x{sdo['latent']}, {sdo['calls']} "
                   f"DDIM calls, guidance {sdo['guidance']}; median of {sdo['rounds']} iterations. `full` checkpoints "
-                  "every call; `sdo` is the memory-light shortcut, `+deepcache(N,0)` its no-grad chain through "
+                  "every call, `full, no checkpointing` keeps every activation where it fits; `sdo` is the "
+                  "memory-light shortcut, `+deepcache(N,0)` its no-grad chain through "
                   "that schedule. Peak memory: above the weights.", ""]
         lines += table(["method", "chain MACs kept", "s / iteration", "full / this", "peak MiB", "gradient finite"],
-                       [[r["method"], pct(r["chain_macs_kept"]), num(r["seconds"], ".3f"), num(r["full_over_this"]),
-                         num(r["peak_mib_over_weights"], ".0f"), str(r["grad_finite"])] for r in sdo["rows"]]) + [""]
+                       [[r["method"], pct(r.get("chain_macs_kept")), num(r.get("seconds"), ".3f"),
+                         num(r.get("full_over_this")), num(r.get("peak_mib_over_weights"), ".0f"),
+                         str(r.get("grad_finite", "did not fit in memory"))] for r in sdo["rows"]]) + [""]
     if doc.get("compile"):
         lines += ["torch.compile (Inductor; `compile[reduce-overhead]`: with CUDA graphs): the first run "
                   "includes the compiles; `x compiled full` is against the full model compiled the same way.", ""]
