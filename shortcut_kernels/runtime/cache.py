@@ -28,7 +28,8 @@ the per-run :class:`CacheState`:
   raises ``FloatingPointError`` naming the dead blocks instead of passing garbage on.
 
 A NaN/inf in a cached tensor raises ``FloatingPointError`` at the first call that would
-reuse it. The check (``bool(isfinite(t).all())``) waits for the device, so by default
+reuse it. The check (a sum, then ``isfinite`` elementwise only when the sum is not
+finite: :func:`_all_finite`) waits for the device, so by default
 (``check_finite=None``) it runs on CPU tensors only: on a GPU the default path adds no
 host-device sync; ``check_finite=True`` checks on every device, ``False`` nowhere;
 compiled calls skip it. A forecast checks its output and, when that is not finite, names the
@@ -199,6 +200,20 @@ def _where(leaf) -> tuple:
     gates of its forecasts live there, in the fused op's accumulation dtype."""
     _, dtype, device = leaf
     return (device, torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf. One reduction first: the sum of a tensor with a NaN
+    or inf is not finite, so a finite sum settles it (half-precision tensors are summed in
+    float32, where their sum cannot overflow); a sum that is not finite (a NaN or inf, or
+    finite values whose sum overflowed) is settled elementwise. On the CPU a sum is much
+    cheaper than ``isfinite(t).all()``, which writes a bool tensor and then reduces it."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _checks_finite(setting: bool | None, device: torch.device) -> bool:
@@ -650,7 +665,7 @@ class Accelerated:
         st = self.state
         dead = [self.schedule.graph.names[b] for b, m in enumerate(st.modes) if m == DEAD]
         leaves = [t for t in _leaves(output) if t.is_floating_point()]
-        if dead and not all(bool(torch.isfinite(t).all()) for t in leaves):
+        if dead and not all(_all_finite(t) for t in leaves):
             self._abort()  # raising here skips the always_call path
             raise FloatingPointError(
                 f"debug: the output of call {st.call} is not finite, and at this call the dead blocks "
@@ -661,7 +676,7 @@ class Accelerated:
     def _check(self, slot: _Slot, tensors) -> None:
         st = self.state
         for t in tensors:
-            if _checks_finite(st.check_finite, t.device) and not bool(torch.isfinite(t).all()):
+            if _checks_finite(st.check_finite, t.device) and not _all_finite(t):
                 raise FloatingPointError(
                     f"the cached output of block {slot.name!r} (computed at call {st.computed_at[slot.block]}) "
                     f"contains NaN or inf; call {st.call} would reuse it")
@@ -751,11 +766,10 @@ class Accelerated:
         culprit. Checked when it read every output the block holds."""
         st = self.state
         b = slot.block
-        if _checks_finite(st.check_finite, leaves[0].device) and not all(bool(torch.isfinite(t).all())
-                                                                         for t in leaves):
+        if _checks_finite(st.check_finite, leaves[0].device) and not all(_all_finite(t) for t in leaves):
             for c in caches:
                 for t in _leaves(c):
-                    if not bool(torch.isfinite(t).all()):
+                    if not _all_finite(t):
                         raise FloatingPointError(
                             f"a cached output of block {slot.name!r} contains NaN or inf; call {st.call} would "
                             "forecast from it")
@@ -770,7 +784,7 @@ class Accelerated:
         fresh = [c for c in run if st.unchecked[c]]
         if not fresh:
             return
-        if _checks_finite(st.check_finite, out.device) and not bool(torch.isfinite(out).all()):
+        if _checks_finite(st.check_finite, out.device) and not _all_finite(out):
             for c in fresh:
                 mod = next(m for m in self._swapped if m._sk_slot.block == c)
                 self._check(mod._sk_slot, [st.cache[c]])
