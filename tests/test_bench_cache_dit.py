@@ -68,6 +68,44 @@ def test_cache_dit_masks_as_our_schedules_compute_and_repeat_alike(bench, fresh_
     assert abs(a["psnr"] - b["psnr"]) < 0.05
 
 
+def test_taylorseer_is_our_forecast_at_its_orders_with_its_second_derivative(bench, fresh_seed, monkeypatch):
+    # cache-dit's TaylorSeer on a static mask = our forecast of the same keep rows at the orders
+    # TaylorSeer runs call by call (taylorseer_orders) with its second derivative
+    # (taylorseer_weights): the same images up to rounding
+    if cd.forecast_orders() == (0,):
+        pytest.skip("this runtime has no forecast reuse")
+    from shortcut_kernels.runtime import forecast
+    from shortcut_kernels.runtime.schedule import Schedule
+
+    rng = random.Random(fresh_seed)
+    fn, k, lead, order = rng.randint(1, 2), rng.randint(3, CALLS - 3), rng.randint(1, 4), rng.randint(1, 2)
+    mask = cd.spread_mask(CALLS, k, lead)
+    s = cd.CacheDiTSetting(Fn=fn, warmup=min(lead, k), order=order, mask=mask, policy="static", mask_name="t")
+    keep = torch.zeros(CALLS, BLOCKS, dtype=torch.bool)
+    keep[:, :fn] = True
+    keep[[t for t, m in enumerate(mask) if m]] = True
+    monkeypatch.setattr(forecast, "weights", cd.taylorseer_weights)
+    ours = bench.ours("ts", Schedule(keep, bench.graph, forecast=cd.taylorseer_orders(mask, order, fn, BLOCKS)))
+    theirs = bench.cache_dit(s)
+    assert ours["blocks_per_call"] == theirs["blocks_per_call"]
+    assert abs(ours["psnr"] - theirs["psnr"]) < 0.005
+    assert abs(ours["psnr_image_mean"] - theirs["psnr_image_mean"]) < 0.005
+
+
+def test_taylorseer_orders_start_at_call_three():
+    # lead 4 then every other call: calls 0-2 give no derivative, call 3 a first, call 5 a second
+    mask = (1, 1, 1, 1, 0, 1, 0, 1, 0, 0)
+    two, one = cd.taylorseer_orders(mask, 2, 1, 3), cd.taylorseer_orders(mask, 1, 1, 3)
+    assert two[:, 1].tolist() == [0, 0, 0, 0, 1, 0, 2, 0, 2, 2] and not two[:, 0].any()
+    assert one[:, 2].tolist() == [0, 0, 0, 0, 1, 0, 1, 0, 1, 1]
+    # full calls 0 and 1 only: no derivative ever (cache-dit repeats)
+    assert not cd.taylorseer_orders((1, 1, 0, 0, 0), 2, 1, 3).any()
+    # on even spacing TaylorSeer's second derivative is ours
+    from shortcut_kernels.runtime.forecast import weights
+    assert cd.taylorseer_weights(9, [7, 5, 3]) == pytest.approx(weights(9, [7, 5, 3]), abs=1e-12)
+    assert cd.taylorseer_weights(9, [7, 4, 3]) != pytest.approx(weights(9, [7, 4, 3]), abs=1e-3)
+
+
 def test_ours_counts_equal_the_schedule(bench, fresh_seed):
     rng = random.Random(fresh_seed)
     count = rng.randint(2, CALLS - 1)
@@ -86,6 +124,61 @@ def test_ours_forecast_rows_count_only_computed_blocks(bench):
     s = skip_steps(bench.model, CALLS, count=4, granularity="fine", forecast=1)
     row = bench.ours("skip forecast", s)
     assert row["compute"] == 4 / CALLS and 0 < row["psnr"] < math.inf
+
+
+def test_forecast_cost_rows_time_the_order_two_calls_and_count_the_bytes(bench):
+    """The forecast-cost part at one run per mode: the calls timed are those where every reused
+    block forecasts at order 2 (full calls 0, 3, 6 of 9: calls 7 and 8), the bytes are p + 2
+    block outputs per forecasting block (6 blocks reused by fora, 5 by the Fn-1 row), and the
+    report renders the table. Timings are not checked: they are valid only on a quiet machine."""
+    if cd.forecast_orders() == (0,):
+        pytest.skip("this runtime has no forecast reuse")
+    from shortcut_kernels.report.cache_dit import cost_lines
+
+    cost = cd.forecast_cost(bench, cd.CostPlan(reps=1, copies=2))
+    t = cost["tensor_bytes"]
+    assert t == 4 * math.prod(cost["block_output_shape"]) and cost["block_output_shape"][0] == cost["batch_per_call"]
+    assert [r["row"] for r in cost["rows"]] == ["fora(3)", "first1+every 3"]
+    for r, reused in zip(cost["rows"], (6, 5)):
+        assert r["calls_timed"] == [7, 8]
+        for o in (1, 2):
+            f = r[f"forecast{o}"]
+            assert f["extrapolation_bytes"] == reused * (o + 2) * t
+            # beyond READ (one pass over x and the run's caches): order 1 one fused pass per block,
+            # order 2 one more blending two outputs into a new one
+            assert f["bytes_moved_beyond_read"] == (reused * (4 if o == 1 else 7) - (reused + 2)) * t
+            assert len(f["times"]) == 1 and f["seconds"] > 0 and f["bound_s"] > r["read_s"] > 0
+            assert f["over_bound"] == pytest.approx(f["seconds"] / f["bound_s"])
+            assert f["holds"] == (f["seconds"] <= 1.05 * f["bound_s"])
+    text = "\n".join(cost_lines(cost))
+    assert "Forecast reuse, CPU cost" in text and "`first1+every 3`" in text and "7, 8" in text
+
+
+def test_search_starts_from_our_best_and_keeps_its_forecast(bench, monkeypatch):
+    """The FULL run's search: its start is the best of our schedules at the budget on the
+    training bank, and every schedule it samples after that (the moved candidates, which
+    ``local_search`` builds from keep rows alone) runs with the start's forecast orders, as
+    does the result."""
+    if cd.forecast_orders() == (0,):
+        pytest.skip("this runtime has no forecast reuse")
+    from shortcut_kernels.zoo import dipgo_eval
+
+    real, sampled = dipgo_eval.zoo_sampler, []
+
+    def recording(*args, **kwargs):
+        bank = real(*args, **kwargs)
+        return lambda s: sampled.append(s) or bank(s)
+
+    monkeypatch.setattr(dipgo_eval, "zoo_sampler", recording)
+    candidates = {f"skip{o}": skip_steps(bench.model, CALLS, count=5, granularity="fine", forecast=o) for o in (1, 2)}
+    candidates["too much"] = skip_steps(bench.model, CALLS, count=6, granularity="fine", forecast=1)
+    res, key, scores = cd.searched(bench, 0.5, 4.0, candidates, bank_size=4)
+    assert set(scores) == {"skip1", "skip2"} and key == max(scores, key=scores.get)
+    assert res.start_psnr == pytest.approx(scores[key])
+    order = int(key[-1])
+    assert cd._one_order(res.schedule) == order and res.schedule.keep.sum() == candidates[key].keep.sum()
+    moved = [s for s in sampled[1 + len(scores):] if s is not None]  # after the reference and the starts
+    assert moved and all(cd._one_order(s) == order for s in moved)
 
 
 @pytest.mark.parametrize("trial", range(20))

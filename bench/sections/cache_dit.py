@@ -32,11 +32,17 @@ the most full calls each budget allows, each with ``forecast=1`` and ``2`` where
 has forecast reuse; ``deepcache`` is a UNet builder and is recorded as not applicable; the
 cache-dit settings' evenly spread static masks run as our schedules too (:func:`mask_schedules`:
 the same blocks computed, our repeat and forecast reuse; quick: Fn 1 only); FULL adds a
-schedule searched per budget (``zoo.dipgo_eval.search`` on training noise).
+schedule searched per budget (``dipgo.search.local_search`` on training noise from our best
+schedule at that budget, forecast orders kept: :func:`searched`).
 
 Per budget (quick: 20% and 50%; FULL: 20, 30, 40, 50, 60%), the best row of each library at
 no more compute and the difference in set PSNR. Wall-clock: seconds per sample of each row
 over the full model's in the same process; valid only when ``make bench`` runs alone.
+
+Forecast cost (:func:`forecast_cost`, a few seconds): one denoiser call of ``digits-dit`` with
+a schedule row in ``READ`` against the same row forecasting at order 1 and 2, interleaved; the
+cost ratio, the extrapolation's bytes and the time of copying as many bytes in the same run
+(issue 28, must hold 3: forecast within 5% of ``READ`` plus the bytes).
 """
 from __future__ import annotations
 
@@ -419,12 +425,55 @@ def our_schedules(model, calls: int, budgets, orders=(0,)) -> Ours:
     return ours
 
 
+def taylorseer_orders(mask, order: int, fn: int, blocks: int) -> torch.Tensor:
+    """The forecast order cache-dit's TaylorSeer (1.5.3) runs at each call of a static
+    ``mask``, as a ``[calls, blocks]`` tensor for our :class:`Schedule` (the first ``fn``
+    blocks compute at every call: 0 there, as at the mask's full calls).
+
+    TaylorSeer keeps, per cached stream, the last computed value and its derivatives, updated
+    at every computed call ``c``: ``d1 = (Y_c - Y_prev) / window``, ``d2 = (d1 - d1_prev) /
+    window``, each only where the previous update has the one below it and the state's step
+    counter is past 1. That state is made at its first update (call 0 of a run: cache-dit
+    makes new calibrators with every fresh context), after the step counters were advanced, so
+    its step is the call index minus one: a computation at call ``c`` gives a first derivative
+    only when ``c >= 3`` (and a computation came before), a second only when the computation
+    before it gave a first. A reused call forecasts with the derivatives its newest
+    computation has (``y_0 + e d1 + e^2 / 2 d2``), up to ``order``."""
+    calls = len(mask)
+    out = torch.zeros(calls, blocks, dtype=torch.int8)
+    have, seen = 0, 0  # derivatives the newest computation holds; computations so far
+    for t, m in enumerate(mask):
+        if m:
+            have = 0 if seen == 0 or t - 1 <= 1 else min(order, have + 1)
+            seen += 1
+        elif seen:
+            out[t, fn:] = have
+    return out
+
+
+def taylorseer_weights(call: int, computed) -> tuple[float, ...]:
+    """TaylorSeer's order-2 forecast as weights of the outputs computed at ``computed``
+    (newest first): its second derivative divides the change of slope by the last window,
+    ``d2 = (d1 - d1_prev) / (c_0 - c_1)``, where :func:`shortcut_kernels.runtime.forecast.weights`
+    divides by the distance of the slopes' midpoints, ``(c_0 - c_2) / 2``; the same on evenly
+    spaced computations. Order 1 (two outputs) is the library's, ``y_0 + e d1``. Used by the
+    parity test and ``experiments/forecast_parity.py`` in place of the library's weights."""
+    e, w0 = call - computed[0], computed[0] - computed[1]
+    if len(computed) == 2:
+        return (1 + e / w0, -e / w0)
+    w1 = computed[1] - computed[2]
+    q = e * e / (2 * w0)
+    return (1 + e / w0 + q / w0, -e / w0 - q / w0 - q / w1, q / w1)
+
+
 def mask_schedules(ours: Ours, model, settings, orders=(0,), fns=(1, 2)) -> Ours:
     """cache-dit's static masks as our schedules, added to ``ours``: the first ``Fn`` blocks
     at every call and every block at the mask's full calls (the blocks cache-dit computes),
-    reused with each order in ``orders``. Same compute as the cache-dit setting; order 0 is
-    cache-dit's repeat (its blocks after the first Fn reuse one summed residual, ours one
-    residual per block: the same sum)."""
+    reused with each order in ``orders``, and for orders 1 and 2 also at the orders
+    TaylorSeer runs call by call (:func:`taylorseer_orders`; key ``... forecast2 (TaylorSeer's
+    orders)``, ``params["orders"] = "taylorseer"``) where they differ. Same compute as the
+    cache-dit setting; order 0 is cache-dit's repeat (its blocks after the first Fn reuse one
+    summed residual, ours one residual per block: the same sum)."""
     from shortcut_kernels.runtime.schedule import Schedule, graph_of
 
     g = graph_of(model, "fine")
@@ -439,23 +488,244 @@ def mask_schedules(ours: Ours, model, settings, orders=(0,), fns=(1, 2)) -> Ours
         keep[:, :st.Fn] = True
         keep[[t for t, m in enumerate(st.mask) if m]] = True
         key = f"first{st.Fn}+mask({st.mask_name},{sum(st.mask)} full)"
+        params = {"Fn": st.Fn, "mask": st.to_json()["mask"]}
         for o in orders if has_forecast else (0,):
             fc = {"forecast": o} if o else {}
-            sched = Schedule(keep, g, name="cache-dit-mask", params={"Fn": st.Fn, "mask": st.to_json()["mask"], **fc},
-                             **fc)
+            sched = Schedule(keep, g, name="cache-dit-mask", params={**params, **fc}, **fc)
             ours.add(key + (f" forecast{o}" if o else ""), sched)
+            if o:
+                ts = Schedule(keep, g, name="cache-dit-mask", params={**params, **fc, "orders": "taylorseer"},
+                              forecast=taylorseer_orders(st.mask, o, st.Fn, len(g)))
+                if ts.forecast_orders != sched.forecast_orders:
+                    ours.add(key + f" forecast{o} (TaylorSeer's orders)", ts)
     return ours
 
 
-def searched(bench: Bench, budget: float, seconds: float):
-    """A schedule searched at ``budget`` (``zoo.dipgo_eval.search``, training noise, a bank of
-    20 samples, ``seconds`` of search); its block share stays that of its start."""
-    from shortcut_kernels.zoo.dipgo_eval import search
+def _one_order(schedule):
+    """The forecast of ``schedule`` as :meth:`Schedule.with_forecast` takes it for other keep
+    rows: its order when every reused block has the same one (blocks never reused aside), else
+    one order per block; None for per-cell orders (they do not follow moved rows)."""
+    blocks = schedule.forecast_blocks
+    if blocks is None:
+        return None
+    used = {o for b, o in enumerate(blocks) if bool((~schedule.keep[:, b]).any())}
+    return used.pop() if len(used) == 1 else (0 if not used else blocks)
 
-    # the MAC budget sits a little above the block share: the graph's overhead runs at every call
-    result = search(bench.model, bench.scheduler(), budget + 0.005, calls=bench.p.calls, bank=20,
-                    time_budget=seconds, progress=False)
-    return result
+
+def search_start(bank, candidates: dict, budget: float) -> tuple[str, dict]:
+    """The start of the search at ``budget``: of ``candidates`` (our schedules of the run, with
+    and without forecast) those at no more block compute whose forecast follows moved rows
+    (:func:`_one_order`), within 90% of the most compute among them, scored on ``bank``
+    (training noise): ``(key of the best, {key: bank PSNR})``."""
+    from shortcut_kernels.dipgo.search import psnr
+
+    ok = {k: s for k, s in candidates.items()
+          if compute_share(s.keep) <= budget + EPS and _one_order(s) is not None}
+    if not ok:
+        raise ValueError(f"none of our schedules computes <= {budget:.0%} of the block forwards")
+    top = max(compute_share(s.keep) for s in ok.values())
+    ok = {k: s for k, s in ok.items() if compute_share(s.keep) >= 0.9 * top - EPS}
+    ref = bank(None)
+    scores = {k: psnr(bank(s), ref) for k, s in ok.items()}
+    return max(scores, key=scores.get), scores
+
+
+def searched(bench: Bench, budget: float, seconds: float, candidates: dict, bank_size: int = 20):
+    """A schedule searched at ``budget``: ``dipgo.search.local_search`` for ``seconds`` on a
+    training bank of ``bank_size`` samples (``zoo.dipgo_eval.zoo_sampler``, training noise)
+    from our best schedule at that budget (:func:`search_start`: hand-made with and without
+    forecast, cache-dit's masks as our schedules), keeping its forecast orders. The search
+    moves keep rows and builds each candidate from them alone (it drops forecast orders), so
+    its sampler puts the start's orders back on every candidate before sampling it, and the
+    result gets them too (``with_forecast``): the moves are judged with the forecast they run
+    with. Its block share stays that of its start (moves swap rows). Returns ``(SearchResult,
+    start key, start scores)``."""
+    from shortcut_kernels.dipgo.search import local_search
+    from shortcut_kernels.zoo.dipgo_eval import zoo_sampler
+
+    bank = zoo_sampler(bench.model, bench.scheduler(), n=bank_size, calls=bench.p.calls, guidance=bench.p.guidance)
+    key, scores = search_start(bank, candidates, budget)
+    start = candidates[key]
+    orders = _one_order(start)
+
+    def sample(s):
+        return bank(None if s is None else s.with_forecast(orders))
+
+    result = local_search(start, sample, time_budget=seconds, progress=False)
+    result.schedule = result.schedule.with_forecast(orders)
+    return result, key, scores
+
+
+# ----------------------------------------------------------------------------- forecast cost
+
+
+@dataclass
+class CostPlan:
+    """The forecast-cost rows (:func:`forecast_cost`): ``calls`` denoiser calls with full calls
+    every ``interval``, ``per_class`` samples of each digit (batch ``2 * 10 * per_class`` per
+    call with guidance), ``reps`` interleaved runs of each reuse mode, ``copies`` timed copies
+    per rep."""
+
+    calls: int = 9
+    interval: int = 3
+    per_class: int = 1
+    reps: int = 5
+    copies: int = 20
+    slack: float = 0.05  # issue 28, must hold 3: within 5% of READ plus the extrapolation's bytes
+
+
+class _Timed(torch.nn.Module):
+    """The zoo model with the wall-clock of each of its calls (``times``): everything the
+    runtime does in a denoiser call happens inside it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+        self.times: list[float] = []
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _cost_rows(model, calls: int, interval: int) -> dict:
+    """The rows timed: ``fora`` (every block reused between full calls) and the first block at
+    every call with the rest reused (cache-dit's Fn 1 pattern), each full every ``interval``."""
+    from shortcut_kernels.runtime import fora
+    from shortcut_kernels.runtime.schedule import Schedule
+
+    base = fora(model, calls, interval)
+    keep = base.keep.clone()
+    keep[:, 0] = True
+    return {f"fora({interval})": base,
+            f"first1+every {interval}": Schedule(keep, base.graph, name="cache-dit-mask",
+                                                 params={"Fn": 1, "interval": interval})}
+
+
+def _bytes(schedule, call: int, tensor_bytes: int) -> tuple[int, int]:
+    """At ``call``: the extrapolation's bytes (per forecasting block of order p: p + 1 cached
+    tensors read, one written) and what the runtime's ops move beyond READ's (a run of n
+    repeated blocks: one pass reading x and n caches, writing one; a forecast block of order 1:
+    one fused pass reading y_0, y_1 and x, writing one; order 2: a pass blending y_1, y_2 into
+    one more tensor, then that order-1 pass)."""
+    from shortcut_kernels.runtime.schedule import FORECAST, READ
+
+    modes, orders = schedule.modes[call], schedule.forecast_orders[call]
+    extrapolation = sum(o + 2 for m, o in zip(modes, orders) if m == FORECAST)
+    moved = sum(4 if o == 1 else 7 for m, o in zip(modes, orders) if m == FORECAST)
+    if READ in modes:
+        raise ValueError(f"call {call} repeats some blocks and forecasts others: time a call that forecasts all")
+    runs, prev = [], None
+    for m in modes:  # what READ moves for the same cells: one pass per run of repeated blocks
+        if m == FORECAST:
+            if prev != FORECAST:
+                runs.append(0)
+            runs[-1] += 1
+        prev = m
+    read = sum(n + 2 for n in runs)
+    return extrapolation * tensor_bytes, (moved - read) * tensor_bytes
+
+
+@torch.no_grad()
+def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
+    """The CPU cost of a forecast reuse (issue 28, must hold 3): per row of
+    :func:`_cost_rows`, the same keep rows with reused blocks repeating (``READ``) and
+    forecasting at order 1 and 2, run by run interleaved (``reps`` runs of each, each mode
+    first in turn); timed: each
+    denoiser call (:class:`_Timed`), kept at the calls where the order-2 schedule forecasts
+    every reused block at order 2 (the same calls for every mode). Per mode the median over
+    runs of the mean call there; ``ratio``: the median over runs of forecast / READ. The bytes'
+    time: a copy of one block-output tensor into a new one (``clone``: reads one tensor, writes
+    one, allocating it as the runtime's ops allocate their outputs; two tensors' bytes), timed
+    ``copies`` times per run in the same process, the median per copy scaled to the bytes
+    (``copy_into_s``: the same copy into a tensor allocated once, for comparison). ``holds``:
+    forecast <= (1 + slack) x (READ + the extrapolation bytes' time). Valid only when nothing
+    else runs on the machine."""
+    import statistics
+
+    from shortcut_kernels import zoo
+    from shortcut_kernels.runtime import accelerate
+    from shortcut_kernels.runtime.schedule import FORECAST
+
+    cp = cp or CostPlan()
+    labels = torch.arange(10).repeat_interleave(cp.per_class)
+    timed = _Timed(bench.model)
+    shape = []
+    hook = bench.model.transformer.transformer_blocks[0].register_forward_hook(
+        lambda m, a, out: shape.append((tuple(out.shape), out.dtype)) if not shape else None)
+    try:
+        zoo.sample(bench.model, bench.scheduler(), labels, steps=1, guidance=bench.p.guidance, seed=0, progress=False)
+    finally:
+        hook.remove()
+    (out_shape, dtype), = shape
+    src = torch.randn(out_shape).to(dtype)
+    dst = torch.empty_like(src)
+
+    def copy_times(into: bool) -> list[float]:
+        times = []
+        for _ in range(cp.copies):
+            t0 = time.perf_counter()
+            if into:
+                dst.copy_(src)
+            else:
+                src.clone()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    tensor_bytes = src.numel() * src.element_size()
+    out = {"model": bench.p.model, "calls": cp.calls, "interval": cp.interval, "batch_per_call": 2 * len(labels),
+           "threads": torch.get_num_threads(), "reps": cp.reps, "slack": cp.slack, "tensor_bytes": tensor_bytes,
+           "block_output_shape": list(out_shape), "rows": []}
+    for key, base in _cost_rows(bench.model, cp.calls, cp.interval).items():
+        copies, into = [], []
+        modes = {"read": base, "forecast1": base.with_forecast(1), "forecast2": base.with_forecast(2)}
+        two = modes["forecast2"]
+        at = [t for t in range(cp.calls) if any(m == FORECAST for m in two.modes[t])
+              and all(o == 2 for m, o in zip(two.modes[t], two.forecast_orders[t]) if m == FORECAST)]
+        if not at:
+            raise ValueError(f"{key}: no call forecasts at order 2 in {cp.calls} calls; use more calls")
+        per: dict = {k: [] for k in modes}
+        names = list(modes)
+        for rep in range(cp.reps + 1):  # rep 0 warms up (allocator, first-call paths) and is dropped
+            for name in names[rep % 3:] + names[:rep % 3]:  # each mode first in turn
+                sched = modes[name]
+                sch = bench.scheduler()
+                timed.times = []
+                with accelerate(bench.model, sched, scheduler=sch, auto_resize=False):
+                    zoo.sample(timed, sch, labels, steps=cp.calls, guidance=bench.p.guidance, seed=rep,
+                               progress=False)
+                if len(timed.times) != cp.calls:
+                    raise RuntimeError(f"{key}: timed {len(timed.times)} calls, expected {cp.calls}")
+                if rep:
+                    per[name].append(statistics.fmean(timed.times[t] for t in at))
+            clone, copy_into = copy_times(False), copy_times(True)
+            if rep:
+                copies += clone
+                into += copy_into
+        copy_s = statistics.median(copies)  # moves 2 tensors' bytes
+        read_s = statistics.median(per["read"])
+        row = {"row": key, "calls_timed": at, "read_s": read_s, "copy_s": copy_s,
+               "copy_into_s": statistics.median(into)}
+        for o in (1, 2):
+            name = f"forecast{o}"
+            sched = modes[name]
+            extra, moved = _bytes(sched, at[0], tensor_bytes)
+            bytes_s = copy_s * extra / (2 * tensor_bytes)
+            f_s = statistics.median(per[name])
+            bound = read_s + bytes_s
+            row[name] = {"seconds": f_s, "ratio": statistics.median(f / r for f, r in zip(per[name], per["read"])),
+                         "extrapolation_bytes": extra, "bytes_moved_beyond_read": moved, "bytes_s": bytes_s,
+                         "bound_s": bound, "over_bound": f_s / bound, "holds": f_s <= (1 + cp.slack) * bound,
+                         "times": per[name]}
+        row["times_read"] = per["read"]
+        out["rows"].append(row)
+        print(f"forecast cost {key:18s} READ {1e3 * read_s:.3f} ms/call; " + "; ".join(
+            f"order {o}: x{f['ratio']:.3f} (READ + {f['extrapolation_bytes'] / 2 ** 20:.1f} MiB: "
+            f"{1e3 * f['bound_s']:.3f} ms, {f['over_bound']:.3f} of it)"
+            for o, f in ((o, row[f"forecast{o}"]) for o in (1, 2))), flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- bests per budget
@@ -490,19 +760,21 @@ def _print(row: dict) -> None:
 
 @dataclass
 class Plan:
-    """The run's size: budgets, samples per digit, search seconds per budget (0: no search)."""
+    """The run's size: budgets, samples per digit, search seconds per budget (0: no search),
+    the forecast-cost rows (:class:`CostPlan`; None: not run)."""
 
     budgets: tuple = QUICK_BUDGETS
     per_class: int = 5
     search_seconds: float = 0.0
     notes: list = field(default_factory=list)
+    cost: CostPlan | None = None  # the forecast-cost rows (None: not run)
 
 
 def plan(full: bool) -> Plan:
     if full:
-        return Plan(FULL_BUDGETS, 20, 240.0)
+        return Plan(FULL_BUDGETS, 20, 240.0, cost=CostPlan(reps=9))
     return Plan(QUICK_BUDGETS, 3, 0.0, ["quick: 30 samples, no searched schedules (FULL=1: 200 samples, one "
-                                        "searched schedule per budget)"])
+                                        "searched schedule per budget)"], cost=CostPlan())
 
 
 def run(out_dir=None, full: bool = False) -> dict:
@@ -525,20 +797,23 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
     rows = [bench.full()]
     _print(rows[0])
     orders = forecast_orders()
+    cost = forecast_cost(bench, pl.cost) if pl.cost is not None and orders != (0,) else None
     ours = our_schedules(bench.model, bench.p.calls, pl.budgets, orders)
     grid = cache_dit_grid(bench.p.calls, len(bench.graph), pl.budgets, full)
     mask_schedules(ours, bench.model, grid, orders, fns=(1, 2) if full else (1,))
     schedules = ours.schedules
     search_log = []
+    candidates = dict(schedules)
     for b in pl.budgets if pl.search_seconds else ():
         try:
-            res = searched(bench, b, pl.search_seconds)
+            res, start, scores = searched(bench, b, pl.search_seconds, candidates)
         except ValueError as e:
             search_log.append({"budget": b, "error": str(e)})
             continue
         schedules[f"searched({100 * b:.0f}%)"] = res.schedule
-        search_log.append({"budget": b, "moves": len(res.history), "start_psnr": res.start_psnr,
-                           "bank_psnr": res.psnr, "evaluations": res.evaluations, "seconds": res.seconds})
+        search_log.append({"budget": b, "start": start, "start_scores": scores, "forecast": _one_order(res.schedule),
+                           "moves": len(res.history), "start_psnr": res.start_psnr, "bank_psnr": res.psnr,
+                           "evaluations": res.evaluations, "seconds": res.seconds})
     for key, s in schedules.items():
         rows.append(bench.ours(key, s))
         rows[-1]["same_as"] = ours.same_as.get(key, [])
@@ -559,4 +834,4 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
             "compute": "share of transformer-block forwards that ran (hooks on each block's attn1)",
             "wall_clock": "time_vs_full: seconds over the full model's in the same process; valid only when make "
                           "bench runs alone",
-            "bests": summary, "rows": rows}
+            "bests": summary, "forecast_cost": cost, "rows": rows}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cache_dit_part", "best_lines", "pattern_lines"]
+__all__ = ["cache_dit_part", "best_lines", "pattern_lines", "cost_lines"]
 
 
 def _db(x) -> str:
@@ -50,10 +50,15 @@ def best_lines(doc: dict, times: bool = True) -> list[str]:
     return _table(head, body, left=(0, 1, 2 + len(side)))
 
 
+_OURS_COLUMNS = ((0, None), (1, None), (2, None), (1, "taylorseer"), (2, "taylorseer"))
+
+
 def pattern_lines(doc: dict) -> list[str]:
     """The same blocks computed by both libraries: each of cache-dit's evenly spread static
     masks beside our schedule of the same keep rows, set PSNR per reuse order (cache-dit:
-    TaylorSeer order, 0 = repeat; ours: forecast order, 0 = repeat)."""
+    TaylorSeer order, 0 = repeat; ours: forecast order, 0 = repeat, one order at every reused
+    cell and at the orders TaylorSeer runs call by call, ``params["orders"] == "taylorseer"``;
+    where those are the same, the one-order row's)."""
     cd, ours = {}, {}
     for r in doc.get("rows", []):
         if r["library"] == "cache-dit" and r["setting"].get("policy") == "static" \
@@ -62,17 +67,48 @@ def pattern_lines(doc: dict) -> list[str]:
             cd.setdefault((s["Fn"], s["mask"]), {})[s["order"]] = r
         elif r["library"] == "ours" and r.get("builder") == "cache-dit-mask":
             p = r["params"]
-            ours.setdefault((p["Fn"], p["mask"]), {})[p.get("forecast", 0)] = r
+            ours.setdefault((p["Fn"], p["mask"]), {})[(p.get("forecast", 0), p.get("orders"))] = r
     body = []
     for key in [k for k in cd if k in ours]:
         first = next(iter(cd[key].values()))
+        mine = ours[key]
+        cells = [mine.get(c, mine.get((c[0], None)) if c[1] else None) for c in _OURS_COLUMNS]
         body.append([f"Fn {key[0]}, {first['setting']['mask_name']}, {key[1].count('1')} full", _pct(first["compute"])]
                     + [_db(cd[key][o]["psnr"]) if o in cd[key] else "-" for o in (0, 1, 2)]
-                    + [_db(ours[key][o]["psnr"]) if o in ours[key] else "-" for o in (0, 1, 2)])
+                    + [_db(r["psnr"]) if r else "-" for r in cells])
     if not body:
         return []
     return _table(["static mask", "compute", "cache-dit repeat", "TaylorSeer 1", "TaylorSeer 2", "ours repeat",
-                   "forecast 1", "forecast 2"], body)
+                   "forecast 1", "forecast 2", "forecast 1, TaylorSeer's orders",
+                   "forecast 2, TaylorSeer's orders"], body)
+
+
+def cost_lines(cost: dict | None) -> list[str]:
+    """The forecast-cost table (``forecast_cost`` of the section): per schedule row, the
+    denoiser call with reused blocks repeating (``READ``) and forecasting at order 1 and 2,
+    the ratio to ``READ``, the extrapolation's bytes, and the forecast over ``READ`` plus those
+    bytes' copy time (issue 28: within 5%)."""
+    if not cost or not cost.get("rows"):
+        return []
+    slack = cost.get("slack", 0.05)
+    body = []
+    for r in cost["rows"]:
+        cells = [f"`{r['row']}`", ", ".join(map(str, r["calls_timed"])), f"{1e3 * r['read_s']:.2f}"]
+        for o in (1, 2):
+            f = r[f"forecast{o}"]
+            cells += [f"{1e3 * f['seconds']:.2f}", f"{f['ratio']:.3f}", f"{f['extrapolation_bytes'] / 2 ** 20:.1f}",
+                      f"{f['over_bound']:.3f}", "yes" if f["holds"] else "no"]
+        body.append(cells)
+    head = ["row", "calls timed", "READ ms"]
+    for o in (1, 2):
+        head += [f"order {o} ms", "/ READ", "bytes MiB", "/ (READ + bytes)", f"<= {1 + slack:g}"]
+    return [f"Forecast reuse, CPU cost of a denoiser call ({cost['model']}, {cost['calls']} calls with full calls "
+            f"every {cost.get('interval', '?')}, batch {cost['batch_per_call']} per call, {cost['threads']} "
+            f"thread(s), median of {cost['reps']} interleaved runs): the calls where every reused block "
+            "forecasts at order 2, the same calls with the blocks repeating (`READ`) and at order 1. Bytes: what "
+            "the extrapolation reads and writes (order p: p + 1 cached tensors read, one written, per forecasting "
+            "block); their time: a copy of a block output into a new tensor, timed in the same run, scaled to the "
+            "bytes. Valid only when `make bench` runs alone.", ""] + _table(head, body, left=(0, 1)) + [""]
 
 
 def cache_dit_part(doc: dict, plots=()) -> list[str]:
@@ -99,7 +135,11 @@ def cache_dit_part(doc: dict, plots=()) -> list[str]:
     if same:
         lines += ["The same blocks computed by both (set PSNR, dB): cache-dit's static masks (the first Fn blocks at "
                   "every call, every block at the mask's full calls) and our schedule of the same keep rows, per "
-                  "reuse order.", ""] + same + [""]
+                  "reuse order; also at the orders TaylorSeer runs call by call (its derivatives start with the "
+                  "computation at call 3: order 0 or 1 at the calls before its second derivative exists), so that "
+                  "the last two columns differ from cache-dit's only in the second derivative's formula.", ""] \
+            + same + [""]
+    lines += cost_lines(doc.get("forecast_cost"))
     orders = doc.get("forecast_orders", [0])
     lines.append("- Our rows " + ("include forecast reuse (orders " + ", ".join(map(str, orders[1:])) + ")."
                                   if len(orders) > 1 else "repeat the cache only (this runtime has no forecast reuse)."))

@@ -15,7 +15,10 @@ calls (spacing ``h``, ``s = e / h``) order 2 is ``y_0 + s D1 + s^2 / 2 D2`` (``D
 ``D2 = y_0 - 2 y_1 + y_2``), cache-dit's TaylorSeer exactly; on uneven spacing (learned and
 ``skip_steps`` schedules) ``d_2`` stays a second divided difference where TaylorSeer divides
 by the last window only. (The parabola through the three points, ``s (s + 1) / 2 D2``, would
-be exact on quadratic trajectories but extrapolates further; docs/dipgo.md compares the two.)
+be exact on quadratic trajectories but extrapolates further; docs/dipgo.md compares the two,
+and both second derivatives.) TaylorSeer also takes no derivative from the computations at
+calls 0-2 of a run, so it forecasts at lower orders early on; per-cell orders (``[calls,
+blocks]``) give a schedule those, the fallback below only follows what was computed.
 
 The variable is the denoiser call index, not the timestep. TaylorSeer does the same (its
 "elapsed" is the number of steps since the last computed one, its differences are divided by
