@@ -148,8 +148,9 @@ def test_forecast_cost_rows_time_the_order_two_calls_and_count_the_bytes(bench):
             # order 2 one more blending two outputs into a new one
             assert f["bytes_moved_beyond_read"] == (reused * (4 if o == 1 else 7) - (reused + 2)) * t
             assert len(f["times"]) == 1 and f["seconds"] > 0 and f["bound_s"] > r["read_s"] > 0
-            assert f["over_bound"] == pytest.approx(f["seconds"] / f["bound_s"])
-            assert f["holds"] == (f["seconds"] <= 1.05 * f["bound_s"])
+            assert f["bytes_s"] == pytest.approx(r["copy_s"] * f["extrapolation_bytes"] / (2 * t))
+            assert f["over_bound"] == pytest.approx(f["seconds"] / f["bound_s"])  # one round: its own ratio
+            assert f["holds"] == (f["over_bound"] <= 1.05)
     text = "\n".join(cost_lines(cost))
     assert "Forecast reuse, CPU cost" in text and "`first1+every 3`" in text and "7, 8" in text
 
@@ -179,6 +180,28 @@ def test_search_starts_from_our_best_and_keeps_its_forecast(bench, monkeypatch):
     assert cd._one_order(res.schedule) == order and res.schedule.keep.sum() == candidates[key].keep.sum()
     moved = [s for s in sampled[1 + len(scores):] if s is not None]  # after the reference and the starts
     assert moved and all(cd._one_order(s) == order for s in moved)
+
+
+def test_pattern_table_takes_taylorseer_orders_from_their_own_or_an_equal_row(fresh_seed):
+    from shortcut_kernels.report.cache_dit import pattern_lines
+
+    rng = random.Random(fresh_seed)
+    psnr = {k: round(rng.uniform(10, 50), 2) for k in ("cd0", "cd1", "cd2", "o0", "o1", "o2", "ts2")}
+    setting = dict(policy="static", mask_name="lead4+even", Fn=1, mask="1111010")
+
+    def cd_row(o):
+        return dict(library="cache-dit", compute=0.5, psnr=psnr[f"cd{o}"], setting={**setting, "order": o})
+
+    def our_row(key, params, same_as=()):
+        return dict(library="ours", builder="cache-dit-mask", key=key, psnr=psnr[key], same_as=list(same_as),
+                    params={"Fn": 1, "mask": "1111010", **params})
+
+    rows = [cd_row(o) for o in (0, 1, 2)] + [
+        our_row("o0", {}, same_as=["m forecast1 (TaylorSeer's orders)"]),  # TaylorSeer's order 1 never forecast
+        our_row("o1", {"forecast": 1}), our_row("o2", {"forecast": 2}),
+        our_row("ts2", {"forecast": 2, "orders": "taylorseer"})]
+    last = pattern_lines({"rows": rows})[-1].strip("| ").split(" | ")
+    assert last[2:] == [f"{psnr[k]:.2f}" for k in ("cd0", "cd1", "cd2", "o0", "o1", "o2", "o0", "ts2")]
 
 
 @pytest.mark.parametrize("trial", range(20))

@@ -5,6 +5,7 @@ and our best schedule at no more compute, from the ``cache-dit`` section's JSON
 from __future__ import annotations
 
 import math
+import re
 
 __all__ = ["cache_dit_part", "best_lines", "pattern_lines", "cost_lines"]
 
@@ -57,8 +58,9 @@ def pattern_lines(doc: dict) -> list[str]:
     """The same blocks computed by both libraries: each of cache-dit's evenly spread static
     masks beside our schedule of the same keep rows, set PSNR per reuse order (cache-dit:
     TaylorSeer order, 0 = repeat; ours: forecast order, 0 = repeat, one order at every reused
-    cell and at the orders TaylorSeer runs call by call, ``params["orders"] == "taylorseer"``;
-    where those are the same, the one-order row's)."""
+    cell and at the orders TaylorSeer runs call by call, ``params["orders"] == "taylorseer"``,
+    or the row they were found equal to (``same_as``); where they run the same orders as the
+    one-order row, that row's)."""
     cd, ours = {}, {}
     for r in doc.get("rows", []):
         if r["library"] == "cache-dit" and r["setting"].get("policy") == "static" \
@@ -67,7 +69,12 @@ def pattern_lines(doc: dict) -> list[str]:
             cd.setdefault((s["Fn"], s["mask"]), {})[s["order"]] = r
         elif r["library"] == "ours" and r.get("builder") == "cache-dit-mask":
             p = r["params"]
-            ours.setdefault((p["Fn"], p["mask"]), {})[(p.get("forecast", 0), p.get("orders"))] = r
+            mine = ours.setdefault((p["Fn"], p["mask"]), {})
+            mine[(p.get("forecast", 0), p.get("orders"))] = r
+            for other in r.get("same_as", []):  # e.g. TaylorSeer's orders that never forecast: the repeat row
+                m = re.search(r" forecast(\d) \(TaylorSeer's orders\)$", other)
+                if m:
+                    mine[(int(m.group(1)), "taylorseer")] = r
     body = []
     for key in [k for k in cd if k in ours]:
         first = next(iter(cd[key].values()))
