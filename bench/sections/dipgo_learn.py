@@ -239,7 +239,9 @@ def run_target(model, scheduler, target: float, s: Settings) -> tuple[dict, dict
 
     lk, fk, sk = "learned", "searched", "ste(shortcut)"
     m = learned.macs_kept
-    hand = {k: h for k, h in handmade(model, s.calls).items() if abs(h.macs_kept - m) <= EQUAL_MACS * m}
+    every = handmade(model, s.calls)
+    start_key = next((k for k, h in every.items() if h == start), start.name)
+    hand = {k: h for k, h in every.items() if abs(h.macs_kept - m) <= EQUAL_MACS * m}
     bank_psnr = {k: psnr(sampler(h), bank.targets) for k, h in hand.items()}
     if s.handmade_top is not None:  # the quick run holds out those that score best on the bank
         hand = {k: hand[k] for k in sorted(hand, key=bank_psnr.get, reverse=True)[:s.handmade_top]}
@@ -252,11 +254,11 @@ def run_target(model, scheduler, target: float, s: Settings) -> tuple[dict, dict
             "handmade_best": by_set, "handmade_best_mean": by_mean,
             "deepcache": best_by(quality, [k for k in hand if k.startswith("deepcache")], "psnr_vs_full"),
             "skip_steps": best_by(quality, [k for k in hand if k.startswith("skip_steps")], "psnr_vs_full"),
-            "handmade_within": sorted(hand), "handmade_bank_psnr": bank_psnr, "start": start.name + str(start.params),
+            "handmade_within": sorted(hand), "handmade_bank_psnr": bank_psnr, "start": start_key,
             "learn": {"seconds": res.seconds, "time_budget_s": s.seconds, "start_psnr": res.start_psnr,
                       "bank_psnr": res.psnr, "moves": len(res.history) - 1, "evaluations": res.evaluations,
                       "bank_samples": s.bank, "estimate_samples": s.estimate_size, "history": res.history},
-            "search": {"start": start.name, "time_budget_s": s.seconds, "seconds": found.seconds,
+            "search": {"start": start_key, "time_budget_s": s.seconds, "seconds": found.seconds,
                        "evaluations": found.evaluations, "moves": len(found.history), "bank_samples": s.bank,
                        "bank_psnr_start": found.start_psnr, "bank_psnr": found.psnr, "history": found.history},
             "train": {"settings": {**STE, "target": ste_target, "iters": ste.config.iters, "bank_size": s.bank},
