@@ -32,7 +32,7 @@ SECTIONS = {
     "dipgo": (dipgo.run, 60),
     "dipgo-learn": (dipgo_learn.run, 300),
     "sdo": (sdo.run, 300),  # with the plain full baseline and best-of-N beside the curves
-    "cache-dit": (cache_dit.run, 150),  # the cache-dit package beside our schedules on digits-dit
+    "cache-dit": (cache_dit.run, 300),  # the cache-dit package beside our schedules on digits-dit
     "gpu": (gpu.run, gpu.BUDGET_S),  # GPU machines only (a CPU machine records a note)
 }
 
