@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "digits-unet"
-COMMON = dict(batch_size=8, bank_size=64, lr=0.01, granularity="fine", budget="anneal", anneal=0.0)
+COMMON = dict(method="ste", batch_size=8, bank_size=64, lr=0.01, granularity="fine", budget="anneal", anneal=0.0)
 
 
 def _setup(calls: int, target: float):
