@@ -114,3 +114,26 @@ def light_and_reference_grads(model_fn, scheduler, x_T, guidance, chain_schedule
         (x0 * w).sum().backward()
         grads.append(x.grad)
     return grads
+
+
+def call_kwargs(model, seed: int, batch: int = 2) -> dict:
+    """Fresh inputs of one denoiser call of a tiny UNet (text-conditioned) or DiT (class labels),
+    the timestep falling with ``seed`` as in a sampler's run."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    if type(model).__name__.startswith("UNet"):
+        return dict(sample=x, timestep=torch.tensor(500 - seed),
+                    encoder_hidden_states=torch.randn(batch, 3, c.cross_attention_dim, generator=g))
+    return dict(hidden_states=x, timestep=torch.tensor([500 - seed] * batch),
+                class_labels=torch.tensor([seed % 10] * batch))
+
+
+def tiny_dit_pipeline():
+    """A DiTPipeline around :func:`tiny_dit` with a one-level VAE and DDIM, progress bar off."""
+    vae = diffusers.AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
+                                  up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
+                                  sample_size=8).eval()
+    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

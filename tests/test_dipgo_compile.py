@@ -4,25 +4,15 @@ import torch
 
 from shortcut_kernels.dipgo import accelerate, deepcache, fora, skip_steps
 
-from _dipgo_models import tiny_dit, tiny_sd15_unet
+from _dipgo_models import call_kwargs, tiny_dit, tiny_sd15_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
 
-def _kw(model, seed, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    if type(model).__name__.startswith("UNet"):
-        return dict(sample=x, timestep=torch.tensor(500 - seed),
-                    encoder_hidden_states=torch.randn(batch, 3, c.cross_attention_dim, generator=g))
-    return dict(hidden_states=x, timestep=torch.tensor([500 - seed] * batch), class_labels=torch.tensor([seed % 10] * batch))
-
-
 def _run(model, calls, runs=2):
     with torch.no_grad():
-        return [model(**_kw(model, i)).sample for _ in range(runs) for i in range(calls)]
+        return [model(**call_kwargs(model, i)).sample for _ in range(runs) for i in range(calls)]
 
 
 @pytest.mark.parametrize("make,build,backend", [

@@ -100,13 +100,9 @@ def test_lora_adapter_added_before_or_after_accelerate():
 def test_dit_pipeline():
     from shortcut_kernels.dipgo import fora
 
-    from _dipgo_models import tiny_dit
+    from _dipgo_models import tiny_dit_pipeline
 
-    vae = diffusers.AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
-                                  up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
-                                  sample_size=8).eval()
-    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=diffusers.DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_dit_pipeline()
 
     def run():
         with torch.no_grad():

@@ -15,7 +15,8 @@ from shortcut_kernels.dipgo import FORECAST, READ, Schedule, accelerate, deepcac
 from shortcut_kernels.models import denoiser
 from shortcut_kernels.runtime import forecast as F
 
-from _dipgo_models import prompt_embeds, run_pipe, tiny_dit, tiny_pixart, tiny_sd15_unet, tiny_sd_pipeline
+from _dipgo_models import (call_kwargs, prompt_embeds, run_pipe, tiny_dit, tiny_dit_pipeline, tiny_pixart,
+                           tiny_sd15_unet, tiny_sd_pipeline)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: one thread (see conftest)
 
@@ -331,17 +332,6 @@ def test_bad_forecast_shapes_and_files_name_the_field():
 # ----------------------------------------------------------------------------- compile
 
 
-def _kw(model, seed, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    if type(model).__name__.startswith("UNet"):
-        return dict(sample=x, timestep=torch.tensor(500 - seed),
-                    encoder_hidden_states=torch.randn(batch, 3, c.cross_attention_dim, generator=g))
-    return dict(hidden_states=x, timestep=torch.tensor([500 - seed] * batch),
-                class_labels=torch.tensor([seed % 10] * batch))
-
-
 @pytest.mark.parametrize("make,build,backend", [
     (tiny_dit, lambda m: fora(m, 11, 3, forecast=2), "counting"),
     (tiny_dit, lambda m: fora(m, 11, 3, forecast=2), "aot_eager"),
@@ -357,7 +347,7 @@ def test_compile_fullgraph_one_graph_per_pattern(make, build, backend):
 
     def run():
         with torch.no_grad():
-            return [model(**_kw(model, i)).sample for _ in range(runs) for i in range(s.calls)]
+            return [model(**call_kwargs(model, i)).sample for _ in range(runs) for i in range(s.calls)]
 
     with accelerate(model, s):
         eager = run()
@@ -403,11 +393,7 @@ def _pipeline_parity(pipe, build, order, run):
 
 
 def test_dit_pipeline():
-    vae = diffusers.AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
-                                  up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8,
-                                  sample_size=8).eval()
-    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=diffusers.DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_dit_pipeline()
 
     def run():
         with torch.no_grad():
