@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.sections import cache_dit as cd
+from bench.sections.common import git_commit
 from shortcut_kernels.runtime import forecast as forecast_module
 from shortcut_kernels.runtime import skip_steps
 from shortcut_kernels.runtime.schedule import Schedule
@@ -42,14 +42,6 @@ from shortcut_kernels.runtime.schedule import Schedule
 FORMS = [("uniform", "library"), ("uniform", "taylorseer"), ("taylorseer", "library"), ("taylorseer", "taylorseer")]
 WHOLE_CALL = [dict(count=25, placement="uniform"), dict(count=25, placement="power"),
               dict(count=10, placement="power")]
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run_ours(bench, key: str, keep, graph, forecast, d2: str) -> dict:
@@ -76,7 +68,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     bench = cd.Bench(cd.Protocol(per_class=args.per_class))
     out = dict(experiment="forecast_parity", command="python -m experiments.forecast_parity " + " ".join(
-        sys.argv[1:] if argv is None else argv), commit=_commit(), torch=torch.__version__,
+        sys.argv[1:] if argv is None else argv), commit=git_commit(), torch=torch.__version__,
         platform=platform.platform(), threads=torch.get_num_threads(), model=bench.p.model, calls=bench.p.calls,
         guidance=bench.p.guidance, samples=len(bench.labels), seed=bench.seed,
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=[])

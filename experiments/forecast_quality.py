@@ -24,13 +24,13 @@ import argparse
 import contextlib
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.sections.common import git_commit
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import accelerate, deepcache, fora, skip_steps
 from shortcut_kernels.runtime import forecast as forecast_module
@@ -73,14 +73,6 @@ def parabola():
 
 def _label(builder: str, params: dict) -> str:
     return f"{builder}(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")"
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def measure(name: str, settings, orders, n: int, calls: int, guidance: float, seed: int, sink,
@@ -134,7 +126,7 @@ def main(argv=None) -> None:
                     help="skip the parabola-form rows (order 2 on four digits-dit settings)")
     args = ap.parse_args(argv)
     out = dict(experiment="forecast_quality", command="python -m experiments.forecast_quality " + " ".join(
-        sys.argv[1:] if argv is None else argv), commit=_commit(), torch=torch.__version__,
+        sys.argv[1:] if argv is None else argv), commit=git_commit(), torch=torch.__version__,
         platform=platform.platform(), threads=torch.get_num_threads(), n=args.n, calls=args.calls,
         guidance=args.guidance, seed=args.seed, sampler="DDIM (zoo scheduler config)",
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=[])
