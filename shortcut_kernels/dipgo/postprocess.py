@@ -92,12 +92,7 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
                 if spent / total <= target_macs + 1e-12:
                     break
                 if rows[t][b] and s[t, b] > thr:
-                    before = rows[t][:], row_macs[t]
-                    delta = _reuse(g, rows, row_macs, t, b)
-                    if (spent + delta) / total < floor:
-                        rows[t], row_macs[t] = before  # overshoots the window: try a smaller one
-                        continue
-                    spent += delta
+                    spent += _reuse(g, rows, row_macs, t, b, spent, floor * total)
         if thr <= 0:
             break
         thr = round(thr - step, 10)
@@ -106,11 +101,18 @@ def from_scores(model, scores, target_macs: float, *, threshold: float = 0.95, s
                                 final_threshold=max(thr, 0.0)))
 
 
-def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: int, b: int) -> int:
-    """Reuse block ``b`` at call ``t`` with its cascade, in place; returns the MACs this changes."""
+def _reuse(graph: BlockGraph, rows: list[list[bool]], row_macs: list[int], t: int, b: int, spent: float,
+           lowest: float) -> int:
+    """Reuse block ``b`` at call ``t`` with its cascade, in place, unless that takes the kept MACs
+    (``spent`` now) below ``lowest``: then nothing changes (the caller tries a smaller reuse).
+    Returns the MACs this changes (0 when refused)."""
+    before = rows[t][:]
     rows[t][b] = False
     rows[t] = graph.cascade(rows[t])
     new = graph.overhead_macs + sum(m for m, k in zip(graph.block_macs, rows[t]) if k)
+    if spent + new - row_macs[t] < lowest:
+        rows[t] = before  # overshoots the window
+        return 0
     delta, row_macs[t] = new - row_macs[t], new
     return delta
 
@@ -143,14 +145,8 @@ def budget_rows(graph: BlockGraph, scores, target_macs: float, slack: float | No
             if spent / total <= target_macs + 1e-12:
                 return rows
             t, b = cand[i]
-            if not rows[t][b]:
-                continue  # already reused by a cascade
-            before = rows[t][:], row_macs[t]
-            delta = _reuse(graph, rows, row_macs, t, b)
-            if (spent + delta) / total < lowest:
-                rows[t], row_macs[t] = before  # overshoots the window: try a smaller one
-                continue
-            spent += delta
+            if rows[t][b]:  # not already reused by a cascade
+                spent += _reuse(graph, rows, row_macs, t, b, spent, lowest * total)
     return rows
 
 
