@@ -118,3 +118,21 @@ def test_sample_help_describes_each_option(capsys):
     for opt in ("--steps", "--scheduler", "--guidance", "--seed", "-o", "--per-class", "--threads", "--quiet"):
         assert described[opt], f"{opt} has no help text"
         assert " ".join(described[opt].split()).split("%")[0][:30] in text  # shown by --help
+
+
+@pytest.mark.parametrize("builder,args", [("fora", ["--model", "digits-dit", "--interval", "3"]),
+                                          ("skip-steps", ["--model", "digits-dit", "--count", "4"]),
+                                          ("deepcache", ["--model", "digits-unet", "--interval", "3"])])
+def test_schedule_commands_forecast(tmp_path, builder, args):
+    """--forecast reaches the builder and the saved file: the reused cells forecast at that order,
+    the computed ones at 0, and the file rebuilds with the order."""
+    out = tmp_path / "s.json"
+    assert main(["schedule", builder, *args, "--calls", "12", "--forecast", "2", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.params["forecast"] == 2
+    assert torch.equal(s.forecast, torch.where(s.keep, 0, 2).to(s.forecast.dtype))
+    assert s.resize(24).forecast[~s.resize(24).keep].eq(2).all()
+    assert main(["schedule", builder, *args, "--calls", "12", "-o", str(out)]) == 0
+    assert "forecast" not in Schedule.load(out).params and not Schedule.load(out).forecast.any()
+    with pytest.raises(SystemExit):  # argparse: an order that does not exist
+        main(["schedule", builder, *args, "--forecast", "3"])

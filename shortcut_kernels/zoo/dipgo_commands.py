@@ -2,7 +2,7 @@
 
     shortcut-kernels schedule deepcache --model digits-unet --calls 50 --interval 3 --branch 0 -o s.json
     shortcut-kernels schedule skip-steps --model digits-unet --calls 50 --count 10 --placement power -o s.json
-    shortcut-kernels schedule fora --model digits-dit --calls 50 --interval 3 -o s.json
+    shortcut-kernels schedule fora --model digits-dit --calls 50 --interval 3 [--forecast 1] -o s.json
     shortcut-kernels schedule full --model sd-1.5 --calls 50 -o s.json
     shortcut-kernels schedule show s.json [--plot map.png] [--shape 2 4 64 64]
     shortcut-kernels sample --model digits-unet --schedule s.json --steps 50 -o grid.png [--compare]
@@ -93,12 +93,14 @@ def _build_schedule(args):
     elif kind == "deepcache":
         s = S.deepcache(model, args.calls, args.interval, None if args.skip is not None else args.branch,
                         skip=args.skip, uniform=not args.non_uniform, center=args.center, power=args.power,
-                        sample_shape=shape)
+                        sample_shape=shape, forecast=args.forecast)
     elif kind == "skip-steps":
         s = S.skip_steps(model, args.calls, compute=args.compute, count=args.count, placement=args.placement,
-                         exponent=args.exponent, granularity=args.granularity, sample_shape=shape)
+                         exponent=args.exponent, granularity=args.granularity, sample_shape=shape,
+                         forecast=args.forecast)
     elif kind == "fora":
-        s = S.fora(model, args.calls, args.interval, granularity=args.granularity, sample_shape=shape)
+        s = S.fora(model, args.calls, args.interval, granularity=args.granularity, sample_shape=shape,
+                   forecast=args.forecast)
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown builder {kind}")
     return s
@@ -228,6 +230,11 @@ def add_commands(subparsers) -> None:
         p.add_argument("--plot", help="also save the calls x blocks map as a PNG")
         p.set_defaults(run=_cmd_schedule)
 
+    def forecast(p):
+        p.add_argument("--forecast", type=int, choices=[0, 1, 2], default=0,
+                       help="reused blocks: 0 repeat their cached output (default), 1 / 2 extrapolate it "
+                            "linearly / quadratically from their last computed outputs")
+
     common(sub.add_parser("full", help="every block at every call"))
     p = sub.add_parser("deepcache", help="DeepCache: full calls every N, shallow path in between (UNets)")
     common(p, granularity=False)
@@ -237,15 +244,18 @@ def add_commands(subparsers) -> None:
     p.add_argument("--non-uniform", action="store_true", help="centre-dense full calls (--center, --power)")
     p.add_argument("--center", type=int, default=15)
     p.add_argument("--power", type=float, default=1.4)
+    forecast(p)
     p = sub.add_parser("skip-steps", help="whole-call reuse: the model runs only at some calls")
     common(p)
     p.add_argument("--compute", type=int, nargs="+", help="the calls that compute (0 is added)")
     p.add_argument("--count", type=int, help="how many calls compute")
     p.add_argument("--placement", choices=["uniform", "power"], default="uniform")
     p.add_argument("--exponent", type=float, default=1.5)
+    forecast(p)
     p = sub.add_parser("fora", help="transformers: every block reused between full calls")
     common(p, default_gran="fine")
     p.add_argument("--interval", type=int, default=3)
+    forecast(p)
     p = sub.add_parser("show", help="summary (and plot) of a schedule file")
     p.add_argument("file")
     p.add_argument("--plot")
