@@ -8,7 +8,7 @@ import torch
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import accelerate, skip_steps
 from shortcut_kernels.dipgo.learn import (Bank, LabelConditioned, _guided, bank_loss, estimate, learn, make_bank,
-                                          units_of)
+                                          order_moves, units_of)
 from shortcut_kernels.dipgo.losses import consistency_loss
 from shortcut_kernels.runtime.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import branch_patterns
@@ -207,6 +207,9 @@ def test_bad_inputs_name_the_argument():
         learn(model, sched, 0.9, start=start, bank=bank, time_budget=0)
     with pytest.raises(ValueError, match="validate"):
         learn(model, sched, 0.9, start=start, bank=bank, validate=0)
+    for bad in ((0, 3), 2, (), (True,)):
+        with pytest.raises(ValueError, match="forecast"):
+            learn(model, sched, 0.9, start=start, bank=bank, forecast=bad)
     with pytest.raises(TypeError, match="null_label"):
         learn(model.backbone, sched, 0.9, start=start, bank=bank)
     with pytest.raises(ValueError, match="bank"):
@@ -299,3 +302,39 @@ def test_train_defaults_to_the_learner_and_refuses_the_other_methods_settings():
     ste = train(model, sched, method="ste", target=0.5, iters=2, batch_size=2, bank_size=2, granularity="coarse",
                 progress=False, pruner_dim=8, pruner_hidden=8)
     assert isinstance(ste, TrainResult) and ste.schedule.macs_kept <= 0.5 + 1e-9
+
+
+def test_order_moves_change_only_reused_blocks_and_skip_the_current_orders():
+    model = _tiny_dit(torch.float32)
+    keep = torch.ones(6, 3, dtype=torch.bool)
+    keep[[2, 4], 1:] = False  # block 0 computes at every call: it has no order to choose
+    s = Schedule(keep, graph_of(model, "fine"), forecast=[0, 1, 1])
+    moves = order_moves(s, (0, 1, 2))
+    assert [0, 1, 1] not in moves and len(moves) == len({tuple(m) for m in moves})
+    assert all(m[0] == 0 for m in moves)
+    assert [0, 0, 0] in moves and [0, 2, 2] in moves and [0, 2, 1] in moves and [0, 1, 0] in moves
+    assert order_moves(s, (1,)) == []  # only the current order allowed: nothing to try
+
+
+def test_learner_chooses_forecast_orders_and_keeps_them_through_keep_moves():
+    """With forecast=(0, 1, 2) the start is the best hand-made schedule at any order; the result
+    runs with orders from that set, never below its start on the bank, within the budget; and its
+    bank PSNR is the one of its forecasting run (not of the same keep rows repeating)."""
+    model = _tiny_dit(torch.float32)
+    sched = _scheduler(10, "digits-dit")
+    bank = make_bank(model, sched, 3)
+    res = learn(model, sched, 0.5, bank=bank, time_budget=20.0, progress=False, estimate_size=2, max_validations=4,
+                forecast=(0, 1, 2))
+    s = res.schedule
+    assert s.macs_kept <= 0.5 + 1e-9 and res.psnr >= res.start_psnr
+    assert set(s.forecast[~s.keep].tolist()) <= {0, 1, 2}
+    net = SuperNet(model, graph=s.graph)
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    loss = bank_loss(chain, bank, s)
+    assert res.psnr == pytest.approx(10 * torch.log10(torch.tensor(4.0 / loss)).item())
+    # the start was scored at every order: it is no worse than each hand-made start's other orders
+    for o in (0, 1, 2):
+        assert bank_loss(chain, bank, res.start.with_forecast(o)) >= bank_loss(chain, bank, res.start) - 1e-12
+    if s.forecast.any():
+        assert bank_loss(chain, bank, s.with_forecast(0)) != loss
+    net.remove()

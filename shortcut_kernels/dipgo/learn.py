@@ -28,6 +28,15 @@ a time, on the bank (the true loss) and accept the best of a few that raises its
 ``min_gain``; re-estimate at the new schedule and repeat. It stops at ``time_budget`` or when
 no validated proposal helps, so the result is never worse on the bank than the start and never
 over the budget.
+
+**Forecast reuse** (``LearnConfig.forecast``, e.g. ``(0, 1, 2)``): the learner also decides how
+each block's reused outputs are made - repeated (order 0) or extrapolated from its last computed
+outputs (:mod:`shortcut_kernels.runtime.forecast`, order 1 or 2), one order per block. Each
+hand-made start is scored at every allowed order; moves of keep rows keep the current orders;
+when no keep move helps, order moves (one block to another order, or every block to one order,
+no MAC change) are validated on the bank the same way, and the keep moves resume after an
+accepted one. The estimate ranks keep moves as if reused blocks repeated (its SuperNet reuses
+caches as they are); every move is judged by the run with the forecast.
 """
 from __future__ import annotations
 
@@ -265,13 +274,41 @@ def bank_sampler(model, scheduler, bank: Bank, *, guidance: float = 3.0):
 # ----------------------------------------------------------------------------- proposals
 
 
+def _orders(schedule: Schedule) -> list[int]:
+    """One forecast order per block of ``schedule`` (the learner's schedules have one; per-cell
+    orders of a given start are read as each block's highest)."""
+    per = schedule.forecast_blocks
+    return per if per is not None else [int(v) for v in schedule.forecast.max(dim=0).values.tolist()]
+
+
+def _learned(schedule: Schedule, keep: Tensor, orders: list[int]) -> Schedule:
+    return Schedule(keep, schedule.graph, name="learned",
+                    params={"start": schedule.params.get("start", schedule.name)}, sampler=schedule.sampler,
+                    steps=schedule.steps, forecast=orders)
+
+
 def _with_units(schedule: Schedule, units) -> Schedule:
+    """``schedule`` with each unit's call set to its row, the forecast order of every block kept."""
     keep = schedule.keep.clone()
     for u in units:
         keep[u.call] = torch.tensor(u.row)
-    return Schedule(keep, schedule.graph, name="learned", params={"start": schedule.params.get("start",
-                                                                                                schedule.name)},
-                    sampler=schedule.sampler, steps=schedule.steps)
+    return _learned(schedule, keep, _orders(schedule))
+
+
+def order_moves(schedule: Schedule, allowed) -> list[list[int]]:
+    """The forecast orders to try at ``schedule`` (keep rows unchanged): every block at one
+    allowed order, then one block at another allowed order; only blocks it reuses somewhere,
+    each distinct list once."""
+    cur = _orders(schedule)
+    reused = [bool((~schedule.keep[:, b]).any()) for b in range(len(cur))]
+    out = [[o if r else 0 for r in reused] for o in allowed]
+    for b, r in enumerate(reused):
+        for o in allowed:
+            if r and o != cur[b]:
+                out.append(cur[:b] + [o] + cur[b + 1:])
+    norm = [[o if r else 0 for o, r in zip(m, reused)] for m in out]
+    mine = [o if r else 0 for o, r in zip(cur, reused)]
+    return [m for i, m in enumerate(norm) if m != mine and m not in norm[:i]]
 
 
 def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
@@ -325,6 +362,8 @@ class LearnConfig:
     validate: int = 4           # proposals sampled per batch; the best improving one is taken
     max_validations: int = 32   # proposals sampled at one schedule (best predicted first) before stopping
     min_gain: float = 0.02      # dB of bank PSNR a move must add
+    # forecast orders reused blocks may take (0 repeat, 1 / 2 extrapolate; module docstring)
+    forecast: tuple = (0,)
     # moves keep at least target_macs * (1 - window) of the MACs (or the start's, if fewer): for
     # comparisons at equal MACs; None: any share up to the target
     window: float | None = None
@@ -361,18 +400,23 @@ def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: Le
         raise ValueError(f"config: window is a fraction in [0, 1) of target_macs, got {cfg.window!r}")
     if cfg.validate < 1 or cfg.max_validations < cfg.validate:
         raise ValueError(f"config: need 1 <= validate ({cfg.validate}) <= max_validations ({cfg.max_validations})")
+    orders = cfg.forecast if isinstance(cfg.forecast, (tuple, list)) else None
+    if not orders or any(isinstance(o, bool) or o not in (0, 1, 2) for o in orders):
+        raise ValueError(f"config: forecast is a tuple of the orders reused blocks may take, from 0 (repeat), 1 "
+                         f"and 2 (extrapolate), e.g. (0, 1, 2); got {cfg.forecast!r}")
     _null_label(model)
 
 
-def _best_handmade(model, chain: _Chain, bank: Bank, target: float) -> tuple[Schedule, int]:
-    """The hand-made schedule within ``target`` (the top 10% of it) that scores best on the
-    bank, as :func:`.search.search` starts; and how many were scored."""
+def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,)) -> tuple[Schedule, int]:
+    """The hand-made schedule within ``target`` (the top 10% of it), at each forecast order of
+    ``orders``, that scores best on the bank, as :func:`.search.search` starts; and how many
+    were scored."""
     options = [s for s in handmade(model, chain.n).values() if s.macs_kept <= target + 1e-9]
     if not options:
         raise ValueError(f"target_macs: no hand-made schedule keeps <= {target:.1%} of the MACs at {chain.n} calls; "
                          "give start=")
     top = max(s.macs_kept for s in options)
-    options = [s for s in options if s.macs_kept >= 0.9 * top]
+    options = [s.with_forecast(o) for s in options if s.macs_kept >= 0.9 * top for o in orders]
     return min(options, key=lambda s: bank_loss(chain, bank, s)), len(options)
 
 
@@ -396,7 +440,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     evaluations = 0
     try:
         if start is None:
-            start, evaluations = _best_handmade(model, chain, bank, target_macs)
+            start, evaluations = _best_handmade(model, chain, bank, target_macs, cfg.forecast)
     finally:
         probe.remove()
     start, patterns = with_trades(model, start) if cfg.patterns else (start, [])
@@ -434,12 +478,15 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
                     break
                 if out_of_time():
                     break
+            if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
+                accepted = _order_move(chain, bank, best, best_loss, cfg, result, out_of_time)
             if accepted is None:
                 break  # no proposal helps on the bank: a local optimum of the moves
             best_loss, pred, units, best = accepted
             result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
                                        macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
-                                       move=[dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]))
+                                       move=[dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]
+                                       if units else dict(forecast=_orders(best))))
             bar.update(1)
             bar.set_postfix(psnr=f"{_psnr(best_loss):.2f}")
         bar.close()
@@ -448,6 +495,23 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     result.schedule, result.psnr = best, _psnr(best_loss)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _order_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig, result: LearnResult,
+                out_of_time) -> tuple | None:
+    """The best :func:`order_moves` candidate on the bank, as ``(loss, None, (), schedule)``
+    if it raises the bank PSNR by ``min_gain``, else None."""
+    tried = []
+    for orders in order_moves(best, cfg.forecast):
+        cand = _learned(best, best.keep, orders)
+        tried.append((bank_loss(chain, bank, cand), cand))
+        result.evaluations += 1
+        if out_of_time():
+            break
+    if not tried:
+        return None
+    loss, cand = min(tried, key=lambda m: m[0])
+    return (loss, None, (), cand) if _psnr(loss) > _psnr(best_loss) + cfg.min_gain else None
 
 
 # ----------------------------------------------------------------------------- diffusers models

@@ -192,13 +192,18 @@ def local_search(start: Schedule, sample: Sampler, *, radius: int = 2,
 
 def whole_calls_on(schedule: Schedule, graph) -> Schedule:
     """A schedule of whole-call rows rebuilt on another graph of the same model (e.g. the fine
-    one, where partial rows can be traded in)."""
+    one, where partial rows can be traded in), with its forecast order where every reused cell
+    has the same one (per-block orders name blocks of the old graph: ValueError)."""
     rows = schedule.keep
     if not bool((rows.all(1) | ~rows.any(1)).all()):
         raise ValueError("only schedules of whole-call rows can change graph")
+    orders = {int(o) for o in schedule.forecast[~rows].tolist()}
+    if len(orders) > 1:
+        raise ValueError(f"schedule forecasts at orders {sorted(orders)} on different blocks: only one order for "
+                         "every reused block carries to another graph")
     keep = rows.all(1, keepdim=True).expand(-1, len(graph)).clone()
     return Schedule(keep, graph, name=schedule.name, params=schedule.params, sampler=schedule.sampler,
-                    steps=schedule.steps)
+                    steps=schedule.steps, forecast=orders.pop() if orders else 0)
 
 
 def with_trades(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
