@@ -6,7 +6,7 @@ baseline, then the report.
 (from the repository root: `bench` is a package).
 
 Writes DIR (default bench/results/<UTC timestamp>/): environment.json, one JSON per section
-(ops, dipgo, dipgo-learn, sdo, cache-dit, gpu), report.md and the PNG plots
+(ops, dipgo, dipgo-learn, sdo, cache-dit, forecast-unet, gpu), report.md and the PNG plots
 (`shortcut-kernels report DIR` rebuilds those two from the JSON). A section that fails
 records its error in its JSON and the run goes on; the exit status is then 1.
 Budgets are for the quick run on the 2-core CPU machine; the report shows each section's
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shortcut_kernels import report
 
-from .sections import cache_dit, common, dipgo, dipgo_learn, gpu, ops, sdo
+from .sections import cache_dit, common, dipgo, dipgo_learn, forecast_unet, gpu, ops, sdo
 from .sections.common import ROOT
 
 # name: (runner(out_dir, full) -> dict, budget in seconds of the quick run on 2 CPU cores)
@@ -33,6 +33,7 @@ SECTIONS = {
     "dipgo-learn": (dipgo_learn.run, 300),
     "sdo": (sdo.run, 300),  # with the plain full baseline and best-of-N beside the curves
     "cache-dit": (cache_dit.run, 300),  # the cache-dit package beside our schedules on digits-dit
+    "forecast-unet": (forecast_unet.run, 300),  # forecast reuse on digits-unet beside the DeepCache package
     "gpu": (gpu.run, gpu.BUDGET_S),  # GPU machines only (a CPU machine records a note)
 }
 

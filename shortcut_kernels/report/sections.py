@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = ["SECTIONS", "load_sections", "load_source", "source_label"]
 
-SECTIONS = ("ops", "dipgo", "dipgo-learn", "sdo", "cache-dit", "gpu")
+SECTIONS = ("ops", "dipgo", "dipgo-learn", "sdo", "cache-dit", "forecast-unet", "gpu")
 
 
 def load_sections(directory: str | Path) -> tuple[dict, dict]:

@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 
 from .cache_dit import cache_dit_part
+from .forecast_unet import forecast_unet_part
 from .plots import PLOTS
 
 
@@ -454,7 +455,7 @@ def gpu_part(doc: dict, plots) -> list[str]:
 
 
 PARTS = {"ops": ops_part, "dipgo": dipgo_part, "dipgo-learn": learn_part, "sdo": sdo_part,
-         "cache-dit": cache_dit_part, "gpu": gpu_part}
+         "cache-dit": cache_dit_part, "forecast-unet": forecast_unet_part, "gpu": gpu_part}
 
 
 def markdown(env: dict, sections: dict, plots: list[str]) -> str:
