@@ -155,31 +155,31 @@ def test_forecast_cost_rows_time_the_order_two_calls_and_count_the_bytes(bench):
     assert "Forecast reuse, CPU cost" in text and "`first1+every 3`" in text and "7, 8" in text
 
 
-def test_search_starts_from_our_best_and_keeps_its_forecast(bench, monkeypatch):
-    """The FULL run's search: its start is the best of our schedules at the budget on the
-    training bank, and every schedule it samples after that (the moved candidates, which
-    ``local_search`` builds from keep rows alone) runs with the start's forecast orders, as
-    does the result."""
+def test_learned_starts_from_our_best_and_stays_within_the_budget(bench, monkeypatch):
+    """The learned row: its start is the best of our schedules at the budget on the training
+    bank (scored through the runtime, with their forecast), it learns at that budget's MACs with
+    forecast orders to choose from, and ends no worse than the start on the bank, at no more
+    block compute than the budget."""
     if cd.forecast_orders() == (0,):
         pytest.skip("this runtime has no forecast reuse")
-    from shortcut_kernels.zoo import dipgo_eval
+    from shortcut_kernels.dipgo import learn as learn_mod
 
-    real, sampled = dipgo_eval.zoo_sampler, []
+    seen = {}
+    real = learn_mod.learn
 
     def recording(*args, **kwargs):
-        bank = real(*args, **kwargs)
-        return lambda s: sampled.append(s) or bank(s)
+        seen.update(kwargs, target=args[2])
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(dipgo_eval, "zoo_sampler", recording)
-    candidates = {f"skip{o}": skip_steps(bench.model, CALLS, count=5, granularity="fine", forecast=o) for o in (1, 2)}
+    monkeypatch.setattr(learn_mod, "learn", recording)
+    candidates = {f"skip{o}": skip_steps(bench.model, CALLS, count=5, granularity="fine", forecast=o) for o in (0, 1)}
     candidates["too much"] = skip_steps(bench.model, CALLS, count=6, granularity="fine", forecast=1)
-    res, key, scores = cd.searched(bench, 0.5, 4.0, candidates, bank_size=4)
-    assert set(scores) == {"skip1", "skip2"} and key == max(scores, key=scores.get)
-    assert res.start_psnr == pytest.approx(scores[key])
-    order = int(key[-1])
-    assert cd._one_order(res.schedule) == order and res.schedule.keep.sum() == candidates[key].keep.sum()
-    moved = [s for s in sampled[1 + len(scores):] if s is not None]  # after the reference and the starts
-    assert moved and all(cd._one_order(s) == order for s in moved)
+    res, key, scores = cd.learned(bench, 0.5, 4.0, candidates, bank_size=2)
+    assert set(scores) == {"skip0", "skip1"} and key == max(scores, key=scores.get)
+    assert res.start_psnr == pytest.approx(scores[key]) and res.psnr >= res.start_psnr
+    assert seen["forecast"] == (0, 1, 2) and seen["start"] is candidates[key]
+    assert seen["target"] == pytest.approx(cd._macs_at(bench, 0.5))
+    assert cd.compute_share(res.schedule.keep) <= 0.5 + 1e-9
 
 
 def test_pattern_table_takes_taylorseer_orders_from_their_own_or_an_equal_row(fresh_seed):

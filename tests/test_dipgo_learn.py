@@ -338,3 +338,16 @@ def test_learner_chooses_forecast_orders_and_keeps_them_through_keep_moves():
     if s.forecast.any():
         assert bank_loss(chain, bank, s.with_forecast(0)) != loss
     net.remove()
+
+
+def test_partial_rows_are_deepcache_branches_on_unets_and_leading_blocks_on_transformers():
+    from shortcut_kernels.dipgo.learn import partial_rows
+
+    dit = _tiny_dit(torch.float32)  # 3 transformer blocks: the first 1 or 2 computing
+    fine = skip_steps(dit, 8, count=3, granularity="fine")
+    start, patterns = partial_rows(dit, fine)
+    assert start is fine and patterns == [[0], [0, 1]]
+    assert partial_rows(dit, skip_steps(dit, 8, count=3))[1] == []  # the coarse graph: whole calls only
+    unet = _tiny_unet(torch.float32)
+    start, patterns = partial_rows(unet, skip_steps(unet, 8, count=3))
+    assert start.graph.granularity == "fine" and patterns == branch_patterns(start.graph) and patterns

@@ -27,13 +27,14 @@ runs at every call), ``Bn_compute_blocks`` 0, dynamic (``residual_diff_threshold
 lead of full calls, and cache-dit's predefined ``steps_mask`` policies), each with TaylorSeer
 order 0 (no calibrator: the cached residual is repeated), 1 or 2.
 
-Ours (:func:`our_schedules`): ``skip_steps`` (uniform and power-1.5 placement) and ``fora`` at
-the most full calls each budget allows, each with ``forecast=1`` and ``2`` where the runtime
-has forecast reuse; ``deepcache`` is a UNet builder and is recorded as not applicable; the
-cache-dit settings' evenly spread static masks run as our schedules too (:func:`mask_schedules`:
-the same blocks computed, our repeat and forecast reuse; quick: Fn 1 only); FULL adds a
-schedule searched per budget (``dipgo.search.local_search`` on training noise from our best
-schedule at that budget, forecast orders kept: :func:`searched`).
+Ours (:func:`our_schedules`): ``skip_steps`` (uniform, power-1.5 and cache-dit's lead-and-even
+placement) and ``fora`` at the most full calls each budget allows, each with ``forecast=1`` and
+``2`` where the runtime has forecast reuse; ``deepcache`` is a UNet builder and is recorded as
+not applicable; the cache-dit settings' evenly spread static masks run as our schedules too
+(:func:`mask_schedules`: the same blocks computed, our repeat and forecast reuse; quick: Fn 1
+only); and a schedule learned on training noise (:func:`learned`: ``dipgo.learn`` from our best
+schedule at that budget, choosing where to compute and, per block, whether to repeat or
+forecast; quick: at 50%, FULL: at every budget).
 
 Per budget (quick: 20% and 50%; FULL: 20, 30, 40, 50, 60%), the best row of each library at
 no more compute and the difference in set PSNR. Wall-clock: seconds per sample of each row
@@ -64,6 +65,8 @@ QUICK_BUDGETS = (0.2, 0.5)
 FULL_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
 ORDERS = (0, 1, 2)  # TaylorSeer orders (0: no calibrator)
 EPS = 1e-9
+# whole-call schedules at cache-dit's mask placement: a lead of this share of the full calls
+LEAD_SHARES = (0.2, 0.4, 0.6)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -401,8 +404,10 @@ class Ours:
 
 def our_schedules(model, calls: int, budgets, orders=(0,)) -> Ours:
     """Our hand-made builders at each budget: ``skip_steps`` with the most whole calls the
-    budget allows (uniform and power 1.5), ``fora`` with the smallest interval that fits,
-    each with every forecast order in ``orders``."""
+    budget allows (uniform, power 1.5, and cache-dit's mask placement - a lead of full calls,
+    the rest evenly spread - with a lead of each share in :data:`LEAD_SHARES` of them),
+    ``fora`` with the smallest interval that fits, each with every forecast order in
+    ``orders``."""
     from shortcut_kernels.runtime import deepcache, fora, skip_steps
 
     ours = Ours()
@@ -420,6 +425,11 @@ def our_schedules(model, calls: int, budgets, orders=(0,)) -> Ours:
         for placement, name in (("uniform", "uniform"), ("power", "power1.5")):
             add(f"skip_steps({count},{name})", partial(skip_steps, model, calls, count=count, placement=placement,
                                                        exponent=1.5, granularity="fine"))
+        for share in LEAD_SHARES:
+            lead = max(1, round(share * count))
+            comp = [t for t, m in enumerate(spread_mask(calls, count, lead)) if m]
+            add(f"skip_steps({count},lead{lead}+even)", partial(skip_steps, model, calls, compute=comp,
+                                                               granularity="fine"))
         interval = next(n for n in range(1, calls + 1) if math.ceil(calls / n) <= count)
         add(f"fora({interval})", partial(fora, model, calls, interval))
     return ours
@@ -530,30 +540,34 @@ def search_start(bank, candidates: dict, budget: float) -> tuple[str, dict]:
     return max(scores, key=scores.get), scores
 
 
-def searched(bench: Bench, budget: float, seconds: float, candidates: dict, bank_size: int = 20):
-    """A schedule searched at ``budget``: ``dipgo.search.local_search`` for ``seconds`` on a
-    training bank of ``bank_size`` samples (``zoo.dipgo_eval.zoo_sampler``, training noise)
-    from our best schedule at that budget (:func:`search_start`: hand-made with and without
-    forecast, cache-dit's masks as our schedules), keeping its forecast orders. The search
-    moves keep rows and builds each candidate from them alone (it drops forecast orders), so
-    its sampler puts the start's orders back on every candidate before sampling it, and the
-    result gets them too (``with_forecast``): the moves are judged with the forecast they run
-    with. Its block share stays that of its start (moves swap rows). Returns ``(SearchResult,
-    start key, start scores)``."""
-    from shortcut_kernels.dipgo.search import local_search
-    from shortcut_kernels.zoo.dipgo_eval import zoo_sampler
+def learned(bench: Bench, budget: float, seconds: float, candidates: dict, bank_size: int = 20):
+    """A schedule learned at ``budget``: ``dipgo.learn`` for ``seconds`` on a training bank of
+    ``bank_size`` samples (seeds 10,000+) from our best schedule at that budget on the same
+    bank (:func:`search_start`: hand-made with and without forecast, cache-dit's masks as our
+    schedules), choosing each block's reuse among repeat and forecast orders 1 and 2
+    (``forecast=(0, 1, 2)``) and, besides whole calls, rows computing the first block(s) only
+    (DBCache's Fn rows). Its MAC target is that of ``budget`` of the block forwards (the
+    transformer blocks have equal MACs, so no more MACs is no more compute). Returns
+    ``(LearnResult, start key, start scores)``."""
+    from shortcut_kernels.dipgo.learn import make_bank, bank_sampler, learn
 
-    bank = zoo_sampler(bench.model, bench.scheduler(), n=bank_size, calls=bench.p.calls, guidance=bench.p.guidance)
-    key, scores = search_start(bank, candidates, budget)
+    sched = bench.scheduler()
+    sched.set_timesteps(bench.p.calls)
+    bank = make_bank(bench.model, sched, bank_size, guidance=bench.p.guidance)
+    key, scores = search_start(bank_sampler(bench.model, sched, bank, guidance=bench.p.guidance), candidates, budget)
     start = candidates[key]
-    orders = _one_order(start)
-
-    def sample(s):
-        return bank(None if s is None else s.with_forecast(orders))
-
-    result = local_search(start, sample, time_budget=seconds, progress=False)
-    result.schedule = result.schedule.with_forecast(orders)
+    target = max(start.macs_kept, _macs_at(bench, budget))
+    result = learn(bench.model, sched, target, start=start, bank=bank, time_budget=seconds, progress=False,
+                   forecast=(0, 1, 2), window=None, validate=2, max_validations=64, estimate_size=4)
     return result, key, scores
+
+
+def _macs_at(bench: Bench, budget: float) -> float:
+    """The MAC share of computing ``budget`` of the block forwards (whole calls)."""
+    from shortcut_kernels.runtime import skip_steps
+
+    return skip_steps(bench.model, bench.p.calls, count=max(1, math.floor(budget * bench.p.calls + EPS)),
+                      granularity="fine").macs_kept
 
 
 # ----------------------------------------------------------------------------- forecast cost
@@ -767,16 +781,18 @@ class Plan:
 
     budgets: tuple = QUICK_BUDGETS
     per_class: int = 5
-    search_seconds: float = 0.0
+    learn_budgets: tuple = ()   # budgets that get a learned schedule
+    learn_seconds: float = 0.0  # learning seconds per learned schedule
     notes: list = field(default_factory=list)
     cost: CostPlan | None = None  # the forecast-cost rows (None: not run)
 
 
 def plan(full: bool) -> Plan:
     if full:
-        return Plan(FULL_BUDGETS, 20, 240.0, cost=CostPlan(reps=9))
-    return Plan(QUICK_BUDGETS, 3, 0.0, ["quick: 30 samples, no searched schedules (FULL=1: 200 samples, one "
-                                        "searched schedule per budget)"], cost=CostPlan())
+        return Plan(FULL_BUDGETS, 20, FULL_BUDGETS, 240.0, cost=CostPlan(reps=9))
+    return Plan(QUICK_BUDGETS, 3, (0.5,), 60.0, ["quick: 30 samples, one learned schedule (50%, 60 s; FULL=1: "
+                                                 "200 samples, one learned schedule per budget, 240 s each)"],
+                cost=CostPlan())
 
 
 def run(out_dir=None, full: bool = False) -> dict:
@@ -806,16 +822,17 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
     schedules = ours.schedules
     search_log = []
     candidates = dict(schedules)
-    for b in pl.budgets if pl.search_seconds else ():
+    for b in pl.learn_budgets:
         try:
-            res, start, scores = searched(bench, b, pl.search_seconds, candidates)
+            res, start, scores = learned(bench, b, pl.learn_seconds, candidates)
         except ValueError as e:
             search_log.append({"budget": b, "error": str(e)})
             continue
-        schedules[f"searched({100 * b:.0f}%)"] = res.schedule
-        search_log.append({"budget": b, "start": start, "start_scores": scores, "forecast": _one_order(res.schedule),
-                           "moves": len(res.history), "start_psnr": res.start_psnr, "bank_psnr": res.psnr,
-                           "evaluations": res.evaluations, "seconds": res.seconds})
+        schedules[f"learned({100 * b:.0f}%)"] = res.schedule
+        search_log.append({"budget": b, "start": start, "start_scores": scores, "forecast": res.schedule.forecast_blocks,
+                           "moves": len(res.history) - 1, "start_psnr": res.start_psnr, "bank_psnr": res.psnr,
+                           "evaluations": res.evaluations, "seconds": res.seconds,
+                           "history": res.history})
     for key, s in schedules.items():
         rows.append(bench.ours(key, s))
         rows[-1]["same_as"] = ours.same_as.get(key, [])

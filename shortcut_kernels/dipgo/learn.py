@@ -4,8 +4,8 @@
     result.schedule.save("learned.json")          # <= 40% of the MACs, better on the bank
 
 **The estimate.** A *unit* is one call's row changed to another candidate row: a computed call
-reusing everything (a *drop*), a reused call computing everything or a DeepCache-branch row
-(an *add*), ... One no-graph run of the current schedule records, at every call ``t``, the
+reusing everything (a *drop*), a reused call computing everything or a partial row (an *add*;
+:func:`partial_rows`), ... One no-graph run of the current schedule records, at every call ``t``, the
 sample entering it, the caches it reads and its guided output ``out_t = eps_u + w (eps_c -
 eps_u)``. With every other call's output held, the final sample is linear in ``out_t`` with the
 scalar ``gamma_t = Plan.output_sensitivity(t, 0)`` (SDO's shortcut), so changing call ``t``'s
@@ -58,7 +58,7 @@ from .supernet import SuperNet
 from .gated_chain import _Chain, full_samples
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
-           "learn", "LabelConditioned", "TRAIN_SEED"]
+           "learn", "partial_rows", "order_moves", "LabelConditioned", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
 
@@ -357,7 +357,7 @@ class LearnConfig:
     bank_size: int = 30         # training samples the moves are validated on (when no bank is given)
     estimate_size: int | None = 16  # the first samples of the bank the estimate runs on (None: all)
     guidance: float = 3.0
-    patterns: bool = True       # DeepCache-branch rows as units (UNets; their fine graph)
+    patterns: bool = True       # partial rows as units (:func:`partial_rows`)
     swaps: bool = True          # equal-budget swaps besides single flips
     validate: int = 4           # proposals sampled per batch; the best improving one is taken
     max_validations: int = 32   # proposals sampled at one schedule (best predicted first) before stopping
@@ -407,6 +407,20 @@ def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: Le
     _null_label(model)
 
 
+def partial_rows(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
+    """``(start, patterns)``: the partial rows the learner may give a call besides whole ones.
+    UNets: the DeepCache-branch rows on the fine graph (:func:`.search.with_trades`, ``start``
+    moved there). Transformers on the fine graph (every block residual): the rows computing the
+    first 1, 2 and half of the blocks, the others reusing (DBCache's ``Fn`` rows: the first
+    blocks see the current input, the reused residuals add to it)."""
+    start, patterns = with_trades(model, start)
+    blocks = start.graph.blocks
+    if patterns or start.graph.granularity != "fine" or not all(b.residual for b in blocks):
+        return start, patterns
+    n = len(blocks)
+    return start, [list(range(k)) for k in sorted({1, 2, n // 2}) if 0 < k < n]
+
+
 def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,)) -> tuple[Schedule, int]:
     """The hand-made schedule within ``target`` (the top 10% of it), at each forecast order of
     ``orders``, that scores best on the bank, as :func:`.search.search` starts; and how many
@@ -443,7 +457,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
             start, evaluations = _best_handmade(model, chain, bank, target_macs, cfg.forecast)
     finally:
         probe.remove()
-    start, patterns = with_trades(model, start) if cfg.patterns else (start, [])
+    start, patterns = partial_rows(model, start) if cfg.patterns else (start, [])
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
     est_bank = bank.head(cfg.estimate_size)
