@@ -13,11 +13,18 @@ merged into one JSON:
   the learned MACs.
 * ``--part heldout --from A.json ...``: the learned and searched schedules of learn parts
   evaluated again (e.g. on more held-out samples) beside the hand-made ones.
+* ``--part transfer --target T``: learn at ``--calls`` DDIM calls on the training bank with the
+  ``make bench`` learning section's settings (``LEARN``: moves within 1% below the target), then
+  ``resize`` the learned schedule to ``--transfer-calls`` of ``--transfer-scheduler``
+  (DPM-Solver++ 2M) and evaluate it held out against every hand-made schedule built at those
+  calls within 2% of its MACs (``experiments.search_schedules.transfer_schedule``, the searched
+  schedules' transfer).
 * ``--merge A.json B.json ...``: one JSON.
 
     python -m experiments.learn_schedules --part spearman --out s.json
     python -m experiments.learn_schedules --part learn --target 0.402 --time-budget 360 --out l40.json
     python -m experiments.learn_schedules --merge s.json l40.json --out experiments/measurements/dipgo-learn-estimate.json
+    python -m experiments.learn_schedules --part transfer --target 0.402 --time-budget 300 --out t40.json
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ from shortcut_kernels.dipgo.supernet import SuperNet
 from shortcut_kernels.dipgo.train import _Chain
 from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade, zoo_sampler
 from shortcut_kernels.zoo.sampling import make_scheduler
+
+from bench.sections.dipgo_learn import LEARN
+from experiments.search_schedules import transfer_schedule
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -173,9 +183,34 @@ def part_heldout(args) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def part_transfer(args) -> dict:
+    """Learn at ``--calls`` DDIM calls (the learner's own start: the best hand-made schedule on
+    the bank within the target), then the learned schedule at ``--transfer-calls`` of
+    ``--transfer-scheduler`` against the hand-made schedules built there, held out."""
+    model, sched = _setup(args.model, args.calls)
+    bank = make_bank(model, sched, args.bank)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = learn(model, sched, args.target, bank=bank, time_budget=args.time_budget, estimate_size=args.estimate_size,
+                progress=True, **LEARN)
+    learned = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, start=res.start.name,
+                   start_params=res.start.params, start_macs=res.start.macs_kept, start_psnr=res.start_psnr,
+                   psnr=res.psnr, moves=len(res.history) - 1, estimates=res.estimates, evaluations=res.evaluations,
+                   history=res.history, keep=res.schedule.keep.int().tolist(), granularity=res.schedule.granularity,
+                   computed_calls=res.schedule.computed_calls(), macs_kept=res.schedule.macs_kept)
+    print("learned", json.dumps({k: v for k, v in learned.items() if k not in ("keep", "history")}), flush=True)
+    # resized as its rows (keeping the MAC share), as the searched schedules are: a start no move
+    # changed would otherwise be rebuilt from its builder's arguments (skip_steps keeps its count)
+    rows = Schedule(res.schedule.keep, res.schedule.graph, name="learned", forecast=res.schedule.forecast)
+    heldout = transfer_schedule(args.model, rows, "learned", calls=args.transfer_calls,
+                                scheduler_cls=args.transfer_scheduler, per_class=args.per_class)
+    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
+                                          estimate_size=args.estimate_size, learn_settings=LEARN, learned=learned,
+                                          transfer=heldout)}
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["spearman", "learn", "heldout"])
+    ap.add_argument("--part", choices=["spearman", "learn", "heldout", "transfer"])
     ap.add_argument("--from", dest="sources", nargs="+", help="--part heldout: the learn parts' JSONs")
     ap.add_argument("--merge", nargs="+", help="JSONs of the parts to merge into --out")
     ap.add_argument("--model", default="digits-unet")
@@ -190,6 +225,8 @@ def main(argv=None) -> None:
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=4)
     ap.add_argument("--spearman-count", type=int, default=20, help="computed calls of the skip_steps start")
+    ap.add_argument("--transfer-calls", type=int, default=25, help="--part transfer: calls of the target sampler")
+    ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler", help="--part transfer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -204,10 +241,13 @@ def main(argv=None) -> None:
         out.update(model=args.model, calls=args.calls, heldout=part_heldout(args))
     elif args.part == "learn":
         out.update(model=args.model, calls=args.calls, **part_learn(args))
+    elif args.part == "transfer":
+        out.update(model=args.model, calls=args.calls, **part_transfer(args))
     else:
         ap.error("give --part or --merge")
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     print("wrote", args.out)
+    return out
 
 
 if __name__ == "__main__":

@@ -69,39 +69,70 @@ def run(name: str, count: int, args) -> dict:
     return out
 
 
+EQUAL_MACS = 0.02  # largest relative gap between kept-MAC shares called "equal"
+
+
+def transfer_window(name: str, macs: float, calls: int) -> tuple[dict[str, Schedule], str]:
+    """The hand-made schedules at ``calls`` (every ``skip_steps`` count included) a schedule
+    keeping ``macs`` is compared with, and the rule that chose them: those within 2% of
+    ``macs`` ("within 2%"); where none is that close, those at the nearest MAC level above,
+    which keep more ("nearest level above")."""
+    options = handmade(name, calls, counts=range(2, calls // 2 + 1))
+    window = {k: s for k, s in options.items() if abs(s.macs_kept - macs) <= EQUAL_MACS * macs}
+    if window:
+        return window, "within 2%"
+    level = min(s.macs_kept for s in options.values() if s.macs_kept >= macs)
+    return {k: s for k, s in options.items() if level <= s.macs_kept <= level * (1 + EQUAL_MACS)}, "nearest level above"
+
+
+def transfer_schedule(name: str, schedule: Schedule, label: str, *, calls: int = 25,
+                      scheduler_cls: str = "DPMSolverMultistepScheduler", per_class: int = 20,
+                      search_seconds: float = 0.0, bank: int = 30, radius: int = 2) -> dict:
+    """``schedule`` (built for another sampler or call count) ``resize``d to ``calls`` and run
+    with ``scheduler_cls``, held out (``evaluate``, ``per_class`` per digit) against that
+    sampler's full model and the :func:`transfer_window` hand-made schedules; with
+    ``search_seconds``, also ``local_search`` again from the resized schedule on ``bank``
+    training samples of the target sampler. The best hand-made schedule is the one with the
+    highest set PSNR (``best_handmade``) and, separately, the highest mean per-image PSNR
+    (``best_handmade_image_mean``), as :func:`run` picks them; the gains are ``label``'s."""
+    resized = schedule.resize(calls)
+    window, rule = transfer_window(name, resized.macs_kept, calls)
+    candidates = {label: resized}
+    if search_seconds:
+        z = zoo.load(name)
+        sample = zoo_sampler(name, zoo.make_scheduler(z.scheduler_config, scheduler_cls), n=bank, calls=calls)
+        again = local_search(resized, sample, radius=radius, time_budget=search_seconds, progress=False)
+        candidates[f"{label}, resized, searched again"] = again.schedule
+    rows = evaluate(name, {**candidates, **window}, per_class=per_class, progress=False, scheduler_cls=scheduler_cls)
+    by = {r["schedule"]: r for r in rows}
+    best = max(window, key=lambda k: by[k]["psnr_vs_full"])
+    best_mean = max(window, key=lambda k: by[k]["psnr_image_mean"])
+    out = dict(calls=calls, scheduler=scheduler_cls, computed_calls=resized.computed_calls(),
+               macs_kept=resized.macs_kept, keep=resized.keep.int().tolist(), granularity=resized.granularity,
+               handmade_within=sorted(window), window_rule=rule, best_handmade=best, best_handmade_image_mean=best_mean,
+               gain_db=by[label]["psnr_vs_full"] - by[best]["psnr_vs_full"],
+               gain_db_image_mean=by[label]["psnr_image_mean"] - by[best_mean]["psnr_image_mean"], rows=rows)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "keep")}), flush=True)
+    for r in rows:
+        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB (image mean "
+              f"{r['psnr_image_mean']:6.2f})  acc {r['class_accuracy']:.3f}  FD {r['digits_fd']:.3f}", flush=True)
+    return out
+
+
 def transfer(result: dict, args) -> dict:
-    """The searched schedule ``resize``d to --transfer-calls and run with --transfer-scheduler,
-    against that sampler's full model and the hand-made schedules at the same MACs (within 2%)."""
+    """The searched schedule of a :func:`run` result through :func:`transfer_schedule`
+    (--transfer-calls, --transfer-scheduler, --transfer-search)."""
     name = result["model"]
-    z = zoo.load(name)
-    model = z.model
+    model = zoo.load(name).model
     if "keep" in result:
         searched = Schedule(torch.tensor(result["keep"]), graph_of(model, result["granularity"]), name="searched")
     else:  # whole-call rows: the computed calls say it all
         rows = skip_steps(model, args.calls, compute=result["computed_calls"])
         searched = Schedule(rows.keep, rows.graph, name="searched")  # resized as a custom schedule
-    resized = searched.resize(args.transfer_calls)
-    every_count = range(2, args.transfer_calls // 2 + 1)
-    options = handmade(name, args.transfer_calls, counts=every_count)
-    window = {k: s for k, s in options.items() if resized.macs_kept * 0.98 <= s.macs_kept <= resized.macs_kept * 1.02}
-    if not window:  # between two MAC levels: the hand-made ones at the nearest level above (they keep more)
-        level = min(s.macs_kept for s in options.values() if s.macs_kept >= resized.macs_kept)
-        window = {k: s for k, s in options.items() if level <= s.macs_kept <= level * 1.02}
-    candidates = {"searched": resized}
-    if args.transfer_search:  # search again from the resized schedule, on training noise of the target sampler
-        bank = zoo_sampler(name, zoo.make_scheduler(z.scheduler_config, args.transfer_scheduler), n=args.bank,
-                           calls=args.transfer_calls)
-        again = local_search(resized, bank, radius=args.radius, time_budget=args.transfer_search, progress=False)
-        candidates["searched, resized, searched again"] = again.schedule
-    rows = evaluate(name, {**candidates, **window}, per_class=args.per_class, progress=False,
-                    scheduler_cls=args.transfer_scheduler)
-    out = dict(model=name, count=result["count"], calls=args.transfer_calls, scheduler=args.transfer_scheduler,
-               computed_calls=resized.computed_calls(), rows=rows)
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
-    for r in rows:
-        print(f"  {r['schedule']:34s} {r['macs_kept']:.4f} {r['psnr_vs_full']:6.2f} dB (image mean "
-              f"{r['psnr_image_mean']:6.2f})  acc {r['class_accuracy']:.3f}  FD {r['digits_fd']:.3f}", flush=True)
-    return out
+    out = transfer_schedule(name, searched, "searched", calls=args.transfer_calls, scheduler_cls=args.transfer_scheduler,
+                            per_class=args.per_class, search_seconds=args.transfer_search, bank=args.bank,
+                            radius=args.radius)
+    return dict(model=name, count=result["count"], **out)
 
 
 def speed(result: dict, args) -> dict:
