@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
                   f"({args.learn_seconds:.0f} s)"], cost=None)
     t0 = time.perf_counter()
     doc = cd.measure(cd.Bench(cd.Protocol(per_class=args.per_class)), pl, full=False)
-    doc = {"command": "python -m experiments.cache_dit_budgets " + " ".join(argv or []), "commit": git_commit(),
+    doc = {"command": "python -m experiments.cache_dit_budgets " + " ".join(sys.argv[1:] if argv is None else argv), "commit": git_commit(),
            "section": "cache-dit", "full": False, "wall_s": time.perf_counter() - t0, **doc}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
