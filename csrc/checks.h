@@ -101,8 +101,10 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
               "` must be contiguous (C innermost; the Python wrapper copies others)");
 }
 
-// cache_residual: at least one cache, each like x.
-inline void check_cache_residual_inputs(const at::Tensor& x, c10::ArrayRef<at::Tensor> caches) {
+// cache_residual: at least one cache, each like x; weights (optional) one value per
+// cache, contiguous, in the accumulation dtype on x's device. Returns whether weighted.
+inline bool check_cache_residual_inputs(const at::Tensor& x, c10::ArrayRef<at::Tensor> caches,
+                                        const std::optional<at::Tensor>& weights) {
   check_float_tensor(x, "x");
   check_dense(x, "x");
   TORCH_CHECK(!caches.empty(), "shortcut_kernels: `caches` must hold at least one tensor");
@@ -110,6 +112,17 @@ inline void check_cache_residual_inputs(const at::Tensor& x, c10::ArrayRef<at::T
     const std::string name = "caches[" + std::to_string(k) + "]";
     check_same(x, "x", caches[k], name.c_str());
   }
+  if (!has(weights)) return false;
+  const auto acc = acc_type_of(x.scalar_type());
+  TORCH_CHECK(weights->scalar_type() == acc, "shortcut_kernels: `weights` must be ", acc,
+              " (the accumulation type), got ", weights->scalar_type());
+  TORCH_CHECK(weights->device() == x.device(), "shortcut_kernels: `weights` is on ",
+              weights->device(), " but `x` is on ", x.device());
+  TORCH_CHECK(weights->dim() == 1 && weights->size(0) == static_cast<int64_t>(caches.size()),
+              "shortcut_kernels: `weights` must have shape [", caches.size(),
+              "] (one per cache), got ", weights->sizes());
+  TORCH_CHECK(weights->is_contiguous(), "shortcut_kernels: `weights` must be contiguous");
+  return true;
 }
 
 // guided_step: a and b (each optional) 0-d or [B], w (optional) one value; returns the

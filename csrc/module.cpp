@@ -58,13 +58,14 @@ PYBIND11_MODULE(_C, m) {
   DirectCall<Tensor3(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
                      double, double, bool, bool, bool)>::def(m, "guided_step_backward");
   // Tensor[] is an ArrayRef, which pybind11 cannot build from a list: take a vector.
-  auto cache_residual = DirectCall<Tensor(const Tensor&, at::TensorList)>::handle(
-      "cache_residual_forward");
+  auto cache_residual =
+      DirectCall<Tensor(const Tensor&, at::TensorList, const OptTensor&)>::handle(
+          "cache_residual_forward");
   m.def(
       "cache_residual_forward",
-      [cache_residual](const Tensor& x, const std::vector<Tensor>& caches) {
-        return cache_residual.call(x, caches);
-      },
+      [cache_residual](const Tensor& x, const std::vector<Tensor>& caches,
+                       const OptTensor& weights) { return cache_residual.call(x, caches, weights); },
+      py::arg("x"), py::arg("caches"), py::arg("weights") = py::none(),
       py::call_guard<py::gil_scoped_release>());
   m.def("cpu_info", [] {
     namespace cpu = shortcut_kernels::cpu;

@@ -42,9 +42,12 @@ SK_MATH_FN acc_t gated_residual_grad_y(acc_t grad, acc_t gate) { return gate * g
 template <typename acc_t>
 SK_MATH_FN acc_t gated_residual_grad_gate_term(acc_t grad, acc_t y) { return grad * y; }
 
-// ---- cache_residual: out = x + sum_k caches[k] (callers fold the sum) ------------
+// ---- cache_residual: out = x + sum_k w[k]*caches[k] (callers fold the sum) ------
+// Unweighted (every w[k] = 1): acc + cache, as it always was; weighted: acc + w*cache.
 template <typename acc_t>
 SK_MATH_FN acc_t cache_residual_add(acc_t acc, acc_t cache) { return acc + cache; }
+template <typename acc_t>
+SK_MATH_FN acc_t cache_residual_fma(acc_t acc, acc_t cache, acc_t w) { return acc + w * cache; }
 
 // ---- guided_step: x_prev = a*x + b*(eps_u + w*(eps_c - eps_u)) -----------------
 template <typename acc_t>
