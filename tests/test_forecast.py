@@ -150,7 +150,9 @@ def test_extrapolate_on_the_fused_op_is_the_weighted_sum(order):
     w = F.weights(t, calls)
     gates = [None if g is None else torch.tensor(g, dtype=torch.float64) for g in F.gates(w)]
     want = x + sum(wi * y for wi, y in zip(w, ys))
-    torch.testing.assert_close(F.extrapolate(ys, gates, residual=x), want, rtol=1e-12, atol=1e-12)
+    # with a residual (transformer blocks): one weighted cache_residual pass on the weights themselves
+    torch.testing.assert_close(F.extrapolate(ys, torch.tensor(w, dtype=torch.float64), residual=x), want,
+                               rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(F.extrapolate(ys, gates), want - x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_by_hand(t, calls, ys), want - x, rtol=1e-9, atol=1e-9)
 
@@ -202,6 +204,36 @@ def test_accelerate_matches_the_reference_loop(name, build, order):
     assert any(FORECAST in row for row in s.modes)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
     assert _rel(got, plain) > 1e-3  # forecasting changed the samples
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_transformer_forecast_is_one_weighted_cache_residual_pass(order, monkeypatch):
+    """Each forecasting transformer block is one cache_residual call reading x and its order + 1
+    cached residuals with the weights of :func:`F.weights` (a 1-D tensor in the accumulation dtype,
+    made once per call and placement: the same tensor in a second run), no gated_blend."""
+    z = zoo.load("digits-dit")
+    model, sched = z.model, zoo.make_scheduler(z.scheduler_config)
+    s = fora(model, 12, 3, forecast=order)
+    seen = []
+    real = F.cache_residual
+
+    def counting(x, caches, weights=None):
+        seen.append((len(caches), weights))
+        return real(x, caches, weights=weights)
+
+    monkeypatch.setattr(F, "cache_residual", counting)
+    monkeypatch.setattr(F, "gated_blend", lambda *a, **k: pytest.fail("a transformer forecast ran gated_blend"))
+    with accelerate(model, s, scheduler=sched):
+        _zoo_samples(model, sched, 12, seed=0)
+        first = list(seen)
+        _zoo_samples(model, sched, 12, seed=1)
+    cells = [(t, b) for t, row in enumerate(s.modes) for b, m in enumerate(row) if m == FORECAST]
+    assert len(cells) > 0 and len(first) == len(cells) and len(seen) == 2 * len(cells)
+    for (t, b), (count, weights) in zip(cells, first):
+        assert count == s.forecast_orders[t][b] + 1
+        assert weights.dtype == torch.float32 and weights.shape == (count,)
+        assert weights.tolist() == pytest.approx(s.forecast_weights[t][b], rel=1e-6)
+    assert all(a[1] is b[1] for a, b in zip(first, seen[len(first):]))  # not rebuilt per call
 
 
 def test_the_reference_at_order_zero_is_read():

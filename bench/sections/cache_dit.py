@@ -621,14 +621,14 @@ def _cost_rows(model, calls: int, interval: int) -> dict:
 def _bytes(schedule, call: int, tensor_bytes: int) -> tuple[int, int]:
     """At ``call``: the extrapolation's bytes (per forecasting block of order p: p + 1 cached
     tensors read, one written) and what the runtime's ops move beyond READ's (a run of n
-    repeated blocks: one pass reading x and n caches, writing one; a forecast block of order 1:
-    one fused pass reading y_0, y_1 and x, writing one; order 2: a pass blending y_1, y_2 into
-    one more tensor, then that order-1 pass)."""
+    repeated blocks: one pass reading x and n caches, writing one; a forecast block of order
+    p, 1 or 2: one weighted ``cache_residual`` pass reading x and y_0 .. y_p, writing one:
+    p + 3 tensors)."""
     from shortcut_kernels.runtime.schedule import FORECAST, READ
 
     modes, orders = schedule.modes[call], schedule.forecast_orders[call]
     extrapolation = sum(o + 2 for m, o in zip(modes, orders) if m == FORECAST)
-    moved = sum(4 if o == 1 else 7 for m, o in zip(modes, orders) if m == FORECAST)
+    moved = sum(o + 3 for m, o in zip(modes, orders) if m == FORECAST)
     if READ in modes:
         raise ValueError(f"call {call} repeats some blocks and forecasts others: time a call that forecasts all")
     runs, prev = [], None

@@ -16,11 +16,12 @@ the per-run :class:`CacheState`:
   one ``cache_residual(x, [delta_1, ..., delta_k])`` at the first block, the others pass
   their input on;
 * ``FORECAST``: return the output (transformer blocks: ``x`` + the residual) extrapolated
-  from the block's last 2 or 3 computed ones (:mod:`.forecast`) on the fused
-  ``gated_blend`` op; the gates are 0-d tensors on the block's device, made once per
-  (call, block) and handed to the block at the call's start. A block that some call
-  forecasts keeps its last ``order + 1`` computed outputs (``CacheState.older`` holds those
-  before the newest), per run like every cache;
+  from the block's last 2 or 3 computed ones (:mod:`.forecast`) on the fused ops
+  (transformer blocks: one weighted ``cache_residual`` pass, its weights a 1-D tensor;
+  other blocks: ``gated_blend``, its gates 0-d tensors); the tensors live on the block's
+  device, made once per (call, block) and handed to the block at the call's start. A block
+  that some call forecasts keeps its last ``order + 1`` computed outputs
+  (``CacheState.older`` holds those before the newest), per run like every cache;
 * ``DEAD``: nothing that runs reads the block: it returns an empty tensor of the right
   shape (recorded at call 0) without computing anything. Its values are garbage, read by
   no one as long as the block graph names every consumer; ``accelerate(..., debug=True)``
@@ -120,7 +121,8 @@ class CacheState:
         self.modes: tuple[int, ...] = (COMPUTE,) * num_blocks
         self.runs: tuple[tuple[int, ...], ...] = ((),) * num_blocks
         self.orders: tuple[int, ...] = (0,) * num_blocks  # this call's forecast orders
-        self.gates: tuple[Any, ...] = (None,) * num_blocks  # this call's forecast gates (0-d tensors)
+        # this call's forecast coefficients: 0-d gate tensors, a 1-D weight tensor for transformer blocks
+        self.gates: tuple[Any, ...] = (None,) * num_blocks
         self.reads: list[Any] = [None] * num_blocks  # this call's forecast inputs, newest first
         self.record = False  # record output shapes (call 0)
         self.check_finite: bool | None = None  # the handle's setting, see _checks_finite
@@ -299,7 +301,11 @@ class _CallModes:
         self.depth = tuple(schedule.forecast_depth)
         self.forecasts = tuple(b for b, d in enumerate(self.depth) if d)  # blocks with a history
         self.patterns = set(zip(self.modes, self.orders))
-        self._gate_values = [tuple(None if w is None else _forecast.gates(w) for w in row)
+        # transformer blocks forecast on cache_residual with the weights themselves (one 1-D
+        # tensor), the others on gated_blend with its gates (0-d tensors)
+        self._weighted = tuple(blk.residual for blk in g.blocks)
+        self._gate_values = [tuple(None if w is None else tuple(w) if self._weighted[b] else _forecast.gates(w)
+                                   for b, w in enumerate(row))
                              for row in schedule.forecast_weights]
         self._gates: dict[tuple, tuple] = {}
         self._no_gates = (None,) * len(g)
@@ -322,9 +328,11 @@ class _CallModes:
             self.runs.append(tuple(runs))
 
     def gates(self, call: int, where: list) -> tuple:
-        """Per block: the forecast gates of ``call`` as 0-d tensors on the block's device
-        (``where``: (device, dtype) per block, recorded at call 0), made once per call and
-        placement; None for blocks that do not forecast."""
+        """Per block: the forecast coefficients of ``call`` on the block's device in its
+        accumulation dtype (``where``: (device, dtype) per block, recorded at call 0), made
+        once per call and placement: a transformer block's weights ``(L_0, L_1[, L_2])`` as
+        one 1-D tensor, another block's gates as 0-d tensors; None for blocks that do not
+        forecast."""
         values = self._gate_values[call]
         if not any(values):
             return self._no_gates
@@ -340,6 +348,9 @@ class _CallModes:
                     raise RuntimeError(f"block {self.schedule.graph.names[b]!r} forecasts at call {call} but its "
                                        "device is unknown (call 0 of a run records it)")
                 dev, dtype = where[b]
+                if self._weighted[b]:
+                    out.append(torch.tensor(v, dtype=dtype, device=dev))
+                    continue
                 out.append(tuple(None if x is None else torch.tensor(x, dtype=dtype, device=dev) for x in v))
             out = self._gates[key] = tuple(out)
         return out

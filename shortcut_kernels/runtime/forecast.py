@@ -33,13 +33,16 @@ Fallback: at a call where fewer than ``p + 1`` computed outputs exist (early in 
 0 computes every block, the next computation of the block comes later), the order drops to
 what they allow; with one computed output that is order 0, a plain ``READ``.
 
-Evaluation with the fused op (:func:`shortcut_kernels.ops.gated_blend.gated_blend`,
-``residual + g fresh + (1 - g) cache``, any real gate): both orders are weighted sums
-``L_0 y_0 + L_1 y_1 (+ L_2 y_2)`` with weights summing to 1 (:func:`weights`). Order 1 is
-``gated_blend(y_0, y_1, L_0)``; order 2 is ``gated_blend(y_0, p, L_0)`` with
-``p = gated_blend(y_1, y_2, L_1 / (L_1 + L_2))``. ``L_0 > 1`` for any call after ``c_0``, so
-``L_1 + L_2 = 1 - L_0`` is never 0. A transformer block adds its input as the op's
-``residual``: its forecast output is one fused pass (order 1).
+Evaluation with the fused ops: both orders are weighted sums ``L_0 y_0 + L_1 y_1 (+ L_2 y_2)``
+with weights summing to 1 (:func:`weights`). A transformer block's forecast output is its
+input ``x`` plus the extrapolated residual, ``x + L_0 y_0 + L_1 y_1 (+ L_2 y_2)``: one pass of
+:func:`shortcut_kernels.ops.cache_residual.cache_residual` with ``weights=(L_0, L_1[, L_2])``
+(a 1-D tensor), reading ``x`` and the ``p + 1`` cached residuals and writing the output, for
+either order. Other blocks (UNet outputs, no residual) use
+:func:`shortcut_kernels.ops.gated_blend.gated_blend` (``g fresh + (1 - g) cache``, any real
+gate) and its gates (:func:`gates`): order 1 is ``gated_blend(y_0, y_1, L_0)``; order 2 is
+``gated_blend(y_0, p, L_0)`` with ``p = gated_blend(y_1, y_2, L_1 / (L_1 + L_2))``. ``L_0 > 1``
+for any call after ``c_0``, so ``L_1 + L_2 = 1 - L_0`` is never 0.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..ops.cache_residual import cache_residual
 from ..ops.gated_blend import gated_blend
 
 ORDERS = (0, 1, 2)
@@ -176,12 +180,19 @@ def gates(w: Sequence[float]) -> tuple[float, float | None]:
     return (w[0], w[1] / (w[1] + w[2]))
 
 
-def extrapolate(caches: Sequence[Tensor], gate: Sequence[Tensor | None], residual: Tensor | None = None) -> Tensor:
-    """The forecast of one tensor from ``caches`` (newest first, 2 or 3) with the 0-d gate
-    tensors of :func:`gates`, plus ``residual`` if given, on the fused op."""
-    g0, inner = gate
+def extrapolate(caches: Sequence[Tensor], coefs: Sequence[Tensor | None] | Tensor,
+                residual: Tensor | None = None) -> Tensor:
+    """The forecast of one tensor from ``caches`` (newest first, 2 or 3), on the fused ops.
+
+    With ``residual`` (a transformer block's input): ``residual + sum L_i caches[i]`` in one
+    ``cache_residual`` pass, ``coefs`` the 1-D tensor of the weights ``L_i`` (:func:`weights`,
+    in the accumulation dtype on the caches' device). Without: the extrapolated tensor on
+    ``gated_blend``, ``coefs`` the 0-d gate tensors of :func:`gates`."""
+    if residual is not None:
+        return cache_residual(residual, caches, weights=coefs)
+    g0, inner = coefs
     prev = caches[1] if len(caches) == 2 else gated_blend(caches[1], caches[2], inner)
-    return gated_blend(caches[0], prev, g0, residual)
+    return gated_blend(caches[0], prev, g0)
 
 
 def extrapolate_output(caches: Sequence[Any], gate: Sequence[Tensor | None]) -> Any:
