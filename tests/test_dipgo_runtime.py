@@ -161,7 +161,8 @@ def test_transformer_run_of_reused_blocks_is_one_cache_residual(monkeypatch):
     model = tiny_dit(layers=4)
     n = []
     real = rt.cache_residual
-    monkeypatch.setattr(rt, "cache_residual", lambda x, caches: (n.append(len(caches)), real(x, caches))[1])
+    monkeypatch.setattr(rt, "cache_residual",
+                        lambda x, caches, weights=None: (n.append(len(caches)), real(x, caches, weights=weights))[1])
     s = fora(model, 3, 3)
     with accelerate(model, s):
         _calls(model, 3)
@@ -304,4 +305,21 @@ def test_nan_in_cache_raises_where_reused():
             _calls(dit, 1, seed0=1)
     with accelerate(dit, s, check_finite=False):
         _calls(dit, 2)  # no check: NaN/inf flows on
+    hk.remove()
+
+
+def test_inf_in_a_forecast_cache_names_the_block():
+    """A run of forecasting transformer blocks is one pass; an inf in one block's newest
+    computed residual fails the run's check, and the error names that block and the forecast."""
+    dit = tiny_dit()
+    s = fora(dit, 6, 3, forecast=1)
+    poisoned = [False]
+    hk = dit.transformer_blocks[2].ff.register_forward_hook(lambda m, a, o: o + float("inf") if poisoned[0] else o)
+    with accelerate(dit, s):
+        _calls(dit, 3)  # computes at call 0, repeats at 1 and 2 (one computed residual each)
+        poisoned[0] = True
+        _calls(dit, 1, seed0=3)  # computes at call 3, the inf lands in block 2's residual
+        poisoned[0] = False
+        with pytest.raises(FloatingPointError, match=r"transformer_blocks\.2.*call 4 would forecast from it"):
+            _calls(dit, 1, seed0=4)
     hk.remove()

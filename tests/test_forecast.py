@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shortcut_kernels import zoo
-from shortcut_kernels.dipgo import FORECAST, READ, Schedule, accelerate, deepcache, fora, full, skip_steps
+from shortcut_kernels.dipgo import COMPUTE, FORECAST, READ, Schedule, accelerate, deepcache, fora, full, skip_steps
 from shortcut_kernels.models import denoiser
 from shortcut_kernels.runtime import forecast as F
 
@@ -207,33 +207,46 @@ def test_accelerate_matches_the_reference_loop(name, build, order):
 
 
 @pytest.mark.parametrize("order", [1, 2])
-def test_a_transformer_forecast_is_one_weighted_cache_residual_pass(order, monkeypatch):
-    """Each forecasting transformer block is one cache_residual call reading x and its order + 1
-    cached residuals with the weights of :func:`F.weights` (a 1-D tensor in the accumulation dtype,
-    made once per call and placement: the same tensor in a second run), no gated_blend."""
+def test_a_run_of_reused_transformer_blocks_is_one_weighted_cache_residual_pass(order, monkeypatch):
+    """At every reused call each run of consecutive reused transformer blocks (fora: all of
+    them; the Fn-1 row: all but the first) is one cache_residual call reading x and, per block,
+    its order + 1 cached residuals with the weights of :func:`F.weights` (a repeating block: its
+    one residual at weight 1; no weights when all repeat), a 1-D tensor in the accumulation dtype
+    made once per call and placement (the same tensor in a second run), no gated_blend."""
+    from shortcut_kernels.runtime import cache as runtime_cache
+
     z = zoo.load("digits-dit")
     model, sched = z.model, zoo.make_scheduler(z.scheduler_config)
-    s = fora(model, 12, 3, forecast=order)
+    base = fora(model, 12, 3, forecast=order)
+    keep = base.keep.clone()
+    keep[:, 0] = True  # the first block at every call: the run starts at block 1
     seen = []
-    real = F.cache_residual
+    real = runtime_cache.cache_residual
 
     def counting(x, caches, weights=None):
         seen.append((len(caches), weights))
         return real(x, caches, weights=weights)
 
-    monkeypatch.setattr(F, "cache_residual", counting)
+    monkeypatch.setattr(runtime_cache, "cache_residual", counting)
     monkeypatch.setattr(F, "gated_blend", lambda *a, **k: pytest.fail("a transformer forecast ran gated_blend"))
-    with accelerate(model, s, scheduler=sched):
-        _zoo_samples(model, sched, 12, seed=0)
-        first = list(seen)
-        _zoo_samples(model, sched, 12, seed=1)
-    cells = [(t, b) for t, row in enumerate(s.modes) for b, m in enumerate(row) if m == FORECAST]
-    assert len(cells) > 0 and len(first) == len(cells) and len(seen) == 2 * len(cells)
-    for (t, b), (count, weights) in zip(cells, first):
-        assert count == s.forecast_orders[t][b] + 1
-        assert weights.dtype == torch.float32 and weights.shape == (count,)
-        assert weights.tolist() == pytest.approx(s.forecast_weights[t][b], rel=1e-6)
-    assert all(a[1] is b[1] for a, b in zip(first, seen[len(first):]))  # not rebuilt per call
+    for s in (base, Schedule(keep, base.graph, forecast=order)):
+        seen.clear()
+        with accelerate(model, s, scheduler=sched):
+            _zoo_samples(model, sched, 12, seed=0)
+            first = list(seen)
+            _zoo_samples(model, sched, 12, seed=1)
+        reused = [t for t in range(12) if not s.keep[t].all()]
+        assert len(reused) > 0 and len(first) == len(reused) and len(seen) == 2 * len(reused)
+        for t, (count, weights) in zip(reused, first):
+            cells = [b for b, m in enumerate(s.modes[t]) if m != COMPUTE]
+            assert cells == list(range(cells[0], len(s.modes[t])))  # one run, to the last block
+            want = [w for b in cells for w in (s.forecast_weights[t][b] if s.modes[t][b] == FORECAST else (1.0,))]
+            assert count == len(want)
+            if all(s.modes[t][b] == READ for b in cells):
+                assert weights is None
+            else:
+                assert weights.dtype == torch.float32 and weights.tolist() == pytest.approx(want, rel=1e-6)
+        assert all(a[1] is b[1] for a, b in zip(first, seen[len(first):]))  # not rebuilt per call
 
 
 def test_the_reference_at_order_zero_is_read():

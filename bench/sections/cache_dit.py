@@ -620,25 +620,25 @@ def _cost_rows(model, calls: int, interval: int) -> dict:
 
 def _bytes(schedule, call: int, tensor_bytes: int) -> tuple[int, int]:
     """At ``call``: the extrapolation's bytes (per forecasting block of order p: p + 1 cached
-    tensors read, one written) and what the runtime's ops move beyond READ's (a run of n
-    repeated blocks: one pass reading x and n caches, writing one; a forecast block of order
-    p, 1 or 2: one weighted ``cache_residual`` pass reading x and y_0 .. y_p, writing one:
-    p + 3 tensors)."""
+    tensors read, one written) and what the runtime's ops move beyond READ's. The runtime sums
+    a run of consecutive reused blocks in one ``cache_residual`` pass reading x and the
+    run's caches, writing one: n + 2 tensors for n repeated blocks, 2 + the sum of p + 1 for
+    forecasting ones, so forecasting moves the sum of p beyond READ."""
     from shortcut_kernels.runtime.schedule import FORECAST, READ
 
     modes, orders = schedule.modes[call], schedule.forecast_orders[call]
     extrapolation = sum(o + 2 for m, o in zip(modes, orders) if m == FORECAST)
-    moved = sum(o + 3 for m, o in zip(modes, orders) if m == FORECAST)
     if READ in modes:
         raise ValueError(f"call {call} repeats some blocks and forecasts others: time a call that forecasts all")
     runs, prev = [], None
-    for m in modes:  # what READ moves for the same cells: one pass per run of repeated blocks
+    for m, o in zip(modes, orders):  # the runs of forecasting blocks, their orders
         if m == FORECAST:
             if prev != FORECAST:
-                runs.append(0)
-            runs[-1] += 1
+                runs.append([])
+            runs[-1].append(o)
         prev = m
-    read = sum(n + 2 for n in runs)
+    moved = sum(2 + sum(o + 1 for o in run) for run in runs)
+    read = sum(2 + len(run) for run in runs)
     return extrapolation * tensor_bytes, (moved - read) * tensor_bytes
 
 
@@ -651,11 +651,12 @@ def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
     denoiser call (:class:`_Timed`), kept at the calls where the order-2 schedule forecasts
     every reused block at order 2 (the same calls for every mode). Per mode the median over
     runs of the mean call there; ``ratio``: the median over runs of forecast / READ (each run
-    paired with the READ run of its round). The bytes'
-    time: a copy of one block-output tensor into a new one (``clone``: reads one tensor, writes
-    one, allocating it as the runtime's ops allocate their outputs; two tensors' bytes), timed
-    ``copies`` times per run in the same process, the median per copy scaled to the bytes
-    (``copy_into_s``: the same copy into a tensor allocated once, for comparison).
+    paired with the READ run of its round). The bytes' time: a copy that moves exactly the
+    extrapolation's bytes (``clone`` of a tensor of half of them: it reads one half and
+    writes the other into a new allocation, as the runtime's ops allocate their outputs),
+    timed ``copies`` times per run in the same process, the median. Its working set is the
+    forecast's (the extra caches do not fit a core's L2); the copy of one block output
+    (``copy_s``, L2-resident, scaled to the bytes) is kept for comparison.
     ``over_bound``: the median over rounds of forecast / (READ + the extrapolation bytes'
     time); ``holds``: at most ``1 + slack``. Valid only when nothing else runs on the
     machine."""
@@ -677,16 +678,12 @@ def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
         hook.remove()
     (out_shape, dtype), = shape
     src = torch.randn(out_shape).to(dtype)
-    dst = torch.empty_like(src)
 
-    def copy_times(into: bool) -> list[float]:
+    def copy_times(t: torch.Tensor) -> list[float]:
         times = []
         for _ in range(cp.copies):
             t0 = time.perf_counter()
-            if into:
-                dst.copy_(src)
-            else:
-                src.clone()
+            t.clone()
             times.append(time.perf_counter() - t0)
         return times
 
@@ -695,7 +692,6 @@ def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
            "threads": torch.get_num_threads(), "reps": cp.reps, "slack": cp.slack, "tensor_bytes": tensor_bytes,
            "block_output_shape": list(out_shape), "rows": []}
     for key, base in _cost_rows(bench.model, cp.calls, cp.interval).items():
-        copies, into = [], []
         modes = {"read": base, "forecast1": base.with_forecast(1), "forecast2": base.with_forecast(2)}
         two = modes["forecast2"]
         at = [t for t in range(cp.calls) if any(m == FORECAST for m in two.modes[t])
@@ -704,6 +700,9 @@ def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
             raise ValueError(f"{key}: no call forecasts at order 2 in {cp.calls} calls; use more calls")
         per: dict = {k: [] for k in modes}
         names = list(modes)
+        extra = {o: _bytes(modes[f"forecast{o}"], at[0], tensor_bytes) for o in (1, 2)}  # (bytes, moved)
+        moving = {o: torch.randn(extra[o][0] // 2 // src.element_size()).to(dtype) for o in (1, 2)}
+        copies: dict = {"block": [], 1: [], 2: []}
         for rep in range(cp.reps + 1):  # rep 0 warms up (allocator, first-call paths) and is dropped
             for name in names[rep % 3:] + names[:rep % 3]:  # each mode first in turn
                 sched = modes[name]
@@ -716,24 +715,21 @@ def forecast_cost(bench: Bench, cp: CostPlan | None = None) -> dict:
                     raise RuntimeError(f"{key}: timed {len(timed.times)} calls, expected {cp.calls}")
                 if rep:
                     per[name].append(statistics.fmean(timed.times[t] for t in at))
-            clone, copy_into = copy_times(False), copy_times(True)
-            if rep:
-                copies += clone
-                into += copy_into
-        copy_s = statistics.median(copies)  # moves 2 tensors' bytes
+            for k, t in (("block", src), (1, moving[1]), (2, moving[2])):
+                times = copy_times(t)
+                if rep:
+                    copies[k] += times
+        copy_s = statistics.median(copies["block"])  # moves 2 tensors' bytes
         read_s = statistics.median(per["read"])
-        row = {"row": key, "calls_timed": at, "read_s": read_s, "copy_s": copy_s,
-               "copy_into_s": statistics.median(into)}
+        row = {"row": key, "calls_timed": at, "read_s": read_s, "copy_s": copy_s}
         for o in (1, 2):
             name = f"forecast{o}"
-            sched = modes[name]
-            extra, moved = _bytes(sched, at[0], tensor_bytes)
-            bytes_s = copy_s * extra / (2 * tensor_bytes)
+            (nbytes, moved), bytes_s = extra[o], statistics.median(copies[o])
             over = statistics.median(f / (r + bytes_s) for f, r in zip(per[name], per["read"]))
             row[name] = {"seconds": statistics.median(per[name]),
                          "ratio": statistics.median(f / r for f, r in zip(per[name], per["read"])),
-                         "extrapolation_bytes": extra, "bytes_moved_beyond_read": moved, "bytes_s": bytes_s,
-                         "bound_s": read_s + bytes_s, "over_bound": over, "holds": over <= 1 + cp.slack,
+                         "extrapolation_bytes": nbytes, "bytes_moved_beyond_read": moved, "bytes_s": bytes_s,
+                         "copy_s_scaled": copy_s * nbytes / (2 * tensor_bytes), "bound_s": read_s + bytes_s, "over_bound": over, "holds": over <= 1 + cp.slack,
                          "times": per[name]}
         row["times_read"] = per["read"]
         out["rows"].append(row)

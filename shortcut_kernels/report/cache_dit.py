@@ -114,8 +114,8 @@ def cost_lines(cost: dict | None) -> list[str]:
             f"thread(s), median of {cost['reps']} interleaved runs): the calls where every reused block "
             "forecasts at order 2, the same calls with the blocks repeating (`READ`) and at order 1. Bytes: what "
             "the extrapolation reads and writes (order p: p + 1 cached tensors read, one written, per forecasting "
-            "block); their time: a copy of a block output into a new tensor, timed in the same run, scaled to the "
-            "bytes. Valid only when `make bench` runs alone.", ""] + _table(head, body, left=(0, 1)) + [""]
+            "block); their time: a copy moving as many bytes (a tensor of half of them cloned), timed in the same "
+            "run. Valid only when `make bench` runs alone.", ""] + _table(head, body, left=(0, 1)) + [""]
 
 
 def cache_dit_part(doc: dict, plots=()) -> list[str]:

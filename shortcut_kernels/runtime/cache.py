@@ -12,16 +12,19 @@ the per-run :class:`CacheState`:
 
 * ``COMPUTE``: run the block; if a later call reuses it, keep its output (a transformer
   block keeps its residual update ``out - in``);
-* ``READ``: return the cached output; a run of consecutive reused transformer blocks is
-  one ``cache_residual(x, [delta_1, ..., delta_k])`` at the first block, the others pass
-  their input on;
+* ``READ``: return the cached output;
 * ``FORECAST``: return the output (transformer blocks: ``x`` + the residual) extrapolated
-  from the block's last 2 or 3 computed ones (:mod:`.forecast`) on the fused ops
-  (transformer blocks: one weighted ``cache_residual`` pass, its weights a 1-D tensor;
-  other blocks: ``gated_blend``, its gates 0-d tensors); the tensors live on the block's
-  device, made once per (call, block) and handed to the block at the call's start. A block
+  from the block's last 2 or 3 computed ones (:mod:`.forecast`); other blocks (UNet
+  outputs) on ``gated_blend``, its gates 0-d tensors on the block's device made once per
+  (call, block) and handed to the block at the call's start. A block
   that some call forecasts keeps its last ``order + 1`` computed outputs
   (``CacheState.older`` holds those before the newest), per run like every cache;
+* a run of consecutive reused transformer blocks (``READ`` or ``FORECAST``) is one
+  ``cache_residual(x, caches, weights)`` at the first block, the others pass their input on:
+  ``x`` plus each repeating block's residual and each forecasting block's last ``order + 1``
+  residuals weighted by :func:`.forecast.weights` (weight 1 for a repeat; no weights when
+  every block repeats), one pass however many blocks and orders; the weights are a 1-D
+  tensor on the block's device, made once per (call, run);
 * ``DEAD``: nothing that runs reads the block: it returns an empty tensor of the right
   shape (recorded at call 0) without computing anything. Its values are garbage, read by
   no one as long as the block graph names every consumer; ``accelerate(..., debug=True)``
@@ -121,7 +124,8 @@ class CacheState:
         self.modes: tuple[int, ...] = (COMPUTE,) * num_blocks
         self.runs: tuple[tuple[int, ...], ...] = ((),) * num_blocks
         self.orders: tuple[int, ...] = (0,) * num_blocks  # this call's forecast orders
-        # this call's forecast coefficients: 0-d gate tensors, a 1-D weight tensor for transformer blocks
+        # this call's forecast coefficients: 0-d gate tensors per UNet block, a 1-D weight tensor
+        # per run of reused transformer blocks (at its first block; None where every block repeats)
         self.gates: tuple[Any, ...] = (None,) * num_blocks
         self.reads: list[Any] = [None] * num_blocks  # this call's forecast inputs, newest first
         self.record = False  # record output shapes (call 0)
@@ -291,7 +295,8 @@ def _cached_class(cls: type) -> type:
 
 
 class _CallModes:
-    """Per call: the modes of the blocks and, for transformer chains, the runs of reused blocks."""
+    """Per call: the modes of the blocks and, for transformer chains, the runs of reused
+    (repeated or forecast) blocks with their weights."""
 
     def __init__(self, schedule: Schedule, store_all: bool = False):
         g = schedule.graph
@@ -301,38 +306,40 @@ class _CallModes:
         self.depth = tuple(schedule.forecast_depth)
         self.forecasts = tuple(b for b, d in enumerate(self.depth) if d)  # blocks with a history
         self.patterns = set(zip(self.modes, self.orders))
-        # transformer blocks forecast on cache_residual with the weights themselves (one 1-D
-        # tensor), the others on gated_blend with its gates (0-d tensors)
         self._weighted = tuple(blk.residual for blk in g.blocks)
-        self._gate_values = [tuple(None if w is None else tuple(w) if self._weighted[b] else _forecast.gates(w)
-                                   for b, w in enumerate(row))
-                             for row in schedule.forecast_weights]
-        self._gates: dict[tuple, tuple] = {}
-        self._no_gates = (None,) * len(g)
         cached = set(range(len(g))) if store_all else set(schedule.cached_blocks)
         self.store = tuple(b in cached for b in range(len(g)))
         self.runs = []
-        for row in self.modes:
+        self._gate_values = []
+        reused = (READ, FORECAST)
+        for row, weights in zip(self.modes, schedule.forecast_weights):
             runs = [()] * len(g)
+            # UNet blocks forecast on gated_blend with its gates; transformer blocks in runs
+            values = [None if w is None or self._weighted[b] else _forecast.gates(w) for b, w in enumerate(weights)]
             b = 0
             while b < len(g):
-                if g.blocks[b].residual and row[b] == READ:
+                if g.blocks[b].residual and row[b] in reused:
                     e = b
-                    while e + 1 < len(g) and g.blocks[e + 1].residual and row[e + 1] == READ \
+                    while e + 1 < len(g) and g.blocks[e + 1].residual and row[e + 1] in reused \
                             and g.blocks[e + 1].producers == (e,):
                         e += 1
                     runs[b] = tuple(range(b, e + 1))
+                    if any(row[c] == FORECAST for c in runs[b]):  # a repeat weighs 1
+                        values[b] = tuple(x for c in runs[b] for x in (weights[c] if row[c] == FORECAST else (1.0,)))
                     b = e + 1
                 else:
                     b += 1
             self.runs.append(tuple(runs))
+            self._gate_values.append(tuple(values))
+        self._gates: dict[tuple, tuple] = {}
+        self._no_gates = (None,) * len(g)
 
     def gates(self, call: int, where: list) -> tuple:
         """Per block: the forecast coefficients of ``call`` on the block's device in its
         accumulation dtype (``where``: (device, dtype) per block, recorded at call 0), made
-        once per call and placement: a transformer block's weights ``(L_0, L_1[, L_2])`` as
-        one 1-D tensor, another block's gates as 0-d tensors; None for blocks that do not
-        forecast."""
+        once per call and placement: at the first block of a run of reused transformer blocks
+        that forecasts, the run's weights as one 1-D tensor; a UNet block's gates as 0-d
+        tensors; None elsewhere."""
         values = self._gate_values[call]
         if not any(values):
             return self._no_gates
@@ -345,7 +352,7 @@ class _CallModes:
                     out.append(None)
                     continue
                 if where[b] is None:
-                    raise RuntimeError(f"block {self.schedule.graph.names[b]!r} forecasts at call {call} but its "
+                    raise RuntimeError(f"block {self.schedule.graph.names[b]!r} is reused at call {call} but its "
                                        "device is unknown (call 0 of a run records it)")
                 dev, dtype = where[b]
                 if self._weighted[b]:
@@ -753,23 +760,21 @@ class Accelerated:
                 if not torch.compiler.is_compiling():
                     st.computed_at[b] = st.call
             return out
-        if mode == READ and slot.first and st.runs[b]:
-            caches = [st.cache[c] for c in st.runs[b]]
-            missing = [c for c, t in zip(st.runs[b], caches) if t is None]
-            if missing:
-                raise RuntimeError(f"block {self.schedule.graph.names[missing[0]]!r} has no cached residual at "
-                                   f"call {st.call}")
-            out = cache_residual(x, caches)
+        if slot.first and st.runs[b]:  # a run of reused blocks: one pass at its first block
+            caches = []
+            for c in st.runs[b]:
+                if st.modes[c] == FORECAST:
+                    caches += st.reads[c]
+                elif st.cache[c] is None:
+                    raise RuntimeError(f"block {self.schedule.graph.names[c]!r} has no cached residual at "
+                                       f"call {st.call}")
+                else:
+                    caches.append(st.cache[c])
+            out = cache_residual(x, caches, weights=st.gates[b])
             if st.check_finite is not False and not torch.compiler.is_compiling():
                 self._check_run(st.runs[b], out)
             return out
-        if mode == FORECAST and slot.first:
-            caches = st.reads[b]
-            out = _forecast.extrapolate(caches, st.gates[b], residual=x)
-            if st.check_finite is not False and st.unchecked[b] and not torch.compiler.is_compiling():
-                self._check_forecast(slot, caches, [out])
-            return out
-        return x  # inside a run (or a forecast block's later modules): the first one added every delta
+        return x  # inside a run (or a block's later modules): the first one added every delta
 
     def _check_forecast(self, slot: _Slot, caches: list, leaves: list) -> None:
         """A NaN or inf in a cached output reaches the forecast, so one check of the forecast
@@ -778,29 +783,37 @@ class Accelerated:
         st = self.state
         b = slot.block
         if _checks_finite(st.check_finite, leaves[0].device) and not all(_all_finite(t) for t in leaves):
-            for c in caches:
-                for t in _leaves(c):
-                    if not _all_finite(t):
-                        raise FloatingPointError(
-                            f"a cached output of block {slot.name!r} contains NaN or inf; call {st.call} would "
-                            "forecast from it")
+            self._forecast_culprit(slot, caches)
         if len(caches) == 1 + len(st.older[b]):
             st.unchecked[b] = False
+
+    def _forecast_culprit(self, slot: _Slot, caches: list) -> None:
+        """Raise naming the block if one of the outputs its forecast reads is not finite."""
+        for c in caches:
+            for t in _leaves(c):
+                if not _all_finite(t):
+                    raise FloatingPointError(f"a cached output of block {slot.name!r} contains NaN or inf; call "
+                                             f"{self.state.call} would forecast from it")
 
     def _check_run(self, run, out) -> None:
         """A NaN or inf in any cached residual reaches the run's output, so one check of the
         output stands for all of them; only when it fails are the caches searched for the culprit
-        (a non-finite input alone is not the cache's fault)."""
+        (a non-finite input alone is not the cache's fault). A block counts as checked when
+        the run read every residual it holds."""
         st = self.state
         fresh = [c for c in run if st.unchecked[c]]
         if not fresh:
             return
         if _checks_finite(st.check_finite, out.device) and not _all_finite(out):
             for c in fresh:
-                mod = next(m for m in self._swapped if m._sk_slot.block == c)
-                self._check(mod._sk_slot, [st.cache[c]])
+                slot = next(m for m in self._swapped if m._sk_slot.block == c)._sk_slot
+                if st.modes[c] == FORECAST:
+                    self._forecast_culprit(slot, st.reads[c])
+                else:
+                    self._check(slot, [st.cache[c]])
         for c in fresh:
-            if not st.older[c]:
+            read = len(st.reads[c]) if st.modes[c] == FORECAST else 1
+            if read == 1 + len(st.older[c]):
                 st.unchecked[c] = False
 
     # ------------------------------------------------------------------ compile

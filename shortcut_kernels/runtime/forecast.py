@@ -38,7 +38,8 @@ with weights summing to 1 (:func:`weights`). A transformer block's forecast outp
 input ``x`` plus the extrapolated residual, ``x + L_0 y_0 + L_1 y_1 (+ L_2 y_2)``: one pass of
 :func:`shortcut_kernels.ops.cache_residual.cache_residual` with ``weights=(L_0, L_1[, L_2])``
 (a 1-D tensor), reading ``x`` and the ``p + 1`` cached residuals and writing the output, for
-either order. Other blocks (UNet outputs, no residual) use
+either order; the runtime sums a whole run of consecutive reused blocks (repeating ones at
+weight 1) in one such pass (:mod:`.cache`). Other blocks (UNet outputs, no residual) use
 :func:`shortcut_kernels.ops.gated_blend.gated_blend` (``g fresh + (1 - g) cache``, any real
 gate) and its gates (:func:`gates`): order 1 is ``gated_blend(y_0, y_1, L_0)``; order 2 is
 ``gated_blend(y_0, p, L_0)`` with ``p = gated_blend(y_1, y_2, L_1 / (L_1 + L_2))``. ``L_0 > 1``
