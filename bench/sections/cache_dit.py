@@ -785,7 +785,7 @@ class Plan:
 
 def plan(full: bool) -> Plan:
     if full:
-        return Plan(FULL_BUDGETS, 20, FULL_BUDGETS, 240.0, cost=CostPlan(reps=9))
+        return Plan(FULL_BUDGETS, 20, FULL_BUDGETS, 240.0, cost=CostPlan(reps=15))
     return Plan(QUICK_BUDGETS, 3, (0.5,), 60.0, ["quick: 30 samples, one learned schedule (50%, 60 s; FULL=1: "
                                                  "200 samples, one learned schedule per budget, 240 s each)"],
                 cost=CostPlan())
