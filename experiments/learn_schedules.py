@@ -24,6 +24,7 @@ merged into one JSON:
     python -m experiments.learn_schedules --part spearman --out s.json
     python -m experiments.learn_schedules --part learn --target 0.402 --time-budget 360 --out l40.json
     python -m experiments.learn_schedules --merge s.json l40.json --out experiments/measurements/dipgo-learn-estimate.json
+    python -m experiments.learn_schedules --part learn --target 0.202 --forecast 0 1 2 --window 0.01 --out f20.json
     python -m experiments.learn_schedules --part transfer --target 0.402 --time-budget 300 --out t40.json
 """
 from __future__ import annotations
@@ -112,28 +113,40 @@ def _start(model, sched, calls: int, target: float, bank) -> tuple[Schedule, dic
 
 
 def part_learn(args) -> dict:
+    """With ``--forecast`` orders beyond 0 the learner picks its start among the hand-made
+    schedules at every order (its own rule) and chooses orders per block; the hand-made
+    schedules are evaluated at every order too; no search (it has no forecast moves)."""
     model, sched = _setup(args.model, args.calls)
     bank = make_bank(model, sched, args.bank)
-    start, info = _start(model, sched, args.calls, args.target, bank)
+    orders = tuple(args.forecast)
+    forecasting = orders != (0,)
+    start, info = (None, {}) if forecasting else _start(model, sched, args.calls, args.target, bank)
     print("start", info, flush=True)
     # the learner
     t0, c0 = time.perf_counter(), time.process_time()
     res = learn(model, sched, args.target, start=start, bank=bank, time_budget=args.time_budget,
                 estimate_size=args.estimate_size, patterns=args.patterns, max_validations=args.max_validations,
-                progress=True)
+                forecast=orders, window=args.window, progress=True)
+    if forecasting:
+        start = res.start
+        info = dict(start=start.name if not start.params else
+                    f"{start.name}({','.join(f'{k}={v}' for k, v in start.params.items())})")
     learned = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, start_psnr=res.start_psnr,
                    psnr=res.psnr, evaluations=res.evaluations, history=res.history,
-                   keep=res.schedule.keep.int().tolist(), macs_kept=res.schedule.macs_kept)
+                   keep=res.schedule.keep.int().tolist(), macs_kept=res.schedule.macs_kept,
+                   forecast=res.schedule.forecast.int().tolist())
     print("learned", json.dumps({k: v for k, v in learned.items() if k != "keep"}), flush=True)
     schedules = {"learned": res.schedule, f"start {info['start']}": start}
     searched = None
-    if not args.skip_search:  # the search from the same start, for the same seconds (its own bank sampler)
+    if not (args.skip_search or forecasting):  # the search from the same start, for the same seconds (its own bank sampler)
         searched, schedules["searched"] = _search(args, model, sched, start)
     m = res.schedule.macs_kept
-    schedules.update({k: s for k, s in handmade(model, args.calls).items()
-                      if abs(s.macs_kept - m) <= 0.02 * m and k != info["start"]})
+    for k, s in handmade(model, args.calls).items():
+        if abs(s.macs_kept - m) <= 0.02 * m and (forecasting or k != info["start"]):
+            schedules.update({k if o == 0 else f"{k} forecast{o}": s.with_forecast(o) for o in orders})
     rows = evaluate(args.model, schedules, per_class=args.per_class)
     return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
+                                          forecast=list(orders),
                                           estimate_size=args.estimate_size, patterns=args.patterns,
                                           max_validations=args.max_validations, **info,
                                           learned=learned, searched=searched, heldout=rows)}
@@ -221,6 +234,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--estimate-size", type=int, default=4, help="bank samples the estimate runs on")
     ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
     ap.add_argument("--max-validations", type=int, default=32, help="learner proposals sampled per schedule")
+    ap.add_argument("--forecast", type=int, nargs="+", default=[0], choices=[0, 1, 2],
+                    help="--part learn: reuse orders the learner may choose (0 1 2: repeat or forecast)")
+    ap.add_argument("--window", type=float, default=None,
+                    help="--part learn: keep the learner's moves within this share below the target (equal MACs)")
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=4)

@@ -28,7 +28,7 @@ def test_readme_has_examples():
     and the design doc's ops and zoo examples."""
     readme = [block for name, block in EXAMPLES if name == "README.md"]
     assert len(readme) >= 3
-    assert any("accelerate(" in b for b in readme) and any("local_search(" in b for b in readme)
+    assert any("accelerate(" in b for b in readme) and any("learn(" in b for b in readme)
     assert any("optimize_latents(" in b and "finetune(" in b for b in readme)
     assert len(BLOCKS) >= 5
 
