@@ -12,7 +12,8 @@ merged into one JSON:
   (``zoo.dipgo_eval.evaluate``) of both, the start and the hand-made schedules within 2% of
   the learned MACs.
 * ``--part heldout --from A.json ...``: the learned and searched schedules of learn parts
-  evaluated again (e.g. on more held-out samples) beside the hand-made ones.
+  evaluated again (e.g. on more held-out samples) beside the hand-made ones (at every
+  ``--forecast`` order, with cache-dit's lead-and-even placement when forecasting).
 * ``--part transfer --target T``: learn at ``--calls`` DDIM calls on the training bank with the
   ``make bench`` learning section's settings (``LEARN``: moves within 1% below the target), then
   ``resize`` the learned schedule to ``--transfer-calls`` of ``--transfer-scheduler``
@@ -141,9 +142,7 @@ def part_learn(args) -> dict:
     if not (args.skip_search or forecasting):  # the search from the same start, for the same seconds (its own bank sampler)
         searched, schedules["searched"] = _search(args, model, sched, start)
     m = res.schedule.macs_kept
-    for k, s in handmade(model, args.calls).items():
-        if abs(s.macs_kept - m) <= 0.02 * m and (forecasting or k != info["start"]):
-            schedules.update({k if o == 0 else f"{k} forecast{o}": s.with_forecast(o) for o in orders})
+    schedules.update(_window(model, args.calls, m, orders, skip=None if forecasting else info["start"]))
     rows = evaluate(args.model, schedules, per_class=args.per_class)
     return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
                                           forecast=list(orders),
@@ -165,13 +164,40 @@ def _search(args, model, sched, start):
     return searched, found.schedule
 
 
-def _rebuilt(model, keep) -> Schedule:
-    """A schedule from its keep rows, on the graph of the model whose block count they match."""
+def _rebuilt(model, keep, forecast=None) -> Schedule:
+    """A schedule from its keep rows (and forecast orders), on the graph of the model whose
+    block count they match."""
     for granularity in ("coarse", "fine"):
         g = graph_of(model, granularity)
         if len(g) == len(keep[0]):
-            return Schedule(torch.tensor(keep, dtype=torch.bool), g)
+            return Schedule(torch.tensor(keep, dtype=torch.bool), g, forecast=forecast)
     raise ValueError(f"no graph of the model has {len(keep[0])} blocks")
+
+
+def _lead_even(model, calls: int, macs: float) -> dict[str, Schedule]:
+    """cache-dit's static-mask placement as whole-call schedules within 2% of ``macs``: a lead
+    of full calls (each share in the cache-dit section's ``LEAD_SHARES`` of them), the rest
+    evenly spread (``bench.sections.cache_dit.spread_mask``)."""
+    from bench.sections.cache_dit import LEAD_SHARES, spread_mask
+
+    out = {}
+    for count in range(2, calls // 2 + 1):
+        if abs(skip_steps(model, calls, count=count).macs_kept - macs) > 0.02 * macs:
+            continue
+        for share in LEAD_SHARES:
+            lead = max(1, round(share * count))
+            comp = [t for t, m in enumerate(spread_mask(calls, count, lead)) if m]
+            out[f"skip_steps({count},lead{lead}+even)"] = skip_steps(model, calls, compute=comp)
+    return out
+
+
+def _window(model, calls: int, macs: float, orders, skip: str | None = None) -> dict[str, Schedule]:
+    """Every hand-made schedule within 2% of ``macs`` (``handmade`` and, with forecast
+    orders, cache-dit's lead-and-even placement), at every order in ``orders``."""
+    options = {k: s for k, s in handmade(model, calls).items() if abs(s.macs_kept - macs) <= 0.02 * macs and k != skip}
+    if tuple(orders) != (0,):
+        options.update(_lead_even(model, calls, macs))
+    return {k if o == 0 else f"{k} forecast{o}": s.with_forecast(o) for k, s in options.items() for o in orders}
 
 
 def part_heldout(args) -> dict:
@@ -186,12 +212,12 @@ def part_heldout(args) -> dict:
                 entry = found.setdefault(key, {"start": v["start"]})
                 for kind in ("learned", "searched"):
                     if v.get(kind):
-                        entry[kind] = (path, v[kind]["keep"])
+                        entry[kind] = (path, v[kind]["keep"], v[kind].get("forecast"))
     for key, entry in found.items():
-        schedules = {f"{kind} ({Path(entry[kind][0]).name})": _rebuilt(model, entry[kind][1])
+        schedules = {f"{kind} ({Path(entry[kind][0]).name})": _rebuilt(model, entry[kind][1], entry[kind][2])
                      for kind in ("learned", "searched") if kind in entry}
         m = next(iter(schedules.values())).macs_kept
-        schedules.update({k: s for k, s in handmade(model, args.calls).items() if abs(s.macs_kept - m) <= 0.02 * m})
+        schedules.update(_window(model, args.calls, m, args.forecast))
         out[key] = dict(start=entry["start"], heldout=evaluate(args.model, schedules, per_class=args.per_class))
     return out
 
@@ -235,7 +261,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
     ap.add_argument("--max-validations", type=int, default=32, help="learner proposals sampled per schedule")
     ap.add_argument("--forecast", type=int, nargs="+", default=[0], choices=[0, 1, 2],
-                    help="--part learn: reuse orders the learner may choose (0 1 2: repeat or forecast)")
+                    help="--part learn: reuse orders the learner may choose (0 1 2: repeat or forecast); "
+                         "--part learn / heldout: the orders the hand-made schedules run at")
     ap.add_argument("--window", type=float, default=None,
                     help="--part learn: keep the learner's moves within this share below the target (equal MACs)")
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
