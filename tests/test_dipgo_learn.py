@@ -7,7 +7,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import accelerate, skip_steps
-from shortcut_kernels.dipgo.learn import (Bank, LabelConditioned, _guided, bank_loss, estimate, learn, make_bank,
+from shortcut_kernels.dipgo.learn import (LEAD_SHARES, start_options, Bank, LabelConditioned, _guided, bank_loss, estimate, learn, make_bank,
                                           order_moves, units_of)
 from shortcut_kernels.dipgo.losses import consistency_loss
 from shortcut_kernels.runtime.schedule import Schedule, graph_of
@@ -351,3 +351,19 @@ def test_partial_rows_are_deepcache_branches_on_unets_and_leading_blocks_on_tran
     unet = _tiny_unet(torch.float32)
     start, patterns = partial_rows(unet, skip_steps(unet, 8, count=3))
     assert start.graph.granularity == "fine" and patterns == branch_patterns(start.graph) and patterns
+
+
+def test_start_options_add_the_lead_placement_at_every_order():
+    """The learner's starts: the hand-made schedules in the top 10% of the budget and, for
+    each skip_steps count among them, the lead-and-even placement at each lead share; every
+    one at every allowed order, none over the budget."""
+    model = zoo.load("digits-dit").model
+    opts = start_options(model, 50, 0.402, (0, 1))
+    assert all(s.macs_kept <= 0.402 + 1e-9 for s in opts)
+    counts = {s.params["count"] for s in opts if s.name == "skip_steps" and s.params["placement"] != "lead"}
+    leads = {(s.params["count"], s.params["lead"]) for s in opts if s.params.get("placement") == "lead"}
+    assert counts and leads == {(c, max(1, round(f * c))) for c in counts for f in LEAD_SHARES}
+    orders = {}
+    for s in opts:
+        orders.setdefault(s.computed_calls() and tuple(s.keep.flatten().tolist()), set()).add(int(s.forecast.max()))
+    assert all(o == {0, 1} for o in orders.values())

@@ -97,6 +97,30 @@ def test_skip_steps_placements(sd):
         skip_steps(sd, 10, count=3, placement="log")
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_skip_steps_lead_placement(sd, seed):
+    """placement="lead": the first `lead` calls, the rest centred in equal parts of the
+    remaining calls (cache-dit's static masks); `lead` kept in params, bad leads named."""
+    rng = random.Random(seed)
+    calls = rng.randint(8, 60)
+    count = rng.randint(2, calls // 2)
+    lead = rng.randint(1, count - 1)
+    s = skip_steps(sd, calls, count=count, placement="lead", lead=lead)
+    comp = s.computed_calls()
+    assert comp[:lead] == list(range(lead)) and len(comp) == count == len(set(comp))
+    width = (calls - lead) / (count - lead)
+    for i, t in enumerate(comp[lead:]):  # the i-th of the rest sits mid-way in its equal part
+        assert lead + i * width <= t < lead + (i + 1) * width
+    assert s.params["lead"] == lead and s.params["placement"] == "lead"
+    assert skip_steps(sd, 50, count=10, placement="lead").computed_calls()[:3] == [0, 1, 5]  # lead 10 // 5 = 2, then 2 + 48 / 8 / 2
+    assert "lead" not in skip_steps(sd, 50, count=10).params  # earlier schedules' params unchanged
+    for bad in (0, count + 1, 1.5):
+        with pytest.raises(ValueError, match="lead"):
+            skip_steps(sd, calls, count=count, placement="lead", lead=bad)
+    with pytest.raises(ValueError, match="lead"):
+        skip_steps(sd, calls, count=count, lead=1)
+
+
 def test_fora_builder():
     d = tiny_dit()
     s = fora(d, 9, 3)

@@ -52,6 +52,7 @@ from ..models.conditioning import sample_shape
 from ..ops.guided_step import guided_step
 from .evaluate import handmade
 from .losses import consistency_loss
+from ..runtime.builders import skip_steps
 from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
@@ -421,16 +422,31 @@ def partial_rows(model, start: Schedule) -> tuple[Schedule, list[list[int]]]:
     return start, [list(range(k)) for k in sorted({1, 2, n // 2}) if 0 < k < n]
 
 
-def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,)) -> tuple[Schedule, int]:
-    """The hand-made schedule within ``target`` (the top 10% of it), at each forecast order of
-    ``orders``, that scores best on the bank, as :func:`.search.search` starts; and how many
-    were scored."""
-    options = [s for s in handmade(model, chain.n).values() if s.macs_kept <= target + 1e-9]
+LEAD_SHARES = (0.2, 0.4, 0.6)
+"""Leads of the ``skip_steps(placement="lead")`` starts, as shares of the computed calls."""
+
+
+def start_options(model, calls: int, target: float, orders=(0,)) -> list[Schedule]:
+    """The starts :func:`learn` scores: the hand-made schedules within ``target`` keeping at
+    least 90% of the most any of them keeps, each ``skip_steps`` count among them also at
+    cache-dit's lead-and-even placement (a lead of each share in :data:`LEAD_SHARES`), at
+    every forecast order of ``orders``."""
+    options = [s for s in handmade(model, calls).values() if s.macs_kept <= target + 1e-9]
     if not options:
-        raise ValueError(f"target_macs: no hand-made schedule keeps <= {target:.1%} of the MACs at {chain.n} calls; "
+        raise ValueError(f"target_macs: no hand-made schedule keeps <= {target:.1%} of the MACs at {calls} calls; "
                          "give start=")
     top = max(s.macs_kept for s in options)
-    options = [s.with_forecast(o) for s in options if s.macs_kept >= 0.9 * top for o in orders]
+    options = [s for s in options if s.macs_kept >= 0.9 * top]
+    counts = sorted({s.params["count"] for s in options if s.name == "skip_steps" and s.params.get("count")})
+    leads = {(c, max(1, round(share * c))) for c in counts for share in LEAD_SHARES}
+    options += [skip_steps(model, calls, count=c, placement="lead", lead=lead) for c, lead in sorted(leads)]
+    return [s.with_forecast(o) for s in options for o in orders]
+
+
+def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,)) -> tuple[Schedule, int]:
+    """The start (:func:`start_options`) that scores best on the bank, as :func:`.search.search`
+    starts; and how many were scored."""
+    options = start_options(model, chain.n, target, orders)
     return min(options, key=lambda s: bank_loss(chain, bank, s)), len(options)
 
 

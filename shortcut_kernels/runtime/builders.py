@@ -121,13 +121,16 @@ def deepcache(model, calls: int, interval: int = 3, branch: int | None = 0, *, s
                     forecast=forecast)
 
 
-def _placement(calls: int, count: int, placement: str, exponent: float) -> list[int]:
+def _placement(calls: int, count: int, placement: str, exponent: float, lead: int) -> list[int]:
     if placement == "uniform":
         pos = [math.floor(i * calls / count) for i in range(count)]
     elif placement in ("power", "early"):
         pos = [math.floor(calls * (i / count) ** exponent) for i in range(count)]
+    elif placement == "lead":  # calls 0..lead-1, the rest centred in equal parts of the remaining calls
+        rest = count - lead
+        pos = list(range(lead)) + [lead + math.floor((i + 0.5) * (calls - lead) / rest) for i in range(rest)]
     else:
-        raise ValueError(f"placement must be 'uniform' or 'power', got {placement!r}")
+        raise ValueError(f"placement must be 'uniform', 'power' or 'lead', got {placement!r}")
     out = []
     for p in pos:  # strictly increasing, within range
         p = max(p, out[-1] + 1) if out else 0
@@ -139,15 +142,17 @@ def _placement(calls: int, count: int, placement: str, exponent: float) -> list[
 
 @rebuildable
 def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count: int | None = None,
-               placement: str = "uniform", exponent: float = 1.5, granularity: str = "coarse",
-               sample_shape=None, forecast: int = 0) -> Schedule:
+               placement: str = "uniform", exponent: float = 1.5, lead: int | None = None,
+               granularity: str = "coarse", sample_shape=None, forecast: int = 0) -> Schedule:
     """Whole-call reuse: the model runs only at the ``compute`` calls; every other call
     reuses everything (UNets: the last output, through the cascade; transformers: each
     block's cached residual on the current input).
 
     Give the calls explicitly (``compute=[0, 13, 19, ...]``, call 0 added if missing) or a
     ``count`` placed ``"uniform"``-ly or early-dense by a ``"power"`` law
-    (``floor(calls * (i / count) ** exponent)``: more of them early).
+    (``floor(calls * (i / count) ** exponent)``: more of them early), or ``"lead"``: the first
+    ``lead`` calls, the rest evenly spread over the remaining calls (cache-dit's static-mask
+    placement; ``lead`` defaults to a fifth of ``count``, at least 1).
     ``forecast=1`` / ``2``: a reused call extrapolates each block's output (transformers: its
     residual) from its last 2 / 3 computed calls instead of repeating the last one.
     """
@@ -164,11 +169,19 @@ def skip_steps(model, calls: int, compute: Iterable[int] | None = None, *, count
     else:
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= calls:
             raise ValueError(f"count must be an int in 1..{calls}, got {count!r}")
-        comp = _placement(calls, count, placement, exponent)
+        if placement == "lead":
+            lead = max(1, count // 5) if lead is None else lead
+            if isinstance(lead, bool) or not isinstance(lead, int) or not 1 <= lead <= count:
+                raise ValueError(f"lead must be an int in 1..count ({count}), got {lead!r}")
+        elif lead is not None:
+            raise ValueError(f"lead applies to placement='lead' only (placement={placement!r})")
+        comp = _placement(calls, count, placement, exponent, lead)
     keep = torch.zeros(calls, len(g), dtype=torch.bool)
     keep[comp] = True
+    lead_param = {"lead": lead} if placement == "lead" and compute is None else {}  # earlier schedules' params unchanged
     return Schedule(keep, g, name="skip_steps", params=dict(compute=None if compute is None else comp, count=count,
-                                                            placement=placement, exponent=exponent, **fc),
+                                                            placement=placement, exponent=exponent, **lead_param,
+                                                            **fc),
                     forecast=forecast)
 
 
