@@ -41,7 +41,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
-from shortcut_kernels.dipgo.learn import _null_label, bank_loss, estimate, learn, make_bank
+from shortcut_kernels.dipgo.learn import LEAD_SHARES, _null_label, bank_loss, estimate, learn, make_bank
 from shortcut_kernels.runtime.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import local_search, with_trades
 from shortcut_kernels.dipgo.supernet import SuperNet
@@ -175,19 +175,16 @@ def _rebuilt(model, keep, forecast=None) -> Schedule:
 
 
 def _lead_even(model, calls: int, macs: float) -> dict[str, Schedule]:
-    """cache-dit's static-mask placement as whole-call schedules within 2% of ``macs``: a lead
-    of full calls (each share in the cache-dit section's ``LEAD_SHARES`` of them), the rest
-    evenly spread (``bench.sections.cache_dit.spread_mask``)."""
-    from bench.sections.cache_dit import LEAD_SHARES, spread_mask
-
+    """cache-dit's static-mask placement as whole-call schedules within 2% of ``macs``
+    (``skip_steps(placement="lead")`` with a lead of each of ``dipgo.learn.LEAD_SHARES``)."""
     out = {}
     for count in range(2, calls // 2 + 1):
         if abs(skip_steps(model, calls, count=count).macs_kept - macs) > 0.02 * macs:
             continue
         for share in LEAD_SHARES:
             lead = max(1, round(share * count))
-            comp = [t for t, m in enumerate(spread_mask(calls, count, lead)) if m]
-            out[f"skip_steps({count},lead{lead}+even)"] = skip_steps(model, calls, compute=comp)
+            out[f"skip_steps({count},lead{lead}+even)"] = skip_steps(model, calls, count=count, placement="lead",
+                                                                    lead=lead)
     return out
 
 

@@ -57,6 +57,10 @@ from functools import partial
 
 import torch
 
+# whole-call schedules at cache-dit's mask placement: a lead of each share of the full calls,
+# as the learner's starts
+from shortcut_kernels.dipgo.learn import LEAD_SHARES
+
 MODEL = "digits-dit"
 CALLS = 50
 GUIDANCE = 3.0
@@ -65,8 +69,6 @@ QUICK_BUDGETS = (0.2, 0.5)
 FULL_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6)
 ORDERS = (0, 1, 2)  # TaylorSeer orders (0: no calibrator)
 EPS = 1e-9
-# whole-call schedules at cache-dit's mask placement: a lead of this share of the full calls
-LEAD_SHARES = (0.2, 0.4, 0.6)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -427,9 +429,8 @@ def our_schedules(model, calls: int, budgets, orders=(0,)) -> Ours:
                                                        exponent=1.5, granularity="fine"))
         for share in LEAD_SHARES:
             lead = max(1, round(share * count))
-            comp = [t for t, m in enumerate(spread_mask(calls, count, lead)) if m]
-            add(f"skip_steps({count},lead{lead}+even)", partial(skip_steps, model, calls, compute=comp,
-                                                               granularity="fine"))
+            add(f"skip_steps({count},lead{lead}+even)", partial(skip_steps, model, calls, count=count, placement="lead",
+                                                               lead=lead, granularity="fine"))
         interval = next(n for n in range(1, calls + 1) if math.ceil(calls / n) <= count)
         add(f"fora({interval})", partial(fora, model, calls, interval))
     return ours
