@@ -136,3 +136,14 @@ def test_schedule_commands_forecast(tmp_path, builder, args):
     assert "forecast" not in Schedule.load(out).params and not Schedule.load(out).forecast.any()
     with pytest.raises(SystemExit):  # argparse: an order that does not exist
         main(["schedule", builder, *args, "--forecast", "3"])
+
+
+def test_schedule_skip_steps_lead_placement(tmp_path):
+    """--placement lead --lead J: the first J calls compute, the rest spread; the file keeps it."""
+    out = tmp_path / "s.json"
+    assert main(["schedule", "skip-steps", "--model", "digits-dit", "--calls", "20", "--count", "6", "--placement",
+                 "lead", "--lead", "3", "--forecast", "1", "-o", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.computed_calls()[:3] == [0, 1, 2] and len(s.computed_calls()) == 6
+    assert s.params["placement"] == "lead" and s.params["lead"] == 3 and s.params["forecast"] == 1
+    assert s.resize(40).computed_calls()[:3] == [0, 1, 2]  # rebuilt by the builder: the lead stays

@@ -96,7 +96,7 @@ def _build_schedule(args):
                         sample_shape=shape, forecast=args.forecast)
     elif kind == "skip-steps":
         s = S.skip_steps(model, args.calls, compute=args.compute, count=args.count, placement=args.placement,
-                         exponent=args.exponent, granularity=args.granularity, sample_shape=shape,
+                         exponent=args.exponent, lead=args.lead, granularity=args.granularity, sample_shape=shape,
                          forecast=args.forecast)
     elif kind == "fora":
         s = S.fora(model, args.calls, args.interval, granularity=args.granularity, sample_shape=shape,
@@ -249,8 +249,9 @@ def add_commands(subparsers) -> None:
     common(p)
     p.add_argument("--compute", type=int, nargs="+", help="the calls that compute (0 is added)")
     p.add_argument("--count", type=int, help="how many calls compute")
-    p.add_argument("--placement", choices=["uniform", "power"], default="uniform")
+    p.add_argument("--placement", choices=["uniform", "power", "lead"], default="uniform")
     p.add_argument("--exponent", type=float, default=1.5)
+    p.add_argument("--lead", type=int, help="--placement lead: the first calls that all compute (default count // 5)")
     forecast(p)
     p = sub.add_parser("fora", help="transformers: every block reused between full calls")
     common(p, default_gran="fine")
