@@ -1,33 +1,18 @@
 """The report's cache-dit part: per compute budget, the best setting of the cache-dit package
 and our best schedule at no more compute, from the ``cache-dit`` section's JSON
-(``bench/sections/cache_dit.py``). Self-contained (its own small formatters), so that
-:mod:`.tables` can import it without a cycle."""
+(``bench/sections/cache_dit.py``); its formatters are :mod:`._format`'s, which
+:mod:`.tables` does not import, so there is no cycle."""
 from __future__ import annotations
 
-import math
 import re
+
+from ._format import db as _db, pct as _pct, table as _table
 
 __all__ = ["cache_dit_part", "best_lines", "pattern_lines", "cost_lines"]
 
 
-def _db(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return "inf" if math.isinf(x) else f"{x:.2f}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
 def _ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]], left=(0,)) -> list[str]:
-    align = ["---" if i in left else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + \
-        ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def best_lines(doc: dict, times: bool = True) -> list[str]:

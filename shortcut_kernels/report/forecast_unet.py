@@ -1,36 +1,16 @@
 """The report's forecast-unet part: per MAC budget on ``digits-unet``, the best hand-made and the
 learned schedule repeating their caches (order 0) and forecasting them (orders 1, 2), beside
 the DeepCache package, from the ``forecast-unet`` section's JSON
-(``bench/sections/forecast_unet.py``). Self-contained (its own small formatters), so that
-:mod:`.tables` can import it without a cycle."""
+(``bench/sections/forecast_unet.py``); its formatters are :mod:`._format`'s, which
+:mod:`.tables` does not import, so there is no cycle."""
 from __future__ import annotations
 
-import math
+from ._format import db as _db, pct as _pct, signed as _signed, table as _table
 
 __all__ = ["forecast_unet_part", "target_lines"]
 
 _KIND = {"handmade": "best hand-made", "learned": "learned", "package-equal": "ours at the package's setting",
          "package": "DeepCache package"}
-
-
-def _db(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return "inf" if math.isinf(x) else f"{x:.2f}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _signed(x) -> str:
-    return "-" if x is None else f"{x:+.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]], left=(0,)) -> list[str]:
-    align = ["---" if i in left else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + \
-        ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _reuse(row: dict) -> str:
