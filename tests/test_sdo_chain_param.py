@@ -150,8 +150,13 @@ def test_memory_light_equals_autograd_chain_for_other_predictions(name, kind):
     params = list(model.parameters())
     x_T = torch.randn(3, 1, 5, 5, dtype=torch.float64)
     for policy in ["first", "fixed:3", "per-sample", "per-sample:importance"]:
-        seed = int(torch.randint(0, 2**31, ()))
-        out_a, gx_a, gp_a = grads(model, params, sched, x_T, policy, None, eta, False, seed)
+        # a drawn kept call can carry no parameter gradient to the loss (about 1 in 240 per-sample
+        # draws under PLMS with v-prediction): draw again so that the comparison is not vacuous
+        for _ in range(5):
+            seed = int(torch.randint(0, 2**31, ()))
+            out_a, gx_a, gp_a = grads(model, params, sched, x_T, policy, None, eta, False, seed)
+            if gp_a.abs().sum() > 0:
+                break
         out_b, gx_b, gp_b = grads(model, params, sched, x_T, policy, None, eta, True, seed)
         torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
         assert gp_a.abs().sum() > 0
