@@ -3,9 +3,10 @@
 Two parts, each writable on its own (run them as parallel processes, one thread each) and
 merged into one JSON:
 
-* ``--part spearman``: on a fixed bank of training noise, the forward-difference estimate of
-  every single whole-call flip of a start schedule against its measured effect (the chain
-  rerun with the flip), Spearman within drops and within adds.
+* ``--part spearman``: on a fixed bank of training noise, every single whole-call flip of a
+  start schedule, its measured effect (the chain rerun with the flip) against the
+  forward-difference estimate (shortcut and adjoint sensitivities) and the straight-through
+  gate gradient, Spearman within drops and within adds (``make bench`` FULL's row).
 * ``--part learn --target T``: from the same start (the hand-made schedule that scores best on
   the bank within ``T``), ``learn`` and ``local_search`` (what ``zoo.dipgo_eval.search`` runs
   after choosing its start) for the same seconds, wall-clock and CPU; then held-out quality
@@ -49,22 +50,8 @@ from shortcut_kernels.dipgo.train import _Chain
 from shortcut_kernels.zoo.dipgo_eval import evaluate, handmade, zoo_sampler
 from shortcut_kernels.zoo.sampling import make_scheduler
 
-from bench.sections.dipgo_learn import LEARN
+from bench.sections.dipgo_learn import LEARN, estimate_quality
 from experiments.search_schedules import transfer_schedule
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return torch.tensor(r)
-    if len(a) < 3:
-        return float("nan")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def _setup(name: str, calls: int):
@@ -76,29 +63,7 @@ def _setup(name: str, calls: int):
 
 def part_spearman(args) -> dict:
     model, sched = _setup(args.model, args.calls)
-    start = skip_steps(model, args.calls, count=args.spearman_count, placement="power", exponent=1.5)
-    bank = make_bank(model, sched, args.spearman_bank)
-    net = SuperNet(model, graph=start.graph)
-    chain = _Chain(net, sched, 3.0, _null_label(model))
-    t0, c0 = time.perf_counter(), time.process_time()
-    est = estimate(chain, bank, start)
-    est_wall, est_cpu = time.perf_counter() - t0, time.process_time() - c0
-    rows = []
-    for u, p in zip(est.units, est.predicted.tolist()):
-        keep = start.keep.clone()
-        keep[u.call] = torch.tensor(u.row)
-        true = bank_loss(chain, bank, Schedule(keep, start.graph)) - est.loss
-        rows.append(dict(call=u.call, kind=u.kind, predicted=p, measured=true))
-        print(json.dumps(rows[-1]), flush=True)
-    net.remove()
-    out = dict(start=f"skip_steps({args.spearman_count}, power 1.5)", start_macs=start.macs_kept,
-               bank=args.spearman_bank, loss=est.loss, estimate_seconds=est_wall, estimate_cpu_seconds=est_cpu,
-               flips=rows)
-    for kind in ("drop", "add"):
-        sel = [r for r in rows if r["kind"] == kind]
-        out[f"spearman_{kind}s"] = _spearman([r["predicted"] for r in sel], [r["measured"] for r in sel])
-        out[f"sign_agreement_{kind}s"] = sum((r["predicted"] < 0) == (r["measured"] < 0) for r in sel) / max(1, len(sel))
-    return out
+    return estimate_quality(model, sched, args.spearman_bank, count=args.spearman_count)
 
 
 def _start(model, sched, calls: int, target: float, bank) -> tuple[Schedule, dict]:
@@ -264,7 +229,7 @@ def main(argv=None) -> dict:
                     help="--part learn: keep the learner's moves within this share below the target (equal MACs)")
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
-    ap.add_argument("--spearman-bank", type=int, default=4)
+    ap.add_argument("--spearman-bank", type=int, default=16)
     ap.add_argument("--spearman-count", type=int, default=20, help="computed calls of the skip_steps start")
     ap.add_argument("--transfer-calls", type=int, default=25, help="--part transfer: calls of the target sampler")
     ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler", help="--part transfer")

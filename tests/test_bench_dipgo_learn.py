@@ -10,7 +10,7 @@ from bench.sections import dipgo_learn as section
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import accelerate, deepcache, skip_steps
 from shortcut_kernels.dipgo.search import with_trades
-from shortcut_kernels.report.tables import learn_part
+from shortcut_kernels.report.tables import _estimate_quality, learn_part
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,38 @@ def test_section_runs_and_the_report_renders_it(one_thread):
         assert f"| {k} |" in md
     assert f"{q[doc['learned']]['psnr_image_mean']:.2f}" in md and f"{q[doc['ste']]['psnr_vs_full']:.2f}" in md
     assert f"{doc['cost']['ste-exact']['per_iteration']:.0f}" in md
+
+
+def test_spearman_is_the_rank_correlation():
+    a = torch.randn(12).tolist()
+    assert section.spearman(a, [3 * x + 1 for x in a]) == pytest.approx(1.0)
+    assert section.spearman(a, [-x ** 3 for x in a]) == pytest.approx(-1.0)
+    b = torch.randn(12).tolist()
+    ra, rb = torch.tensor(a).argsort().argsort().double(), torch.tensor(b).argsort().argsort().double()
+    n = len(a)
+    assert section.spearman(a, b) == pytest.approx(1 - 6 * float(((ra - rb) ** 2).sum()) / (n * (n * n - 1)), abs=1e-6)
+
+
+def test_estimate_quality_measures_every_whole_call_flip_and_the_report_shows_it(unet, one_thread):
+    from shortcut_kernels.dipgo.learn import _null_label, bank_loss, make_bank
+    from shortcut_kernels.dipgo.gated_chain import _Chain
+    from shortcut_kernels.dipgo.supernet import SuperNet
+    from shortcut_kernels.runtime.schedule import Schedule
+
+    s = zoo.make_scheduler(unet.scheduler_config)
+    s.set_timesteps(8)
+    q = section.estimate_quality(unet.model, s, 2, count=4)
+    assert sorted(f["call"] for f in q["flips"]) == list(range(1, 8))  # one flip per call after call 0
+    assert set(q["spearman"]) == set(section.ESTIMATORS) == set(q["seconds"])
+    # a measured effect is the bank loss of the flipped schedule minus the start's
+    start = skip_steps(unet.model, 8, count=4, placement="power", exponent=1.5)
+    f = q["flips"][int(torch.randint(len(q["flips"]), ()))]
+    keep = start.keep.clone()
+    keep[f["call"]] = ~keep[f["call"]]
+    net = SuperNet(unet.model, graph=start.graph)
+    chain = _Chain(net, s, 3.0, _null_label(unet.model))
+    bank = make_bank(unet.model, s, 2)
+    assert f["measured"] == pytest.approx(bank_loss(chain, bank, Schedule(keep, start.graph)) - q["loss"], rel=1e-6)
+    net.remove()
+    md = "\n".join(_estimate_quality(q))
+    assert f"{q['spearman']['shortcut']['drops']:.2f}" in md and f"{q['spearman']['ste']['adds']:.2f}" in md

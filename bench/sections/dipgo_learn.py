@@ -14,6 +14,7 @@ gets interleaved wall-clock and a sample grid per schedule.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ class Settings:
     timing_reps: int = 2
     timing_batch: int = 4       # samples per wall-clock run (twice that per guided call)
     grid: bool = True           # sample grids and wall-clock of the first target
+    # training noises of the estimate-quality row (every single whole-call flip measured; None: no row)
+    estimate_bank: int | None = None
     extra: dict = field(default_factory=dict)  # more learn overrides (tests)
 
 
@@ -53,7 +56,7 @@ def settings(full: bool) -> Settings:
     if not full:
         return Settings()
     return Settings(targets=(0.4, 0.2), seconds=360.0, estimate_size=4, per_class=20, handmade_top=None,
-                    timing_reps=5, timing_batch=20)
+                    timing_reps=5, timing_batch=20, estimate_bank=16)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -162,6 +165,84 @@ def best_by(rows: list[dict], keys, metric: str) -> str | None:
     q = {r["schedule"]: r for r in rows}
     keys = [k for k in keys if k in q]
     return max(keys, key=lambda k: q[k][metric]) if keys else None
+
+
+# ----------------------------------------------------------------------------- the estimate's quality
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: measured float effects)."""
+    def ranks(v):
+        r = torch.empty(len(v))
+        r[torch.tensor(v).argsort()] = torch.arange(len(v), dtype=r.dtype)
+        return r - r.mean()
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def ste_predictions(chain, bank, schedule, units) -> list[float]:
+    """The straight-through gradient's prediction of each unit's loss change: the gradient of
+    the consistency loss in the hard gates (a SuperNet run with a graph through every call, the
+    exact mode) times the change of the call's gates, summed over its blocks."""
+    from shortcut_kernels.dipgo.losses import consistency_loss
+
+    gates = schedule.keep.to(bank.noise.dtype).requires_grad_()
+    with torch.enable_grad():
+        x0 = chain.run(bank.noise, bank.labels, gates, grad="exact")
+        (grad,) = torch.autograd.grad(consistency_loss(x0, bank.targets, "mse").mean(), gates)
+    return [float((grad[u.call] * (torch.tensor(u.row, dtype=grad.dtype) - gates[u.call].detach())).sum())
+            for u in units]
+
+
+ESTIMATORS = ("shortcut", "adjoint", "ste")
+
+
+def estimate_quality(model, scheduler, bank_size: int, count: int = 20) -> dict:
+    """On a fixed bank of ``bank_size`` training noises, every single whole-call flip of
+    ``skip_steps(count, power 1.5)`` (the best hand-made schedule at 40%): its measured change
+    of the consistency loss (the chain rerun with the flip) against what each estimator predicts
+    (the learner's forward-difference estimate with the shortcut's ``gamma_s * dL/dx_0`` or the
+    chain adjoint ``dL/d out_s``; the straight-through gate gradient); Spearman and sign
+    agreement within drops and within adds."""
+    from shortcut_kernels.dipgo import skip_steps
+    from shortcut_kernels.dipgo.learn import _null_label, bank_loss, estimate, make_bank
+    from shortcut_kernels.dipgo.supernet import SuperNet
+    from shortcut_kernels.dipgo.gated_chain import _Chain
+    from shortcut_kernels.runtime.schedule import Schedule
+
+    calls = len(scheduler.timesteps)
+    start = skip_steps(model, calls, count=count, placement="power", exponent=1.5)
+    bank = make_bank(model, scheduler, bank_size)
+    net = SuperNet(model, graph=start.graph)
+    try:
+        chain = _Chain(net, scheduler, 3.0, _null_label(model))
+        predicted, seconds = {}, {}
+        for name in ESTIMATORS:
+            t0 = time.perf_counter()
+            if name == "ste":
+                predicted[name] = ste_predictions(chain, bank, start, est.units)
+            else:
+                est = estimate(chain, bank, start, sensitivity=name)
+                predicted[name] = est.predicted.tolist()
+            seconds[name] = time.perf_counter() - t0
+        flips = []
+        for i, u in enumerate(est.units):
+            keep = start.keep.clone()
+            keep[u.call] = torch.tensor(u.row)
+            flips.append(dict(call=u.call, kind=u.kind, measured=bank_loss(chain, bank, Schedule(keep, start.graph))
+                              - est.loss, **{k: v[i] for k, v in predicted.items()}))
+    finally:
+        net.remove()
+    rank, sign = {}, {}
+    for name in ESTIMATORS:
+        for kind in ("drop", "add"):
+            sel = [f for f in flips if f["kind"] == kind]
+            rank.setdefault(name, {})[kind + "s"] = spearman([f[name] for f in sel], [f["measured"] for f in sel])
+            sign.setdefault(name, {})[kind + "s"] = sum((f[name] < 0) == (f["measured"] < 0) for f in sel) / len(sel)
+    return dict(start=f"skip_steps({count}, power 1.5)", start_macs=start.macs_kept, bank=bank_size, calls=calls,
+                loss=est.loss, seconds=seconds, spearman=rank, sign_agreement=sign, flips=flips)
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -283,6 +364,8 @@ def run(out_dir=None, full: bool = False, s: Settings | None = None) -> dict:
     scheduler.set_timesteps(s.calls)
     runs = [run_target(model, scheduler, anchored(model, s.calls, t), s) for t in s.targets]
     doc = {"model": MODEL, "settings": asdict(s), **runs[0][0], "more_targets": [r for r, _ in runs[1:]]}
+    if s.estimate_bank:
+        doc["estimate_quality"] = estimate_quality(model, scheduler, s.estimate_bank)
     if s.grid:
         first = runs[0][1]
         loop = Loop("zoo-unet", model.unet, s.calls, batch=s.timing_batch, latent_hw=16)

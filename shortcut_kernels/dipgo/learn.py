@@ -59,6 +59,7 @@ from .supernet import SuperNet
 from .gated_chain import _Chain, full_samples
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
+           "output_adjoints",
            "learn", "partial_rows", "order_moves", "LabelConditioned", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
@@ -183,21 +184,45 @@ def _guided(chain: _Chain, eu: Tensor, ec: Tensor) -> Tensor:
     return guided_step(eu, eu, ec, 0.0, 1.0, chain.w)
 
 
+def output_adjoints(chain: _Chain, bank: Bank, schedule: Schedule) -> list[Tensor]:
+    """``dL/d out_s`` for every call ``s`` of ``schedule``'s run on the bank (``L`` the
+    consistency MSE, ``out_s`` the guided output): one SuperNet run with a graph through every
+    call (checkpointed) and one backward. Unlike the shortcut's ``gamma_s * dL/dx_0`` it
+    carries how a changed output moves every later call's input and caches."""
+    zs = []
+
+    def on_output(i, eu, ec):
+        z = torch.zeros_like(eu, requires_grad=True)  # out = eu + w (ec - eu) moves by z
+        zs.append(z)
+        return eu + z, ec + z
+
+    with torch.enable_grad():
+        x0 = chain.run(bank.noise, bank.labels, schedule.keep.to(bank.noise.dtype), grad="exact",
+                       on_output=on_output)
+        loss = consistency_loss(x0, bank.targets, "mse").mean()
+        return [g.double() for g in torch.autograd.grad(loss, zs)]
+
+
 @torch.no_grad()
 def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | None = None, *,
-             patterns=(), max_batch: int = 256) -> Estimate:
+             patterns=(), max_batch: int = 256, sensitivity: str = "shortcut") -> Estimate:
     """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
     ``schedule`` (default: :func:`units_of`), from one no-graph run that records every call's
     inputs, caches and guided output. Per unit, SuperNet forwards on those records: the
     flipped call, then each later call up to the next whole call, on the caches the flip
     leaves (the reuse segment it opens or closes), every call's input held; the units' forwards
-    run batched, up to ``max_batch`` samples per SuperNet call. Exact for the loss linearised in
-    the calls' outputs with their inputs held."""
+    run batched, up to ``max_batch`` samples per SuperNet call. With ``sensitivity="shortcut"``
+    an output change ``d`` of call ``s`` counts ``gamma_s <dL/dx_0, d>``: exact for the loss
+    linearised in the calls' outputs with their inputs held. ``"adjoint"`` counts
+    ``<dL/d out_s, d>`` (:func:`output_adjoints`: one backward through the whole chain, about
+    three runs' cost more), which also carries how the change moves later calls' inputs."""
     if schedule.graph.names != chain.net.graph.names:
         raise ValueError("schedule is on another block graph than the chain's SuperNet: build the SuperNet with "
                          "graph=schedule.graph")
     if schedule.calls != chain.n:
         raise ValueError(f"schedule has {schedule.calls} calls, the scheduler runs {chain.n}")
+    if sensitivity not in ("shortcut", "adjoint"):
+        raise ValueError(f"sensitivity must be 'shortcut' or 'adjoint', got {sensitivity!r}")
     units = units_of(schedule, patterns) if units is None else units
     xs, caches, outs = {}, {}, {}
 
@@ -213,7 +238,8 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
     with torch.enable_grad():
         loss = consistency_loss(x0, bank.targets, "mse").mean()
         (g,) = torch.autograd.grad(loss, x0)
-    g = g.double()
+    lam = output_adjoints(chain, bank, schedule) if sensitivity == "adjoint" else \
+        [chain.plan.output_sensitivity(s, 0) * g.double() for s in range(chain.n)]
     keep = schedule.keep.to(bank.noise.dtype)
     predicted = torch.zeros(len(units), dtype=torch.float64)
     # per unit: the flipped call, then the calls up to the next whole call that read the caches it
@@ -238,7 +264,7 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
             for k, j in enumerate(js):
                 step = state[j][0]
                 delta = (out[k * b:(k + 1) * b] - outs[step]).double()
-                predicted[j] += chain.plan.output_sensitivity(step, 0) * float((g * delta).sum())
+                predicted[j] += float((lam[step] * delta).sum())
                 nxt = step + 1
                 if nxt >= chain.n or bool(schedule.keep[nxt].all()):
                     del state[j]  # a call that computes every block reads no cache: the flip's reach ends

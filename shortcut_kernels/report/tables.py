@@ -220,6 +220,24 @@ def _learn_target(run: dict) -> list[str]:
     return lines
 
 
+_ESTIMATOR = {"shortcut": "forward difference, shortcut sensitivity (`dipgo.learn`'s)",
+              "adjoint": "forward difference, chain adjoint", "ste": "straight-through gate gradient (STE)"}
+
+
+def _estimate_quality(q: dict) -> list[str]:
+    """learn_part's table of the estimators' Spearman against measured single-call flips."""
+    n = {k: sum(f["kind"] == k for f in q["flips"]) for k in ("drop", "add")}
+    lines = [f"**The estimate's quality.** Every single whole-call flip of `{q['start']}` "
+             f"({n['drop']} drops, {n['add']} adds) on a fixed bank of {q['bank']} training noises: the measured "
+             "change of the consistency loss (the chain rerun with the flip) against each estimator's prediction.",
+             ""]
+    rows = [[_ESTIMATOR.get(k, k), num(q["spearman"][k]["drops"]), num(q["spearman"][k]["adds"]),
+             pct(q["sign_agreement"][k]["drops"]), pct(q["sign_agreement"][k]["adds"]), num(q["seconds"][k], ".1f")]
+            for k in q["spearman"]]
+    return lines + table(["estimator", "Spearman, drops", "Spearman, adds", "sign right, drops", "sign right, adds",
+                          "seconds"], rows, right_from=1) + [""]
+
+
 def learn_part(doc: dict, plots) -> list[str]:
     lines = ["## DiP-GO: a schedule learned in this run against hand-made ones at equal MACs", ""]
     bad = section_problem(doc)
@@ -237,6 +255,8 @@ def learn_part(doc: dict, plots) -> list[str]:
             lines += table(["schedule", "MACs kept", "ideal x", "measured x", "wall s", "full s"],
                            [[r["schedule"], pct(r["macs_kept"], ".2f"), num(r["mac_ideal"]), num(r["speedup"]),
                              num(r["ours_s"], ".3f"), num(r["full_s"], ".3f")] for r in timing]) + [""]
+        if doc.get("estimate_quality"):
+            lines += _estimate_quality(doc["estimate_quality"])
         tr = doc.get("train") or {}
         if tr.get("history"):
             lines += [f"STE training: {tr['iterations']} iterations, the last keeping "
