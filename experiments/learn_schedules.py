@@ -63,7 +63,7 @@ def _setup(name: str, calls: int):
 
 def part_spearman(args) -> dict:
     model, sched = _setup(args.model, args.calls)
-    return estimate_quality(model, sched, args.spearman_bank, count=args.spearman_count)
+    return estimate_quality(model, sched, args.spearman_bank, count=args.spearman_count, seed=args.spearman_seed)
 
 
 def _start(model, sched, calls: int, target: float, bank) -> tuple[Schedule, dict]:
@@ -230,6 +230,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=16)
+    ap.add_argument("--spearman-seed", type=int, default=None, help="first seed of the bank (default: the "
+                    "learner's training seed, 10,000)")
     ap.add_argument("--spearman-count", type=int, default=20, help="computed calls of the skip_steps start")
     ap.add_argument("--transfer-calls", type=int, default=25, help="--part transfer: calls of the target sampler")
     ap.add_argument("--transfer-scheduler", default="DPMSolverMultistepScheduler", help="--part transfer")

@@ -10,7 +10,9 @@ the full model, class accuracy, digits-FD) for every schedule and every hand-mad
 2% of the learned MACs; the learning curves (bank PSNR against seconds); and the cost of a
 learning iteration in denoiser-call equivalents, counted by hooks on the model's blocks
 (:class:`MacCounter`), for ``learn``, ``search`` and STE in both modes. The first target also
-gets interleaved wall-clock and a sample grid per schedule.
+gets interleaved wall-clock and a sample grid per schedule. FULL also measures the estimate's
+quality (:func:`estimate_quality`: Spearman of each estimator against every measured whole-call
+flip on a bank of 16).
 """
 from __future__ import annotations
 
@@ -199,8 +201,9 @@ def ste_predictions(chain, bank, schedule, units) -> list[float]:
 ESTIMATORS = ("shortcut", "adjoint", "ste")
 
 
-def estimate_quality(model, scheduler, bank_size: int, count: int = 20) -> dict:
-    """On a fixed bank of ``bank_size`` training noises, every single whole-call flip of
+def estimate_quality(model, scheduler, bank_size: int, count: int = 20, seed: int | None = None) -> dict:
+    """On a fixed bank of ``bank_size`` training noises (seeds from ``seed``, default the
+    learner's training seed), every single whole-call flip of
     ``skip_steps(count, power 1.5)`` (the best hand-made schedule at 40%): its measured change
     of the consistency loss (the chain rerun with the flip) against what each estimator predicts
     (the learner's forward-difference estimate with the shortcut's ``gamma_s * dL/dx_0`` or the
@@ -214,7 +217,7 @@ def estimate_quality(model, scheduler, bank_size: int, count: int = 20) -> dict:
 
     calls = len(scheduler.timesteps)
     start = skip_steps(model, calls, count=count, placement="power", exponent=1.5)
-    bank = make_bank(model, scheduler, bank_size)
+    bank = make_bank(model, scheduler, bank_size, **({} if seed is None else {"seed": seed}))
     net = SuperNet(model, graph=start.graph)
     try:
         chain = _Chain(net, scheduler, 3.0, _null_label(model))
@@ -241,7 +244,7 @@ def estimate_quality(model, scheduler, bank_size: int, count: int = 20) -> dict:
             sel = [f for f in flips if f["kind"] == kind]
             rank.setdefault(name, {})[kind + "s"] = spearman([f[name] for f in sel], [f["measured"] for f in sel])
             sign.setdefault(name, {})[kind + "s"] = sum((f[name] < 0) == (f["measured"] < 0) for f in sel) / len(sel)
-    return dict(start=f"skip_steps({count}, power 1.5)", start_macs=start.macs_kept, bank=bank_size, calls=calls,
+    return dict(start=f"skip_steps({count}, power 1.5)", start_macs=start.macs_kept, bank=bank_size, seed=seed, calls=calls,
                 loss=est.loss, seconds=seconds, spearman=rank, sign_agreement=sign, flips=flips)
 
 
