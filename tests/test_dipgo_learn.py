@@ -356,6 +356,32 @@ def test_order_moves_change_only_reused_blocks_and_skip_the_current_orders():
     assert order_moves(s, (1,)) == []  # only the current order allowed: nothing to try
 
 
+def test_segment_order_moves_change_one_reuse_segment_and_keep_moves_keep_other_calls_orders():
+    from shortcut_kernels.dipgo.learn import Unit, _with_units, segment_order_moves
+
+    model = _tiny_dit(torch.float32)
+    keep = torch.ones(9, 3, dtype=torch.bool)
+    keep[[1, 2, 3, 5, 6, 8]] = False
+    keep[5, 0] = True  # a partial row inside the second segment: its computed cell keeps order 0
+    s = Schedule(keep, graph_of(model, "fine"), forecast=2)
+    segments = [[1, 2, 3], [5, 6], [8]]
+    moves = segment_order_moves(s, (0, 1, 2))
+    assert len(moves) == 6 and len({tuple(m.flatten().tolist()) for m in moves}) == 6  # 3 segments, 2 other orders
+    for m in moves:
+        changed = sorted({int(t) for t in (m != s.forecast).nonzero()[:, 0]})
+        assert changed and any(set(changed) <= set(seg) for seg in segments)
+        assert bool((m[keep] == 0).all()) and set(m[~keep].tolist()) <= {0, 1, 2}
+        seg = next(seg for seg in segments if set(changed) <= set(seg))
+        assert len(set(m[seg][~keep[seg]].tolist())) == 1  # one order over the segment's reused cells
+    assert segment_order_moves(s, (2,)) == []
+    # a keep move keeps the per-cell orders of the calls it does not touch
+    mixed = Schedule(keep, s.graph, forecast=moves[0])
+    moved = _with_units(mixed, [Unit(4, (False, False, False), -0.1, "drop")])
+    untouched = [t for t in range(9) if t != 4]
+    assert torch.equal(moved.forecast[untouched], mixed.forecast[untouched])
+    assert moved.forecast[4].tolist() == [2, 2, 2]  # the newly reused call: each block's order
+
+
 def test_learner_chooses_forecast_orders_and_keeps_them_through_keep_moves():
     """With forecast=(0, 1, 2) the start is the best hand-made schedule at any order; the result
     runs with orders from that set, never below its start on the bank, within the budget; and its

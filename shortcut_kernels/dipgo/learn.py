@@ -35,8 +35,10 @@ outputs (:mod:`shortcut_kernels.runtime.forecast`, order 1 or 2), one order per 
 hand-made start is scored at every allowed order; moves of keep rows keep the current orders;
 when no keep move helps, order moves (one block to another order, or every block to one order,
 no MAC change) are validated on the bank the same way, and the keep moves resume after an
-accepted one. The estimate ranks keep moves as if reused blocks repeated (its SuperNet reuses
-caches as they are); every move is judged by the run with the forecast.
+accepted one; when none of those helps either, one reuse segment at another order
+(:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
+order). The estimate ranks keep moves as if reused blocks repeated (its SuperNet reuses caches
+as they are); every move is judged by the run with the forecast.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ from .gated_chain import _Chain, full_samples
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
            "output_adjoints",
-           "learn", "partial_rows", "order_moves", "LabelConditioned", "TRAIN_SEED"]
+           "learn", "partial_rows", "order_moves", "segment_order_moves", "LabelConditioned", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
 
@@ -308,18 +310,21 @@ def _orders(schedule: Schedule) -> list[int]:
     return per if per is not None else [int(v) for v in schedule.forecast.max(dim=0).values.tolist()]
 
 
-def _learned(schedule: Schedule, keep: Tensor, orders: list[int]) -> Schedule:
+def _learned(schedule: Schedule, keep: Tensor, orders) -> Schedule:
     return Schedule(keep, schedule.graph, name="learned",
                     params={"start": schedule.params.get("start", schedule.name)}, sampler=schedule.sampler,
                     steps=schedule.steps, forecast=orders)
 
 
 def _with_units(schedule: Schedule, units) -> Schedule:
-    """``schedule`` with each unit's call set to its row, the forecast order of every block kept."""
-    keep = schedule.keep.clone()
+    """``schedule`` with each unit's call set to its row; the other calls keep their forecast
+    orders, a unit's reused blocks take their block's (:func:`_orders`)."""
+    keep, forecast = schedule.keep.clone(), schedule.forecast.clone()
+    blocks = torch.tensor(_orders(schedule), dtype=forecast.dtype)
     for u in units:
         keep[u.call] = torch.tensor(u.row)
-    return _learned(schedule, keep, _orders(schedule))
+        forecast[u.call] = blocks
+    return _learned(schedule, keep, forecast)
 
 
 def order_moves(schedule: Schedule, allowed) -> list[list[int]]:
@@ -336,6 +341,27 @@ def order_moves(schedule: Schedule, allowed) -> list[list[int]]:
     norm = [[o if r else 0 for o, r in zip(m, reused)] for m in out]
     mine = [o if r else 0 for o, r in zip(cur, reused)]
     return [m for i, m in enumerate(norm) if m != mine and m not in norm[:i]]
+
+
+def segment_order_moves(schedule: Schedule, allowed) -> list[Tensor]:
+    """Per-cell forecast orders to try at ``schedule`` (keep rows unchanged): every reused block
+    of one reuse segment (the calls between two calls that compute every block) at one other
+    allowed order; each distinct ``[calls, blocks]`` tensor once. An extrapolation's error grows
+    with its distance from the computed calls, so the best order differs between long and short
+    segments and along the trajectory."""
+    keep, cur = schedule.keep, schedule.forecast
+    whole = [t for t in range(schedule.calls) if bool(keep[t].all())] + [schedule.calls]
+    out = []
+    for a, b in zip(whole, whole[1:]):
+        if b - a < 2:
+            continue
+        for o in allowed:
+            f = cur.clone()
+            f[a + 1:b] = o
+            f[keep] = 0
+            if not torch.equal(f, cur) and not any(torch.equal(f, g) for g in out):
+                out.append(f)
+    return out
 
 
 def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
@@ -542,7 +568,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
             result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
                                        macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
                                        move=[dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]
-                                       if units else dict(forecast=_orders(best))))
+                                       if units else dict(forecast=best.forecast_blocks or best.forecast.tolist())))
             bar.update(1)
             bar.set_postfix(psnr=f"{_psnr(best_loss):.2f}")
         bar.close()
@@ -555,19 +581,24 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
 
 def _order_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig, result: LearnResult,
                 out_of_time) -> tuple | None:
-    """The best :func:`order_moves` candidate on the bank, as ``(loss, None, (), schedule)``
-    if it raises the bank PSNR by ``min_gain``, else None."""
-    tried = []
-    for orders in order_moves(best, cfg.forecast):
-        cand = _learned(best, best.keep, orders)
-        tried.append((bank_loss(chain, bank, cand), cand))
-        result.evaluations += 1
+    """The best order move on the bank, as ``(loss, None, (), schedule)`` if it raises the bank
+    PSNR by ``min_gain``, else None: first one order per block (:func:`order_moves`), then, if
+    none helps, one order per reuse segment (:func:`segment_order_moves`)."""
+    for moves in (lambda: order_moves(best, cfg.forecast), lambda: segment_order_moves(best, cfg.forecast)):
+        tried = []
+        for orders in moves():
+            cand = _learned(best, best.keep, orders)
+            tried.append((bank_loss(chain, bank, cand), cand))
+            result.evaluations += 1
+            if out_of_time():
+                break
+        if tried:
+            loss, cand = min(tried, key=lambda m: m[0])
+            if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
+                return loss, None, (), cand
         if out_of_time():
-            break
-    if not tried:
-        return None
-    loss, cand = min(tried, key=lambda m: m[0])
-    return (loss, None, (), cand) if _psnr(loss) > _psnr(best_loss) + cfg.min_gain else None
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------- diffusers models
