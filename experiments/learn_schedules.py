@@ -92,13 +92,13 @@ def part_learn(args) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     res = learn(model, sched, args.target, start=start, bank=bank, time_budget=args.time_budget,
                 estimate_size=args.estimate_size, patterns=args.patterns, max_validations=args.max_validations,
-                forecast=orders, window=args.window, progress=True)
+                forecast=orders, window=args.window, starts=args.starts, progress=True)
     if forecasting:
         start = res.start
         info = dict(start=start.name if not start.params else
                     f"{start.name}({','.join(f'{k}={v}' for k, v in start.params.items())})")
     learned = dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, start_psnr=res.start_psnr,
-                   psnr=res.psnr, evaluations=res.evaluations, history=res.history,
+                   psnr=res.psnr, evaluations=res.evaluations, history=res.history, climbs=res.climbs,
                    keep=res.schedule.keep.int().tolist(), macs_kept=res.schedule.macs_kept,
                    forecast=res.schedule.forecast.int().tolist())
     print("learned", json.dumps({k: v for k, v in learned.items() if k != "keep"}), flush=True)
@@ -227,6 +227,8 @@ def main(argv=None) -> dict:
                          "--part learn / heldout: the orders the hand-made schedules run at")
     ap.add_argument("--window", type=float, default=None,
                     help="--part learn: keep the learner's moves within this share below the target (equal MACs)")
+    ap.add_argument("--starts", type=int, default=2, help="--part learn: hand-made starts the learner climbs "
+                    "(with forecast orders; a given start is one)")
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=16)

@@ -30,7 +30,8 @@ EQUAL_MACS = 0.02  # largest relative gap between kept-MAC fractions called "equ
 # the fixes (cascaded two-sided sparsity, neutral ties, selection at the trained budget) are train's.
 # The learner: moves stay within half the equal-MAC window below the target; the best of two
 # validated proposals is taken, and up to 128 are validated at one schedule while time remains.
-LEARN = dict(window=EQUAL_MACS / 2, validate=2, max_validations=128)
+# One start: the search runs from it for the same seconds (an equal-time race from one start).
+LEARN = dict(window=EQUAL_MACS / 2, validate=2, max_validations=128, starts=1)
 STE = dict(method="ste", mode="shortcut", batch_size=8, optimizer="sgd", lr=0.2, sparsity_weight=10.0,
            warmup=5)
 

@@ -21,7 +21,8 @@ calls' outputs with every call's input held; it leaves out how the changed sampl
 later calls' inputs, which is why every move is validated.
 
 **The learner.** Start from the hand-made schedule that scores best on the bank within the
-budget; propose single flips that keep the MACs within ``target_macs`` (and, with
+budget (``LearnConfig.starts``: the few best with distinct keep rows, each climbed in turn with
+a share of the time, the best result kept); propose single flips that keep the MACs within ``target_macs`` (and, with
 ``LearnConfig.window``, above ``(1 - window) * target_macs``) and equal-budget swaps
 (one drop plus one add), ranked by the summed estimates; sample them in that order, a few at
 a time, on the bank (the true loss) and accept the best of a few that raises its PSNR by
@@ -420,6 +421,9 @@ class LearnConfig:
     # moves keep at least target_macs * (1 - window) of the MACs (or the start's, if fewer): for
     # comparisons at equal MACs; None: any share up to the target
     window: float | None = None
+    # hand-made starts climbed (the best on the bank with distinct keep rows), the best result kept:
+    # the start best on the bank is not always the best basin for the moves
+    starts: int = 2
 
 
 @dataclass
@@ -432,6 +436,7 @@ class LearnResult:
     seconds: float
     estimates: int = 0          # iterations: estimates made (each followed by its validations)
     history: list[dict] = field(default_factory=list)  # the start, then one record per accepted move
+    climbs: list[dict] = field(default_factory=list)   # per start climbed: start, bank PSNRs, moves, seconds
 
 
 def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: LearnConfig) -> None:
@@ -451,6 +456,8 @@ def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: Le
         raise ValueError(f"time_budget must be positive seconds or None, got {time_budget!r}")
     if cfg.window is not None and not 0 <= cfg.window < 1:
         raise ValueError(f"config: window is a fraction in [0, 1) of target_macs, got {cfg.window!r}")
+    if isinstance(cfg.starts, bool) or not isinstance(cfg.starts, int) or cfg.starts < 1:
+        raise ValueError(f"config: starts is the number of hand-made starts to climb (>= 1), got {cfg.starts!r}")
     if cfg.validate < 1 or cfg.max_validations < cfg.validate:
         raise ValueError(f"config: need 1 <= validate ({cfg.validate}) <= max_validations ({cfg.max_validations})")
     orders = cfg.forecast if isinstance(cfg.forecast, (tuple, list)) else None
@@ -495,11 +502,20 @@ def start_options(model, calls: int, target: float, orders=(0,)) -> list[Schedul
     return [s.with_forecast(o) for s in options for o in orders]
 
 
-def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,)) -> tuple[Schedule, int]:
-    """The start (:func:`start_options`) that scores best on the bank, as :func:`.search.search`
-    starts; and how many were scored."""
+def _best_handmade(model, chain: _Chain, bank: Bank, target: float, orders=(0,), count: int = 1
+                   ) -> tuple[list[Schedule], int]:
+    """The ``count`` starts (:func:`start_options`) that score best on the bank, best first, each
+    with other keep rows than the ones before it (the same rows at another order are one basin:
+    the order moves reach it); and how many were scored."""
     options = start_options(model, chain.n, target, orders)
-    return min(options, key=lambda s: bank_loss(chain, bank, s)), len(options)
+    ranked = sorted(options, key=lambda s: bank_loss(chain, bank, s))
+    picked: list[Schedule] = []
+    for s in ranked:
+        if not any(torch.equal(s.keep, p.keep) for p in picked):
+            picked.append(s)
+        if len(picked) == count:
+            break
+    return picked, len(options)
 
 
 def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None, bank: Bank | None = None,
@@ -509,9 +525,11 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     sampled by ``scheduler`` (``set_timesteps`` called) keeping at most ``target_macs`` of the
     MACs; see the module docstring.
 
-    start: the first schedule (default: the best hand-made one on the bank within the budget).
+    start: the first schedule (default: the ``config.starts`` best hand-made ones on the bank
+        within the budget, each climbed in turn; the best result on the bank is returned).
     bank: training samples (default: :func:`make_bank` with ``config.bank_size``).
-    time_budget: seconds of learning (after the bank and the start are set up).
+    time_budget: seconds of learning (after the bank and the starts are set up), shared by the
+        starts: each gets the time left over the starts left.
     config / overrides: :class:`LearnConfig` fields.
     """
     cfg = LearnConfig(**{**LearnConfig().__dict__, **(config.__dict__ if config else {}), **overrides})
@@ -521,10 +539,32 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     chain = _Chain(probe, scheduler, cfg.guidance, _null_label(model))
     evaluations = 0
     try:
-        if start is None:
-            start, evaluations = _best_handmade(model, chain, bank, target_macs, cfg.forecast)
+        starts = [start] if start is not None else None
+        if starts is None:
+            starts, evaluations = _best_handmade(model, chain, bank, target_macs, cfg.forecast, cfg.starts)
     finally:
         probe.remove()
+    t0 = time.perf_counter()
+    results = []
+    for k, first in enumerate(starts):
+        left = None if time_budget is None else max(0.0, time_budget - (time.perf_counter() - t0))
+        if left is not None and left <= 0:
+            break
+        share = None if left is None else left / (len(starts) - k)
+        results.append(_climb(model, scheduler, bank, first, target_macs, cfg, share, progress))
+    best = max(results, key=lambda r: r.psnr)
+    best.evaluations += evaluations + sum(r.evaluations for r in results if r is not best)
+    best.estimates += sum(r.estimates for r in results if r is not best)
+    best.seconds = time.perf_counter() - t0
+    best.climbs = [dict(start=r.start.name, start_params=r.start.params, start_psnr=r.start_psnr, psnr=r.psnr,
+                        moves=len(r.history) - 1, seconds=r.seconds) for r in results]
+    return best
+
+
+def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cfg: LearnConfig,
+           time_budget: float | None, progress: bool) -> LearnResult:
+    """The learner from one start (the module docstring): estimate, validate the best proposals,
+    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up."""
     start, patterns = partial_rows(model, start) if cfg.patterns else (start, [])
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
@@ -533,8 +573,7 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     t0 = time.perf_counter()
     try:
         best, best_loss = start, bank_loss(chain, bank, start)
-        evaluations += 1
-        result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), evaluations, 0.0)
+        result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), 1, 0.0)
         result.history.append(dict(seconds=0.0, psnr=result.psnr, macs_kept=start.macs_kept, move=None))
         bar = tqdm(desc="dipgo learn", disable=not progress, unit="move")
 
