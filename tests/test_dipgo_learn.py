@@ -230,6 +230,27 @@ def test_learner_runs_on_bare_diffusers_models_and_accelerate_applies_its_schedu
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
 
 
+def test_learner_climbs_several_starts_and_keeps_the_best_on_the_bank():
+    """starts=2: two hand-made starts with distinct keep rows, the best two on the bank, each
+    climbed; the result is the climb with the highest bank PSNR. starts=1 climbs the best one."""
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(8)
+    bank = make_bank(model, sched, 2)
+    kw = dict(bank=bank, time_budget=30.0, progress=False, estimate_size=1, max_validations=4, patterns=False)
+    two = learn(model, sched, 0.5, starts=2, **kw)
+    assert len(two.climbs) == 2 and two.psnr == max(c["psnr"] for c in two.climbs)
+    net = SuperNet(model, "coarse")
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    scored = sorted(start_options(model, 8, 0.5), key=lambda s: bank_loss(chain, bank, s))
+    net.remove()
+    firsts = [scored[0]] + [next(s for s in scored if not torch.equal(s.keep, scored[0].keep))]
+    assert [c["start_psnr"] for c in two.climbs] == pytest.approx(
+        [10 * torch.log10(torch.tensor(4.0 / bank_loss(chain, bank, s))).item() for s in firsts])
+    one = learn(model, sched, 0.5, starts=1, **kw)
+    assert len(one.climbs) == 1 and one.climbs[0]["start_psnr"] == pytest.approx(two.climbs[0]["start_psnr"])
+    assert one.start.name == firsts[0].name and one.start.params == firsts[0].params
+
+
 def test_bad_inputs_name_the_argument():
     model = _tiny_unet(torch.float32)
     sched = _scheduler(6)
@@ -247,6 +268,9 @@ def test_bad_inputs_name_the_argument():
         learn(model, sched, 0.9, start=start, bank=bank, time_budget=0)
     with pytest.raises(ValueError, match="validate"):
         learn(model, sched, 0.9, start=start, bank=bank, validate=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="starts"):
+            learn(model, sched, 0.9, bank=bank, starts=bad)
     for bad in ((0, 3), 2, (), (True,)):
         with pytest.raises(ValueError, match="forecast"):
             learn(model, sched, 0.9, start=start, bank=bank, forecast=bad)
