@@ -239,6 +239,7 @@ def test_learner_climbs_several_starts_and_keeps_the_best_on_the_bank():
     kw = dict(bank=bank, time_budget=30.0, progress=False, estimate_size=1, max_validations=4, patterns=False)
     two = learn(model, sched, 0.5, starts=2, **kw)
     assert len(two.climbs) == 2 and two.psnr == max(c["psnr"] for c in two.climbs)
+    assert sum(c["seconds"] for c in two.climbs) <= two.seconds  # each climb's own time, not the total
     net = SuperNet(model, "coarse")
     chain = _Chain(net, sched, 3.0, model.null_label)
     scored = sorted(start_options(model, 8, 0.5), key=lambda s: bank_loss(chain, bank, s))

@@ -552,12 +552,12 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
             break
         share = None if left is None else left / (len(starts) - k)
         results.append(_climb(model, scheduler, bank, first, target_macs, cfg, share, progress))
+    climbs = [dict(start=r.start.name, start_params=r.start.params, start_psnr=r.start_psnr, psnr=r.psnr,
+                   moves=len(r.history) - 1, seconds=r.seconds) for r in results]
     best = max(results, key=lambda r: r.psnr)
     best.evaluations += evaluations + sum(r.evaluations for r in results if r is not best)
     best.estimates += sum(r.estimates for r in results if r is not best)
-    best.seconds = time.perf_counter() - t0
-    best.climbs = [dict(start=r.start.name, start_params=r.start.params, start_psnr=r.start_psnr, psnr=r.psnr,
-                        moves=len(r.history) - 1, seconds=r.seconds) for r in results]
+    best.seconds, best.climbs = time.perf_counter() - t0, climbs
     return best
 
 
