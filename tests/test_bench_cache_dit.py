@@ -254,3 +254,40 @@ def test_section_end_to_end_at_a_tiny_setting(bench):
     assert mirrors and "The same blocks computed by both" in text
     for r in mirrors:
         assert any(c["library"] == "cache-dit" and c["blocks_per_call"] == r["blocks_per_call"] for c in doc["rows"])
+
+
+def test_finalists_keep_the_best_rows_of_each_library_at_each_budget(fresh_seed):
+    rng = random.Random(fresh_seed)
+    rows = [dict(library=rng.choice(["ours", "cache-dit"]), key=f"r{i}", compute=rng.uniform(0.1, 0.7),
+                 psnr=rng.uniform(10, 50)) for i in range(60)]
+    budgets, count = (0.2, 0.4, 0.6), rng.randint(1, 4)
+    keep = cd.finalists(rows, budgets, count)
+    wanted = set()
+    for b in budgets:
+        for lib in ("ours", "cache-dit"):
+            ok = sorted((r for r in rows if r["library"] == lib and r["compute"] <= b), key=lambda r: -r["psnr"])
+            wanted.update((lib, r["key"]) for r in ok[:count])
+    assert keep == wanted
+    # the bests over the finalists are the bests over every row
+    final = [r for r in rows if (r["library"], r["key"]) in keep]
+    for r in rows:
+        r.update(macs=0.0, psnr_image_mean=0.0, class_accuracy=1.0, time_vs_full=None)
+    assert cd.bests(final, budgets) == cd.bests(rows, budgets)
+
+
+def test_a_screened_section_measures_the_screens_best_rows_again(bench):
+    """Screened on the same samples (the same noise), the finalists' rows are the screen's, and
+    only the best of each library per budget run again."""
+    doc = cd.measure(bench, cd.Plan(budgets=(0.2, 0.5), per_class=1, screen_per_class=1, finalists=1), full=False)
+    screen = doc["screen"]["rows"]
+    final = [r for r in doc["rows"] if r["library"] != "full"]
+    assert len(final) < len(screen) - 1
+    by_key = {(r["library"], r["key"]): r for r in screen}
+    for r in final:
+        assert r["psnr"] == by_key[(r["library"], r["key"])]["psnr"]
+    def picked(bests):  # wall-clock aside
+        return [(e["budget"], *((e[lib] or {}).get("key") for lib in ("ours", "cache-dit")),
+                 *((e[lib] or {}).get("psnr") for lib in ("ours", "cache-dit"))) for e in bests]
+    assert picked(doc["bests"]) == picked(cd.bests(screen, (0.2, 0.5)))
+    text = "\n".join(cache_dit_part({"section": "cache-dit", **doc}))
+    assert "Screened:" in text and "The same blocks computed by both" in text

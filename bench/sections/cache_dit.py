@@ -37,7 +37,10 @@ schedule at that budget, choosing where to compute and, per block, whether to re
 forecast; quick: at 50%, FULL: at every budget).
 
 Per budget (quick: 20% and 50%; FULL: 20, 30, 40, 50, 60%), the best row of each library at
-no more compute and the difference in set PSNR. Wall-clock: seconds per sample of each row
+no more compute and the difference in set PSNR. FULL screens (``Plan.screen_per_class``): every
+row runs first on 30 samples, then the 3 best of each library at each budget (by set PSNR at
+no more compute; :func:`finalists`) and the learned schedules run on the 200, and the bests
+are taken from those; the screen's rows are in the JSON too (``screen``). Wall-clock: seconds per sample of each row
 over the full model's in the same process; valid only when ``make bench`` runs alone.
 
 Forecast cost (:func:`forecast_cost`, a few seconds): one denoiser call of ``digits-dit`` with
@@ -52,7 +55,7 @@ import inspect
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
@@ -782,11 +785,17 @@ class Plan:
     learn_seconds: float = 0.0  # learning seconds per learned schedule
     notes: list = field(default_factory=list)
     cost: CostPlan | None = None  # the forecast-cost rows (None: not run)
+    # FULL: every row first on this many samples per digit, then only the `finalists` best of
+    # each library at each budget (and the learned schedules) on `per_class`; None: all on `per_class`
+    screen_per_class: int | None = None
+    finalists: int = 3
 
 
 def plan(full: bool) -> Plan:
     if full:
-        return Plan(FULL_BUDGETS, 20, FULL_BUDGETS, 240.0, cost=CostPlan(reps=15))
+        return Plan(FULL_BUDGETS, 20, FULL_BUDGETS, 240.0,
+                    ["FULL: every row screened on 30 samples, the 3 best of each library per budget and the learned "
+                     "schedules on 200"], cost=CostPlan(reps=15), screen_per_class=3)
     return Plan(QUICK_BUDGETS, 3, (0.5,), 60.0, ["quick: 30 samples, one learned schedule (50%, 60 s; FULL=1: "
                                                  "200 samples, one learned schedule per budget, 240 s each)"],
                 cost=CostPlan())
@@ -811,6 +820,7 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
 
     rows = [bench.full()]
     _print(rows[0])
+    screen = Bench(replace(bench.p, per_class=pl.screen_per_class)) if pl.screen_per_class else None
     orders = forecast_orders()
     cost = forecast_cost(bench, pl.cost) if pl.cost is not None and orders != (0,) else None
     ours = our_schedules(bench.model, bench.p.calls, pl.budgets, orders)
@@ -830,13 +840,15 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
                            "moves": len(res.history) - 1, "start_psnr": res.start_psnr, "bank_psnr": res.psnr,
                            "evaluations": res.evaluations, "seconds": res.seconds,
                            "history": res.history})
-    for key, s in schedules.items():
-        rows.append(bench.ours(key, s))
-        rows[-1]["same_as"] = ours.same_as.get(key, [])
-        _print(rows[-1])
-    for setting in grid:
-        rows.append(bench.cache_dit(setting))
-        _print(rows[-1])
+    screened = None
+    if screen is not None:
+        print(f"screening every row on {len(screen.labels)} samples", flush=True)
+        screened = [screen.full()] + _rows(screen, schedules, grid, ours.same_as)
+        keep = finalists(screened, pl.budgets, pl.finalists)
+        print(f"finalists on {len(bench.labels)} samples: {len(keep)} rows", flush=True)
+        schedules = {k: s for k, s in schedules.items() if ("ours", k) in keep or k.startswith("learned(")}
+        grid = [s for s in grid if ("cache-dit", s.label) in keep]
+    rows += _rows(bench, schedules, grid, ours.same_as)
     summary = bests(rows, pl.budgets)
     for e in summary:
         if "holds" in e:
@@ -850,4 +862,31 @@ def measure(bench: Bench, pl: Plan, full: bool = False) -> dict:
             "compute": "share of transformer-block forwards that ran (hooks on each block's attn1)",
             "wall_clock": "time_vs_full: seconds over the full model's in the same process; valid only when make "
                           "bench runs alone",
-            "bests": summary, "forecast_cost": cost, "rows": rows}
+            "bests": summary, "forecast_cost": cost, "rows": rows,
+            "screen": None if screen is None else {"samples": len(screen.labels), "finalists": pl.finalists,
+                                                   "rows": screened}}
+
+
+def _rows(bench: Bench, schedules: dict, grid, same_as: dict) -> list[dict]:
+    """One row per schedule of ours and per cache-dit setting on ``bench``."""
+    rows = []
+    for key, s in schedules.items():
+        rows.append(bench.ours(key, s))
+        rows[-1]["same_as"] = same_as.get(key, [])
+        _print(rows[-1])
+    for setting in grid:
+        rows.append(bench.cache_dit(setting))
+        _print(rows[-1])
+    return rows
+
+
+def finalists(rows: list[dict], budgets, count: int) -> set[tuple[str, str]]:
+    """``(library, key)`` of the ``count`` best rows (set PSNR) of each library at no more
+    compute than each budget: the rows a screened run measures again on all its samples."""
+    keep = set()
+    for b in budgets:
+        for lib in ("ours", "cache-dit"):
+            ok = sorted((r for r in rows if r["library"] == lib and r["compute"] <= b + EPS),
+                        key=lambda r: r["psnr"], reverse=True)
+            keep.update((lib, r["key"]) for r in ok[:count])
+    return keep

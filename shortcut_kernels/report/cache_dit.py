@@ -47,7 +47,7 @@ def pattern_lines(doc: dict) -> list[str]:
     or the row they were found equal to (``same_as``); where they run the same orders as the
     one-order row, that row's)."""
     cd, ours = {}, {}
-    for r in doc.get("rows", []):
+    for r in (doc.get("screen") or doc).get("rows", []):
         if r["library"] == "cache-dit" and r["setting"].get("policy") == "static" \
                 and str(r["setting"].get("mask_name", "")).startswith("lead"):
             s = r["setting"]
@@ -122,10 +122,18 @@ def cache_dit_part(doc: dict, plots=()) -> list[str]:
               "noise (set: one MSE over all images; mean: of the per-image PSNRs). Per budget, each library's "
               f"best of its rows at no more compute ({n_cd} cache-dit settings, {n_ours} of our schedules; every "
               "row is in `cache-dit.json`). `time / full`: wall-clock against the full model in the same run.", ""]
+    screen = doc.get("screen")
+    if screen:
+        n_cd = sum(r["library"] == "cache-dit" for r in screen["rows"])
+        n_ours = sum(r["library"] == "ours" for r in screen["rows"])
+        lines += [f"Screened: all {n_cd} cache-dit settings and {n_ours} of our schedules ran first on "
+                  f"{screen['samples']} samples; the {screen['finalists']} best of each library at each budget and "
+                  "the learned schedules ran again on all samples, and the table takes the best of those.", ""]
     lines += best_lines(doc) + [""]
     same = pattern_lines(doc)
     if same:
-        lines += ["The same blocks computed by both (set PSNR, dB): cache-dit's static masks (the first Fn blocks at "
+        on = f" on the screen's {screen['samples']} samples" if screen else ""
+        lines += [f"The same blocks computed by both (set PSNR, dB{on}): cache-dit's static masks (the first Fn blocks at "
                   "every call, every block at the mask's full calls) and our schedule of the same keep rows, per "
                   "reuse order; also at the orders TaylorSeer runs call by call (its derivatives start with the "
                   "computation at call 3: order 0 or 1 at the calls before its second derivative exists), so that "
