@@ -65,15 +65,65 @@ def _held_input_outputs(chain, bank, schedule, xs):
     return outs
 
 
+def _runtime_held_input_outputs(chain, bank, schedule, xs):
+    """The same through the runtime (``accelerate``, forecast reuse as the schedule says), every
+    call on the held inputs ``xs``: an independent reference for the SuperNet's forecasts."""
+    from shortcut_kernels.models.conditioning import guidance_batch
+
+    model, outs = chain.net.model, {}
+    with accelerate(model, schedule, scheduler=chain.chain.scheduler) as handle, handle.run():
+        for s in range(chain.n):
+            x_in = chain.steps[s].input_scale * xs[s]
+            t = chain.timesteps[s].expand(x_in.shape[0])
+            eu, ec = model(*guidance_batch(x_in, t, bank.labels, chain.null)).chunk(2)
+            outs[s] = _guided(chain, eu, ec)
+    return outs
+
+
 def _replay(chain, bank, outs):
     """The final sample of the chain whose calls return ``outs`` (model-free)."""
     return chain.chain.run(chain.chain.first_latent(bank.noise), lambda i, x, t: (outs[i], outs[i]))
 
 
 def _flipped(schedule, u):
-    keep = schedule.keep.clone()
+    keep, forecast = schedule.keep.clone(), schedule.forecast.clone()
     keep[u.call] = torch.tensor(u.row)
-    return Schedule(keep, schedule.graph)
+    if schedule.forecast_blocks is not None:  # the flipped call's reused blocks take their block's order
+        forecast[u.call] = torch.tensor(schedule.forecast_blocks, dtype=forecast.dtype)
+    return Schedule(keep, schedule.graph, forecast=forecast)
+
+
+@pytest.mark.parametrize("build,order", [(_tiny_unet, 1), (_tiny_unet, 2), (_tiny_dit, 1), (_tiny_dit, 2)])
+def test_estimate_with_forecast_is_exact_for_the_linearised_loss(build, order):
+    """With forecast reuse: the SuperNet run is the runtime's (final sample), and each unit's
+    estimate is <dL/dx0, x0' - x0> for x0' the replay of the runtime's outputs of the flipped
+    schedule on the held inputs; a flip reaches the reused calls after the next whole calls,
+    whose extrapolations read it (fp64)."""
+    model = build()
+    sched = _scheduler(9)
+    start = skip_steps(model, 9, compute=[0, 2, 3, 5, 6], granularity="fine").with_forecast(order)
+    net = SuperNet(model, graph=start.graph)
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    bank = _bank(model, sched)
+    est = estimate(chain, bank, start)
+    xs = {}
+    x0 = chain.run_schedule(bank.noise, bank.labels, start, on_call=lambda i, x, h: xs.__setitem__(i, x))
+    torch.testing.assert_close(x0, chain._run_skipping(bank.noise, bank.labels, start, None))
+    torch.testing.assert_close(_replay(chain, bank, _runtime_held_input_outputs(chain, bank, start, xs)), x0)
+    assert est.loss == pytest.approx(float(consistency_loss(x0, bank.targets, "mse").mean()), rel=1e-9)
+    x0 = x0.requires_grad_()
+    g, = torch.autograd.grad(consistency_loss(x0, bank.targets, "mse").mean(), x0)
+    # dropping call 2: calls 3 and 5 compute everything, the reused calls 4, 7 and 8 extrapolate
+    # from histories that lacked it (order 2 reads three computed calls back)
+    drop_2 = next(j for j, u in enumerate(est.units) if u.call == 2 and not any(u.row))
+    for j in [drop_2] + torch.randperm(len(est.units))[:3].tolist():
+        u = est.units[j]
+        flipped = _flipped(start, u)
+        x_lin = _replay(chain, bank, _runtime_held_input_outputs(chain, bank, flipped, xs))
+        reference = float((g * (x_lin - x0.detach())).sum())
+        assert abs(reference) > 0
+        torch.testing.assert_close(est.predicted[j].item(), reference, rtol=1e-7, atol=1e-14)
+    net.remove()
 
 
 @pytest.mark.parametrize("build,granularity,cls", [(_tiny_unet, "fine", None),

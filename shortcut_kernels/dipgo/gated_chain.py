@@ -5,6 +5,9 @@ both run, and the full model's samples they are compared with.
 ``_Chain.run`` takes one gate row per call; with hard, cascade-normalised gates and no graph it
 runs through the runtime (``accelerate``), which skips the reused blocks, so the run costs the
 kept MACs. ``on_call`` / ``on_output`` see each call's inputs, caches and outputs.
+``_Chain.run_schedule`` runs a :class:`Schedule` through the SuperNet with its forecast reuse:
+each call's caches are extrapolated from the blocks' computed outputs (:func:`forecast_caches`)
+as the runtime does, so the learner's estimate sees what a forecasting schedule computes.
 """
 from __future__ import annotations
 
@@ -16,11 +19,40 @@ from torch.utils.checkpoint import checkpoint
 
 from ..chain import Chain
 from ..models.conditioning import guidance_batch
+from ..runtime import forecast as _forecast
 from ..runtime.cache import accelerate
 from ..runtime.schedule import Schedule
 from .supernet import SuperNet, _flatten
 
-__all__ = ["full_samples"]
+__all__ = ["full_samples", "forecast_caches", "pushed"]
+
+History = list  # per block: [(call, cache leaves), ...] of its last computed outputs, newest last
+DEPTH = 3       # computed outputs a history keeps: what order 2 reads
+
+
+def forecast_caches(hist: History, call: int, keep, orders) -> list:
+    """The caches a SuperNet call at ``call`` reads: per block, its newest computed output, or
+    where the block is reused at forecast order ``orders[b]`` (lowered to what its history
+    allows, as :meth:`Schedule.forecast_orders`) the extrapolation of its last ones
+    (:func:`.forecast.weights`; transformer blocks: of their residuals, as the runtime)."""
+    out = []
+    for b, h in enumerate(hist):
+        order = 0 if bool(keep[b]) else min(int(orders[b]), len(h) - 1)
+        if order == 0:
+            out.append(h[-1][1])
+            continue
+        last = h[::-1][:order + 1]
+        w = _forecast.weights(call, [c for c, _ in last])
+        out.append([sum(wk * leaves[i] for wk, (_, leaves) in zip(w, last)) for i in range(len(last[0][1]))])
+    return out
+
+
+def pushed(hist: History | None, call: int, keep, caches) -> History:
+    """``hist`` after ``call``: the blocks ``keep`` computes add their new caches (a new list;
+    ``hist`` itself is unchanged, so recorded histories can be shared)."""
+    if hist is None:
+        return [[(call, c)] for c in caches]
+    return [(h + [(call, c)])[-DEPTH:] if bool(k) else h for h, k, c in zip(hist, keep, caches)]
 
 
 class _Chain:
@@ -73,6 +105,32 @@ class _Chain:
 
             return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
                                   on_output=on_output)
+
+    def run_schedule(self, x_T: Tensor, labels: Tensor, schedule: Schedule, *, grad: str = "none",
+                     on_call: Callable | None = None, on_output: Callable | None = None) -> Tensor:
+        """The final sample of ``schedule`` through the SuperNet (every block computes; reused
+        ones take their cache, repeated or forecast as ``schedule.forecast`` says): the runtime's
+        sample. ``grad``: as :meth:`run`. ``on_call(i, x, hist)`` sees the sample entering each
+        call and the history its caches come from (:func:`forecast_caches`)."""
+        keep, orders = schedule.keep, schedule.forecast.tolist()
+        gates = keep.to(x_T.dtype)
+        hist = None
+
+        def seen(i: int, x: Tensor) -> None:
+            on_call(i, x, hist)
+
+        def call(i: int, x_in: Tensor, t: Tensor):
+            nonlocal hist
+            caches = None if hist is None else forecast_caches(hist, i, keep[i], orders[i])
+            if grad == "exact":
+                eu, ec, new = checkpoint(self.call, x_in, t, labels, gates[i], caches, use_reentrant=False)
+            else:
+                eu, ec, new = self.call(x_in, t, labels, gates[i], caches)
+            hist = pushed(hist, i, keep[i], new)
+            return eu, ec
+
+        return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
+                              on_output=on_output)
 
     def run(self, x_T: Tensor, labels: Tensor, gates: Tensor, *, grad: str = "none", on_call: Callable | None = None,
             skip_reused: bool = True, on_output: Callable | None = None):

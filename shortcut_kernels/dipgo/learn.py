@@ -14,7 +14,8 @@ row changes the consistency loss by, to first order,
     sum_s gamma_s * <dL/dx_0, out_s(flipped) - out_s(current)>
 
 over ``s = t`` and the later calls up to the next call that computes every block: those read
-the caches the flip changes (the reuse segment it opens or closes). ``out_s(flipped)`` is a
+the caches the flip changes (the reuse segment it opens or closes; with forecast reuse, further:
+below). ``out_s(flipped)`` is a
 SuperNet call on the recorded input of call ``s`` and the caches the flip leaves (forwards
 only, nothing backpropagates through the chain). It is exact for the loss linearised in the
 calls' outputs with every call's input held; it leaves out how the changed samples move the
@@ -38,8 +39,9 @@ when no keep move helps, order moves (one block to another order, or every block
 no MAC change) are validated on the bank the same way, and the keep moves resume after an
 accepted one; when none of those helps either, one reuse segment at another order
 (:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
-order). The estimate ranks keep moves as if reused blocks repeated (its SuperNet reuses caches
-as they are); every move is judged by the run with the forecast.
+order). The estimate runs the forecasts too (:meth:`_Chain.run_schedule`): a flipped call
+changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and the
+estimate follows it that far.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from ..runtime.builders import skip_steps
 from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
-from .gated_chain import _Chain, full_samples
+from .gated_chain import _Chain, forecast_caches, full_samples, pushed
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
            "output_adjoints",
@@ -190,8 +192,9 @@ def _guided(chain: _Chain, eu: Tensor, ec: Tensor) -> Tensor:
 def output_adjoints(chain: _Chain, bank: Bank, schedule: Schedule) -> list[Tensor]:
     """``dL/d out_s`` for every call ``s`` of ``schedule``'s run on the bank (``L`` the
     consistency MSE, ``out_s`` the guided output): one SuperNet run with a graph through every
-    call (checkpointed) and one backward. Unlike the shortcut's ``gamma_s * dL/dx_0`` it
-    carries how a changed output moves every later call's input and caches."""
+    call (checkpointed; forecast caches as the schedule's) and one backward. Unlike the
+    shortcut's ``gamma_s * dL/dx_0`` it carries how a changed output moves every later call's
+    input and caches."""
     zs = []
 
     def on_output(i, eu, ec):
@@ -200,8 +203,7 @@ def output_adjoints(chain: _Chain, bank: Bank, schedule: Schedule) -> list[Tenso
         return eu + z, ec + z
 
     with torch.enable_grad():
-        x0 = chain.run(bank.noise, bank.labels, schedule.keep.to(bank.noise.dtype), grad="exact",
-                       on_output=on_output)
+        x0 = chain.run_schedule(bank.noise, bank.labels, schedule, grad="exact", on_output=on_output)
         loss = consistency_loss(x0, bank.targets, "mse").mean()
         return [g.double() for g in torch.autograd.grad(loss, zs)]
 
@@ -210,15 +212,19 @@ def output_adjoints(chain: _Chain, bank: Bank, schedule: Schedule) -> list[Tenso
 def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | None = None, *,
              patterns=(), max_batch: int = 256, sensitivity: str = "shortcut") -> Estimate:
     """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
-    ``schedule`` (default: :func:`units_of`), from one no-graph run that records every call's
-    inputs, caches and guided output. Per unit, SuperNet forwards on those records: the
-    flipped call, then each later call up to the next whole call, on the caches the flip
-    leaves (the reuse segment it opens or closes), every call's input held; the units' forwards
-    run batched, up to ``max_batch`` samples per SuperNet call. With ``sensitivity="shortcut"``
-    an output change ``d`` of call ``s`` counts ``gamma_s <dL/dx_0, d>``: exact for the loss
-    linearised in the calls' outputs with their inputs held. ``"adjoint"`` counts
-    ``<dL/d out_s, d>`` (:func:`output_adjoints`: one backward through the whole chain, about
-    three runs' cost more), which also carries how the change moves later calls' inputs."""
+    ``schedule`` (default: :func:`units_of`), from one no-graph SuperNet run
+    (:meth:`_Chain.run_schedule`, forecast reuse included) that records every call's input,
+    the history of computed outputs its caches come from, and its guided output. Per unit,
+    SuperNet forwards on those records: the flipped call, then each later call whose caches
+    the flip changes, every call's input held. Repeating caches, that reach ends at the next
+    call computing every block (the reuse segment the flip opens or closes); forecasting at
+    order ``p``, after ``p + 1`` such calls (the extrapolations read the flipped call's output,
+    or miss it, until then). The units' forwards run batched, up to ``max_batch`` samples per
+    SuperNet call. With ``sensitivity="shortcut"`` an output change ``d`` of call ``s`` counts
+    ``gamma_s <dL/dx_0, d>``: exact for the loss linearised in the calls' outputs with their
+    inputs held. ``"adjoint"`` counts ``<dL/d out_s, d>`` (:func:`output_adjoints`: one
+    backward through the whole chain, about three runs' cost more), which also carries how the
+    change moves later calls' inputs."""
     if schedule.graph.names != chain.net.graph.names:
         raise ValueError("schedule is on another block graph than the chain's SuperNet: build the SuperNet with "
                          "graph=schedule.graph")
@@ -227,54 +233,62 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
     if sensitivity not in ("shortcut", "adjoint"):
         raise ValueError(f"sensitivity must be 'shortcut' or 'adjoint', got {sensitivity!r}")
     units = units_of(schedule, patterns) if units is None else units
-    xs, caches, outs = {}, {}, {}
+    xs, hists, outs = {}, {}, {}
 
-    def on_call(i, x, c):
-        xs[i], caches[i] = x, c
+    def on_call(i, x, hist):
+        xs[i], hists[i] = x, hist
 
     def on_output(i, eu, ec):
         outs[i] = _guided(chain, eu, ec)
         return eu, ec
 
-    gates = schedule.keep.to(bank.noise.dtype)
-    x0 = chain.run(bank.noise, bank.labels, gates, on_call=on_call, on_output=on_output).requires_grad_()
+    x0 = chain.run_schedule(bank.noise, bank.labels, schedule, on_call=on_call, on_output=on_output).requires_grad_()
     with torch.enable_grad():
         loss = consistency_loss(x0, bank.targets, "mse").mean()
         (g,) = torch.autograd.grad(loss, x0)
     lam = output_adjoints(chain, bank, schedule) if sensitivity == "adjoint" else \
         [chain.plan.output_sensitivity(s, 0) * g.double() for s in range(chain.n)]
-    keep = schedule.keep.to(bank.noise.dtype)
+    keep, orders = schedule.keep, schedule.forecast.tolist()
+    flip_orders = _orders(schedule)  # a unit's reused blocks take their block's order (:func:`_with_units`)
+    depth = max([0, *flip_orders, *schedule.forecast.flatten().tolist()])
+    whole = [bool(r.all()) for r in keep]
     predicted = torch.zeros(len(units), dtype=torch.float64)
-    # per unit: the flipped call, then the calls up to the next whole call that read the caches it
-    # leaves; one batched SuperNet call per step along the segments, for up to `chunk` units at once
-    # (per-sample timesteps, gate rows and cache rows)
+    # per unit: the flipped call, then the later calls that read caches it changed; one batched
+    # SuperNet call per step, for up to `chunk` units at once (per-sample timesteps, gate rows and
+    # cache rows); a unit's state: (call, keep row, orders, history, whole calls passed)
     b = len(bank)
     chunk = max(1, max_batch // b)
     for lo in range(0, len(units), chunk):
         part = list(range(lo, min(lo + chunk, len(units))))
-        state = {j: (units[j].call, torch.tensor(units[j].row, dtype=keep.dtype), caches[units[j].call])
-                 for j in part}
+        state = {j: (units[j].call, torch.tensor(units[j].row), flip_orders, hists[units[j].call], 0) for j in part}
         while state:
             js = list(state)
             x = torch.cat([chain.steps[state[j][0]].input_scale * xs[state[j][0]] for j in js])
             t = torch.cat([chain.timesteps[state[j][0]].reshape(1).expand(b) for j in js])
-            rows = torch.cat([state[j][1].expand(b, -1) for j in js])
-            both = [[torch.cat([c[:b] for c in ts] + [c[b:] for c in ts]) for ts in zip(*per)]
-                    for per in zip(*[state[j][2] for j in js])]  # [uncond of every unit; cond of every unit]
+            rows = torch.cat([state[j][1].to(x.dtype).expand(b, -1) for j in js])
+            per = [forecast_caches(state[j][3], state[j][0], state[j][1], state[j][2]) for j in js]
+            both = [[torch.cat([c[:b] for c in ts] + [c[b:] for c in ts]) for ts in zip(*blk)]
+                    for blk in zip(*per)]  # [uncond of every unit; cond of every unit]
             eu, ec, new = chain.call(x, t, bank.labels.repeat(len(js)), rows, both)
             out = _guided(chain, eu, ec)
             n = len(js) * b
             for k, j in enumerate(js):
-                step = state[j][0]
+                step, row, _, hist, passed = state[j]
                 delta = (out[k * b:(k + 1) * b] - outs[step]).double()
                 predicted[j] += float((lam[step] * delta).sum())
-                nxt = step + 1
-                if nxt >= chain.n or bool(schedule.keep[nxt].all()):
-                    del state[j]  # a call that computes every block reads no cache: the flip's reach ends
+                mine = [[torch.cat([c[k * b:(k + 1) * b], c[n + k * b:n + (k + 1) * b]]) for c in blk] for blk in new]
+                hist, nxt = pushed(hist, step, row, mine), step + 1
+                while nxt < chain.n and whole[nxt]:
+                    # a call computing every block reads no cache: its outputs are the recorded ones;
+                    # the extrapolations after it still read the flipped call's until p + 1 of them
+                    passed += 1
+                    if passed > depth or nxt + 1 >= chain.n:
+                        break
+                    hist, nxt = pushed(hist, nxt, keep[nxt], [h[-1][1] for h in hists[nxt + 1]]), nxt + 1
+                if nxt >= chain.n or whole[nxt]:
+                    del state[j]
                     continue
-                mine = [[torch.cat([c[k * b:(k + 1) * b], c[n + k * b:n + (k + 1) * b]]) for c in blk]
-                        for blk in new]
-                state[j] = (nxt, keep[nxt], mine)
+                state[j] = (nxt, keep[nxt], orders[nxt], hist, passed)
     return Estimate(float(loss), units, predicted)
 
 
