@@ -39,9 +39,11 @@ when no keep move helps, order moves (one block to another order, or every block
 no MAC change) are validated on the bank the same way, and the keep moves resume after an
 accepted one; when none of those helps either, one reuse segment at another order
 (:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
-order). The estimate runs the forecasts too (:meth:`_Chain.run_schedule`): a flipped call
-changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and the
-estimate follows it that far.
+order). :func:`estimate` runs the forecasts too (:meth:`_Chain.run_schedule`: a flipped call
+changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and it follows
+the flip that far), but on forecasting schedules no first-order estimate ranks single flips
+(measured: docs/dipgo_learning.md), so the learner ranks its proposals with the cheaper
+estimate of the same keep rows repeating, and the bank runs with the forecasts decide.
 """
 from __future__ import annotations
 
@@ -212,8 +214,8 @@ def output_adjoints(chain: _Chain, bank: Bank, schedule: Schedule) -> list[Tenso
 def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | None = None, *,
              patterns=(), max_batch: int = 256, sensitivity: str = "shortcut") -> Estimate:
     """Predicted change of the bank's consistency loss (MSE) for flipping each unit of
-    ``schedule`` (default: :func:`units_of`), from one no-graph SuperNet run
-    (:meth:`_Chain.run_schedule`, forecast reuse included) that records every call's input,
+    ``schedule`` (default: :func:`units_of`), from one no-graph run (through the runtime, or
+    with forecast reuse :meth:`_Chain.run_schedule`) that records every call's input,
     the history of computed outputs its caches come from, and its guided output. Per unit,
     SuperNet forwards on those records: the flipped call, then each later call whose caches
     the flip changes, every call's input held. Repeating caches, that reach ends at the next
@@ -242,15 +244,22 @@ def estimate(chain: _Chain, bank: Bank, schedule: Schedule, units: list[Unit] | 
         outs[i] = _guided(chain, eu, ec)
         return eu, ec
 
-    x0 = chain.run_schedule(bank.noise, bank.labels, schedule, on_call=on_call, on_output=on_output).requires_grad_()
+    flip_orders = _orders(schedule)  # a unit's reused blocks take their block's order (:func:`_with_units`)
+    depth = max([0, *flip_orders, *schedule.forecast.flatten().tolist()])
+    if depth == 0:  # repeat only: the runtime's run skips the reused blocks, its caches are the history
+        def on_runtime_call(i, x, caches):
+            on_call(i, x, None if caches is None else [[(i - 1, c)] for c in caches])
+
+        x0 = chain._run_skipping(bank.noise, bank.labels, schedule, on_runtime_call, on_output)
+    else:
+        x0 = chain.run_schedule(bank.noise, bank.labels, schedule, on_call=on_call, on_output=on_output)
+    x0 = x0.requires_grad_()
     with torch.enable_grad():
         loss = consistency_loss(x0, bank.targets, "mse").mean()
         (g,) = torch.autograd.grad(loss, x0)
     lam = output_adjoints(chain, bank, schedule) if sensitivity == "adjoint" else \
         [chain.plan.output_sensitivity(s, 0) * g.double() for s in range(chain.n)]
     keep, orders = schedule.keep, schedule.forecast.tolist()
-    flip_orders = _orders(schedule)  # a unit's reused blocks take their block's order (:func:`_with_units`)
-    depth = max([0, *flip_orders, *schedule.forecast.flatten().tolist()])
     whole = [bool(r.all()) for r in keep]
     predicted = torch.zeros(len(units), dtype=torch.float64)
     # per unit: the flipped call, then the later calls that read caches it changed; one batched
@@ -595,7 +604,10 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
             return time_budget is not None and time.perf_counter() - t0 >= time_budget
 
         while not out_of_time():
-            est = estimate(chain, est_bank, best, patterns=patterns)
+            # no first-order estimate ranks the flips of a forecasting schedule (docs/dipgo_learning.md):
+            # its proposals are ranked by the repeat estimate of the same keep rows, 3-4x cheaper
+            est = estimate(chain, est_bank, best.with_forecast(0) if bool(best.forecast.any()) else best,
+                           patterns=patterns)
             result.estimates += 1
             moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)[:cfg.max_validations]
             accepted = None
