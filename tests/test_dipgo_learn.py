@@ -508,3 +508,31 @@ def test_start_options_add_the_lead_placement_at_every_order():
     for s in opts:
         orders.setdefault(s.computed_calls() and tuple(s.keep.flatten().tolist()), set()).add(int(s.forecast.max()))
     assert all(o == {0, 1} for o in orders.values())
+
+
+def test_shift_moves_move_every_call_from_a_whole_call_on_and_keep_the_macs():
+    from shortcut_kernels.dipgo.learn import shift_moves
+
+    model = _tiny_dit(torch.float32)
+    calls = 20
+    computed = sorted({0, 1} | set(torch.randperm(calls - 3)[:4].add(2).tolist()))
+    s = skip_steps(model, calls, compute=computed, granularity="fine").with_forecast(int(torch.randint(1, 3, ())))
+    keep = s.keep.clone()
+    keep[computed[-1] + 1 if computed[-1] + 1 < calls else 2, 0] = True  # a partial row moves too
+    s = Schedule(keep, s.graph, forecast=s.forecast)
+    moves = shift_moves(s)
+    whole = [c for c in range(1, calls) if bool(s.keep[c].all())]
+    assert {m["call"] for m, _ in moves} <= set(whole) and moves
+    for m, cand in moves:
+        c, d = m["call"], m["by"]
+        assert cand.macs_kept == pytest.approx(s.macs_kept, rel=1e-12)
+        assert torch.equal(cand.keep[:min(c, c + d)], s.keep[:min(c, c + d)])  # before the shift: unchanged
+        for t in range(c, calls):
+            if 0 <= t + d < calls:
+                assert torch.equal(cand.keep[t + d], s.keep[t])
+                assert torch.equal(cand.forecast[t + d][~cand.keep[t + d]], s.forecast[t][~s.keep[t]])
+        assert not bool(cand.keep[c if d > 0 else calls - 1].any())
+    # a shift that would overwrite or push out a computed row is not offered
+    for c in whole:
+        assert ((c, -1) in {(m["call"], m["by"]) for m, _ in moves}) == (c >= 2 and not bool(s.keep[c - 1].any()))
+        assert ((c, 1) in {(m["call"], m["by"]) for m, _ in moves}) == (not bool(s.keep[calls - 1].any()))

@@ -39,7 +39,9 @@ when no keep move helps, order moves (one block to another order, or every block
 no MAC change) are validated on the bank the same way, and the keep moves resume after an
 accepted one; when none of those helps either, one reuse segment at another order
 (:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
-order). :func:`estimate` runs the forecasts too (:meth:`_Chain.run_schedule`: a flipped call
+order). Before those order moves, shifts: every call from one whole call on moved one call
+earlier or later (:func:`shift_moves`), which changes one gap between computed calls and keeps
+the others, where a single-call move changes two. :func:`estimate` runs the forecasts too (:meth:`_Chain.run_schedule`: a flipped call
 changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and it follows
 the flip that far), but on forecasting schedules no first-order estimate ranks single flips
 (measured: docs/dipgo_learning.md), so the learner ranks its proposals with the cheaper
@@ -67,7 +69,7 @@ from .gated_chain import _Chain, forecast_caches, full_samples, pushed
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
            "output_adjoints",
-           "learn", "partial_rows", "order_moves", "segment_order_moves", "LabelConditioned", "TRAIN_SEED"]
+           "learn", "partial_rows", "order_moves", "segment_order_moves", "shift_moves", "LabelConditioned", "TRAIN_SEED"]
 
 TRAIN_SEED = 10_000  # training noise; held-out evaluations use other seeds
 
@@ -388,6 +390,35 @@ def segment_order_moves(schedule: Schedule, allowed) -> list[Tensor]:
     return out
 
 
+def shift_moves(schedule: Schedule) -> list[tuple[dict, Schedule]]:
+    """Keep moves that keep the spacing of the computed calls: for each call ``c`` computing
+    every block (after call 0) and ``d`` of -1 and +1, every call from ``c`` on moved ``d``
+    later, rows and forecast orders alike (``({"call": c, "by": d}, schedule)``). Legal where
+    the call overwritten (``c - 1``) or pushed out (the last) reuses every block, so the MACs
+    stay; the call left behind reuses every block at its blocks' orders (:func:`_orders`). A
+    forecast extrapolates from evenly spaced computed calls best, and a single-call move
+    breaks that spacing where a shift moves one gap only."""
+    keep, forecast, n = schedule.keep, schedule.forecast, schedule.calls
+    blocks = torch.tensor(_orders(schedule), dtype=forecast.dtype)
+    out = []
+    for c in range(1, n):
+        if not bool(keep[c].all()):
+            continue
+        for d in (-1, 1):
+            gone = c - 1 if d < 0 else n - 1
+            if gone < 1 or bool(keep[gone].any()):
+                continue
+            k, f = keep.clone(), forecast.clone()
+            if d > 0:
+                k[c + 1:], f[c + 1:] = keep[c:n - 1], forecast[c:n - 1]
+                k[c], f[c] = False, blocks
+            else:
+                k[c - 1:n - 1], f[c - 1:n - 1] = keep[c:], forecast[c:]
+                k[n - 1], f[n - 1] = False, blocks
+            out.append((dict(call=c, by=d), _learned(schedule, k, f)))
+    return out
+
+
 def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
               max_per_unit: int = 2, floor: float = 0.0) -> list[tuple[float, tuple[Unit, ...]]]:
     """Moves within the MAC ``budget`` (and keeping at least ``floor``), best predicted first:
@@ -626,14 +657,14 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
                 if out_of_time():
                     break
             if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
-                accepted = _order_move(chain, bank, best, best_loss, cfg, result, out_of_time)
+                accepted = _structure_move(chain, bank, best, best_loss, cfg, result, out_of_time)
             if accepted is None:
                 break  # no proposal helps on the bank: a local optimum of the moves
             best_loss, pred, units, best = accepted
             result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
                                        macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
-                                       move=[dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]
-                                       if units else dict(forecast=best.forecast_blocks or best.forecast.tolist())))
+                                       move=units if isinstance(units, dict) else
+                                       [dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]))
             bar.update(1)
             bar.set_postfix(psnr=f"{_psnr(best_loss):.2f}")
         bar.close()
@@ -644,23 +675,26 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     return result
 
 
-def _order_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig, result: LearnResult,
-                out_of_time) -> tuple | None:
-    """The best order move on the bank, as ``(loss, None, (), schedule)`` if it raises the bank
-    PSNR by ``min_gain``, else None: first one order per block (:func:`order_moves`), then, if
-    none helps, one order per reuse segment (:func:`segment_order_moves`)."""
-    for moves in (lambda: order_moves(best, cfg.forecast), lambda: segment_order_moves(best, cfg.forecast)):
+def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig,
+                    result: LearnResult, out_of_time) -> tuple | None:
+    """The best move of the first family that has one raising the bank PSNR by ``min_gain``, as
+    ``(loss, None, what moved, schedule)``, else None. The families, in turn: the calls from one
+    whole call on shifted by one (:func:`shift_moves`), one order per block
+    (:func:`order_moves`), one order per reuse segment (:func:`segment_order_moves`)."""
+    families = (lambda: [(dict(shift=m), c) for m, c in shift_moves(best)],
+                lambda: [(None, _learned(best, best.keep, o)) for o in order_moves(best, cfg.forecast)],
+                lambda: [(None, _learned(best, best.keep, o)) for o in segment_order_moves(best, cfg.forecast)])
+    for family in families:
         tried = []
-        for orders in moves():
-            cand = _learned(best, best.keep, orders)
-            tried.append((bank_loss(chain, bank, cand), cand))
+        for what, cand in family():
+            tried.append((bank_loss(chain, bank, cand), what, cand))
             result.evaluations += 1
             if out_of_time():
                 break
         if tried:
-            loss, cand = min(tried, key=lambda m: m[0])
+            loss, what, cand = min(tried, key=lambda m: m[0])
             if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
-                return loss, None, (), cand
+                return loss, None, what or dict(forecast=cand.forecast_blocks or cand.forecast.tolist()), cand
         if out_of_time():
             return None
     return None
