@@ -26,7 +26,7 @@ def tie_order(calls: int) -> list[int]:
     """Calls ``1 .. calls - 1`` in the order equal scores are taken: call ``1 + floor(v_k *
     (calls - 1))`` for the base-2 van der Corput sequence ``v_1, v_2, ... = 1/2, 1/4, 3/4,
     1/8, ...`` (repeats skipped), so every prefix is spread evenly over the chain; the middle
-    call comes first and call 1, the most damaging to reuse, last."""
+    call comes first and call 1, the most damaging to reuse, in the second half."""
     n = calls - 1
     out, seen, k = [], set(), 1
     while len(out) < n:
