@@ -6,8 +6,9 @@ both run, and the full model's samples they are compared with.
 runs through the runtime (``accelerate``), which skips the reused blocks, so the run costs the
 kept MACs. ``on_call`` / ``on_output`` see each call's inputs, caches and outputs.
 ``_Chain.run_schedule`` runs a :class:`Schedule` through the SuperNet with its forecast reuse:
-each call's caches are extrapolated from the blocks' computed outputs (:func:`forecast_caches`)
-as the runtime does, so the learner's estimate sees what a forecasting schedule computes.
+each call's caches are extrapolated from the blocks' computed outputs on the runtime's forecast
+ops (:func:`forecast_caches`), so :func:`.learn.estimate` and its adjoint see what a forecasting
+schedule computes.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def forecast_caches(hist: History, call: int, keep, orders) -> list:
     """The caches a SuperNet call at ``call`` reads: per block, its newest computed output, or
     where the block is reused at forecast order ``orders[b]`` (lowered to what its history
     allows, as :meth:`Schedule.forecast_orders`) the extrapolation of its last ones
-    (:func:`.forecast.weights`; transformer blocks: of their residuals, as the runtime)."""
+    (:func:`.forecast.extrapolate` with :func:`.forecast.gates`; transformer blocks: their
+    residuals, as the runtime)."""
     out = []
     for b, h in enumerate(hist):
         order = 0 if bool(keep[b]) else min(int(orders[b]), len(h) - 1)
@@ -42,8 +44,11 @@ def forecast_caches(hist: History, call: int, keep, orders) -> list:
             out.append(h[-1][1])
             continue
         last = h[::-1][:order + 1]
-        w = _forecast.weights(call, [c for c, _ in last])
-        out.append([sum(wk * leaves[i] for wk, (_, leaves) in zip(w, last)) for i in range(len(last[0][1]))])
+        gates = _forecast.gates(_forecast.weights(call, [c for c, _ in last]))
+        leaves = last[0][1]
+        acc = torch.promote_types(leaves[0].dtype, torch.float32)  # as the runtime's gates
+        coefs = tuple(None if g is None else torch.tensor(g, dtype=acc, device=leaves[0].device) for g in gates)
+        out.append([_forecast.extrapolate([lv[i] for _, lv in last], coefs) for i in range(len(leaves))])
     return out
 
 
