@@ -92,7 +92,7 @@ def part_learn(args) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     res = learn(model, sched, args.target, start=start, bank=bank, time_budget=args.time_budget,
                 estimate_size=args.estimate_size, patterns=args.patterns, max_validations=args.max_validations,
-                forecast=orders, window=args.window, starts=args.starts, progress=True)
+                forecast=orders, window=args.window, starts=args.starts, climb_size=args.climb_size, progress=True)
     if forecasting:
         start = res.start
         info = dict(start=start.name if not start.params else
@@ -109,8 +109,8 @@ def part_learn(args) -> dict:
     m = res.schedule.macs_kept
     schedules.update(_window(model, args.calls, m, orders, skip=None if forecasting else info["start"]))
     rows = evaluate(args.model, schedules, per_class=args.per_class)
-    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, time_budget=args.time_budget,
-                                          forecast=list(orders),
+    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, climb_size=args.climb_size,
+                                          time_budget=args.time_budget, forecast=list(orders),
                                           estimate_size=args.estimate_size, patterns=args.patterns,
                                           max_validations=args.max_validations, **info,
                                           learned=learned, searched=searched, heldout=rows)}
@@ -219,6 +219,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", type=float, default=0.402, help="kept-MAC budget (skip_steps(20) keeps 40.1%%)")
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds of learning, and of search")
     ap.add_argument("--bank", type=int, default=8, help="training samples moves are validated on")
+    ap.add_argument("--climb-size", type=int, default=None, help="--part learn: the first bank samples the "
+                    "starts and moves are judged on; the others pick the best climb (default: all do both)")
     ap.add_argument("--estimate-size", type=int, default=4, help="bank samples the estimate runs on")
     ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
     ap.add_argument("--max-validations", type=int, default=32, help="learner proposals sampled per schedule")

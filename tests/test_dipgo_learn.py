@@ -536,3 +536,61 @@ def test_shift_moves_move_every_call_from_a_whole_call_on_and_keep_the_macs():
     for c in whole:
         assert ((c, -1) in {(m["call"], m["by"]) for m, _ in moves}) == (c >= 2 and not bool(s.keep[c - 1].any()))
         assert ((c, 1) in {(m["call"], m["by"]) for m, _ in moves}) == (not bool(s.keep[calls - 1].any()))
+
+
+def test_first_improving_takes_the_best_of_the_first_batch_that_improves_and_samples_no_further(monkeypatch):
+    from shortcut_kernels.dipgo import learn as L
+
+    losses = [1.0, 0.99999, 0.5, 1.2, 0.9, 0.1, 0.2, 0.3]  # batch 2 improves (0.5 best), batch 3 would do better
+    sampled = []
+
+    def fake_loss(chain, bank, cand):
+        sampled.append(cand)
+        return losses[cand]
+
+    monkeypatch.setattr(L, "bank_loss", fake_loss)
+    cfg = L.LearnConfig(validate=2, min_gain=0.02)
+    res = L.LearnResult(None, None, 0.0, 0.0, 0, 0.0)
+    got = L._first_improving(None, None, [(f"m{i}", i) for i in range(len(losses))], 1.0, cfg, res,
+                             lambda: False)
+    assert got == (0.5, "m2", 2)
+    assert sampled == [0, 1, 2, 3] and res.evaluations == 4
+    # a gain under min_gain is no move; nothing improving: None after sampling all
+    sampled.clear()
+    assert L._first_improving(None, None, [("a", 1)], 1.0, cfg, res, lambda: False) is None
+    # out of time after the first candidate: that batch is judged, no further one is sampled
+    sampled.clear()
+    assert L._first_improving(None, None, [(f"m{i}", i) for i in (0, 5, 6)], 1.0, cfg, res, lambda: True) is None
+    assert sampled == [0]
+
+
+
+def test_climbs_are_picked_on_the_bank_samples_they_did_not_see(monkeypatch):
+    """climb_size=2 of a bank of 4: the starts are scored and the climbs run on the first 2
+    samples; the climb returned is the best on the other 2, even where another is best on its own."""
+    from shortcut_kernels.dipgo import learn as L
+
+    model = _tiny_unet(torch.float32)
+    sched = _scheduler(8)
+    bank = make_bank(model, sched, 4)
+    head, rest = bank.head(2), Bank(bank.noise[2:], bank.labels[2:], bank.targets[2:])
+    net = SuperNet(model, "coarse")
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    scored = sorted(start_options(model, 8, 0.5), key=lambda s: bank_loss(chain, head, s))
+    firsts = [scored[0]] + [next(s for s in scored if not torch.equal(s.keep, scored[0].keep))]
+    on_rest = [L._psnr(bank_loss(chain, rest, s)) for s in firsts]
+    net.remove()
+    worse_on_rest = min(range(2), key=on_rest.__getitem__)
+
+    def fake_climb(model, scheduler, climb_bank, start, target, cfg, budget, progress):
+        assert torch.equal(climb_bank.noise, head.noise)
+        k = next(i for i, s in enumerate(firsts) if torch.equal(s.keep, start.keep))
+        return L.LearnResult(start, start, 0.0, 100.0 if k == worse_on_rest else 0.0, 1, 0.0)
+
+    monkeypatch.setattr(L, "_climb", fake_climb)
+    got = learn(model, sched, 0.5, bank=bank, climb_size=2, starts=2, progress=False)
+    assert [c["pick_psnr"] for c in got.climbs] == pytest.approx(on_rest)
+    assert torch.equal(got.schedule.keep, firsts[1 - worse_on_rest].keep)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="climb_size"):
+            learn(model, sched, 0.5, bank=bank, climb_size=bad)

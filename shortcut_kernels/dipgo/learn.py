@@ -34,18 +34,24 @@ over the budget.
 **Forecast reuse** (``LearnConfig.forecast``, e.g. ``(0, 1, 2)``): the learner also decides how
 each block's reused outputs are made - repeated (order 0) or extrapolated from its last computed
 outputs (:mod:`shortcut_kernels.runtime.forecast`, order 1 or 2), one order per block. Each
-hand-made start is scored at every allowed order; moves of keep rows keep the current orders;
-when no keep move helps, order moves (one block to another order, or every block to one order,
-no MAC change) are validated on the bank the same way, and the keep moves resume after an
-accepted one; when none of those helps either, one reuse segment at another order
-(:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
-order). Before those order moves, shifts: every call from one whole call on moved one call
-earlier or later (:func:`shift_moves`), which changes one gap between computed calls and keeps
-the others, where a single-call move changes two. :func:`estimate` runs the forecasts too (:meth:`_Chain.run_schedule`: a flipped call
-changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and it follows
-the flip that far), but on forecasting schedules no first-order estimate ranks single flips
-(measured: docs/dipgo_learning.md), so the learner ranks its proposals with the cheaper
-estimate of the same keep rows repeating, and the bank runs with the forecasts decide.
+hand-made start is scored at every allowed order; moves of keep rows keep the current orders.
+Each step tries, in turn, until one family has a move that raises the bank PSNR:
+
+1. shifts (:func:`shift_moves`): every call from one whole call on moved one call earlier or
+   later. A forecast extrapolates best from evenly spaced computed calls; a shift changes one
+   gap between computed calls, where a single-call move changes two;
+2. the estimate's proposals, as without forecasts;
+3. order moves (one block to another order, or every block to one order, no MAC change);
+4. one reuse segment at another order (:func:`segment_order_moves`; a keep move then gives its
+   newly reused cells their block's order).
+
+Every family is sampled a few candidates at a time and the best of the first batch that
+improves is taken (:func:`_first_improving`). :func:`estimate` runs the forecasts too
+(:meth:`_Chain.run_schedule`: a flipped call changes the extrapolations of the next ``p + 1``
+reuse segments at order ``p``, and it follows the flip that far), but on forecasting schedules
+no first-order estimate ranks single flips (measured: docs/dipgo_learning.md), so the learner
+ranks its proposals with the cheaper estimate of the same keep rows repeating, and the bank
+runs with the forecasts decide.
 """
 from __future__ import annotations
 
@@ -462,7 +468,11 @@ def proposals(est: Estimate, macs: float, budget: float, *, swaps: bool = True,
 class LearnConfig:
     """Settings of :func:`learn`."""
 
-    bank_size: int = 30         # training samples the moves are validated on (when no bank is given)
+    bank_size: int = 30         # training samples (when no bank is given)
+    # the first samples of the bank the starts are scored and the moves validated on; the others pick
+    # the best climb (None: all samples do both). A bank small enough for many moves picks between
+    # climbs by its noise; samples no move was fitted to do not
+    climb_size: int | None = None
     estimate_size: int | None = 16  # the first samples of the bank the estimate runs on (None: all)
     guidance: float = 3.0
     patterns: bool = True       # partial rows as units (:func:`partial_rows`)
@@ -510,6 +520,9 @@ def _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg: Le
         raise ValueError(f"time_budget must be positive seconds or None, got {time_budget!r}")
     if cfg.window is not None and not 0 <= cfg.window < 1:
         raise ValueError(f"config: window is a fraction in [0, 1) of target_macs, got {cfg.window!r}")
+    if cfg.climb_size is not None and (isinstance(cfg.climb_size, bool) or not isinstance(cfg.climb_size, int)
+                                       or cfg.climb_size < 1):
+        raise ValueError(f"config: climb_size is a positive number of bank samples or None, got {cfg.climb_size!r}")
     if isinstance(cfg.starts, bool) or not isinstance(cfg.starts, int) or cfg.starts < 1:
         raise ValueError(f"config: starts is the number of hand-made starts to climb (>= 1), got {cfg.starts!r}")
     if cfg.validate < 1 or cfg.max_validations < cfg.validate:
@@ -580,8 +593,11 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     MACs; see the module docstring.
 
     start: the first schedule (default: the ``config.starts`` best hand-made ones on the bank
-        within the budget, each climbed in turn; the best result on the bank is returned).
-    bank: training samples (default: :func:`make_bank` with ``config.bank_size``).
+        within the budget, each climbed in turn; the best result on the bank is returned, on
+        the samples the climbs did not see with ``config.climb_size``).
+    bank: training samples (default: :func:`make_bank` with ``config.bank_size``); with
+        ``config.climb_size`` its first samples score the starts and validate the moves, and the
+        others pick the best climb.
     time_budget: seconds of learning (after the bank and the starts are set up), shared by the
         starts: each gets the time left over the starts left.
     config / overrides: :class:`LearnConfig` fields.
@@ -589,15 +605,15 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     cfg = LearnConfig(**{**LearnConfig().__dict__, **(config.__dict__ if config else {}), **overrides})
     _check_learn_args(model, scheduler, target_macs, start, time_budget, cfg)
     bank = bank if bank is not None else make_bank(model, scheduler, cfg.bank_size, guidance=cfg.guidance)
-    probe = SuperNet(model, "coarse")
-    chain = _Chain(probe, scheduler, cfg.guidance, _null_label(model))
+    climb_bank = bank.head(cfg.climb_size)
+    pick_bank = bank if len(climb_bank) == len(bank) else Bank(*(v[len(climb_bank):] for v in
+                                                                   (bank.noise, bank.labels, bank.targets)))
     evaluations = 0
-    try:
-        starts = [start] if start is not None else None
-        if starts is None:
-            starts, evaluations = _best_handmade(model, chain, bank, target_macs, cfg.forecast, cfg.starts)
-    finally:
-        probe.remove()
+    if start is None:
+        starts, evaluations = _on_probe(model, scheduler, cfg, lambda chain: _best_handmade(
+            model, chain, climb_bank, target_macs, cfg.forecast, cfg.starts))
+    else:
+        starts = [start]
     t0 = time.perf_counter()
     results = []
     for k, first in enumerate(starts):
@@ -605,20 +621,37 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
         if left is not None and left <= 0:
             break
         share = None if left is None else left / (len(starts) - k)
-        results.append(_climb(model, scheduler, bank, first, target_macs, cfg, share, progress))
+        results.append(_climb(model, scheduler, climb_bank, first, target_macs, cfg, share, progress))
+    picks = [r.psnr for r in results]
+    if pick_bank is not climb_bank and len(results) > 1:
+        # the pick between climbs, on the samples no move was fitted to
+        picks = _on_probe(model, scheduler, cfg, lambda chain: [_psnr(bank_loss(chain, pick_bank, r.schedule))
+                                                                for r in results])
+        evaluations += len(results)
     climbs = [dict(start=r.start.name, start_params=r.start.params, start_psnr=r.start_psnr, psnr=r.psnr,
-                   moves=len(r.history) - 1, seconds=r.seconds) for r in results]
-    best = max(results, key=lambda r: r.psnr)
+                   pick_psnr=p, moves=len(r.history) - 1, seconds=r.seconds) for r, p in zip(results, picks)]
+    best = results[max(range(len(results)), key=picks.__getitem__)]
     best.evaluations += evaluations + sum(r.evaluations for r in results if r is not best)
     best.estimates += sum(r.estimates for r in results if r is not best)
     best.seconds, best.climbs = time.perf_counter() - t0, climbs
     return best
 
 
+def _on_probe(model, scheduler, cfg: LearnConfig, run):
+    """``run(chain)`` on a coarse SuperNet of ``model``, its hooks removed afterwards (the
+    climbs hook the model with their own)."""
+    probe = SuperNet(model, "coarse")
+    try:
+        return run(_Chain(probe, scheduler, cfg.guidance, _null_label(model)))
+    finally:
+        probe.remove()
+
+
 def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cfg: LearnConfig,
            time_budget: float | None, progress: bool) -> LearnResult:
     """The learner from one start (the module docstring): estimate, validate the best proposals,
-    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up."""
+    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up.
+    When forecasting, shifts come before the proposals and order moves after them."""
     start, patterns = partial_rows(model, start) if cfg.patterns else (start, [])
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
@@ -634,33 +667,29 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
         def out_of_time() -> bool:
             return time_budget is not None and time.perf_counter() - t0 >= time_budget
 
+        forecasting = len(cfg.forecast) > 1
         while not out_of_time():
-            # no first-order estimate ranks the flips of a forecasting schedule (docs/dipgo_learning.md):
-            # its proposals are ranked by the repeat estimate of the same keep rows, 3-4x cheaper
-            est = estimate(chain, est_bank, best.with_forecast(0) if bool(best.forecast.any()) else best,
-                           patterns=patterns)
-            result.estimates += 1
-            moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)[:cfg.max_validations]
-            accepted = None
-            for lo in range(0, len(moves), cfg.validate):
-                tried = []
-                for pred, units in moves[lo:lo + cfg.validate]:
-                    cand = _with_units(best, units)
-                    tried.append((bank_loss(chain, bank, cand), pred, units, cand))
-                    result.evaluations += 1
-                    if out_of_time():
-                        break
-                loss, pred, units, cand = min(tried, key=lambda m: m[0])
-                if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
-                    accepted = (loss, pred, units, cand)
+            # a forecasting schedule tries the shifts first: no first-order estimate ranks its flips
+            # (docs/dipgo_learning.md), so its proposals come second, ranked by the repeat estimate
+            # of the same keep rows (3-4x cheaper)
+            accepted = _first_improving(chain, bank, _shift_family(best), best_loss, cfg, result, out_of_time) \
+                if forecasting else None
+            if accepted is None and not out_of_time():
+                est = estimate(chain, est_bank, best.with_forecast(0) if forecasting else best, patterns=patterns)
+                result.estimates += 1
+                moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)
+                accepted = _first_improving(chain, bank, [((pred, units), _with_units(best, units))
+                                                          for pred, units in moves[:cfg.max_validations]],
+                                            best_loss, cfg, result, out_of_time)
+            for family in (_order_family, _segment_order_family) if forecasting else ():
+                if accepted is not None or out_of_time():
                     break
-                if out_of_time():
-                    break
-            if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
-                accepted = _structure_move(chain, bank, best, best_loss, cfg, result, out_of_time)
+                accepted = _first_improving(chain, bank, family(best, cfg.forecast), best_loss, cfg, result,
+                                            out_of_time)
             if accepted is None:
-                break  # no proposal helps on the bank: a local optimum of the moves
-            best_loss, pred, units, best = accepted
+                break  # no move helps on the bank: a local optimum of the moves
+            best_loss, what, best = accepted
+            pred, units = what if isinstance(what, tuple) else (None, what)
             result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
                                        macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
                                        move=units if isinstance(units, dict) else
@@ -675,26 +704,36 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     return result
 
 
-def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig,
-                    result: LearnResult, out_of_time) -> tuple | None:
-    """The best move of the first family that has one raising the bank PSNR by ``min_gain``, as
-    ``(loss, None, what moved, schedule)``, else None. The families, in turn: the calls from one
-    whole call on shifted by one (:func:`shift_moves`), one order per block
-    (:func:`order_moves`), one order per reuse segment (:func:`segment_order_moves`)."""
-    families = (lambda: [(dict(shift=m), c) for m, c in shift_moves(best)],
-                lambda: [(None, _learned(best, best.keep, o)) for o in order_moves(best, cfg.forecast)],
-                lambda: [(None, _learned(best, best.keep, o)) for o in segment_order_moves(best, cfg.forecast)])
-    for family in families:
+def _shift_family(best: Schedule) -> list[tuple[dict, Schedule]]:
+    return [(dict(shift=m), c) for m, c in shift_moves(best)]
+
+
+def _order_family(best: Schedule, allowed) -> list[tuple[dict, Schedule]]:
+    out = [_learned(best, best.keep, o) for o in order_moves(best, allowed)]
+    return [(dict(forecast=c.forecast_blocks), c) for c in out]
+
+
+def _segment_order_family(best: Schedule, allowed) -> list[tuple[dict, Schedule]]:
+    return [(dict(forecast=f.tolist()), _learned(best, best.keep, f)) for f in segment_order_moves(best, allowed)]
+
+
+def _first_improving(chain: _Chain, bank: Bank, candidates: list, best_loss: float, cfg: LearnConfig,
+                     result: LearnResult, out_of_time) -> tuple | None:
+    """Sample ``candidates`` (``(what, schedule)``, in order) on the bank ``cfg.validate`` at a
+    time and return ``(loss, what, schedule)`` of the best in the first batch holding one that
+    raises the bank PSNR by ``cfg.min_gain``; None when none does (or time runs out). Taking
+    the first improving batch, not the best of all, makes a move cost a few chain runs while
+    improving moves are common, so the time goes to more moves."""
+    for lo in range(0, len(candidates), cfg.validate):
         tried = []
-        for what, cand in family():
+        for what, cand in candidates[lo:lo + cfg.validate]:
             tried.append((bank_loss(chain, bank, cand), what, cand))
             result.evaluations += 1
             if out_of_time():
                 break
-        if tried:
-            loss, what, cand = min(tried, key=lambda m: m[0])
-            if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
-                return loss, None, what or dict(forecast=cand.forecast_blocks or cand.forecast.tolist()), cand
+        loss, what, cand = min(tried, key=lambda m: m[0])
+        if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
+            return loss, what, cand
         if out_of_time():
             return None
     return None
