@@ -107,7 +107,8 @@ def part_learn(args) -> dict:
     if not (args.skip_search or forecasting):  # the search from the same start, for the same seconds (its own bank sampler)
         searched, schedules["searched"] = _search(args, model, sched, start)
     m = res.schedule.macs_kept
-    schedules.update(_window(model, args.calls, m, orders, skip=None if forecasting else info["start"]))
+    if not args.no_handmade:
+        schedules.update(_window(model, args.calls, m, orders, skip=None if forecasting else info["start"]))
     rows = evaluate(args.model, schedules, per_class=args.per_class)
     return {f"target_{args.target}": dict(target=args.target, bank=args.bank, climb_size=args.climb_size,
                                           time_budget=args.time_budget, forecast=list(orders),
@@ -231,6 +232,8 @@ def main(argv=None) -> dict:
                     help="--part learn: keep the learner's moves within this share below the target (equal MACs)")
     ap.add_argument("--starts", type=int, default=2, help="--part learn: hand-made starts the learner climbs "
                     "(with forecast orders; a given start is one)")
+    ap.add_argument("--no-handmade", action="store_true", help="--part learn: held out, the learned schedule and "
+                    "its start only (the hand-made rows from an earlier run at the same MACs)")
     ap.add_argument("--skip-search", action="store_true", help="only the learner (and the hand-made rows)")
     ap.add_argument("--per-class", type=int, default=20, help="held-out samples per digit")
     ap.add_argument("--spearman-bank", type=int, default=16)

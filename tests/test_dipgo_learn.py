@@ -567,7 +567,9 @@ def test_first_improving_takes_the_best_of_the_first_batch_that_improves_and_sam
 
 def test_climbs_are_picked_on_the_bank_samples_they_did_not_see(monkeypatch):
     """climb_size=2 of a bank of 4: the starts are scored and the climbs run on the first 2
-    samples; the climb returned is the best on the other 2, even where another is best on its own."""
+    samples; the schedule returned is the best on the other 2 of every one the climbs passed
+    through (the starts included), with the moves after it dropped, even where another is best
+    on the climbs' own samples."""
     from shortcut_kernels.dipgo import learn as L
 
     model = _tiny_unet(torch.float32)
@@ -576,21 +578,28 @@ def test_climbs_are_picked_on_the_bank_samples_they_did_not_see(monkeypatch):
     head, rest = bank.head(2), Bank(bank.noise[2:], bank.labels[2:], bank.targets[2:])
     net = SuperNet(model, "coarse")
     chain = _Chain(net, sched, 3.0, model.null_label)
-    scored = sorted(start_options(model, 8, 0.5), key=lambda s: bank_loss(chain, head, s))
+    options = start_options(model, 8, 0.5)
+    scored = sorted(options, key=lambda s: bank_loss(chain, head, s))
     firsts = [scored[0]] + [next(s for s in scored if not torch.equal(s.keep, scored[0].keep))]
-    on_rest = [L._psnr(bank_loss(chain, rest, s)) for s in firsts]
+    # each climb "moves" through two other schedules within the budget
+    paths = [[firsts[0], *options[-2:]], [firsts[1], *options[:2]]]
+    on_rest = [[L._psnr(bank_loss(chain, rest, s)) for s in path] for path in paths]
     net.remove()
-    worse_on_rest = min(range(2), key=on_rest.__getitem__)
+    k, i = max(((k, i) for k in range(2) for i in range(3)), key=lambda ki: on_rest[ki[0]][ki[1]])
 
     def fake_climb(model, scheduler, climb_bank, start, target, cfg, budget, progress):
         assert torch.equal(climb_bank.noise, head.noise)
-        k = next(i for i, s in enumerate(firsts) if torch.equal(s.keep, start.keep))
-        return L.LearnResult(start, start, 0.0, 100.0 if k == worse_on_rest else 0.0, 1, 0.0)
+        path = paths[next(j for j, s in enumerate(firsts) if torch.equal(s.keep, start.keep))]
+        r = L.LearnResult(path[-1], start, 0.0, 100.0, 1, 0.0, path=list(path))  # each end best on its bank
+        r.history = [dict(psnr=10.0 * j, move=j) for j in range(len(path))]
+        return r
 
     monkeypatch.setattr(L, "_climb", fake_climb)
     got = learn(model, sched, 0.5, bank=bank, climb_size=2, starts=2, progress=False)
-    assert [c["pick_psnr"] for c in got.climbs] == pytest.approx(on_rest)
-    assert torch.equal(got.schedule.keep, firsts[1 - worse_on_rest].keep)
+    assert [c["pick_psnrs"] for c in got.climbs] == [pytest.approx(p) for p in on_rest]
+    assert torch.equal(got.schedule.keep, paths[k][i].keep) and got.schedule.name == paths[k][i].name
+    assert torch.equal(got.start.keep, firsts[k].keep) and [h["move"] for h in got.history] == list(range(i + 1))
+    assert got.psnr == 10.0 * i  # the climb bank's PSNR of the schedule returned
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="climb_size"):
             learn(model, sched, 0.5, bank=bank, climb_size=bad)
