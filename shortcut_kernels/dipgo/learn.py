@@ -34,24 +34,18 @@ over the budget.
 **Forecast reuse** (``LearnConfig.forecast``, e.g. ``(0, 1, 2)``): the learner also decides how
 each block's reused outputs are made - repeated (order 0) or extrapolated from its last computed
 outputs (:mod:`shortcut_kernels.runtime.forecast`, order 1 or 2), one order per block. Each
-hand-made start is scored at every allowed order; moves of keep rows keep the current orders.
-Each step tries, in turn, until one family has a move that raises the bank PSNR:
-
-1. shifts (:func:`shift_moves`): every call from one whole call on moved one call earlier or
-   later. A forecast extrapolates best from evenly spaced computed calls; a shift changes one
-   gap between computed calls, where a single-call move changes two;
-2. the estimate's proposals, as without forecasts;
-3. order moves (one block to another order, or every block to one order, no MAC change);
-4. one reuse segment at another order (:func:`segment_order_moves`; a keep move then gives its
-   newly reused cells their block's order).
-
-Every family is sampled a few candidates at a time and the best of the first batch that
-improves is taken (:func:`_first_improving`). :func:`estimate` runs the forecasts too
-(:meth:`_Chain.run_schedule`: a flipped call changes the extrapolations of the next ``p + 1``
-reuse segments at order ``p``, and it follows the flip that far), but on forecasting schedules
-no first-order estimate ranks single flips (measured: docs/dipgo_learning.md), so the learner
-ranks its proposals with the cheaper estimate of the same keep rows repeating, and the bank
-runs with the forecasts decide.
+hand-made start is scored at every allowed order; moves of keep rows keep the current orders;
+when no keep move helps, order moves (one block to another order, or every block to one order,
+no MAC change) are validated on the bank the same way, and the keep moves resume after an
+accepted one; when none of those helps either, one reuse segment at another order
+(:func:`segment_order_moves`; a keep move then gives its newly reused cells their block's
+order). Before those order moves, shifts: every call from one whole call on moved one call
+earlier or later (:func:`shift_moves`), which changes one gap between computed calls and keeps
+the others, where a single-call move changes two. :func:`estimate` runs the forecasts too (:meth:`_Chain.run_schedule`: a flipped call
+changes the extrapolations of the next ``p + 1`` reuse segments at order ``p``, and it follows
+the flip that far), but on forecasting schedules no first-order estimate ranks single flips
+(measured: docs/dipgo_learning.md), so the learner ranks its proposals with the cheaper
+estimate of the same keep rows repeating, and the bank runs with the forecasts decide.
 """
 from __future__ import annotations
 
@@ -471,9 +465,8 @@ class LearnConfig:
     bank_size: int = 30         # training samples (when no bank is given)
     # the first samples of the bank the starts are scored and the moves validated on; the others pick
     # the schedule returned among every one the climbs passed through (early stopping; None: all
-    # samples do both, the best climb's end is returned). A bank small enough for many moves
-    # gets fitted by them: on digits-unet at 40%, a climb at 58.6 dB on its 8 samples scored 50.2
-    # on 16 others (docs/dipgo_learning.md)
+    # samples do both, the best climb's end is returned). A bank small enough for many moves gets
+    # fitted by them (measured: docs/dipgo_learning.md, "Early stopping")
     climb_size: int | None = None
     estimate_size: int | None = 16  # the first samples of the bank the estimate runs on (None: all)
     guidance: float = 3.0
@@ -661,8 +654,7 @@ def _on_probe(model, scheduler, cfg: LearnConfig, run):
 def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cfg: LearnConfig,
            time_budget: float | None, progress: bool) -> LearnResult:
     """The learner from one start (the module docstring): estimate, validate the best proposals,
-    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up.
-    When forecasting, shifts come before the proposals and order moves after them."""
+    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up."""
     start, patterns = partial_rows(model, start) if cfg.patterns else (start, [])
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
@@ -679,25 +671,18 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
         def out_of_time() -> bool:
             return time_budget is not None and time.perf_counter() - t0 >= time_budget
 
-        forecasting = len(cfg.forecast) > 1
         while not out_of_time():
-            # a forecasting schedule tries the shifts first: no first-order estimate ranks its flips
-            # (docs/dipgo_learning.md), so its proposals come second, ranked by the repeat estimate
-            # of the same keep rows (3-4x cheaper)
-            accepted = _first_improving(chain, bank, _shift_family(best), best_loss, cfg, result, out_of_time) \
-                if forecasting else None
-            if accepted is None and not out_of_time():
-                est = estimate(chain, est_bank, best.with_forecast(0) if forecasting else best, patterns=patterns)
-                result.estimates += 1
-                moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)
-                accepted = _first_improving(chain, bank, [((pred, units), _with_units(best, units))
-                                                          for pred, units in moves[:cfg.max_validations]],
-                                            best_loss, cfg, result, out_of_time)
-            for family in (_order_family, _segment_order_family) if forecasting else ():
-                if accepted is not None or out_of_time():
-                    break
-                accepted = _first_improving(chain, bank, family(best, cfg.forecast), best_loss, cfg, result,
-                                            out_of_time)
+            # no first-order estimate ranks the flips of a forecasting schedule (docs/dipgo_learning.md):
+            # its proposals are ranked by the repeat estimate of the same keep rows, 3-4x cheaper
+            est = estimate(chain, est_bank, best.with_forecast(0) if bool(best.forecast.any()) else best,
+                           patterns=patterns)
+            result.estimates += 1
+            moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)
+            accepted = _first_improving(chain, bank, [((pred, units), _with_units(best, units))
+                                                      for pred, units in moves[:cfg.max_validations]],
+                                        best_loss, cfg, result, out_of_time)
+            if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
+                accepted = _structure_move(chain, bank, best, best_loss, cfg, result, out_of_time)
             if accepted is None:
                 break  # no move helps on the bank: a local optimum of the moves
             best_loss, what, best = accepted
@@ -717,26 +702,39 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     return result
 
 
-def _shift_family(best: Schedule) -> list[tuple[dict, Schedule]]:
-    return [(dict(shift=m), c) for m, c in shift_moves(best)]
-
-
-def _order_family(best: Schedule, allowed) -> list[tuple[dict, Schedule]]:
-    out = [_learned(best, best.keep, o) for o in order_moves(best, allowed)]
-    return [(dict(forecast=c.forecast_blocks), c) for c in out]
-
-
-def _segment_order_family(best: Schedule, allowed) -> list[tuple[dict, Schedule]]:
-    return [(dict(forecast=f.tolist()), _learned(best, best.keep, f)) for f in segment_order_moves(best, allowed)]
+def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig,
+                    result: LearnResult, out_of_time) -> tuple | None:
+    """The best move of the first family that has one raising the bank PSNR by ``min_gain``, as
+    ``(loss, what moved, schedule)``, else None. The families, in turn: the calls from one whole
+    call on shifted by one (:func:`shift_moves`), one order per block (:func:`order_moves`), one
+    order per reuse segment (:func:`segment_order_moves`). Each family is sampled whole and its
+    best move taken (steepest ascent): taking the first improving few instead ended lower on
+    digits-dit at 20% (docs/dipgo_learning.md, "Early stopping")."""
+    families = (lambda: [(dict(shift=m), c) for m, c in shift_moves(best)],
+                lambda: [(None, _learned(best, best.keep, o)) for o in order_moves(best, cfg.forecast)],
+                lambda: [(None, _learned(best, best.keep, o)) for o in segment_order_moves(best, cfg.forecast)])
+    for family in families:
+        tried = []
+        for what, cand in family():
+            tried.append((bank_loss(chain, bank, cand), what, cand))
+            result.evaluations += 1
+            if out_of_time():
+                break
+        if tried:
+            loss, what, cand = min(tried, key=lambda m: m[0])
+            if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
+                return loss, what or dict(forecast=cand.forecast_blocks or cand.forecast.tolist()), cand
+        if out_of_time():
+            return None
+    return None
 
 
 def _first_improving(chain: _Chain, bank: Bank, candidates: list, best_loss: float, cfg: LearnConfig,
                      result: LearnResult, out_of_time) -> tuple | None:
-    """Sample ``candidates`` (``(what, schedule)``, in order) on the bank ``cfg.validate`` at a
-    time and return ``(loss, what, schedule)`` of the best in the first batch holding one that
-    raises the bank PSNR by ``cfg.min_gain``; None when none does (or time runs out). Taking
-    the first improving batch, not the best of all, makes a move cost a few chain runs while
-    improving moves are common, so the time goes to more moves."""
+    """Sample ``candidates`` (``(what, schedule)``, best predicted first) on the bank
+    ``cfg.validate`` at a time and return ``(loss, what, schedule)`` of the best in the first
+    batch holding one that raises the bank PSNR by ``cfg.min_gain``; None when none does (or
+    time runs out). The estimate's proposals: the ranking does the choosing, the bank confirms."""
     for lo in range(0, len(candidates), cfg.validate):
         tried = []
         for what, cand in candidates[lo:lo + cfg.validate]:
