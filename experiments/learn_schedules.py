@@ -28,6 +28,10 @@ merged into one JSON:
     python -m experiments.learn_schedules --merge s.json l40.json --out experiments/measurements/dipgo-learn-estimate.json
     python -m experiments.learn_schedules --part learn --target 0.202 --forecast 0 1 2 --window 0.01 --out f20.json
     python -m experiments.learn_schedules --part transfer --target 0.402 --time-budget 300 --out t40.json
+    # early stopping: climbs on the first 8 bank samples, the 16 others pick; held out, the
+    # learned schedule and its start only (the hand-made rows from an earlier run at the same MACs)
+    python -m experiments.learn_schedules --part learn --target 0.402 --forecast 0 1 2 --window 0.01 \
+        --bank 24 --climb-size 8 --time-budget 500 --skip-search --no-handmade --out e40.json
 """
 from __future__ import annotations
 
