@@ -225,7 +225,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds of learning, and of search")
     ap.add_argument("--bank", type=int, default=8, help="training samples moves are validated on")
     ap.add_argument("--climb-size", type=int, default=None, help="--part learn: the first bank samples the "
-                    "starts and moves are judged on; the others pick the best climb (default: all do both)")
+                    "starts and moves are judged on; the others pick the schedule returned among every one the climbs "
+                    "passed through (default: all do both)")
     ap.add_argument("--estimate-size", type=int, default=4, help="bank samples the estimate runs on")
     ap.add_argument("--patterns", action="store_true", help="DeepCache-branch rows as learner units")
     ap.add_argument("--max-validations", type=int, default=32, help="learner proposals sampled per schedule")

@@ -603,3 +603,20 @@ def test_climbs_are_picked_on_the_bank_samples_they_did_not_see(monkeypatch):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="climb_size"):
             learn(model, sched, 0.5, bank=bank, climb_size=bad)
+
+
+def test_structure_move_takes_the_best_shift_of_the_whole_family(monkeypatch):
+    """A structure family is sampled whole and its best move taken (steepest ascent), not the
+    first few that improve as the proposals are."""
+    from shortcut_kernels.dipgo import learn as L
+
+    model = _tiny_unet(torch.float32)
+    start = skip_steps(model, 12, compute=[0, 2, 5, 8]).with_forecast(2)
+    shifts = L.shift_moves(start)
+    assert len(shifts) > 4
+    losses = {id(c): 0.9 - 0.1 * k / len(shifts) for k, (_, c) in enumerate(shifts)}  # all improve, the last most
+    monkeypatch.setattr(L, "shift_moves", lambda s: shifts)
+    monkeypatch.setattr(L, "bank_loss", lambda chain, bank, cand: losses[id(cand)])
+    res = L.LearnResult(None, None, 0.0, 0.0, 0, 0.0)
+    got = L._structure_move(None, None, start, 1.0, L.LearnConfig(validate=2, forecast=(0, 1, 2)), res, lambda: False)
+    assert got[2] is shifts[-1][1] and got[1] == dict(shift=shifts[-1][0]) and res.evaluations == len(shifts)

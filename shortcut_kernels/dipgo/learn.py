@@ -711,34 +711,33 @@ def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float,
     order per reuse segment (:func:`segment_order_moves`). Each family is sampled whole and its
     best move taken (steepest ascent): taking the first improving few instead ended lower on
     digits-dit at 20% (docs/dipgo_learning.md, "Early stopping")."""
+    def ordered(forecasts):
+        return [(dict(forecast=c.forecast_blocks or c.forecast.tolist()), c)
+                for c in (_learned(best, best.keep, f) for f in forecasts)]
+
     families = (lambda: [(dict(shift=m), c) for m, c in shift_moves(best)],
-                lambda: [(None, _learned(best, best.keep, o)) for o in order_moves(best, cfg.forecast)],
-                lambda: [(None, _learned(best, best.keep, o)) for o in segment_order_moves(best, cfg.forecast)])
+                lambda: ordered(order_moves(best, cfg.forecast)),
+                lambda: ordered(segment_order_moves(best, cfg.forecast)))
     for family in families:
-        tried = []
-        for what, cand in family():
-            tried.append((bank_loss(chain, bank, cand), what, cand))
-            result.evaluations += 1
-            if out_of_time():
-                break
-        if tried:
-            loss, what, cand = min(tried, key=lambda m: m[0])
-            if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
-                return loss, what or dict(forecast=cand.forecast_blocks or cand.forecast.tolist()), cand
-        if out_of_time():
-            return None
+        candidates = family()
+        found = _first_improving(chain, bank, candidates, best_loss, cfg, result, out_of_time,
+                                 batch=max(1, len(candidates)))
+        if found is not None or out_of_time():
+            return found
     return None
 
 
 def _first_improving(chain: _Chain, bank: Bank, candidates: list, best_loss: float, cfg: LearnConfig,
-                     result: LearnResult, out_of_time) -> tuple | None:
-    """Sample ``candidates`` (``(what, schedule)``, best predicted first) on the bank
-    ``cfg.validate`` at a time and return ``(loss, what, schedule)`` of the best in the first
-    batch holding one that raises the bank PSNR by ``cfg.min_gain``; None when none does (or
-    time runs out). The estimate's proposals: the ranking does the choosing, the bank confirms."""
-    for lo in range(0, len(candidates), cfg.validate):
+                     result: LearnResult, out_of_time, batch: int | None = None) -> tuple | None:
+    """Sample ``candidates`` (``(what, schedule)``, best predicted first) on the bank ``batch``
+    (default ``cfg.validate``) at a time and return ``(loss, what, schedule)`` of the best in the
+    first batch holding one that raises the bank PSNR by ``cfg.min_gain``; None when none does
+    (or time runs out). The estimate's proposals go a few at a time (the ranking does the
+    choosing, the bank confirms); a structure family in one batch (its best move)."""
+    batch = batch or cfg.validate
+    for lo in range(0, len(candidates), batch):
         tried = []
-        for what, cand in candidates[lo:lo + cfg.validate]:
+        for what, cand in candidates[lo:lo + batch]:
             tried.append((bank_loss(chain, bank, cand), what, cand))
             result.evaluations += 1
             if out_of_time():
