@@ -538,29 +538,27 @@ def test_shift_moves_move_every_call_from_a_whole_call_on_and_keep_the_macs():
         assert ((c, 1) in {(m["call"], m["by"]) for m, _ in moves}) == (not bool(s.keep[calls - 1].any()))
 
 
-def test_first_improving_takes_the_best_of_the_first_batch_that_improves_and_samples_no_further(monkeypatch):
+def test_first_improving_takes_the_best_of_the_first_batch_that_improves_and_samples_no_further():
     from shortcut_kernels.dipgo import learn as L
 
     losses = [1.0, 0.99999, 0.5, 1.2, 0.9, 0.1, 0.2, 0.3]  # batch 2 improves (0.5 best), batch 3 would do better
     sampled = []
 
-    def fake_loss(chain, bank, cand):
+    def score(cand):
         sampled.append(cand)
-        return losses[cand]
+        return losses[cand], f"trace{cand}"
 
-    monkeypatch.setattr(L, "bank_loss", fake_loss)
     cfg = L.LearnConfig(validate=2, min_gain=0.02)
     res = L.LearnResult(None, None, 0.0, 0.0, 0, 0.0)
-    got = L._first_improving(None, None, [(f"m{i}", i) for i in range(len(losses))], 1.0, cfg, res,
-                             lambda: False)
-    assert got == (0.5, "m2", 2)
+    got = L._first_improving(score, [(f"m{i}", i) for i in range(len(losses))], 1.0, cfg, res, lambda: False)
+    assert got == (0.5, "m2", 2, "trace2")
     assert sampled == [0, 1, 2, 3] and res.evaluations == 4
     # a gain under min_gain is no move; nothing improving: None after sampling all
     sampled.clear()
-    assert L._first_improving(None, None, [("a", 1)], 1.0, cfg, res, lambda: False) is None
+    assert L._first_improving(score, [("a", 1)], 1.0, cfg, res, lambda: False) is None
     # out of time after the first candidate: that batch is judged, no further one is sampled
     sampled.clear()
-    assert L._first_improving(None, None, [(f"m{i}", i) for i in (0, 5, 6)], 1.0, cfg, res, lambda: True) is None
+    assert L._first_improving(score, [(f"m{i}", i) for i in (0, 5, 6)], 1.0, cfg, res, lambda: True) is None
     assert sampled == [0]
 
 
@@ -616,7 +614,46 @@ def test_structure_move_takes_the_best_shift_of_the_whole_family(monkeypatch):
     assert len(shifts) > 4
     losses = {id(c): 0.9 - 0.1 * k / len(shifts) for k, (_, c) in enumerate(shifts)}  # all improve, the last most
     monkeypatch.setattr(L, "shift_moves", lambda s: shifts)
-    monkeypatch.setattr(L, "bank_loss", lambda chain, bank, cand: losses[id(cand)])
     res = L.LearnResult(None, None, 0.0, 0.0, 0, 0.0)
-    got = L._structure_move(None, None, start, 1.0, L.LearnConfig(validate=2, forecast=(0, 1, 2)), res, lambda: False)
+    got = L._structure_move(lambda cand: (losses[id(cand)], None), start, 1.0,
+                            L.LearnConfig(validate=2, forecast=(0, 1, 2)), res, lambda: False)
     assert got[2] is shifts[-1][1] and got[1] == dict(shift=shifts[-1][0]) and res.evaluations == len(shifts)
+
+
+@pytest.mark.parametrize("build", [_tiny_unet, _tiny_dit])
+def test_traced_runs_resume_at_the_first_changed_call_bit_for_bit(build):
+    """A move's bank run resumed from the current schedule's trace gives the sample of a whole
+    run, bit for bit, and runs only the calls from its first changed one on; its own trace
+    resumes back to the current schedule; a move forecasting from more outputs than the trace
+    keeps runs whole."""
+    from shortcut_kernels.dipgo import learn as L
+    from shortcut_kernels.dipgo.gated_chain import first_change
+
+    model, calls = build(torch.float32), 12
+    sched = _scheduler(calls)
+    start, patterns = L.partial_rows(model, skip_steps(model, calls, compute=[0, 2, 5, 8]).with_forecast(1))
+    net = SuperNet(model, graph=start.graph)
+    net.remove()
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    bank = _bank(model, sched, 2)
+    made = []
+    model.register_forward_pre_hook(lambda m, a: made.append(1))
+    x0, trace = chain.traced_run(bank.noise, bank.labels, start)
+    assert torch.equal(x0, chain._run_skipping(bank.noise, bank.labels, start, None))
+    units = L.units_of(start, patterns)
+    picks = torch.randperm(len(units))[:6].tolist()
+    moves = [L._with_units(start, [units[i]]) for i in picks] + [c for _, c in L.shift_moves(start)]
+    moves += [L._learned(start, start.keep, f) for f in L.segment_order_moves(start, (0, 1, 2))]
+    moves += [L._learned(start, start.keep, o) for o in L.order_moves(start, (0, 1, 2))]
+    firsts = []
+    for move in moves:
+        firsts.append(first_change(start, move))
+        made.clear()
+        got, moved = chain.traced_run(bank.noise, bank.labels, move, trace)
+        assert len(made) == calls - firsts[-1]
+        assert torch.equal(got, chain._run_skipping(bank.noise, bank.labels, move, None))
+        back, _ = chain.traced_run(bank.noise, bank.labels, start, moved)
+        assert torch.equal(back, x0)
+    assert any(0 < f < calls for f in firsts)
+    deeper = start.with_forecast(2)
+    assert max(deeper.forecast_depth) > max(start.forecast_depth) and first_change(start, deeper) == 0

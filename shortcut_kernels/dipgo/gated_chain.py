@@ -12,6 +12,7 @@ schedule computes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ from ..runtime.cache import accelerate
 from ..runtime.schedule import Schedule
 from .supernet import SuperNet, _flatten
 
-__all__ = ["full_samples", "forecast_caches", "pushed"]
+__all__ = ["full_samples", "forecast_caches", "pushed", "Trace", "first_change"]
 
 History = list  # per block: [(call, cache leaves), ...] of its last computed outputs, newest last
 DEPTH = 3       # computed outputs a history keeps: what order 2 reads
@@ -58,6 +59,34 @@ def pushed(hist: History | None, call: int, keep, caches) -> History:
     if hist is None:
         return [[(call, c)] for c in caches]
     return [(h + [(call, c)])[-DEPTH:] if bool(k) else h for h, k, c in zip(hist, keep, caches)]
+
+
+@dataclass
+class Trace:
+    """A traced run (:meth:`_Chain.traced_run`) of ``schedule``: per call, at its entry, the
+    sample, the sampler's earlier samples and outputs and the runtime's state; and the final
+    sample. The tensors are shared with the run, so a trace holds about every block output the
+    run computed."""
+
+    schedule: Schedule
+    entries: list  # per call: (x, xs, outs, runtime state snapshot)
+    final: Tensor
+
+
+def first_change(traced: Schedule, schedule: Schedule) -> int:
+    """The first call at which ``schedule`` runs differently from ``traced`` (its modes or
+    forecast orders; the forecast weights follow from those and the earlier calls), so a run of
+    it can resume from a trace of ``traced`` there; ``schedule.calls`` if none does, 0 if it
+    cannot resume (another graph or call count, or a block forecasting from more outputs than
+    the trace keeps)."""
+    if traced.graph.names != schedule.graph.names or traced.calls != schedule.calls or any(
+            d > e for d, e in zip(schedule.forecast_depth, traced.forecast_depth)):
+        return 0
+    for t, (a, b, oa, ob) in enumerate(zip(traced.modes, schedule.modes, traced.forecast_orders,
+                                           schedule.forecast_orders)):
+        if a != b or oa != ob:
+            return t
+    return schedule.calls
 
 
 class _Chain:
@@ -110,6 +139,36 @@ class _Chain:
 
             return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
                                   on_output=on_output)
+
+    def traced_run(self, x_T: Tensor, labels: Tensor, schedule: Schedule, trace: "Trace | None" = None
+                   ) -> tuple[Tensor, "Trace"]:
+        """``(final sample, trace)`` of the no-graph runtime run of ``schedule`` (the sample of
+        :meth:`_run_skipping`, bit for bit), resumed from ``trace`` - a traced run of another
+        schedule on the same ``x_T`` and ``labels`` - at the first call that runs differently
+        (:func:`first_change`): the calls before it are not run again. What a validated move
+        costs then is the calls from its first changed one on."""
+        start = 0 if trace is None else first_change(trace.schedule, schedule)
+        if start == schedule.calls:
+            return trace.final, Trace(schedule, trace.entries, trace.final)
+        entries = [] if trace is None else trace.entries[:start]
+        if start == 0:
+            x, xs, outs = self.chain.first_latent(x_T), {}, {}
+        else:
+            x, xs, outs, _ = trace.entries[start]
+            xs, outs = dict(xs), dict(outs)  # the sampler fills them in place
+        with accelerate(self.net.model, schedule, store_all=True) as handle, handle.run():
+            if start:
+                handle.state.restore(trace.entries[start][3], schedule.forecast_depth)
+
+            def seen(i: int, x: Tensor) -> None:
+                entries.append((x, dict(xs), dict(outs), handle.state.snapshot()))
+
+            def call(i: int, x_in: Tensor, t: Tensor):
+                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
+                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
+
+            x0 = self.chain.run(x, call, start=start, xs=xs, outs=outs, on_call=seen)
+        return x0, Trace(schedule, entries, x0)
 
     def run_schedule(self, x_T: Tensor, labels: Tensor, schedule: Schedule, *, grad: str = "none",
                      on_call: Callable | None = None, on_output: Callable | None = None) -> Tensor:

@@ -65,7 +65,7 @@ from ..runtime.builders import skip_steps
 from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
-from .gated_chain import _Chain, forecast_caches, full_samples, pushed
+from .gated_chain import Trace, _Chain, forecast_caches, full_samples, pushed
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
            "output_adjoints",
@@ -309,6 +309,17 @@ def bank_loss(chain: _Chain, bank: Bank, schedule: Schedule) -> float:
     is judged by (through the runtime, any graph of the model)."""
     x0 = chain._run_skipping(bank.noise, bank.labels, schedule, None)
     return float(consistency_loss(x0, bank.targets, "mse").mean())
+
+
+@torch.no_grad()
+def traced_bank_loss(chain: _Chain, bank: Bank, schedule: Schedule, trace: Trace | None = None
+                     ) -> tuple[float, Trace]:
+    """:func:`bank_loss` and the run's trace, the run resumed from ``trace`` (a traced run of
+    another schedule on the same bank) at the first call that runs differently
+    (:meth:`_Chain.traced_run`): a move validated from the current schedule's trace costs only
+    the calls from its first changed one on."""
+    x0, trace = chain.traced_run(bank.noise, bank.labels, schedule, trace)
+    return float(consistency_loss(x0, bank.targets, "mse").mean()), trace
 
 
 def bank_sampler(model, scheduler, bank: Bank, *, guidance: float = 3.0):
@@ -663,7 +674,11 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     floor = 0.0 if cfg.window is None else min(start.macs_kept, target_macs * (1 - cfg.window))
     t0 = time.perf_counter()
     try:
-        best, best_loss = start, bank_loss(chain, bank, start)
+        best, (best_loss, trace) = start, traced_bank_loss(chain, bank, start)
+
+        def score(candidate: Schedule) -> tuple[float, Trace]:  # resumed from the current schedule's run
+            return traced_bank_loss(chain, bank, candidate, trace)
+
         result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), 1, 0.0)
         result.history.append(dict(seconds=0.0, psnr=result.psnr, macs_kept=start.macs_kept, move=None))
         result.path.append(start)
@@ -679,14 +694,14 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
                            patterns=patterns)
             result.estimates += 1
             moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)
-            accepted = _first_improving(chain, bank, [((pred, units), _with_units(best, units))
-                                                      for pred, units in moves[:cfg.max_validations]],
+            accepted = _first_improving(score, [((pred, units), _with_units(best, units))
+                                                for pred, units in moves[:cfg.max_validations]],
                                         best_loss, cfg, result, out_of_time)
             if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
-                accepted = _structure_move(chain, bank, best, best_loss, cfg, result, out_of_time)
+                accepted = _structure_move(score, best, best_loss, cfg, result, out_of_time)
             if accepted is None:
                 break  # no move helps on the bank: a local optimum of the moves
-            best_loss, what, best = accepted
+            best_loss, what, best, trace = accepted
             pred, units = what if isinstance(what, tuple) else (None, what)
             result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
                                        macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
@@ -703,10 +718,10 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     return result
 
 
-def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float, cfg: LearnConfig,
-                    result: LearnResult, out_of_time) -> tuple | None:
+def _structure_move(score, best: Schedule, best_loss: float, cfg: LearnConfig, result: LearnResult,
+                    out_of_time) -> tuple | None:
     """The best move of the first family that has one raising the bank PSNR by ``min_gain``, as
-    ``(loss, what moved, schedule)``, else None. The families, in turn: the calls from one whole
+    ``(loss, what moved, schedule, trace)`` (``score``: as :func:`_first_improving`), else None. The families, in turn: the calls from one whole
     call on shifted by one (:func:`shift_moves`), one order per block (:func:`order_moves`), one
     order per reuse segment (:func:`segment_order_moves`). Each family is sampled whole and its
     best move taken (steepest ascent): taking the first improving few instead ended lower on
@@ -720,31 +735,33 @@ def _structure_move(chain: _Chain, bank: Bank, best: Schedule, best_loss: float,
                 lambda: ordered(segment_order_moves(best, cfg.forecast)))
     for family in families:
         candidates = family()
-        found = _first_improving(chain, bank, candidates, best_loss, cfg, result, out_of_time,
+        found = _first_improving(score, candidates, best_loss, cfg, result, out_of_time,
                                  batch=max(1, len(candidates)))
         if found is not None or out_of_time():
             return found
     return None
 
 
-def _first_improving(chain: _Chain, bank: Bank, candidates: list, best_loss: float, cfg: LearnConfig,
-                     result: LearnResult, out_of_time, batch: int | None = None) -> tuple | None:
-    """Sample ``candidates`` (``(what, schedule)``, best predicted first) on the bank ``batch``
-    (default ``cfg.validate``) at a time and return ``(loss, what, schedule)`` of the best in the
-    first batch holding one that raises the bank PSNR by ``cfg.min_gain``; None when none does
-    (or time runs out). The estimate's proposals go a few at a time (the ranking does the
-    choosing, the bank confirms); a structure family in one batch (its best move)."""
+def _first_improving(score, candidates: list, best_loss: float, cfg: LearnConfig, result: LearnResult,
+                     out_of_time, batch: int | None = None) -> tuple | None:
+    """Sample ``candidates`` (``(what, schedule)``, best predicted first) on the bank
+    (``score(schedule) -> (loss, trace)``) ``batch`` (default ``cfg.validate``) at a time and
+    return ``(loss, what, schedule, trace)`` of the best in the first batch holding one that
+    raises the bank PSNR by ``cfg.min_gain``; None when none does (or time runs out). The
+    estimate's proposals go a few at a time (the ranking does the choosing, the bank confirms);
+    a structure family in one batch (its best move)."""
     batch = batch or cfg.validate
     for lo in range(0, len(candidates), batch):
-        tried = []
+        best = None  # only the batch's best keeps its trace
         for what, cand in candidates[lo:lo + batch]:
-            tried.append((bank_loss(chain, bank, cand), what, cand))
+            loss, trace = score(cand)
             result.evaluations += 1
+            if best is None or loss < best[0]:
+                best = (loss, what, cand, trace)
             if out_of_time():
                 break
-        loss, what, cand = min(tried, key=lambda m: m[0])
-        if _psnr(loss) > _psnr(best_loss) + cfg.min_gain:
-            return loss, what, cand
+        if _psnr(best[0]) > _psnr(best_loss) + cfg.min_gain:
+            return best
         if out_of_time():
             return None
     return None

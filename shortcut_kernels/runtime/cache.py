@@ -158,6 +158,25 @@ class CacheState:
         self.unchecked = [False] * self.num_blocks
         self.placeholders = [None] * self.num_blocks
 
+    # what a run holds between two calls (call 0 records meta / where)
+    _BETWEEN_CALLS = ("cache", "older", "inputs", "unchecked", "computed_at", "meta", "where", "placeholders")
+
+    def snapshot(self) -> dict:
+        """The run's state between two calls, for :meth:`restore`: the lists copied, the tensors
+        shared (the runtime replaces a cached tensor, it never writes into one)."""
+        return {"call": self.call, **{f: list(getattr(self, f)) for f in self._BETWEEN_CALLS}}
+
+    def restore(self, snap: dict, depth) -> None:
+        """Back to ``snap``'s point of its run, to run the calls after it again - with another
+        schedule whose calls up to that point run as the snapshot's did, and whose
+        :attr:`.Schedule.forecast_depth` is ``depth`` (older outputs beyond it are dropped).
+        The snapshot's run must have stored every block (``store_all``) for the new schedule to
+        find every cache it reads."""
+        for f in self._BETWEEN_CALLS:
+            setattr(self, f, list(snap[f]))
+        self.older = [o[:d] for o, d in zip(self.older, depth)]
+        self.call = snap["call"]
+
     def cached_tensors(self) -> list[torch.Tensor]:
         """The tensors the state holds now."""
         out = []
