@@ -657,3 +657,48 @@ def test_traced_runs_resume_at_the_first_changed_call_bit_for_bit(build):
     assert any(0 < f < calls for f in firsts)
     deeper = start.with_forecast(2)
     assert max(deeper.forecast_depth) > max(start.forecast_depth) and first_change(start, deeper) == 0
+
+
+def test_learner_climbs_the_same_with_resumed_and_whole_bank_runs():
+    """resume=False runs every move's bank run whole: the climb (every accepted move, its bank
+    PSNR, the schedule returned) is the same as with runs resumed from the current schedule's."""
+    model = _tiny_dit(torch.float32)
+    sched = _scheduler(10, "digits-dit")
+    bank = make_bank(model, sched, 3)
+    runs = [learn(model, sched, 0.5, bank=bank, progress=False, estimate_size=2, max_validations=4, starts=1,
+                  forecast=(0, 1, 2), resume=r) for r in (True, False)]
+    assert len(runs[0].history) >= 2  # it moved
+    assert [h["psnr"] for h in runs[0].history] == [h["psnr"] for h in runs[1].history]
+    assert [h["move"] for h in runs[0].history] == [h["move"] for h in runs[1].history]
+    assert torch.equal(runs[0].schedule.keep, runs[1].schedule.keep)
+    assert torch.equal(runs[0].schedule.forecast, runs[1].schedule.forecast)
+
+
+def test_bank_sampler_gives_each_schedules_whole_run_and_resumes_a_searchs_moves():
+    """bank_sampler (what a search scores on) returns every schedule's whole-run samples bit for
+    bit, in a search's order (the start, its moves, one accepted, that one's moves), and resumes
+    the moves' runs: fewer denoiser calls than whole runs."""
+    from shortcut_kernels.dipgo import learn as L
+    from shortcut_kernels.dipgo.search import _swapped
+
+    model, calls = _tiny_unet(torch.float32), 10
+    sched = _scheduler(calls)
+    bank = make_bank(model, sched, 2)
+    sample = L.bank_sampler(model, sched, bank)
+    start = skip_steps(model, calls, compute=[0, 2, 4, 7])
+    accepted = _swapped(start, 7, 6)
+    order = [start, _swapped(start, 4, 5), _swapped(start, 7, 8), accepted, _swapped(accepted, 4, 3),
+             _swapped(accepted, 6, 5), _swapped(accepted, 2, 1)]
+    net = SuperNet(model, "coarse")
+    net.remove()
+    chain = _Chain(net, sched, 3.0, model.null_label)
+    made = []
+    model.register_forward_pre_hook(lambda m, a: made.append(1))
+    assert torch.equal(sample(None), bank.targets)
+    sampled = 0
+    for s in order:
+        made.clear()
+        got = sample(s)
+        sampled += len(made)
+        assert torch.equal(got, chain._run_skipping(bank.noise, bank.labels, s, None))
+    assert sampled < 0.7 * calls * len(order)  # whole runs: calls * len(order)

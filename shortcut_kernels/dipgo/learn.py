@@ -29,7 +29,9 @@ a share of the time, the best result kept); propose single flips that keep the M
 a time, on the bank (the true loss) and accept the best of a few that raises its PSNR by
 ``min_gain``; re-estimate at the new schedule and repeat. It stops at ``time_budget`` or when
 no validated proposal helps, so the result is never worse on the bank than the start and never
-over the budget.
+over the budget. A move's bank run resumes the current schedule's traced run at the first call
+the move changes (:meth:`_Chain.traced_run`, ``LearnConfig.resume``): the same loss, bit for
+bit, for the calls from there on only.
 
 **Forecast reuse** (``LearnConfig.forecast``, e.g. ``(0, 1, 2)``): the learner also decides how
 each block's reused outputs are made - repeated (order 0) or extrapolated from its last computed
@@ -65,7 +67,7 @@ from ..runtime.builders import skip_steps
 from ..runtime.schedule import Schedule
 from .search import with_trades
 from .supernet import SuperNet
-from .gated_chain import Trace, _Chain, forecast_caches, full_samples, pushed
+from .gated_chain import Trace, _Chain, first_change, forecast_caches, full_samples, pushed
 
 __all__ = ["Bank", "Unit", "Estimate", "LearnConfig", "LearnResult", "make_bank", "bank_sampler", "estimate",
            "output_adjoints",
@@ -325,14 +327,26 @@ def traced_bank_loss(chain: _Chain, bank: Bank, schedule: Schedule, trace: Trace
 def bank_sampler(model, scheduler, bank: Bank, *, guidance: float = 3.0):
     """``sample(schedule) -> images`` on the bank's noise and labels, through the runtime;
     ``sample(None)`` is the bank's targets. What :func:`.search.local_search` scores, so a
-    search validates on the same samples as the learner."""
+    search validates on the same samples as the learner, its runs resumed as the learner's are
+    (the same samples, bit for bit)."""
     net = SuperNet(model, "coarse")
     net.remove()  # the runtime run needs the model and the chain only, not the SuperNet's hooks
     chain = _Chain(net, scheduler, guidance, _null_label(model))
+    # a run resumes from the trace that runs the same longest (:meth:`_Chain.traced_run`); the three
+    # traces last made or resumed from are kept (every one that ties counts as used): a search's
+    # candidates are moves of its current schedule, whose trace each of them uses that way
+    traces: list[Trace] = []
 
     @torch.no_grad()
     def sample(schedule: Schedule | None) -> Tensor:
-        return bank.targets if schedule is None else chain._run_skipping(bank.noise, bank.labels, schedule, None)
+        if schedule is None:
+            return bank.targets
+        firsts = [first_change(tr.schedule, schedule) for tr in traces]
+        reach = max(firsts, default=0)
+        used = [tr for tr, f in zip(traces, firsts) if f == reach > 0]
+        x0, trace = chain.traced_run(bank.noise, bank.labels, schedule, used[0] if used else None)
+        traces[:] = [trace, *used, *(tr for tr in traces if all(tr is not u for u in used))][:3]
+        return x0
 
     return sample
 
@@ -495,6 +509,11 @@ class LearnConfig:
     # hand-made starts climbed (the best on the bank with distinct keep rows), the best result kept:
     # the start best on the bank is not always the best basin for the moves
     starts: int = 2
+    # validate a move by resuming the current schedule's bank run at the move's first changed call
+    # (the same loss, bit for bit, for the calls after it only); the trace it resumes from holds
+    # about every block output of one bank run: False runs every move whole, for a model and bank
+    # whose run does not fit in memory twice
+    resume: bool = True
 
 
 @dataclass
@@ -674,10 +693,14 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     floor = 0.0 if cfg.window is None else min(start.macs_kept, target_macs * (1 - cfg.window))
     t0 = time.perf_counter()
     try:
-        best, (best_loss, trace) = start, traced_bank_loss(chain, bank, start)
+        trace = None
 
-        def score(candidate: Schedule) -> tuple[float, Trace]:  # resumed from the current schedule's run
+        def score(candidate: Schedule) -> tuple[float, Trace | None]:  # resumed from the current schedule's run
+            if not cfg.resume:
+                return bank_loss(chain, bank, candidate), None
             return traced_bank_loss(chain, bank, candidate, trace)
+
+        best, (best_loss, trace) = start, score(start)
 
         result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), 1, 0.0)
         result.history.append(dict(seconds=0.0, psnr=result.psnr, macs_kept=start.macs_kept, move=None))
