@@ -585,11 +585,17 @@ def test_climbs_are_picked_on_the_bank_samples_they_did_not_see(monkeypatch):
     net.remove()
     k, i = max(((k, i) for k in range(2) for i in range(3)), key=lambda ki: on_rest[ki[0]][ki[1]])
 
-    def fake_climb(model, scheduler, climb_bank, start, target, cfg, budget, progress):
-        assert torch.equal(climb_bank.noise, head.noise)
-        path = paths[next(j for j, s in enumerate(firsts) if torch.equal(s.keep, start.keep))]
-        r = L.LearnResult(path[-1], start, 0.0, 100.0, 1, 0.0, path=list(path))  # each end best on its bank
-        r.history = [dict(psnr=10.0 * j, move=j) for j in range(len(path))]
+    # a real climb scores its start and each accepted move on the other samples
+    real = learn(model, sched, 0.5, bank=bank, climb_size=2, starts=1, progress=False, estimate_size=2,
+                 max_validations=4)
+    assert len(real.history) >= 1 and [h["pick_psnr"] for h in real.history] == [
+        pytest.approx(L._psnr(bank_loss(chain, rest, s))) for s in real.path]
+
+    def fake_climb(model, scheduler, climb_bank, start, target, cfg, budget, progress, pick_bank):
+        assert torch.equal(climb_bank.noise, head.noise) and torch.equal(pick_bank.noise, rest.noise)
+        j = next(j for j, s in enumerate(firsts) if torch.equal(s.keep, start.keep))
+        r = L.LearnResult(paths[j][-1], start, 0.0, 100.0, 1, 0.0, path=list(paths[j]))  # each end best on its bank
+        r.history = [dict(psnr=10.0 * i, move=i, pick_psnr=p) for i, p in enumerate(on_rest[j])]
         return r
 
     monkeypatch.setattr(L, "_climb", fake_climb)

@@ -626,8 +626,9 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
         ``config.climb_size`` its first samples score the starts and validate the moves, and the
         others pick the schedule returned: the best of every start and accepted move of every
         climb (early stopping).
-    time_budget: seconds of learning (after the bank and the starts are set up), shared by the
-        starts: each gets the time left over the starts left.
+    time_budget: seconds of learning after the bank is made: scoring the starts, then the
+        climbs, each given the time left over the climbs left (with ``config.climb_size`` a
+        climb also scores its schedules on the other samples in its time).
     config / overrides: :class:`LearnConfig` fields.
     """
     cfg = LearnConfig(**{**LearnConfig().__dict__, **(config.__dict__ if config else {}), **overrides})
@@ -637,29 +638,29 @@ def learn(model, scheduler, target_macs: float, *, start: Schedule | None = None
     pick_bank = bank if len(climb_bank) == len(bank) else Bank(*(v[len(climb_bank):] for v in
                                                                    (bank.noise, bank.labels, bank.targets)))
     evaluations = 0
+    t0 = time.perf_counter()
     if start is None:
         starts, evaluations = _on_probe(model, scheduler, cfg, lambda chain: _best_handmade(
             model, chain, climb_bank, target_macs, cfg.forecast, cfg.starts))
     else:
         starts = [start]
-    t0 = time.perf_counter()
+    early_stopping = pick_bank is not climb_bank
     results = []
     for k, first in enumerate(starts):
         left = None if time_budget is None else max(0.0, time_budget - (time.perf_counter() - t0))
-        if left is not None and left <= 0:
+        if left is not None and left <= 0 and results:  # the first climb at least scores its start
             break
         share = None if left is None else left / (len(starts) - k)
-        results.append(_climb(model, scheduler, climb_bank, first, target_macs, cfg, share, progress))
+        results.append(_climb(model, scheduler, climb_bank, first, target_macs, cfg, share, progress,
+                              pick_bank if early_stopping else None))
     climbs = [dict(start=r.start.name, start_params=r.start.params, start_psnr=r.start_psnr, psnr=r.psnr,
                    moves=len(r.history) - 1, seconds=r.seconds) for r in results]
-    if pick_bank is climb_bank:
+    if not early_stopping:
         best = max(results, key=lambda r: r.psnr)
     else:
         # early stopping: every schedule the climbs passed through, the starts included, on the
         # samples no move was fitted to; the best is returned, its later moves dropped
-        picks = _on_probe(model, scheduler, cfg, lambda chain: [[_psnr(bank_loss(chain, pick_bank, s)) for s in r.path]
-                                                                for r in results])
-        evaluations += sum(map(len, picks))
+        picks = [[h["pick_psnr"] for h in r.history] for r in results]
         for c, p in zip(climbs, picks):
             c["pick_psnrs"] = p
         k, i = max(((k, i) for k, p in enumerate(picks) for i in range(len(p))), key=lambda ki: picks[ki[0]][ki[1]])
@@ -682,10 +683,28 @@ def _on_probe(model, scheduler, cfg: LearnConfig, run):
         probe.remove()
 
 
+class _BankRuns:
+    """Bank losses of schedules, each run resumed from the trace last kept (:meth:`keep`; with
+    ``resume`` off, whole runs)."""
+
+    def __init__(self, chain: _Chain, bank: Bank, resume: bool):
+        self.chain, self.bank, self.resume, self.trace = chain, bank, resume, None
+
+    def loss(self, schedule: Schedule) -> tuple[float, Trace | None]:
+        if not self.resume:
+            return bank_loss(self.chain, self.bank, schedule), None
+        return traced_bank_loss(self.chain, self.bank, schedule, self.trace)
+
+    def keep(self, trace: Trace | None) -> None:
+        self.trace = trace
+
+
 def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cfg: LearnConfig,
-           time_budget: float | None, progress: bool) -> LearnResult:
+           time_budget: float | None, progress: bool, pick_bank: Bank | None = None) -> LearnResult:
     """The learner from one start (the module docstring): estimate, validate the best proposals,
-    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up."""
+    accept the best that raises the bank PSNR, repeat until no proposal helps or time is up.
+    With ``pick_bank`` the start and each accepted move are also scored on it, within the time
+    (``history[i]["pick_psnr"]``, for :func:`learn`'s early stopping)."""
     start, patterns = partial_rows(model, start) if cfg.patterns else (start, [])
     net = SuperNet(model, graph=start.graph)
     chain = _Chain(net, scheduler, cfg.guidance, _null_label(model))
@@ -693,18 +712,24 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
     floor = 0.0 if cfg.window is None else min(start.macs_kept, target_macs * (1 - cfg.window))
     t0 = time.perf_counter()
     try:
-        trace = None
+        runs = _BankRuns(chain, bank, cfg.resume)  # resumed from the current schedule's run
+        picks = None if pick_bank is None else _BankRuns(chain, pick_bank, cfg.resume)  # from the last one's
+        result = LearnResult(start, start, 0.0, 0.0, 0, 0.0)
 
-        def score(candidate: Schedule) -> tuple[float, Trace | None]:  # resumed from the current schedule's run
-            if not cfg.resume:
-                return bank_loss(chain, bank, candidate), None
-            return traced_bank_loss(chain, bank, candidate, trace)
+        def reached(schedule: Schedule, loss: float, trace: Trace | None, **record) -> None:
+            runs.keep(trace)
+            if picks is not None:
+                pick_loss, pick_trace = picks.loss(schedule)
+                picks.keep(pick_trace)
+                result.evaluations += 1
+                record["pick_psnr"] = _psnr(pick_loss)
+            result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(loss),
+                                       macs_kept=schedule.macs_kept, **record))
+            result.path.append(schedule)
 
-        best, (best_loss, trace) = start, score(start)
-
-        result = LearnResult(start, start, _psnr(best_loss), _psnr(best_loss), 1, 0.0)
-        result.history.append(dict(seconds=0.0, psnr=result.psnr, macs_kept=start.macs_kept, move=None))
-        result.path.append(start)
+        best, (best_loss, trace) = start, runs.loss(start)
+        result.start_psnr, result.evaluations = _psnr(best_loss), 1
+        reached(start, best_loss, trace, move=None)
         bar = tqdm(desc="dipgo learn", disable=not progress, unit="move")
 
         def out_of_time() -> bool:
@@ -717,20 +742,18 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
                            patterns=patterns)
             result.estimates += 1
             moves = proposals(est, best.macs_kept, target_macs, swaps=cfg.swaps, floor=floor)
-            accepted = _first_improving(score, [((pred, units), _with_units(best, units))
+            accepted = _first_improving(runs.loss, [((pred, units), _with_units(best, units))
                                                 for pred, units in moves[:cfg.max_validations]],
                                         best_loss, cfg, result, out_of_time)
             if accepted is None and len(cfg.forecast) > 1 and not out_of_time():
-                accepted = _structure_move(score, best, best_loss, cfg, result, out_of_time)
+                accepted = _structure_move(runs.loss, best, best_loss, cfg, result, out_of_time)
             if accepted is None:
                 break  # no move helps on the bank: a local optimum of the moves
             best_loss, what, best, trace = accepted
             pred, units = what if isinstance(what, tuple) else (None, what)
-            result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(best_loss),
-                                       macs_kept=best.macs_kept, predicted=pred, evaluations=result.evaluations,
-                                       move=units if isinstance(units, dict) else
-                                       [dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units]))
-            result.path.append(best)
+            reached(best, best_loss, trace, predicted=pred, evaluations=result.evaluations,
+                    move=units if isinstance(units, dict) else
+                    [dict(call=u.call, kind=u.kind, computes=sum(u.row)) for u in units])
             bar.update(1)
             bar.set_postfix(psnr=f"{_psnr(best_loss):.2f}")
         bar.close()
