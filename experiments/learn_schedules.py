@@ -32,6 +32,9 @@ merged into one JSON:
     # learned schedule and its start only (the hand-made rows from an earlier run at the same MACs)
     python -m experiments.learn_schedules --part learn --target 0.402 --forecast 0 1 2 --window 0.01 \
         --bank 24 --climb-size 8 --time-budget 500 --skip-search --no-handmade --out e40.json
+    # resumed bank runs (2026-12-08): climbs on 16 samples, 16 others pick, 570 s in all
+    python -m experiments.learn_schedules --part learn --target 0.402 --forecast 0 1 2 --window 0.01 \
+        --bank 32 --climb-size 16 --time-budget 570 --skip-search --no-handmade --out r40.json
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import torch
 
 from shortcut_kernels import zoo
 from shortcut_kernels.dipgo import skip_steps
-from shortcut_kernels.dipgo.learn import LEAD_SHARES, _null_label, bank_loss, estimate, learn, make_bank
+from shortcut_kernels.dipgo.learn import LEAD_SHARES, TRAIN_SEED, _null_label, bank_loss, estimate, learn, make_bank
 from shortcut_kernels.runtime.schedule import Schedule, graph_of
 from shortcut_kernels.dipgo.search import local_search, with_trades
 from shortcut_kernels.dipgo.supernet import SuperNet
@@ -87,7 +90,7 @@ def part_learn(args) -> dict:
     schedules at every order (its own rule) and chooses orders per block; the hand-made
     schedules are evaluated at every order too; no search (it has no forecast moves)."""
     model, sched = _setup(args.model, args.calls)
-    bank = make_bank(model, sched, args.bank)
+    bank = make_bank(model, sched, args.bank, seed=args.bank_seed)
     orders = tuple(args.forecast)
     forecasting = orders != (0,)
     start, info = (None, {}) if forecasting else _start(model, sched, args.calls, args.target, bank)
@@ -114,7 +117,8 @@ def part_learn(args) -> dict:
     if not args.no_handmade:
         schedules.update(_window(model, args.calls, m, orders, skip=None if forecasting else info["start"]))
     rows = evaluate(args.model, schedules, per_class=args.per_class)
-    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, climb_size=args.climb_size,
+    return {f"target_{args.target}": dict(target=args.target, bank=args.bank, bank_seed=args.bank_seed,
+                                          climb_size=args.climb_size,
                                           time_budget=args.time_budget, forecast=list(orders),
                                           estimate_size=args.estimate_size, patterns=args.patterns,
                                           max_validations=args.max_validations, **info,
@@ -224,6 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", type=float, default=0.402, help="kept-MAC budget (skip_steps(20) keeps 40.1%%)")
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds of learning, and of search")
     ap.add_argument("--bank", type=int, default=8, help="training samples moves are validated on")
+    ap.add_argument("--bank-seed", type=int, default=TRAIN_SEED, help="--part learn: seed of the training noise "
+                    "(held-out evaluations use other seeds)")
     ap.add_argument("--climb-size", type=int, default=None, help="--part learn: the first bank samples the "
                     "starts and moves are judged on; the others pick the schedule returned among every one the climbs "
                     "passed through (default: all do both)")
