@@ -491,9 +491,9 @@ class LearnConfig:
     # the first samples of the bank the starts are scored and the moves validated on; the others pick
     # the schedule returned among every one the climbs passed through (early stopping; None: all
     # samples do both, the best climb's end is returned). A bank small enough for many moves gets
-    # fitted by them, and a small pick bank can pick wrongly; 16 of 32 with forecast orders did best
-    # (docs/dipgo_learning.md, "Early stopping" and "Resumed bank runs"), measured there only: off
-    # by default
+    # fitted by them, and a small pick bank can pick wrongly. 16 of 32 did best with forecast orders
+    # (docs/dipgo_learning.md, "Early stopping" and "Resumed bank runs"); not measured without them,
+    # so off by default
     climb_size: int | None = None
     estimate_size: int | None = 16  # the first samples of the bank the estimate runs on (None: all)
     guidance: float = 3.0
