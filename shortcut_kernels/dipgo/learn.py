@@ -724,8 +724,8 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
                 picks.keep(pick_trace)
                 result.evaluations += 1
                 record["pick_psnr"] = _psnr(pick_loss)
-            result.history.append(dict(seconds=time.perf_counter() - t0, psnr=_psnr(loss),
-                                       macs_kept=schedule.macs_kept, **record))
+            seconds = time.perf_counter() - t0 if result.path else 0.0  # the curve starts at the start
+            result.history.append(dict(seconds=seconds, psnr=_psnr(loss), macs_kept=schedule.macs_kept, **record))
             result.path.append(schedule)
 
         best, (best_loss, trace) = start, runs.loss(start)
