@@ -133,12 +133,17 @@ class _Chain:
             def seen(i: int, x: Tensor) -> None:
                 on_call(i, x, None if i == 0 else [_flatten(c)[0] for c in handle.state.cache])
 
-            def call(i: int, x_in: Tensor, t: Tensor):
-                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
-                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
+            return self.chain.run(self.chain.first_latent(x_T), self._model_call(labels),
+                                  on_call=seen if on_call is not None else None, on_output=on_output)
 
-            return self.chain.run(self.chain.first_latent(x_T), call, on_call=seen if on_call is not None else None,
-                                  on_output=on_output)
+    def _model_call(self, labels: Tensor):
+        """``call(i, x_in, t) -> (eps_u, eps_c)``: the model itself on the guidance batch (under
+        ``accelerate``, the runtime's run)."""
+        def call(i: int, x_in: Tensor, t: Tensor):
+            t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
+            return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
+
+        return call
 
     def traced_run(self, x_T: Tensor, labels: Tensor, schedule: Schedule, trace: "Trace | None" = None
                    ) -> tuple[Tensor, "Trace"]:
@@ -163,11 +168,7 @@ class _Chain:
             def seen(i: int, x: Tensor) -> None:
                 entries.append((x, dict(xs), dict(outs), handle.state.snapshot()))
 
-            def call(i: int, x_in: Tensor, t: Tensor):
-                t = t.expand(x_in.shape[0]) if t.dim() == 0 else t
-                return self.net.model(*guidance_batch(x_in, t, labels, self.null)).chunk(2)
-
-            x0 = self.chain.run(x, call, start=start, xs=xs, outs=outs, on_call=seen)
+            x0 = self.chain.run(x, self._model_call(labels), start=start, xs=xs, outs=outs, on_call=seen)
         return x0, Trace(schedule, entries, x0)
 
     def run_schedule(self, x_T: Tensor, labels: Tensor, schedule: Schedule, *, grad: str = "none",
