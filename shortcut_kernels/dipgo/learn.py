@@ -768,9 +768,10 @@ def _climb(model, scheduler, bank: Bank, start: Schedule, target_macs: float, cf
 def _structure_move(score, best: Schedule, best_loss: float, cfg: LearnConfig, result: LearnResult,
                     out_of_time) -> tuple | None:
     """The best move of the first family that has one raising the bank PSNR by ``min_gain``, as
-    ``(loss, what moved, schedule, trace)`` (``score``: as :func:`_first_improving`), else None. The families, in turn: the calls from one whole
-    call on shifted by one (:func:`shift_moves`), one order per block (:func:`order_moves`), one
-    order per reuse segment (:func:`segment_order_moves`). Each family is sampled whole and its
+    ``(loss, what moved, schedule, trace)`` (``score``: as :func:`_first_improving`), else None.
+    The families, in turn: the calls from one whole call on shifted by one
+    (:func:`shift_moves`), one order per block (:func:`order_moves`), one order per reuse
+    segment (:func:`segment_order_moves`). Each family is sampled whole and its
     best move taken (steepest ascent): taking the first improving few instead ended lower on
     digits-dit at 20% (docs/dipgo_learning.md, "Early stopping")."""
     def ordered(forecasts):
